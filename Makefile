@@ -1,0 +1,32 @@
+# Sluice: the two commands a new machine needs are `make demo` and `make test` (as root).
+
+SWIFT ?= swift
+APT_PACKAGES = iptables ipset conntrack iproute2 user-mode-linux kmod ipvsadm libipset-dev libnetfilter-conntrack-dev python3
+BIN = .build/debug/sluice
+
+.PHONY: deps build demo test unit-test kernel-test compile-example clean
+
+# Install the Debian packages the build and the tests need (once per machine).
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	fi
+
+build: deps
+	$(SWIFT) build --build-tests
+
+# Real traffic through a Service address in throw-away network namespaces.
+demo: build
+	SLUICE_BIN=$(BIN) bash scripts/demo.sh
+
+# Every test: golden, model, partial sync, and real-kernel tests in namespaces.
+test: build
+	SLUICE_BIN=$(abspath $(BIN)) $(SWIFT) test --skip-build --disable-xctest
+
+compile-example: build
+	$(BIN) compile --manifests examples --hostname-override demo-node --node-ip 192.168.50.1 --cluster-cidr 10.244.0.0/16
+
+clean:
+	rm -rf .build

@@ -1,0 +1,259 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The iptables backend: applies compiled batches with iptables-restore, keeps the base jump
+// rules and the canary chains in place, deletes stale chains, and cleans up on request.
+
+import Foundation
+import Logging
+import SluiceCore
+
+/// Which iptables binaries to call.
+public enum IPTablesVariant: String, Sendable, Hashable, CaseIterable {
+    /// Whatever `iptables` is on this host (Debian's alternatives pick nft by default).
+    case auto
+    /// `iptables-nft*`.
+    case nft
+    /// `iptables-legacy*`.
+    case legacy
+}
+
+/// The three binaries of one iptables flavour and family.
+public struct IPTablesTools: Sendable, Hashable {
+    public var iptables: String
+    public var restore: String
+    public var save: String
+
+    /// Tool names for a variant and family.
+    public init(variant: IPTablesVariant, family: IPFamily) {
+        let base = family == .ipv4 ? "iptables" : "ip6tables"
+        let suffix = variant == .auto ? "" : "-\(variant.rawValue)"
+        iptables = base + suffix
+        restore = base + suffix + "-restore"
+        save = base + suffix + "-save"
+    }
+}
+
+/// A failure of the iptables backend, with the tool's own message.
+public struct IPTablesError: Error, Sendable, CustomStringConvertible {
+    /// What the backend was doing.
+    public var operation: String
+    /// The failed command.
+    public var underlying: CommandError
+
+    public var description: String { "\(operation): \(underlying)" }
+}
+
+/// Facts about the installed iptables, read once at start-up.
+public struct IPTablesFeatures: Sendable, Hashable {
+    /// e.g. "1.8.9".
+    public var version: String
+    /// "nf_tables" or "legacy".
+    public var mode: String
+    /// `--random-fully` is supported (>= 1.6.2).
+    public var randomFully: Bool
+
+    /// Parses `iptables --version` output such as `iptables v1.8.9 (nf_tables)`.
+    public static func parse(_ text: String) -> IPTablesFeatures? {
+        guard let vRange = text.range(of: " v") else { return nil }
+        let rest = text[vRange.upperBound...]
+        let version = String(rest.prefix { $0.isNumber || $0 == "." })
+        let nums = version.split(separator: ".").compactMap { Int($0) }
+        guard nums.count >= 2 else { return nil }
+        let mode = text.contains("nf_tables") ? "nf_tables" : "legacy"
+        let padded = nums + [0, 0, 0]
+        let atLeast162 = (padded[0], padded[1], padded[2]) >= (1, 6, 2)
+        return IPTablesFeatures(version: version, mode: mode, randomFully: atLeast162)
+    }
+}
+
+/// The iptables backend for one IP family.
+public actor IPTablesBackend: ProxyBackend {
+    public nonisolated let name = "iptables"
+    private let tools: IPTablesTools
+    private let runner: any CommandRunner
+    private let logger: Logger
+    /// The compiler options in force (random-fully and be_liberal resolved at start-up).
+    public let options: IPTablesOptions
+    /// Per-service nat chains the last successful restore left in the kernel.
+    private var knownChains: Set<String> = []
+    /// The last batch applied, for `sluice` debugging and tests.
+    public private(set) var lastRestore: String = ""
+
+    /// Creates a backend without probing the host (tests, dry runs).
+    public init(options: IPTablesOptions, tools: IPTablesTools, runner: any CommandRunner, logger: Logger) {
+        self.options = options
+        self.tools = tools
+        self.runner = runner
+        self.logger = logger
+    }
+
+    /// Probes the host (iptables version and flavour, conntrack liberal mode), prepares the
+    /// kernel settings localhost NodePorts need, and returns a backend.
+    public static func create(node: NodeConfig, family: IPFamily, variant: IPTablesVariant, runner: any CommandRunner,
+                              logger: Logger) async throws -> IPTablesBackend {
+        let tools = IPTablesTools(variant: variant, family: family)
+        let versionOut: CommandResult
+        do {
+            versionOut = try await runner.check(tools.iptables, ["--version"])
+        } catch {
+            throw IPTablesError(operation: "probing \(tools.iptables)", underlying: error)
+        }
+        guard let features = IPTablesFeatures.parse(versionOut.stdout + versionOut.stderr) else {
+            throw IPTablesError(operation: "probing \(tools.iptables)",
+                                underlying: CommandError(command: "\(tools.iptables) --version", status: 0, message: "unrecognised version text"))
+        }
+        let liberal = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", encoding: .utf8))?
+            .trimmingASCIIWhitespace() == "1"
+        if family == .ipv4 && node.localhostNodePorts {
+            let path = "/proc/sys/net/ipv4/conf/all/route_localnet"
+            if (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingASCIIWhitespace() != "1" {
+                if (try? "1\n".write(toFile: path, atomically: false, encoding: .utf8)) == nil {
+                    logger.warning("cannot set net.ipv4.conf.all.route_localnet=1: localhost NodePorts will not answer")
+                } else {
+                    logger.info("set net.ipv4.conf.all.route_localnet=1 for localhost NodePorts")
+                }
+            }
+        }
+        let local = family == .ipv4 ? LocalAddresses.current().filter { $0.family == .ipv4 } : LocalAddresses.current().filter { $0.family == .ipv6 }
+        logger.info("iptables \(features.version) (\(features.mode)), random-fully \(features.randomFully), tcp_be_liberal \(liberal)")
+        let options = IPTablesOptions(node: node, family: family, randomFully: features.randomFully,
+                                      conntrackTCPLiberal: liberal, localAddresses: local)
+        return IPTablesBackend(options: options, tools: tools, runner: runner, logger: logger)
+    }
+
+    /// Compiles and applies `state`.
+    public func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+        let existing: Set<String>
+        if full {
+            try await ensureBaseRules()
+            existing = try await chainsIn(.nat)
+        } else {
+            existing = knownChains
+        }
+        let compiler = IPTablesCompiler(options: options)
+        let compiled = compiler.compile(state, kind: full ? .full : .partial(changed: state.changedServices), existingChains: existing)
+        let text = compiled.restoreText
+        do {
+            _ = try await runner.check(tools.restore, ["-w", "5", "-W", "100000", "--noflush", "--counters"], input: text)
+        } catch {
+            throw IPTablesError(operation: full ? "full restore" : "partial restore", underlying: error)
+        }
+        knownChains = compiled.activeNATChains
+        lastRestore = text
+        if !compiled.deletedChains.isEmpty {
+            logger.debug("deleted \(compiled.deletedChains.count) stale chains")
+        }
+        return SyncReport(
+            full: full,
+            written: ["filter": compiled.writtenRules(.filter), "nat": compiled.writtenRules(.nat)],
+            total: ["filter": compiled.totalRules[.filter] ?? 0, "nat": compiled.totalRules[.nat] ?? 0],
+            bytes: text.utf8.count)
+    }
+
+    /// True when a canary chain is gone (someone flushed our tables).
+    public func externalChangeDetected() async -> Bool {
+        for table in [Table.mangle, .nat, .filter] {
+            let r = await runner.run(tools.iptables, ["-w", "5", "-t", table.rawValue, "-S", Chain.canary], input: nil)
+            if case .success(let res) = r, res.status == 0 { continue }
+            logger.warning("canary chain \(Chain.canary) missing from the \(table.rawValue) table: rules were flushed, resyncing fully")
+            return true
+        }
+        return false
+    }
+
+    /// Creates our top-level chains and the canaries, and inserts the jump rules from the
+    /// built-in chains when they are missing (idempotent, like kube-proxy's EnsureRule).
+    private func ensureBaseRules() async throws {
+        var chains: [(Table, String)] = [(.mangle, Chain.canary), (.nat, Chain.canary), (.filter, Chain.canary)]
+        for rule in jumpRules + kubeletJumpRules where !chains.contains(where: { $0 == (rule.table, rule.target) }) {
+            chains.append((rule.table, rule.target))
+        }
+        for (table, chain) in chains {
+            let r = await runner.run(tools.iptables, ["-w", "5", "-t", table.rawValue, "-N", chain], input: nil)
+            if case .failure(let e) = r { throw IPTablesError(operation: "creating chain \(chain)", underlying: e) }
+        }
+        for rule in jumpRules + kubeletJumpRules {
+            let check = await runner.run(tools.iptables, ["-w", "5", "-t", rule.table.rawValue, "-C", rule.source] + rule.ruleArgs, input: nil)
+            if case .success(let r) = check, r.status == 0 { continue }
+            do {
+                _ = try await runner.check(tools.iptables, ["-w", "5", "-t", rule.table.rawValue, "-I", rule.source, "1"] + rule.ruleArgs)
+            } catch {
+                throw IPTablesError(operation: "inserting the \(rule.source) -> \(rule.target) jump", underlying: error)
+            }
+        }
+    }
+
+    /// Chain names currently in `table`.
+    private func chainsIn(_ table: Table) async throws -> Set<String> {
+        do {
+            let r = try await runner.check(tools.save, ["-t", table.rawValue])
+            return IPTablesBackend.parseChains(r.stdout)
+        } catch {
+            throw IPTablesError(operation: "reading the \(table.rawValue) table", underlying: error)
+        }
+    }
+
+    /// Chain names declared in `iptables-save` output.
+    public static func parseChains(_ save: String) -> Set<String> {
+        var out = Set<String>()
+        for line in save.split(separator: "\n") where line.hasPrefix(":") {
+            if let name = line.dropFirst().split(separator: " ").first { out.insert(String(name)) }
+        }
+        return out
+    }
+
+    /// Removes every rule and chain Sluice or kube-proxy created in iptables mode: the jump
+    /// rules from the built-in chains, then every KUBE- chain of ours in one restore per table.
+    public func cleanup() async throws {
+        for rule in jumpRules + kubeletJumpRules {
+            // A rule may have been inserted more than once; delete until it is gone.
+            for _ in 0..<16 {
+                let r = await runner.run(tools.iptables, ["-w", "5", "-t", rule.table.rawValue, "-D", rule.source] + rule.ruleArgs, input: nil)
+                guard case .success(let res) = r, res.status == 0 else { break }
+            }
+        }
+        let ours: Set<String> = Set(Chain.filterTopLevel + Chain.natTopLevel + [Chain.kubeletFirewall, Chain.canary])
+        for table in [Table.nat, .filter, .mangle] {
+            let present = (try? await chainsIn(table)) ?? []
+            let doomed = present.filter { ours.contains($0) || Chain.isServiceChain($0) }.sorted()
+            if doomed.isEmpty { continue }
+            var text = "*\(table.rawValue)\n"
+            for c in doomed { text += ":\(c) - [0:0]\n" }
+            for c in doomed { text += "-X \(c)\n" }
+            text += "COMMIT\n"
+            do {
+                _ = try await runner.check(tools.restore, ["-w", "5", "-W", "100000", "--noflush"], input: text)
+            } catch {
+                throw IPTablesError(operation: "removing chains from the \(table.rawValue) table", underlying: error)
+            }
+            logger.info("removed \(doomed.count) chains from the \(table.rawValue) table")
+        }
+        knownChains = []
+    }
+}
+
+/// The addresses configured on this network namespace's interfaces.
+public enum LocalAddresses {
+    /// Reads them with getifaddrs.
+    public static func current() -> [IPAddress] {
+        var head: UnsafeMutablePointer<ifaddrs>?
+        guard getifaddrs(&head) == 0, let first = head else { return [] }
+        defer { freeifaddrs(head) }
+        var out: [IPAddress] = []
+        var cursor: UnsafeMutablePointer<ifaddrs>? = first
+        while let ifa = cursor {
+            defer { cursor = ifa.pointee.ifa_next }
+            guard let sa = ifa.pointee.ifa_addr else { continue }
+            var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+            let len: socklen_t
+            switch Int32(sa.pointee.sa_family) {
+            case AF_INET: len = socklen_t(MemoryLayout<sockaddr_in>.size)
+            case AF_INET6: len = socklen_t(MemoryLayout<sockaddr_in6>.size)
+            default: continue
+            }
+            guard getnameinfo(sa, len, &host, socklen_t(host.count), nil, 0, NI_NUMERICHOST) == 0 else { continue }
+            let text = String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            if let ip = IPAddress(String(text.split(separator: "%").first ?? "")) { out.append(ip) }
+        }
+        return Array(Set(out)).sorted()
+    }
+}

@@ -1,0 +1,429 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The iptables compiler: a pure function from the per-node model to iptables-restore input,
+// matching kube-proxy v1.31's syncProxyRules rule for rule.
+
+import SluiceCore
+
+/// Settings the iptables compiler needs beyond the model.
+public struct IPTablesOptions: Sendable, Hashable {
+    /// Node-level settings.
+    public var node: NodeConfig
+    /// The family this proxier handles (iptables or ip6tables).
+    public var family: IPFamily
+    /// Append `--random-fully` to MASQUERADE (iptables >= 1.6.2).
+    public var randomFully: Bool
+    /// `net.netfilter.nf_conntrack_tcp_be_liberal` is set: leave out the INVALID drop rule.
+    public var conntrackTCPLiberal: Bool
+    /// Local addresses NodePorts are opened on when `nodePortAddresses` is not "all".
+    public var localAddresses: [IPAddress]
+
+    /// Creates options.
+    public init(node: NodeConfig, family: IPFamily = .ipv4, randomFully: Bool = true,
+                conntrackTCPLiberal: Bool = false, localAddresses: [IPAddress] = []) {
+        self.node = node
+        self.family = family
+        self.randomFully = randomFully
+        self.conntrackTCPLiberal = conntrackTCPLiberal
+        self.localAddresses = localAddresses
+    }
+}
+
+/// kube-proxy's threshold above which per-endpoint comments are dropped.
+public let largeClusterEndpointsThreshold = 1000
+
+/// One table's part of a restore batch.
+public struct TableBatch: Sendable, Hashable {
+    /// `:CHAIN - [0:0]` lines.
+    public var chains: [String] = []
+    /// `-A ...` and `-X ...` lines.
+    public var rules: [String] = []
+}
+
+/// The output of one compilation.
+public struct CompiledRules: Sendable {
+    /// The filter table batch.
+    public var filter = TableBatch()
+    /// The nat table batch.
+    public var nat = TableBatch()
+    /// Every per-service nat chain the current state uses (written or not).
+    public var activeNATChains: Set<String> = []
+    /// Rules that a full sync would write per table, including skipped service chains.
+    public var totalRules: [Table: Int] = [:]
+    /// Whether per-endpoint comments were dropped.
+    public var largeClusterMode = false
+    /// Service ports with a Local policy and no local endpoints, by "internal"/"external".
+    public var noLocalEndpoints: [String: Int] = ["internal": 0, "external": 0]
+    /// Per-service chains the batch deletes.
+    public var deletedChains: [String] = []
+
+    /// The iptables-restore input: filter then nat, each closed by COMMIT.
+    public var restoreText: String {
+        var out = "*filter\n"
+        for line in filter.chains { out += line; out += "\n" }
+        for line in filter.rules { out += line; out += "\n" }
+        out += "COMMIT\n*nat\n"
+        for line in nat.chains { out += line; out += "\n" }
+        for line in nat.rules { out += line; out += "\n" }
+        out += "COMMIT\n"
+        return out
+    }
+
+    /// Lines written for `table` (rules only, as kube-proxy's `_last` metric counts).
+    public func writtenRules(_ table: Table) -> Int {
+        (table == .filter ? filter.rules : nat.rules).filter { $0.hasPrefix("-A ") }.count
+    }
+}
+
+/// What kind of sync to compile.
+public enum SyncKind: Sendable, Hashable {
+    /// Every chain is written.
+    case full
+    /// Only the chains of these Services are written (plus the top-level chains).
+    case partial(changed: Set<NamespacedName>)
+}
+
+/// Compiles a `ProxyState` into iptables-restore input.
+public struct IPTablesCompiler: Sendable {
+    /// The options compiled with.
+    public let options: IPTablesOptions
+
+    /// Creates a compiler.
+    public init(options: IPTablesOptions) { self.options = options }
+
+    private var mark: String { options.node.masqueradeMark }
+    private var isIPv6: Bool { options.family == .ipv6 }
+
+    /// Compiles `state`.
+    /// - Parameters:
+    ///   - state: the model snapshot.
+    ///   - kind: full or partial.
+    ///   - staleChains: per-service nat chains present in the kernel (or written before) that
+    ///     are not in the new state; they are flushed and deleted in the same batch.
+    /// - Returns: the batch and its metadata.
+    public func compile(_ state: ProxyState, kind: SyncKind = .full, existingChains: Set<String> = []) -> CompiledRules {
+        var out = CompiledRules()
+        var filterRules = LineBuffer()
+        var natChains = LineBuffer()
+        var natRules = LineBuffer()
+        var filterChains = LineBuffer()
+
+        for c in Chain.filterTopLevel { filterChains.write(":\(c) - [0:0]") }
+        for c in Chain.natTopLevel { natChains.write(":\(c) - [0:0]") }
+
+        natRules.write("-A \(Chain.postrouting) -m mark ! --mark \(mark)/\(mark) -j RETURN")
+        natRules.write("-A \(Chain.postrouting) -j MARK --xor-mark \(mark)")
+        natRules.write("-A \(Chain.postrouting) -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE"
+            + (options.randomFully ? " --random-fully" : ""))
+        natRules.write("-A \(Chain.markMasq) -j MARK --or-mark \(mark)")
+
+        if !isIPv6 && options.node.localhostNodePorts {
+            filterChains.write(":\(Chain.kubeletFirewall) - [0:0]")
+            filterRules.write("-A \(Chain.kubeletFirewall) -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP")
+        }
+
+        let totalEndpoints = state.totalEndpoints
+        out.largeClusterMode = totalEndpoints > largeClusterEndpointsThreshold
+
+        var emit = Emitter()
+        for name in state.sortedNames {
+            guard let svc = state.servicePorts[name] else { continue }
+            switch kind {
+            case .full: emit.skipping = false
+            case .partial(let changed): emit.skipping = !changed.contains(name.service)
+            }
+            writeServicePort(svc, state: state, largeCluster: out.largeClusterMode, emit: &emit, out: &out)
+        }
+        filterRules.append(emit.filterRules)
+        natChains.append(emit.natChains)
+        natRules.append(emit.natRules)
+
+        // Stale per-service chains: flush (chain line) and delete.
+        for chain in existingChains.subtracting(out.activeNATChains).sorted() where Chain.isServiceChain(chain) {
+            natChains.write(":\(chain) - [0:0]")
+            natRules.write("-X \(chain)")
+            out.deletedChains.append(chain)
+        }
+
+        // The NodePort dispatch: the last rule of KUBE-SERVICES.
+        let lastComment = "-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\""
+        switch options.node.nodePortAddresses.forFamily(options.family) {
+        case .all:
+            var dest = "-m addrtype --dst-type LOCAL"
+            if isIPv6 {
+                dest += " ! -d ::1/128"
+            } else if !options.node.localhostNodePorts {
+                dest += " ! -d 127.0.0.0/8"
+            }
+            natRules.write("-A \(Chain.services) \(lastComment) \(dest) -j \(Chain.nodePorts)")
+        case .cidrs(let cidrs):
+            let ips = options.localAddresses.filter { ip in ip.family == options.family && cidrs.contains { $0.contains(ip) } }
+            for ip in ips {
+                if ip.isLoopback && (isIPv6 || !options.node.localhostNodePorts) { continue }
+                natRules.write("-A \(Chain.services) \(lastComment) -d \(ip) -j \(Chain.nodePorts)")
+            }
+        }
+
+        if !options.conntrackTCPLiberal {
+            filterRules.write("-A \(Chain.forward) -m conntrack --ctstate INVALID -j DROP")
+        }
+        filterRules.write("-A \(Chain.forward) -m comment --comment \"kubernetes forwarding rules\" -m mark --mark \(mark)/\(mark) -j ACCEPT")
+        filterRules.write("-A \(Chain.forward) -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+
+        out.filter = TableBatch(chains: filterChains.lines, rules: filterRules.lines)
+        out.nat = TableBatch(chains: natChains.lines, rules: natRules.lines)
+        out.totalRules[.filter] = filterRules.count
+        out.totalRules[.nat] = natRules.count + emit.skippedRules.count - out.deletedChains.count
+        return out
+    }
+
+    // swiftlint:disable:next function_body_length
+    private func writeServicePort(_ svc: ServicePortInfo, state: ProxyState, largeCluster: Bool,
+                                  emit: inout Emitter, out: inout CompiledRules) {
+        let proto = svc.proto.lowercased
+        let spn = svc.name.description
+        let hash = ChainHash.servicePort(svc.name)
+        let clusterPolicyChain = "KUBE-SVC-" + hash
+        let localPolicyChain = "KUBE-SVL-" + hash
+        let externalTrafficChain = "KUBE-EXT-" + hash
+        let fwChain = "KUBE-FW-" + hash
+
+        let cat = categorizeEndpoints(state.endpoints[svc.name] ?? [], info: svc, nodeName: options.node.nodeName,
+                                      nodeLabels: state.nodeLabels)
+        let hasEndpoints = cat.hasAnyEndpoints
+        let usesClusterPolicyChain = !cat.cluster.isEmpty && svc.usesClusterEndpoints
+        let usesLocalPolicyChain = !cat.local.isEmpty && svc.usesLocalEndpoints
+
+        var internalTrafficChain = clusterPolicyChain
+        var hasInternalEndpoints = hasEndpoints
+        if svc.internalPolicyLocal {
+            internalTrafficChain = localPolicyChain
+            if cat.local.isEmpty { hasInternalEndpoints = false }
+        }
+        var externalPolicyChain = clusterPolicyChain
+        var hasExternalEndpoints = hasEndpoints
+        if svc.externalPolicyLocal {
+            externalPolicyChain = localPolicyChain
+            if cat.local.isEmpty { hasExternalEndpoints = false }
+        }
+        let usesExternalTrafficChain = hasEndpoints && svc.externallyAccessible
+        let usesFWChain = hasEndpoints && !svc.loadBalancerVIPs.isEmpty && !svc.loadBalancerSourceRanges.isEmpty
+        let loadBalancerTrafficChain = usesFWChain ? fwChain : externalTrafficChain
+
+        var internalFilterTarget = "", internalFilterComment = ""
+        var externalFilterTarget = "", externalFilterComment = ""
+        if !hasEndpoints {
+            internalFilterTarget = "REJECT"
+            internalFilterComment = "\"\(spn) has no endpoints\""
+            externalFilterTarget = "REJECT"
+            externalFilterComment = internalFilterComment
+        } else {
+            if !hasInternalEndpoints {
+                internalFilterTarget = "DROP"
+                internalFilterComment = "\"\(spn) has no local endpoints\""
+                out.noLocalEndpoints["internal", default: 0] += 1
+            }
+            if !hasExternalEndpoints {
+                externalFilterTarget = "DROP"
+                externalFilterComment = "\"\(spn) has no local endpoints\""
+                out.noLocalEndpoints["external", default: 0] += 1
+            }
+        }
+
+        let match = "-m \(proto) -p \(proto)"
+        let port = svc.port
+
+        // Cluster IP.
+        if hasInternalEndpoints {
+            emit.rule("-A \(Chain.services) -m comment --comment \"\(spn) cluster IP\" \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalTrafficChain)")
+        } else {
+            emit.filterRules.write("-A \(Chain.services) -m comment --comment \(internalFilterComment) \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalFilterTarget)")
+        }
+        // External IPs.
+        for ip in svc.externalIPs {
+            if hasEndpoints {
+                emit.rule("-A \(Chain.services) -m comment --comment \"\(spn) external IP\" \(match) -d \(ip) --dport \(port) -j \(externalTrafficChain)")
+            }
+            if !hasExternalEndpoints {
+                emit.filterRules.write("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) \(match) -d \(ip) --dport \(port) -j \(externalFilterTarget)")
+            }
+        }
+        // Load-balancer IPs.
+        for ip in svc.loadBalancerVIPs {
+            if hasEndpoints {
+                emit.rule("-A \(Chain.services) -m comment --comment \"\(spn) loadbalancer IP\" \(match) -d \(ip) --dport \(port) -j \(loadBalancerTrafficChain)")
+            }
+            if usesFWChain {
+                emit.filterRules.write("-A \(Chain.proxyFirewall) -m comment --comment \"\(spn) traffic not accepted by \(fwChain)\" \(match) -d \(ip) --dport \(port) -j DROP")
+            }
+        }
+        if !hasExternalEndpoints {
+            for ip in svc.loadBalancerVIPs {
+                emit.filterRules.write("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) \(match) -d \(ip) --dport \(port) -j \(externalFilterTarget)")
+            }
+        }
+        // Node ports.
+        if svc.nodePort != 0 {
+            if hasEndpoints {
+                emit.rule("-A \(Chain.nodePorts) -m comment --comment \(spn) \(match) --dport \(svc.nodePort) -j \(externalTrafficChain)")
+            }
+            if !hasExternalEndpoints {
+                emit.filterRules.write("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) -m addrtype --dst-type LOCAL \(match) --dport \(svc.nodePort) -j \(externalFilterTarget)")
+            }
+        }
+        // Health-check node port.
+        if svc.healthCheckNodePort != 0 {
+            emit.filterRules.write("-A \(Chain.nodePorts) -m comment --comment \"\(spn) health check node port\" -m tcp -p tcp --dport \(svc.healthCheckNodePort) -j ACCEPT")
+        }
+
+        // Internal traffic masquerade.
+        if hasInternalEndpoints {
+            let args = "-m comment --comment \"\(spn) cluster IP\" \(match) -d \(svc.clusterIP) --dport \(port)"
+            if options.node.masqueradeAll {
+                emit.rule("-A \(internalTrafficChain) \(args) -j \(Chain.markMasq)")
+            } else if let notLocal = localDetectorArgs(negated: true) {
+                emit.rule("-A \(internalTrafficChain) \(args) \(notLocal) -j \(Chain.markMasq)")
+            }
+        }
+
+        // External traffic.
+        if usesExternalTrafficChain {
+            emit.chain(":\(externalTrafficChain) - [0:0]")
+            out.activeNATChains.insert(externalTrafficChain)
+            if !svc.externalPolicyLocal {
+                emit.rule("-A \(externalTrafficChain) -m comment --comment \"masquerade traffic for \(spn) external destinations\" -j \(Chain.markMasq)")
+            } else {
+                if let local = localDetectorArgs(negated: false) {
+                    emit.rule("-A \(externalTrafficChain) -m comment --comment \"pod traffic for \(spn) external destinations\" \(local) -j \(clusterPolicyChain)")
+                }
+                emit.rule("-A \(externalTrafficChain) -m comment --comment \"masquerade LOCAL traffic for \(spn) external destinations\" -m addrtype --src-type LOCAL -j \(Chain.markMasq)")
+                emit.rule("-A \(externalTrafficChain) -m comment --comment \"route LOCAL traffic for \(spn) external destinations\" -m addrtype --src-type LOCAL -j \(clusterPolicyChain)")
+            }
+            if hasExternalEndpoints {
+                emit.rule("-A \(externalTrafficChain) -j \(externalPolicyChain)")
+            }
+        }
+
+        // Firewall chain for loadBalancerSourceRanges.
+        if usesFWChain {
+            emit.chain(":\(fwChain) - [0:0]")
+            out.activeNATChains.insert(fwChain)
+            let head = "-A \(fwChain) -m comment --comment \"\(spn) loadbalancer IP\""
+            var allowFromNode = false
+            let nodeIP = options.node.nodeIPs.first { $0.family == options.family }
+            for cidr in svc.loadBalancerSourceRanges {
+                emit.rule("\(head) -s \(cidr) -j \(externalTrafficChain)")
+                if let nodeIP, cidr.contains(nodeIP) { allowFromNode = true }
+            }
+            if allowFromNode {
+                for ip in svc.loadBalancerVIPs {
+                    emit.rule("\(head) -s \(ip) -j \(externalTrafficChain)")
+                }
+            }
+            emit.rule("-A \(fwChain) -m comment --comment \"other traffic to \(spn) will be dropped by KUBE-PROXY-FIREWALL\"")
+        }
+
+        if usesClusterPolicyChain {
+            emit.chain(":\(clusterPolicyChain) - [0:0]")
+            out.activeNATChains.insert(clusterPolicyChain)
+            writeServiceToEndpointRules(svc, chain: clusterPolicyChain, endpoints: cat.cluster, largeCluster: largeCluster, emit: &emit)
+        }
+        if usesLocalPolicyChain {
+            emit.chain(":\(localPolicyChain) - [0:0]")
+            out.activeNATChains.insert(localPolicyChain)
+            writeServiceToEndpointRules(svc, chain: localPolicyChain, endpoints: cat.local, largeCluster: largeCluster, emit: &emit)
+        }
+
+        for ep in cat.allReachable {
+            let sep = "KUBE-SEP-" + ChainHash.endpoint(svc.name, ep.description)
+            emit.chain(":\(sep) - [0:0]")
+            out.activeNATChains.insert(sep)
+            let head = largeCluster ? "-A \(sep)" : "-A \(sep) -m comment --comment \(spn)"
+            emit.rule("\(head) -s \(ep.ip) -j \(Chain.markMasq)")
+            let recent = svc.stickyTimeoutSeconds != nil ? " -m recent --name \(sep) --set" : ""
+            emit.rule("\(head)\(recent) \(match) -j DNAT --to-destination \(ep.description)")
+        }
+    }
+
+    private func writeServiceToEndpointRules(_ svc: ServicePortInfo, chain: String, endpoints: [EndpointInfo],
+                                             largeCluster: Bool, emit: inout Emitter) {
+        let spn = svc.name.description
+        func head(_ ep: EndpointInfo) -> String {
+            largeCluster ? "-A \(chain)" : "-A \(chain) -m comment --comment \"\(spn) -> \(ep.description)\""
+        }
+        func sep(_ ep: EndpointInfo) -> String { "KUBE-SEP-" + ChainHash.endpoint(svc.name, ep.description) }
+        if let timeout = svc.stickyTimeoutSeconds {
+            for ep in endpoints {
+                emit.rule("\(head(ep)) -m recent --name \(sep(ep)) --rcheck --seconds \(timeout) --reap -j \(sep(ep))")
+            }
+        }
+        let n = endpoints.count
+        for (i, ep) in endpoints.enumerated() {
+            if i < n - 1 {
+                emit.rule("\(head(ep)) -m statistic --mode random --probability \(probability(n - i)) -j \(sep(ep))")
+            } else {
+                emit.rule("\(head(ep)) -j \(sep(ep))")
+            }
+        }
+    }
+
+    /// The local-traffic detector's arguments (`-s <cidr>` / `! -s <cidr>`), nil when no
+    /// cluster CIDR of this family is configured.
+    private func localDetectorArgs(negated: Bool) -> String? {
+        guard let cidr = options.node.clusterCIDRs.first(where: { $0.family == options.family }) else { return nil }
+        return negated ? "! -s \(cidr)" : "-s \(cidr)"
+    }
+}
+
+/// kube-proxy's probability text: `fmt.Sprintf("%0.10f", 1.0/float64(n))`.
+public func probability(_ n: Int) -> String {
+    guard n > 0 else { return "<bad value>" }
+    // Exact decimal rounding of 1/n to 10 places (round half to even matches Go on these values).
+    let scale: Int64 = 10_000_000_000
+    let q = scale / Int64(n)
+    let r = scale % Int64(n)
+    var v = q
+    if 2 * r > Int64(n) || (2 * r == Int64(n) && q % 2 == 1) { v += 1 }
+    let intPart = v / scale
+    let frac = String(v % scale)
+    return "\(intPart)." + String(repeating: "0", count: 10 - frac.count) + frac
+}
+
+/// A line buffer that can discard its content while still counting lines (kube-proxy
+/// computes skipped service chains for the metrics without writing them).
+struct LineBuffer {
+    private(set) var lines: [String] = []
+    private(set) var count = 0
+    let discarding: Bool
+
+    init(discarding: Bool = false) { self.discarding = discarding }
+
+    mutating func write(_ line: @autoclosure () -> String) {
+        count += 1
+        if !discarding { lines.append(line()) }
+    }
+
+    mutating func append(_ other: LineBuffer) {
+        count += other.count
+        lines += other.lines
+    }
+}
+
+/// Where one service port's lines go. Top-level chain rules (KUBE-SERVICES, KUBE-NODEPORTS and
+/// every filter rule) are always written; per-service chains go to the discard buffers when
+/// the Service is unchanged in a partial sync.
+struct Emitter {
+    var filterRules = LineBuffer()
+    var natChains = LineBuffer()
+    var natRules = LineBuffer()
+    var skippedChains = LineBuffer(discarding: true)
+    var skippedRules = LineBuffer(discarding: true)
+    var skipping = false
+
+    mutating func chain(_ line: @autoclosure () -> String) {
+        if skipping { skippedChains.write(line()) } else { natChains.write(line()) }
+    }
+
+    mutating func rule(_ line: @autoclosure () -> String) {
+        if skipping { skippedRules.write(line()) } else { natRules.write(line()) }
+    }
+}

@@ -1,0 +1,36 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The contract between the model and a mode's kernel backend.
+
+/// What one successful sync did.
+public struct SyncReport: Sendable, Hashable {
+    /// Whether every chain / object was written.
+    public var full: Bool
+    /// Rules (or entries) written, by table or kind.
+    public var written: [String: Int]
+    /// Rules (or entries) the full state holds, by table or kind.
+    public var total: [String: Int]
+    /// Bytes sent to the kernel tools.
+    public var bytes: Int
+
+    /// Creates a report.
+    public init(full: Bool, written: [String: Int] = [:], total: [String: Int] = [:], bytes: Int = 0) {
+        self.full = full
+        self.written = written
+        self.total = total
+        self.bytes = bytes
+    }
+}
+
+/// A mode's kernel side: it makes the kernel hold what a `ProxyState` describes.
+///
+/// Implementations must leave the previous state in place when a sync fails (a batch is
+/// applied whole or not at all); the runner then retries with a full sync.
+public protocol ProxyBackend: Actor {
+    /// A short name for logs (`iptables`, `ipvs`, ...).
+    nonisolated var name: String { get }
+    /// Makes the kernel match `state`. A partial sync may write only `state.changedServices`.
+    func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport
+    /// True when something outside the proxy removed its state (the iptables canary), so the
+    /// next sync must be full.
+    func externalChangeDetected() async -> Bool
+}

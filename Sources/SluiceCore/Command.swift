@@ -1,0 +1,137 @@
+// Sluice: a per-node Kubernetes service proxy.
+// Running the kernel tools (iptables-restore, iptables-save, ...) as child processes.
+
+import Dispatch
+import Foundation
+
+/// The result of running one command.
+public struct CommandResult: Sendable, Hashable {
+    /// Exit status (or 128 + signal).
+    public var status: Int32
+    public var stdout: String
+    public var stderr: String
+}
+
+/// A command that could not be run, or that failed.
+public struct CommandError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The command line (arguments only, never the input).
+    public var command: String
+    /// Exit status; nil when the command could not be started.
+    public var status: Int32?
+    /// The tool's own message (stderr, trimmed), or why it could not start.
+    public var message: String
+
+    /// Creates an error.
+    public init(command: String, status: Int32?, message: String) {
+        self.command = command
+        self.status = status
+        self.message = message
+    }
+
+    public var description: String {
+        if let status { return "\(command) exited \(status): \(message)" }
+        return "\(command) could not run: \(message)"
+    }
+}
+
+/// Runs external commands. The real one forks; tests substitute a fake.
+public protocol CommandRunner: Sendable {
+    /// Runs `executable` with `arguments`, feeding `input` on standard input.
+    func run(_ executable: String, _ arguments: [String], input: String?) async -> Result<CommandResult, CommandError>
+}
+
+/// Runs commands with Foundation's `Process`, off the cooperative thread pool.
+///
+/// Input and output go through unlinked temporary files, so a payload of tens of megabytes
+/// never deadlocks on a pipe and a tool that exits early never raises SIGPIPE.
+public struct ProcessRunner: CommandRunner {
+    /// Extra directories searched after `$PATH`.
+    public var searchPath: [String]
+
+    /// Creates a runner.
+    public init(searchPath: [String] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]) { self.searchPath = searchPath }
+
+    /// Finds `name` on `$PATH` and the extra directories.
+    public func resolve(_ name: String) -> String? {
+        if name.hasPrefix("/") { return FileManager.default.isExecutableFile(atPath: name) ? name : nil }
+        let env = ProcessInfo.processInfo.environment["PATH"]?.split(separator: ":").map(String.init) ?? []
+        for dir in env + searchPath {
+            let p = dir + "/" + name
+            if FileManager.default.isExecutableFile(atPath: p) { return p }
+        }
+        return nil
+    }
+
+    public func run(_ executable: String, _ arguments: [String], input: String?) async -> Result<CommandResult, CommandError> {
+        let commandLine = ([executable] + arguments).joined(separator: " ")
+        guard let path = resolve(executable) else {
+            return .failure(CommandError(command: commandLine, status: nil, message: "\(executable) not found in PATH"))
+        }
+        let inputBytes = input.map { Array($0.utf8) }
+        return await withCheckedContinuation { (cont: CheckedContinuation<Result<CommandResult, CommandError>, Never>) in
+            DispatchQueue.global().async {
+                cont.resume(returning: ProcessRunner.runBlocking(path: path, arguments: arguments, input: inputBytes, commandLine: commandLine))
+            }
+        }
+    }
+
+    private static func scratchFile() -> FileHandle? {
+        var template = Array("/tmp/sluice-io.XXXXXX".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { return nil }
+        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        return FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+    }
+
+    private static func runBlocking(path: String, arguments: [String], input: [UInt8]?, commandLine: String) -> Result<CommandResult, CommandError> {
+        guard let out = scratchFile(), let err = scratchFile() else {
+            return .failure(CommandError(command: commandLine, status: nil, message: "cannot create a temporary file in /tmp"))
+        }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        process.standardOutput = out
+        process.standardError = err
+        if let input {
+            guard let inFile = scratchFile() else {
+                return .failure(CommandError(command: commandLine, status: nil, message: "cannot create a temporary file in /tmp"))
+            }
+            do {
+                try inFile.write(contentsOf: input)
+                try inFile.seek(toOffset: 0)
+            } catch {
+                return .failure(CommandError(command: commandLine, status: nil, message: "cannot stage input: \(error)"))
+            }
+            process.standardInput = inFile
+        } else {
+            process.standardInput = FileHandle.nullDevice
+        }
+        do {
+            try process.run()
+        } catch {
+            return .failure(CommandError(command: commandLine, status: nil, message: "\(error)"))
+        }
+        process.waitUntilExit()
+        func readAll(_ h: FileHandle) -> String {
+            (try? h.seek(toOffset: 0)).flatMap { _ in try? h.readToEnd() }.map { String(decoding: $0, as: UTF8.self) } ?? ""
+        }
+        let status = process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
+        return .success(CommandResult(status: status, stdout: readAll(out), stderr: readAll(err)))
+    }
+}
+
+extension CommandRunner {
+    /// Runs a command and returns its output, or throws when it fails to start or exits non-zero.
+    public func check(_ executable: String, _ arguments: [String], input: String? = nil) async throws(CommandError) -> CommandResult {
+        let r = await run(executable, arguments, input: input)
+        switch r {
+        case .failure(let e): throw e
+        case .success(let res):
+            guard res.status == 0 else {
+                let cmd = ([executable] + arguments).joined(separator: " ")
+                throw CommandError(command: cmd, status: res.status, message: res.stderr.trimmingASCIIWhitespace())
+            }
+            return res
+        }
+    }
+}

@@ -1,0 +1,184 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The sync loop shared by every mode: it folds events into the change tracker, coalesces
+// them, never syncs twice within the minimum interval, resyncs fully at least every sync
+// period, and retries a failed sync (as a full one) with capped exponential backoff.
+
+import Logging
+
+/// Timing of the sync loop.
+public struct SyncTiming: Sendable, Hashable {
+    /// No two syncs closer than this (`--min-sync-period`, default 1 s).
+    public var minSyncPeriod: Duration
+    /// A full resync at least this often (`--sync-period`, default 30 s).
+    public var syncPeriod: Duration
+    /// First retry delay after a failure; doubles up to `syncPeriod`.
+    public var retryBase: Duration
+
+    /// Creates a timing.
+    public init(minSyncPeriod: Duration = .seconds(1), syncPeriod: Duration = .seconds(30), retryBase: Duration = .seconds(1)) {
+        self.minSyncPeriod = minSyncPeriod
+        self.syncPeriod = syncPeriod
+        self.retryBase = retryBase
+    }
+}
+
+/// Counters the loop keeps; the metrics endpoint reads them.
+public struct SyncCounters: Sendable, Hashable {
+    public var syncs = 0
+    public var fullSyncs = 0
+    public var failures = 0
+    public var rejectedObjects = 0
+    public var serviceChangesTotal = 0
+    public var lastReport: SyncReport?
+    public var lastError: String?
+}
+
+/// Drives one backend from one change tracker.
+public actor SyncRunner<C: Clock> where C.Duration == Duration {
+    private var tracker: ChangeTracker
+    private let backend: any ProxyBackend
+    private let family: IPFamily
+    private let timing: SyncTiming
+    private let clock: C
+    private let logger: Logger
+
+    private var pendingChange = false
+    private var needFullSync = true
+    private var lastSync: C.Instant?
+    private var lastFullSync: C.Instant?
+    private var retryAt: C.Instant?
+    private var consecutiveFailures = 0
+    private var wake: CheckedContinuation<Void, Never>?
+    private var generation = 0
+    /// Counters for metrics and tests.
+    public private(set) var counters = SyncCounters()
+
+    /// Creates a runner.
+    public init(tracker: ChangeTracker, backend: any ProxyBackend, family: IPFamily = .ipv4, timing: SyncTiming = .init(),
+                clock: C, logger: Logger) {
+        self.tracker = tracker
+        self.backend = backend
+        self.family = family
+        self.timing = timing
+        self.clock = clock
+        self.logger = logger
+    }
+
+    /// Folds one event into the model and schedules a sync when it changed something.
+    public func handle(_ event: ObjectEvent) {
+        switch tracker.apply(event) {
+        case .applied:
+            pendingChange = true
+            if case .synced = event { logger.info("initial state received; first sync follows") }
+            if tracker.nodeLabelsChanged { needFullSync = true }
+            resume()
+        case .ignored:
+            break
+        case .rejected(let r):
+            counters.rejectedObjects += 1
+            logger.error("\(r.description); the object is skipped, the rest of the node's rules stay in place")
+        }
+    }
+
+    /// Asks for a full sync at the next opportunity (e.g. the canary noticed a flush).
+    public func requestFullSync() {
+        needFullSync = true
+        pendingChange = true
+        resume()
+    }
+
+    private func resume() {
+        if let w = wake {
+            wake = nil
+            w.resume()
+        }
+    }
+
+    /// When the next sync is due, or nil when nothing is due until an event arrives.
+    private func nextDeadline() -> C.Instant? {
+        guard tracker.synced else { return nil }
+        guard let last = lastSync else { return clock.now }
+        if let retryAt { return retryAt }
+        let periodic = last.advanced(by: timing.syncPeriod)
+        if pendingChange { return min(last.advanced(by: timing.minSyncPeriod), periodic) }
+        return periodic
+    }
+
+    /// Runs until cancelled.
+    public func run() async {
+        while !Task.isCancelled {
+            if let deadline = nextDeadline(), deadline <= clock.now {
+                await syncOnce()
+                continue
+            }
+            await sleep(until: nextDeadline())
+        }
+    }
+
+    private func sleep(until deadline: C.Instant?) async {
+        generation += 1
+        let gen = generation
+        var timer: Task<Void, Never>?
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                wake = c
+                if let deadline {
+                    timer = Task { [clock] in
+                        try? await clock.sleep(until: deadline, tolerance: nil)
+                        self.timerFired(gen)
+                    }
+                }
+            }
+        } onCancel: {
+            Task { await self.resumeForCancel() }
+        }
+        timer?.cancel()
+    }
+
+    private func timerFired(_ gen: Int) {
+        if gen == generation { resume() }
+    }
+
+    private func resumeForCancel() { resume() }
+
+    /// Performs one sync now (tests call it directly).
+    public func syncOnce() async {
+        let now = clock.now
+        if !needFullSync, await backend.externalChangeDetected() {
+            needFullSync = true
+        }
+        let periodicDue = lastFullSync.map { now >= $0.advanced(by: timing.syncPeriod) } ?? true
+        let full = needFullSync || periodicDue
+        let changes = tracker.pendingChanges(family)
+        var state = tracker.snapshot(family)
+        if full { state.changedServices = Set(state.servicePorts.keys.map(\.service)).union(state.changedServices) }
+        pendingChange = false
+        lastSync = now
+        do {
+            let report = try await backend.sync(state, full: full)
+            counters.syncs += 1
+            if full {
+                counters.fullSyncs += 1
+                lastFullSync = now
+                tracker.acknowledgeNodeLabels()
+            }
+            counters.serviceChangesTotal += changes
+            counters.lastReport = report
+            counters.lastError = nil
+            needFullSync = false
+            retryAt = nil
+            consecutiveFailures = 0
+            logger.info("\(full ? "full" : "partial") sync: \(state.servicePorts.count) service ports, \(changes) changed, \(report.bytes) bytes")
+        } catch {
+            counters.failures += 1
+            counters.lastError = "\(error)"
+            consecutiveFailures += 1
+            needFullSync = true
+            pendingChange = true
+            let factor = 1 << min(consecutiveFailures - 1, 16)
+            let delay = min(timing.retryBase * factor, timing.syncPeriod)
+            retryAt = now.advanced(by: delay)
+            logger.error("sync failed (\(error)); the previous rules stay in place, full retry in \(delay)")
+        }
+    }
+}

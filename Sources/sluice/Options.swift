@@ -1,0 +1,125 @@
+// Sluice: a per-node Kubernetes service proxy.
+// Command-line options shared by `sluice` (run) and `sluice compile`.
+
+import ArgumentParser
+import Foundation
+import IPTables
+import SluiceCore
+
+/// `--proxy-mode`.
+enum ProxyMode: String, ExpressibleByArgument, CaseIterable {
+    case iptables, ipvs, userspace
+}
+
+extension IPTablesVariant: ExpressibleByArgument {}
+
+/// Flags that describe the node and the proxy's behaviour (kube-proxy's names).
+struct ProxyOptions: ParsableArguments {
+    @Option(help: "Which proxy mode to use: iptables, ipvs or userspace.")
+    var proxyMode: ProxyMode = .iptables
+
+    @Option(help: ArgumentHelp("Read Services, EndpointSlices, Endpoints and Nodes from the YAML/JSON files in this directory, and watch it.", valueName: "dir"))
+    var manifests: String?
+
+    @Option(help: ArgumentHelp("The name of this node (endpoints with this nodeName are local). Defaults to the host name.", valueName: "name"))
+    var hostnameOverride: String?
+
+    @Option(help: ArgumentHelp("This node's IP address(es), comma-separated. Defaults to the first non-loopback address.", valueName: "ip"))
+    var nodeIP: String?
+
+    @Option(help: ArgumentHelp("The pod CIDR(s) of the cluster, comma-separated: traffic from outside it to a ClusterIP is masqueraded.", valueName: "cidr"))
+    var clusterCIDR: String?
+
+    @Flag(help: "SNAT all traffic sent to Service cluster IPs.")
+    var masqueradeAll = false
+
+    @Option(help: ArgumentHelp("Node addresses NodePorts answer on: comma-separated CIDRs or 'primary'. Default: every local address.", valueName: "cidrs"))
+    var nodeportAddresses: String?
+
+    @Option(help: "The fwmark bit (0-31) marking packets for SNAT.")
+    var iptablesMasqueradeBit: Int = 14
+
+    @Option(help: ArgumentHelp("Answer NodePorts on 127.0.0.1 (IPv4; sets route_localnet). true or false.", valueName: "bool"))
+    var iptablesLocalhostNodeports: Bool = true
+
+    @Option(help: "Which iptables binaries to use: auto (the host's default), nft or legacy.")
+    var iptablesBackend: IPTablesVariant = .auto
+
+    @Option(help: ArgumentHelp("Minimum time between syncs (Go duration, e.g. 1s).", valueName: "duration"))
+    var minSyncPeriod: String = "1s"
+
+    @Option(help: ArgumentHelp("Maximum time between full syncs (Go duration, e.g. 30s).", valueName: "duration"))
+    var syncPeriod: String = "30s"
+
+    @Option(help: ArgumentHelp("Proxy Services labelled service.kubernetes.io/service-proxy-name with this value.", valueName: "name"))
+    var serviceProxyName: String?
+
+    @Option(name: .shortAndLong, help: "Log verbosity: 0 info, 4 and above debug, 6 and above trace.")
+    var v: Int = 0
+
+    mutating func validate() throws {
+        guard (0...31).contains(iptablesMasqueradeBit) else {
+            throw ValidationError("--iptables-masquerade-bit \(iptablesMasqueradeBit) is not in 0-31")
+        }
+        guard let minP = GoDuration.parse(minSyncPeriod), minP >= .zero else {
+            throw ValidationError("--min-sync-period \"\(minSyncPeriod)\" is not a duration such as 1s")
+        }
+        guard let p = GoDuration.parse(syncPeriod), p > .zero else {
+            throw ValidationError("--sync-period \"\(syncPeriod)\" is not a positive duration such as 30s")
+        }
+        guard minP <= p else { throw ValidationError("--min-sync-period \(minSyncPeriod) is longer than --sync-period \(syncPeriod)") }
+        if let h = hostnameOverride, !Validation.isNodeName(h.lowercased()) {
+            throw ValidationError("--hostname-override \"\(Validation.printable(h))\" is not a valid node name")
+        }
+        _ = try nodeIPs()
+        _ = try clusterCIDRs()
+    }
+
+    /// The node name: the override, else the host name, lower-cased (as kube-proxy does).
+    func nodeName() -> String {
+        if let h = hostnameOverride { return h.lowercased() }
+        return ProcessInfo.processInfo.hostName.lowercased()
+    }
+
+    func nodeIPs() throws -> [IPAddress] {
+        guard let text = nodeIP, !text.isEmpty else { return [] }
+        return try text.split(separator: ",").map { part in
+            guard let ip = IPAddress(String(part).trimmingASCIIWhitespace()) else {
+                throw ValidationError("--node-ip \"\(Validation.printable(String(part)))\" is not an IP address")
+            }
+            return ip
+        }
+    }
+
+    func clusterCIDRs() throws -> [CIDR] {
+        guard let text = clusterCIDR, !text.isEmpty else { return [] }
+        return try text.split(separator: ",").map { part in
+            guard let c = CIDR(String(part)) else {
+                throw ValidationError("--cluster-cidr \"\(Validation.printable(String(part)))\" is not a CIDR")
+            }
+            return c
+        }
+    }
+
+    /// The node configuration; node IPs default to the first non-loopback local addresses.
+    func nodeConfig() throws -> NodeConfig {
+        var ips = try nodeIPs()
+        if ips.isEmpty {
+            let local = LocalAddresses.current().filter { !$0.isLoopback && !$0.isLinkLocalUnicast }
+            ips = [local.first { $0.family == .ipv4 }, local.first { $0.family == .ipv6 }].compactMap { $0 }
+        }
+        let npa: NodePortAddresses
+        do {
+            npa = try NodePortAddresses.parse(nodeportAddresses ?? "", nodeIPs: ips)
+        } catch {
+            throw ValidationError(error.description)
+        }
+        return NodeConfig(nodeName: nodeName(), nodeIPs: ips, clusterCIDRs: try clusterCIDRs(), masqueradeAll: masqueradeAll,
+                          masqueradeBit: iptablesMasqueradeBit, nodePortAddresses: npa,
+                          localhostNodePorts: iptablesLocalhostNodeports)
+    }
+
+    var timing: SyncTiming {
+        SyncTiming(minSyncPeriod: GoDuration.parse(minSyncPeriod) ?? .seconds(1), syncPeriod: GoDuration.parse(syncPeriod) ?? .seconds(30))
+    }
+}

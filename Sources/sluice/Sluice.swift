@@ -1,0 +1,203 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The executable: `sluice` runs the proxy, `sluice compile` prints what it would program,
+// `sluice --cleanup` removes everything a proxy left behind.
+
+import ArgumentParser
+import Foundation
+import IPTables
+import KubeAPI
+import Logging
+import ServiceLifecycle
+import SluiceCore
+
+/// The version printed by `--version`.
+let sluiceVersion = "0.1.0"
+
+@main
+struct Sluice: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sluice",
+        abstract: "A per-node Kubernetes service proxy: a drop-in replacement for kube-proxy.",
+        version: sluiceVersion,
+        subcommands: [Compile.self])
+
+    @OptionGroup var options: ProxyOptions
+
+    @Flag(help: "Remove every chain and rule Sluice or kube-proxy created, then exit.")
+    var cleanup = false
+
+    func run() async throws {
+        let logger = makeLogger(verbosity: options.v)
+        signal(SIGPIPE, SIG_IGN)
+        if cleanup {
+            try await runCleanup(logger: logger)
+            return
+        }
+        guard options.proxyMode == .iptables else {
+            throw SluiceExit("--proxy-mode \(options.proxyMode.rawValue) is not available yet; use --proxy-mode iptables")
+        }
+        guard let dir = options.manifests else {
+            throw SluiceExit("no source of objects: pass --manifests DIR")
+        }
+        let node = try options.nodeConfig()
+        logger.info("sluice \(sluiceVersion) starting: mode iptables, node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
+        let backend: IPTablesBackend
+        do {
+            backend = try await IPTablesBackend.create(node: node, family: .ipv4, variant: options.iptablesBackend,
+                                                       runner: ProcessRunner(), logger: logger)
+        } catch {
+            throw SluiceExit("cannot use iptables: \(error)")
+        }
+        let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
+                                backend: backend, timing: options.timing, clock: ContinuousClock(), logger: logger)
+        let source = ManifestDirectorySource(directory: dir, logger: logger) { rejection in
+            logger.error("\(rejection.description); skipped")
+        }
+        let group = ServiceGroup(
+            services: [
+                SourcePump(source: source, runner: runner),
+                RunnerService(runner: runner),
+                CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5)),
+            ],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger)
+        try await group.run()
+        logger.info("stopped; the rules stay in place")
+    }
+
+    private func runCleanup(logger: Logger) async throws {
+        var failures: [String] = []
+        for family in IPFamily.allCases {
+            let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
+            guard ProcessRunner().resolve(tools.restore) != nil else {
+                logger.info("\(tools.restore) not installed; nothing to clean for \(family.rawValue)")
+                continue
+            }
+            let node = NodeConfig(nodeName: options.nodeName())
+            let backend = IPTablesBackend(options: IPTablesOptions(node: node, family: family), tools: tools,
+                                          runner: ProcessRunner(), logger: logger)
+            do {
+                try await backend.cleanup()
+            } catch {
+                failures.append("\(error)")
+            }
+        }
+        if !failures.isEmpty { throw SluiceExit("cleanup incomplete: " + failures.joined(separator: "; ")) }
+        logger.info("cleanup done")
+    }
+}
+
+/// `sluice compile`: prints the iptables-restore input of a full sync for the manifests.
+struct Compile: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print the iptables-restore input of a full sync for a manifest directory (a dry run).")
+
+    @OptionGroup var options: ProxyOptions
+
+    @Option(help: ArgumentHelp("Add --random-fully to MASQUERADE: auto (ask the installed iptables), true or false.", valueName: "mode"))
+    var randomFully: String = "auto"
+
+    func run() async throws {
+        let logger = makeLogger(verbosity: options.v)
+        guard options.proxyMode == .iptables else {
+            throw SluiceExit("compile --proxy-mode \(options.proxyMode.rawValue) is not available yet")
+        }
+        guard let dir = options.manifests else { throw SluiceExit("compile needs --manifests DIR") }
+        let node = try options.nodeConfig()
+        var tracker = ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName)
+        let source = ManifestDirectorySource(directory: dir, logger: logger) { logger.error("\($0.description); skipped") }
+        let events: [ObjectEvent]
+        do {
+            events = try source.scan(from: .init()).1
+        } catch {
+            throw SluiceExit("\(error)")
+        }
+        for e in events {
+            if case .rejected(let r) = tracker.apply(e) { logger.error("\(r.description); skipped") }
+        }
+        let state = tracker.snapshot(.ipv4)
+        let rf: Bool
+        switch randomFully {
+        case "true": rf = true
+        case "false": rf = false
+        default:
+            let r = await ProcessRunner().run(IPTablesTools(variant: options.iptablesBackend, family: .ipv4).iptables, ["--version"], input: nil)
+            if case .success(let out) = r, let f = IPTablesFeatures.parse(out.stdout + out.stderr) { rf = f.randomFully } else { rf = true }
+        }
+        let liberal = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", encoding: .utf8))?
+            .trimmingASCIIWhitespace() == "1"
+        let opts = IPTablesOptions(node: node, family: .ipv4, randomFully: rf, conntrackTCPLiberal: liberal,
+                                   localAddresses: LocalAddresses.current())
+        let compiled = IPTablesCompiler(options: opts).compile(state)
+        FileHandle.standardOutput.write(Data(compiled.restoreText.utf8))
+    }
+}
+
+/// An error that ends the process with one clear line and a non-zero status.
+struct SluiceExit: Error, CustomStringConvertible {
+    var description: String
+    init(_ message: String) { description = message }
+}
+
+/// Logs to stderr, one line per event.
+func makeLogger(verbosity: Int) -> Logger {
+    LoggingSystem.bootstrap { label in
+        var h = StreamLogHandler.standardError(label: label)
+        h.logLevel = verbosity >= 6 ? .trace : (verbosity >= 4 ? .debug : .info)
+        return h
+    }
+    return Logger(label: "sluice")
+}
+
+/// Feeds source events into the runner.
+struct SourcePump: ServiceLifecycle.Service {
+    let source: ManifestDirectorySource
+    let runner: SyncRunner<ContinuousClock>
+
+    func run() async throws {
+        try await untilShutdown {
+            for try await event in source.events() {
+                await runner.handle(event)
+            }
+        }
+    }
+}
+
+/// Runs the sync loop.
+struct RunnerService: ServiceLifecycle.Service {
+    let runner: SyncRunner<ContinuousClock>
+
+    func run() async throws {
+        try await untilShutdown {
+            await runner.run()
+        }
+    }
+}
+
+/// Polls the canary chains and asks for a full sync when they vanish.
+struct CanaryMonitor: ServiceLifecycle.Service {
+    let backend: IPTablesBackend
+    let runner: SyncRunner<ContinuousClock>
+    let interval: Duration
+
+    func run() async throws {
+        try await untilShutdown {
+            while !Task.isCancelled {
+                try await Task.sleep(for: interval)
+                if await runner.counters.syncs > 0, await backend.externalChangeDetected() {
+                    await runner.requestFullSync()
+                }
+            }
+        }
+    }
+}
+
+/// Runs `body` until it ends or a graceful shutdown (SIGTERM/SIGINT) cancels it; the
+/// cancellation itself is a clean stop, not an error.
+func untilShutdown(_ body: @escaping @Sendable () async throws -> Void) async throws {
+    do {
+        try await cancelWhenGracefulShutdown { try await body() }
+    } catch is CancellationError {
+        return
+    }
+}
