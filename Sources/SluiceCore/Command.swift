@@ -10,6 +10,13 @@ public struct CommandResult: Sendable, Hashable {
     public var status: Int32
     public var stdout: String
     public var stderr: String
+
+    /// Creates a result.
+    public init(status: Int32, stdout: String, stderr: String) {
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+    }
 }
 
 /// A command that could not be run, or that failed.

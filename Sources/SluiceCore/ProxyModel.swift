@@ -55,8 +55,9 @@ public struct ServicePortInfo: Sendable, Hashable {
 
     /// NodePort, LB VIPs or external IPs exist.
     public var externallyAccessible: Bool { nodePort != 0 || !loadBalancerVIPs.isEmpty || !externalIPs.isEmpty }
-    /// Whether any traffic uses the cluster-wide endpoint set.
-    public var usesClusterEndpoints: Bool { !internalPolicyLocal || (externallyAccessible && !externalPolicyLocal) }
+    /// Whether any traffic uses the cluster-wide endpoint set. Externally accessible ports
+    /// always do, even with eTP=Local: pods and the node short-circuit to the cluster set.
+    public var usesClusterEndpoints: Bool { !internalPolicyLocal || externallyAccessible }
     /// Whether any traffic uses the node-local endpoint set.
     public var usesLocalEndpoints: Bool { internalPolicyLocal || (externallyAccessible && externalPolicyLocal) }
 }
