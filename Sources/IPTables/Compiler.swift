@@ -234,14 +234,14 @@ public struct IPTablesCompiler: Sendable {
 
         // Cluster IP.
         if hasInternalEndpoints {
-            emit.rule("-A \(Chain.services) -m comment --comment \"\(spn) cluster IP\" \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalTrafficChain)")
+            emit.natRules.write("-A \(Chain.services) -m comment --comment \"\(spn) cluster IP\" \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalTrafficChain)")
         } else {
             emit.filterRules.write("-A \(Chain.services) -m comment --comment \(internalFilterComment) \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalFilterTarget)")
         }
         // External IPs.
         for ip in svc.externalIPs {
             if hasEndpoints {
-                emit.rule("-A \(Chain.services) -m comment --comment \"\(spn) external IP\" \(match) -d \(ip) --dport \(port) -j \(externalTrafficChain)")
+                emit.natRules.write("-A \(Chain.services) -m comment --comment \"\(spn) external IP\" \(match) -d \(ip) --dport \(port) -j \(externalTrafficChain)")
             }
             if !hasExternalEndpoints {
                 emit.filterRules.write("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) \(match) -d \(ip) --dport \(port) -j \(externalFilterTarget)")
@@ -250,7 +250,7 @@ public struct IPTablesCompiler: Sendable {
         // Load-balancer IPs.
         for ip in svc.loadBalancerVIPs {
             if hasEndpoints {
-                emit.rule("-A \(Chain.services) -m comment --comment \"\(spn) loadbalancer IP\" \(match) -d \(ip) --dport \(port) -j \(loadBalancerTrafficChain)")
+                emit.natRules.write("-A \(Chain.services) -m comment --comment \"\(spn) loadbalancer IP\" \(match) -d \(ip) --dport \(port) -j \(loadBalancerTrafficChain)")
             }
             if usesFWChain {
                 emit.filterRules.write("-A \(Chain.proxyFirewall) -m comment --comment \"\(spn) traffic not accepted by \(fwChain)\" \(match) -d \(ip) --dport \(port) -j DROP")
@@ -264,7 +264,7 @@ public struct IPTablesCompiler: Sendable {
         // Node ports.
         if svc.nodePort != 0 {
             if hasEndpoints {
-                emit.rule("-A \(Chain.nodePorts) -m comment --comment \(spn) \(match) --dport \(svc.nodePort) -j \(externalTrafficChain)")
+                emit.natRules.write("-A \(Chain.nodePorts) -m comment --comment \(spn) \(match) --dport \(svc.nodePort) -j \(externalTrafficChain)")
             }
             if !hasExternalEndpoints {
                 emit.filterRules.write("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) -m addrtype --dst-type LOCAL \(match) --dport \(svc.nodePort) -j \(externalFilterTarget)")
