@@ -25,7 +25,11 @@ public enum ManifestParser {
     public static func parse(_ text: String, file: String) throws -> Parsed {
         var out = Parsed()
         var index = 0
-        for doc in try Yams.load_all(yaml: text) {
+        // Parse every document before using any: a syntax error anywhere fails the whole file.
+        let parser = try Parser(yaml: text)
+        var docs: [Any] = []
+        while let node = try parser.nextRoot() { docs.append(node.any) }
+        for doc in docs {
             defer { index += 1 }
             if doc is NSNull { continue }
             guard let tree = doc as? [String: Any] else {

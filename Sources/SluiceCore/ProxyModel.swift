@@ -53,6 +53,26 @@ public struct ServicePortInfo: Sendable, Hashable {
     /// True when the Service asks for topology-aware routing (hints annotation or trafficDistribution).
     public var usesTopologyHints: Bool
 
+    /// Creates a service port.
+    public init(name: ServicePortName, clusterIP: IPAddress, port: Int, proto: TransportProtocol, nodePort: Int = 0,
+                loadBalancerVIPs: [IPAddress] = [], loadBalancerSourceRanges: [CIDR] = [], externalIPs: [IPAddress] = [],
+                stickyTimeoutSeconds: Int? = nil, externalPolicyLocal: Bool = false, internalPolicyLocal: Bool = false,
+                healthCheckNodePort: Int = 0, usesTopologyHints: Bool = false) {
+        self.name = name
+        self.clusterIP = clusterIP
+        self.port = port
+        self.proto = proto
+        self.nodePort = nodePort
+        self.loadBalancerVIPs = loadBalancerVIPs
+        self.loadBalancerSourceRanges = loadBalancerSourceRanges
+        self.externalIPs = externalIPs
+        self.stickyTimeoutSeconds = stickyTimeoutSeconds
+        self.externalPolicyLocal = externalPolicyLocal
+        self.internalPolicyLocal = internalPolicyLocal
+        self.healthCheckNodePort = healthCheckNodePort
+        self.usesTopologyHints = usesTopologyHints
+    }
+
     /// NodePort, LB VIPs or external IPs exist.
     public var externallyAccessible: Bool { nodePort != 0 || !loadBalancerVIPs.isEmpty || !externalIPs.isEmpty }
     /// Whether any traffic uses the cluster-wide endpoint set. Externally accessible ports
