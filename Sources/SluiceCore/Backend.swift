@@ -34,3 +34,14 @@ public protocol ProxyBackend: Actor {
     /// next sync must be full.
     func externalChangeDetected() async -> Bool
 }
+
+/// Work that follows every successful sync, in every mode (conntrack cleanup, health-check
+/// servers, metrics). Observers run in order; an observer's failure is logged, never fatal.
+public protocol SyncObserver: Sendable {
+    /// Called after the kernel holds `state`.
+    /// - Parameters:
+    ///   - state: the state just applied.
+    ///   - previous: the state applied by the previous successful sync (nil on the first).
+    ///   - report: what the backend did.
+    func didSync(state: ProxyState, previous: ProxyState?, report: SyncReport) async
+}

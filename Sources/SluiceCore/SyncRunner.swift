@@ -41,6 +41,8 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
     private let timing: SyncTiming
     private let clock: C
     private let logger: Logger
+    private let observers: [any SyncObserver]
+    private var lastApplied: ProxyState?
 
     private var pendingChange = false
     private var needFullSync = true
@@ -55,7 +57,8 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
 
     /// Creates a runner.
     public init(tracker: ChangeTracker, backend: any ProxyBackend, family: IPFamily = .ipv4, timing: SyncTiming = .init(),
-                clock: C, logger: Logger) {
+                clock: C, logger: Logger, observers: [any SyncObserver] = []) {
+        self.observers = observers
         self.tracker = tracker
         self.backend = backend
         self.family = family
@@ -169,6 +172,9 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
             retryAt = nil
             consecutiveFailures = 0
             logger.info("\(full ? "full" : "partial") sync: \(state.servicePorts.count) service ports, \(changes) changed, \(report.bytes) bytes")
+            let previous = lastApplied
+            lastApplied = state
+            for o in observers { await o.didSync(state: state, previous: previous, report: report) }
         } catch {
             counters.failures += 1
             counters.lastError = "\(error)"

@@ -33,34 +33,16 @@ struct Sluice: AsyncParsableCommand {
             try await runCleanup(logger: logger)
             return
         }
-        guard options.proxyMode == .iptables else {
-            throw SluiceExit("--proxy-mode \(options.proxyMode.rawValue) is not available yet; use --proxy-mode iptables")
-        }
-        guard let dir = options.manifests else {
-            throw SluiceExit("no source of objects: pass --manifests DIR")
-        }
         let node = try options.nodeConfig()
-        logger.info("sluice \(sluiceVersion) starting: mode iptables, node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
-        let backend: IPTablesBackend
-        do {
-            backend = try await IPTablesBackend.create(node: node, family: .ipv4, variant: options.iptablesBackend,
-                                                       runner: ProcessRunner(), logger: logger)
-        } catch {
-            throw SluiceExit("cannot use iptables: \(error)")
-        }
+        logger.info("sluice \(sluiceVersion) starting: mode \(options.proxyMode.rawValue), node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
+        let source = try makeSource(options: options, logger: logger)
+        let mode = try await makeMode(options: options, node: node, logger: logger)
         let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
-                                backend: backend, timing: options.timing, clock: ContinuousClock(), logger: logger)
-        let source = ManifestDirectorySource(directory: dir, logger: logger) { rejection in
-            logger.error("\(rejection.description); skipped")
-        }
-        let group = ServiceGroup(
-            services: [
-                SourcePump(source: source, runner: runner),
-                RunnerService(runner: runner),
-                CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5)),
-            ],
-            gracefulShutdownSignals: [.sigterm, .sigint],
-            logger: logger)
+                                backend: mode.backend, timing: options.timing, clock: ContinuousClock(), logger: logger,
+                                observers: mode.observers)
+        let services: [any ServiceLifecycle.Service] =
+            [SourcePump(events: source, runner: runner), RunnerService(runner: runner)] + mode.services(runner)
+        let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
         logger.info("stopped; the rules stay in place")
     }
@@ -151,12 +133,12 @@ func makeLogger(verbosity: Int) -> Logger {
 
 /// Feeds source events into the runner.
 struct SourcePump: ServiceLifecycle.Service {
-    let source: ManifestDirectorySource
+    let events: @Sendable () -> AsyncThrowingStream<ObjectEvent, Error>
     let runner: SyncRunner<ContinuousClock>
 
     func run() async throws {
         try await untilShutdown {
-            for try await event in source.events() {
+            for try await event in events() {
                 await runner.handle(event)
             }
         }
