@@ -148,6 +148,7 @@ public final class KubeClient: Sendable {
     private let http: HTTPClient
     private let logger: Logger
     private let userAgent: String
+    private let isShutDown = Mutex(false)
 
     /// The largest LIST page body accepted.
     public static let maximumListBytes = 512 << 20
@@ -173,12 +174,22 @@ public final class KubeClient: Sendable {
                                            timeout: .init(connect: .seconds(10), read: nil))
         cfg.decompression = .disabled
         cfg.connectionPool.idleTimeout = .seconds(90)
+        // Fail a request as soon as its connection cannot be made (refused, TLS refused): the
+        // informers retry with their own backoff, and the log names the real cause at once
+        // instead of a deadline much later.
+        cfg.connectionPool.retryConnectionEstablishment = false
         self.http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: cfg, backgroundActivityLogger: logger)
     }
 
-    /// Closes every connection. Call once, when done.
+    /// Closes every connection. Safe to call more than once; a client dropped without it is
+    /// shut down in the background.
     public func shutdown() async {
+        guard isShutDown.withLock({ done in defer { done = true }; return !done }) else { return }
         do { try await http.shutdown() } catch { logger.debug("HTTP client shutdown: \(error)") }
+    }
+
+    deinit {
+        if !isShutDown.withLock({ $0 }) { _ = http.shutdown() }
     }
 
     // MARK: - requests

@@ -121,12 +121,37 @@ public final class FakeAPIServer: Sendable {
     private let listener: Listener
     private let tls: NIOSSLContext?
 
-    /// Creates a stopped server. With `tls`, it serves HTTPS with that configuration.
-    public init(listener: Listener = .tcp(host: "127.0.0.1", port: 0), tls: TLSConfiguration? = nil,
+    /// HTTPS settings: PEM files for the server's certificate and key, and optionally the CA
+    /// that client certificates must chain to (then a client certificate is required).
+    public struct TLSFiles: Sendable {
+        public var certificate: String
+        public var key: String
+        public var clientCA: String?
+
+        public init(certificate: String, key: String, clientCA: String? = nil) {
+            self.certificate = certificate
+            self.key = key
+            self.clientCA = clientCA
+        }
+    }
+
+    /// Creates a stopped server. With `tls`, it serves HTTPS.
+    public init(listener: Listener = .tcp(host: "127.0.0.1", port: 0), tls: TLSFiles? = nil,
                 group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws {
         self.listener = listener
         self.group = group
-        self.tls = try tls.map { try NIOSSLContext(configuration: $0) }
+        if let tls {
+            var cfg = TLSConfiguration.makeServerConfiguration(
+                certificateChain: try NIOSSLCertificate.fromPEMFile(tls.certificate).map { .certificate($0) },
+                privateKey: .privateKey(try NIOSSLPrivateKey(file: tls.key, format: .pem)))
+            if let ca = tls.clientCA {
+                cfg.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(ca))
+                cfg.certificateVerification = .noHostnameVerification
+            }
+            self.tls = try NIOSSLContext(configuration: cfg)
+        } else {
+            self.tls = nil
+        }
     }
 
     // MARK: - lifecycle
