@@ -303,6 +303,11 @@ public final class FakeAPIServer: Sendable {
         }
     }
 
+    /// Forgets every injected failure not yet used.
+    public func clearFailures() {
+        state.withLock { $0.failures.removeAll() }
+    }
+
     /// Requires `Authorization: Bearer token` on every request (nil: no check).
     public func requireToken(_ token: String?) {
         state.withLock { $0.requiredToken = token }
