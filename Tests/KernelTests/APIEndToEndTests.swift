@@ -167,7 +167,7 @@ private final class SluiceProcess: @unchecked Sendable {
         #expect(!sluice.log.contains(" sync: "), "synced before EndpointSlices were listed")
         #expect(targets(try nat(ns), "default/web:http") == ["10.244.7.5:8080", "10.244.8.5:8080"])
         server.clearFailures()
-        try await Eventually.wait("first sync after the listing", timeout: .seconds(10)) { second.log.contains(" sync: ") }
+        try await Eventually.wait("first sync after the listing", timeout: .seconds(30)) { second.log.contains(" sync: ") }
         #expect(targets(try nat(ns), "default/web:http") == ["10.244.7.5:8080", "10.244.8.5:8080"])
 
         // 3. Create, change and delete.
