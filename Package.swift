@@ -14,6 +14,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.6.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.29.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.25.0"),
     ],
     targets: [
         // Backend-neutral model: objects, change tracking, endpoint categorisation, sync runner.
@@ -24,13 +27,17 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
-        // Sources of objects: the manifest directory (and, later, the Kubernetes API).
+        // Sources of objects: the manifest directory and the Kubernetes API (list + watch).
         .target(
             name: "KubeAPI",
             dependencies: [
                 "SluiceCore",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
         // iptables-restore compiler (pure) and the backend that applies it.
@@ -53,10 +60,24 @@ let package = Package(
         // Test-only helpers: fixtures, fakes, network-namespace test beds.
         .target(
             name: "SluiceTesting",
-            dependencies: ["SluiceCore", "KubeAPI", "IPTables"]
+            dependencies: [
+                "SluiceCore", "KubeAPI", "IPTables",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ]
         ),
         .testTarget(name: "SluiceCoreTests", dependencies: ["SluiceCore", "SluiceTesting"]),
-        .testTarget(name: "KubeAPITests", dependencies: ["KubeAPI", "SluiceCore", "SluiceTesting"]),
+        .testTarget(
+            name: "KubeAPITests",
+            dependencies: [
+                "KubeAPI", "SluiceCore", "SluiceTesting",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Yams", package: "Yams"),
+            ]
+        ),
         .testTarget(
             name: "IPTablesTests",
             dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting"],

@@ -34,14 +34,25 @@ func makeMode(options: ProxyOptions, node: NodeConfig, logger: Logger) async thr
     }
 }
 
-/// Builds the object source: a stream of events that starts with the full state, then
-/// `.synced`, then changes.
-func makeSource(options: ProxyOptions, logger: Logger) throws -> @Sendable () -> AsyncThrowingStream<ObjectEvent, Error> {
+/// Builds the object source (a stream of events that starts with the full state, then
+/// `.synced`, then changes) and the node configuration, which may depend on the Node object.
+func makeSource(options: ProxyOptions, logger: Logger) async throws -> SourcePlan {
     guard let dir = options.manifests else {
-        throw SluiceExit("no source of objects: pass --manifests DIR")
+        return try await makeAPISourcePlan(options: options, logger: logger)
+    }
+    if options.kubeconfig != nil || options.master != nil {
+        throw SluiceExit("--manifests cannot be combined with --kubeconfig or --master: pick one source")
     }
     let source = ManifestDirectorySource(directory: dir, logger: logger) { rejection in
         logger.error("\(rejection.description); skipped")
     }
-    return { source.events() }
+    var nodeObject: Node?
+    if options.detectLocalMode == .nodeCIDR {
+        let name = options.nodeName()
+        nodeObject = ((try? source.scan(from: .init()).1) ?? []).lazy.compactMap { e -> Node? in
+            if case .nodeUpserted(let n) = e, n.name == name { return n }
+            return nil
+        }.first
+    }
+    return SourcePlan(events: { source.events() }, node: try options.nodeConfig(from: nodeObject))
 }

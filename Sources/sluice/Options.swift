@@ -4,6 +4,7 @@
 import ArgumentParser
 import Foundation
 import IPTables
+import KubeAPI
 import SluiceCore
 
 /// `--proxy-mode`.
@@ -20,6 +21,15 @@ struct ProxyOptions: ParsableArguments {
 
     @Option(help: ArgumentHelp("Read Services, EndpointSlices, Endpoints and Nodes from the YAML/JSON files in this directory, and watch it.", valueName: "dir"))
     var manifests: String?
+
+    @Option(help: ArgumentHelp("Read objects from the API server named in this kubeconfig file (its current context).", valueName: "file"))
+    var kubeconfig: String?
+
+    @Option(help: ArgumentHelp("The API server's address; overrides the kubeconfig's server.", valueName: "url"))
+    var master: String?
+
+    @Option(help: ArgumentHelp("How to tell traffic from local pods: ClusterCIDR (--cluster-cidr) or NodeCIDR (the Node's spec.podCIDRs).", valueName: "mode"))
+    var detectLocalMode: LocalMode = .clusterCIDR
 
     @Option(help: ArgumentHelp("The name of this node (endpoints with this nodeName are local). Defaults to the host name.", valueName: "name"))
     var hostnameOverride: String?
@@ -101,9 +111,12 @@ struct ProxyOptions: ParsableArguments {
         }
     }
 
-    /// The node configuration; node IPs default to the first non-loopback local addresses.
-    func nodeConfig() throws -> NodeConfig {
+    /// The node configuration. Node IPs come from --node-ip, else from the Node object, else
+    /// the first non-loopback local addresses; with --detect-local-mode NodeCIDR the local-pod
+    /// CIDRs are the Node's podCIDRs.
+    func nodeConfig(from nodeObject: Node? = nil) throws -> NodeConfig {
         var ips = try nodeIPs()
+        if ips.isEmpty, let fromNode = nodeObject?.hostIPs, !fromNode.isEmpty { ips = fromNode }
         if ips.isEmpty {
             let local = LocalAddresses.current().filter { !$0.isLoopback && !$0.isLinkLocalUnicast }
             ips = [local.first { $0.family == .ipv4 }, local.first { $0.family == .ipv6 }].compactMap { $0 }
@@ -114,7 +127,8 @@ struct ProxyOptions: ParsableArguments {
         } catch {
             throw ValidationError(error.description)
         }
-        return NodeConfig(nodeName: nodeName(), nodeIPs: ips, clusterCIDRs: try clusterCIDRs(), masqueradeAll: masqueradeAll,
+        let localCIDRs = detectLocalMode == .nodeCIDR ? (nodeObject?.podCIDRValues ?? []) : try clusterCIDRs()
+        return NodeConfig(nodeName: nodeName(), nodeIPs: ips, clusterCIDRs: localCIDRs, masqueradeAll: masqueradeAll,
                           masqueradeBit: iptablesMasqueradeBit, nodePortAddresses: npa,
                           localhostNodePorts: iptablesLocalhostNodeports)
     }

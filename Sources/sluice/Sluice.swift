@@ -33,9 +33,10 @@ struct Sluice: AsyncParsableCommand {
             try await runCleanup(logger: logger)
             return
         }
-        let node = try options.nodeConfig()
+        let plan = try await makeSource(options: options, logger: logger)
+        let node = plan.node
+        let source = plan.events
         logger.info("sluice \(sluiceVersion) starting: mode \(options.proxyMode.rawValue), node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
-        let source = try makeSource(options: options, logger: logger)
         let mode = try await makeMode(options: options, node: node, logger: logger)
         let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
                                 backend: mode.backend, timing: options.timing, clock: ContinuousClock(), logger: logger,
