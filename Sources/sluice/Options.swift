@@ -6,6 +6,7 @@ import Foundation
 import IPTables
 import KubeAPI
 import SluiceCore
+import SluiceServer
 
 /// `--proxy-mode`.
 enum ProxyMode: String, ExpressibleByArgument, CaseIterable {
@@ -67,6 +68,12 @@ struct ProxyOptions: ParsableArguments {
     @Option(name: .shortAndLong, help: "Log verbosity: 0 info, 4 and above debug, 6 and above trace.")
     var v: Int = 0
 
+    @Option(help: ArgumentHelp("Where /healthz and /livez answer (IP:port, [::]:port for IPv6); empty disables them.", valueName: "ip:port"))
+    var healthzBindAddress: String = HealthServer.defaultAddress
+
+    @Option(help: ArgumentHelp("Where /metrics and /proxyMode answer (IP:port, [::1]:port for IPv6); empty disables them.", valueName: "ip:port"))
+    var metricsBindAddress: String = MetricsServer.defaultAddress
+
     mutating func validate() throws {
         guard (0...31).contains(iptablesMasqueradeBit) else {
             throw ValidationError("--iptables-masquerade-bit \(iptablesMasqueradeBit) is not in 0-31")
@@ -83,6 +90,17 @@ struct ProxyOptions: ParsableArguments {
         }
         _ = try nodeIPs()
         _ = try clusterCIDRs()
+        _ = try bindAddresses()
+    }
+
+    /// The health and metrics listen addresses; nil disables a server.
+    func bindAddresses() throws -> (healthz: BindAddress?, metrics: BindAddress?) {
+        do {
+            return (try BindAddress.parse(healthzBindAddress, field: "--healthz-bind-address"),
+                    try BindAddress.parse(metricsBindAddress, field: "--metrics-bind-address"))
+        } catch {
+            throw ValidationError(error.description)
+        }
     }
 
     /// The node name: the override, else the host name, lower-cased (as kube-proxy does).

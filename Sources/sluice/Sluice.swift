@@ -38,11 +38,12 @@ struct Sluice: AsyncParsableCommand {
         let source = plan.events
         logger.info("sluice \(sluiceVersion) starting: mode \(options.proxyMode.rawValue), node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
         let mode = try await makeMode(options: options, node: node, logger: logger)
+        let observability = try makeObservability(options: options, node: node, logger: logger)
         let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
                                 backend: mode.backend, timing: options.timing, clock: ContinuousClock(), logger: logger,
-                                observers: mode.observers)
+                                observers: mode.observers + observability.observers, recorders: observability.recorders)
         let services: [any ServiceLifecycle.Service] =
-            [SourcePump(events: source, runner: runner), RunnerService(runner: runner)] + mode.services(runner)
+            [SourcePump(events: source, runner: runner), RunnerService(runner: runner)] + mode.services(runner) + observability.services
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
         logger.info("stopped; the rules stay in place")
