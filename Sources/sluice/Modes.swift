@@ -15,16 +15,17 @@ struct ModeRuntime {
     var services: (SyncRunner<ContinuousClock>) -> [any ServiceLifecycle.Service] = { _ in [] }
 }
 
-/// Builds the runtime of the selected `--proxy-mode`.
-func makeMode(options: ProxyOptions, node: NodeConfig, logger: Logger) async throws -> ModeRuntime {
+/// Builds the runtime of the selected `--proxy-mode` for one IP family (a dual-stack node
+/// runs one per family over the same model, as kube-proxy's metaproxier does).
+func makeMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger: Logger) async throws -> ModeRuntime {
     switch options.proxyMode {
     case .iptables:
         let backend: IPTablesBackend
         do {
-            backend = try await IPTablesBackend.create(node: node, family: .ipv4, variant: options.iptablesBackend,
+            backend = try await IPTablesBackend.create(node: node, family: family, variant: options.iptablesBackend,
                                                        runner: ProcessRunner(), logger: logger)
         } catch {
-            throw SluiceExit("cannot use iptables: \(error)")
+            throw SluiceExit("cannot use \(family == .ipv4 ? "iptables" : "ip6tables"): \(error)")
         }
         return ModeRuntime(backend: backend) { runner in
             [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
