@@ -99,6 +99,7 @@ let package = Package(
             dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting"],
             resources: [.copy("Fixtures")]
         ),
+        .testTarget(name: "CLITests", dependencies: ["SluiceTesting"]),
         .testTarget(
             name: "KernelTests",
             dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice"]

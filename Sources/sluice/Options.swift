@@ -56,10 +56,12 @@ struct ProxyOptions: ParsableArguments {
     @Option(help: "Which iptables binaries to use: auto (the host's default), nft or legacy.")
     var iptablesBackend: IPTablesVariant = .auto
 
-    @Option(help: ArgumentHelp("Minimum time between syncs (Go duration, e.g. 1s).", valueName: "duration"))
+    @Option(name: [.customLong("min-sync-period"), .customLong("iptables-min-sync-period")],
+            help: ArgumentHelp("Minimum time between syncs (Go duration, e.g. 1s).", valueName: "duration"))
     var minSyncPeriod: String = "1s"
 
-    @Option(help: ArgumentHelp("Maximum time between full syncs (Go duration, e.g. 30s).", valueName: "duration"))
+    @Option(name: [.customLong("sync-period"), .customLong("iptables-sync-period")],
+            help: ArgumentHelp("Maximum time between full syncs (Go duration, e.g. 30s).", valueName: "duration"))
     var syncPeriod: String = "30s"
 
     @Option(help: ArgumentHelp("Proxy Services labelled service.kubernetes.io/service-proxy-name with this value.", valueName: "name"))
@@ -73,6 +75,9 @@ struct ProxyOptions: ParsableArguments {
 
     @Option(help: ArgumentHelp("Where /metrics and /proxyMode answer (IP:port, [::1]:port for IPv6); empty disables them.", valueName: "ip:port"))
     var metricsBindAddress: String = MetricsServer.defaultAddress
+
+    @Option(help: ArgumentHelp("Read a kubeproxy.config.k8s.io/v1alpha1 KubeProxyConfiguration; flags given on the command line override it.", valueName: "file"))
+    var config: String?
 
     mutating func validate() throws {
         guard (0...31).contains(iptablesMasqueradeBit) else {

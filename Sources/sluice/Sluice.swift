@@ -26,11 +26,24 @@ struct Sluice: AsyncParsableCommand {
     @Flag(help: "Remove every chain and rule Sluice or kube-proxy created, then exit.")
     var cleanup = false
 
+    @Option(help: ArgumentHelp("Write the effective configuration (flags and --config) as a KubeProxyConfiguration to this file, then exit.", valueName: "file"))
+    var writeConfigTo: String?
+
     func run() async throws {
+        let options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
         signal(SIGPIPE, SIG_IGN)
+        if let path = writeConfigTo {
+            do {
+                try ConfigFile.render(options).write(toFile: path, atomically: true, encoding: .utf8)
+            } catch {
+                throw SluiceExit("cannot write the configuration to \(path): \(error)")
+            }
+            logger.info("wrote the effective configuration to \(path)")
+            return
+        }
         if cleanup {
-            try await runCleanup(logger: logger)
+            try await runCleanup(options: options, logger: logger)
             return
         }
         let plan = try await makeSource(options: options, logger: logger)
@@ -56,7 +69,7 @@ struct Sluice: AsyncParsableCommand {
         logger.info("stopped; the rules stay in place")
     }
 
-    private func runCleanup(logger: Logger) async throws {
+    private func runCleanup(options: ProxyOptions, logger: Logger) async throws {
         var failures: [String] = []
         for family in IPFamily.allCases {
             let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
@@ -89,6 +102,7 @@ struct Compile: AsyncParsableCommand {
     var randomFully: String = "auto"
 
     func run() async throws {
+        let options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
         guard options.proxyMode == .iptables else {
             throw SluiceExit("compile --proxy-mode \(options.proxyMode.rawValue) is not available yet")
