@@ -99,7 +99,7 @@ let package = Package(
             dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting"],
             resources: [.copy("Fixtures")]
         ),
-        .testTarget(name: "CLITests", dependencies: ["SluiceTesting"]),
+        .testTarget(name: "CLITests", dependencies: ["SluiceTesting", .product(name: "Yams", package: "Yams")]),
         .testTarget(
             name: "KernelTests",
             dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice"]
