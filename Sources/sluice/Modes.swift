@@ -17,6 +17,7 @@ struct ModeRuntime {
 
 /// Builds the runtime of the selected `--proxy-mode`.
 func makeMode(options: ProxyOptions, node: NodeConfig, logger: Logger) async throws -> ModeRuntime {
+    applyConntrackSysctls(options.conntrack, logger: logger)
     switch options.proxyMode {
     case .iptables:
         let backend: IPTablesBackend
@@ -26,7 +27,7 @@ func makeMode(options: ProxyOptions, node: NodeConfig, logger: Logger) async thr
         } catch {
             throw SluiceExit("cannot use iptables: \(error)")
         }
-        return ModeRuntime(backend: backend) { runner in
+        return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger)]) { runner in
             [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
         }
     case .ipvs, .userspace:

@@ -57,6 +57,9 @@ struct ProxyOptions: ParsableArguments {
     @Option(name: .shortAndLong, help: "Log verbosity: 0 info, 4 and above debug, 6 and above trace.")
     var v: Int = 0
 
+    /// `--conntrack-*` (ConntrackSetup.swift).
+    @OptionGroup var conntrack: ConntrackOptions
+
     mutating func validate() throws {
         guard (0...31).contains(iptablesMasqueradeBit) else {
             throw ValidationError("--iptables-masquerade-bit \(iptablesMasqueradeBit) is not in 0-31")
