@@ -245,39 +245,21 @@ final class NFCTHandle {
 
     deinit { nfct_close(raw) }
 
-    /// Deletes by original tuple (+ id, + zone). Returns false on ENOENT.
+    /// Deletes by original tuple, id and zone (a request of our own: the library cannot send
+    /// the id). Returns false on ENOENT: no such entry, or one with another id.
     func delete(_ flow: ConntrackFlow) throws(ConntrackError) -> Bool {
-        guard let ct = nfct_new() else { throw ConntrackError(.delete, errno: ENOMEM, context: flow.description) }
-        defer { nfct_destroy(ct) }
-        NFCTHandle.setOriginal(flow, on: ct)
+        guard flow.family == .ipv4 || flow.family == .ipv6 else { return false }
+        // Sequence 0, for the reason given in `ConntrackTable.dump`.
+        let request = CTNetlink.deleteRequest(flow, sequence: 0)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: request.count, alignment: 8)
+        defer { buffer.deallocate() }
+        buffer.copyBytes(from: request)
         errno = 0
-        let rc = nfct_query(raw, NFCT_Q_DESTROY, UnsafeRawPointer(ct))
+        let rc = nfnl_query(nfct_nfnlh(raw), buffer.baseAddress!.assumingMemoryBound(to: nlmsghdr.self))
         if rc == 0 { return true }
         let e = errno
         if e == ENOENT { return false }
-        throw ConntrackError(.delete, errno: e, context: flow.description)
-    }
-
-    /// Fills the attributes a delete needs: family, protocol, the original tuple, id, zone.
-    static func setOriginal(_ flow: ConntrackFlow, on ct: OpaquePointer) {
-        nfct_set_attr_u8(ct, ATTR_L3PROTO, flow.family == .ipv4 ? UInt8(AF_INET) : UInt8(AF_INET6))
-        nfct_set_attr_u8(ct, ATTR_L4PROTO, flow.protocolNumber)
-        set(flow.original.source.ip, v4: ATTR_ORIG_IPV4_SRC, v6: ATTR_ORIG_IPV6_SRC, on: ct)
-        set(flow.original.destination.ip, v4: ATTR_ORIG_IPV4_DST, v6: ATTR_ORIG_IPV6_DST, on: ct)
-        nfct_set_attr_u16(ct, ATTR_ORIG_PORT_SRC, flow.original.source.port.bigEndian)
-        nfct_set_attr_u16(ct, ATTR_ORIG_PORT_DST, flow.original.destination.port.bigEndian)
-        if flow.id != 0 { nfct_set_attr_u32(ct, ATTR_ID, flow.id) }
-        if flow.zone != 0 { nfct_set_attr_u16(ct, ATTR_ZONE, flow.zone) }
-    }
-
-    private static func set(_ ip: IPAddress, v4: nf_conntrack_attr, v6: nf_conntrack_attr, on ct: OpaquePointer) {
-        switch ip {
-        case .v4(let v):
-            nfct_set_attr_u32(ct, v4, v.bigEndian)
-        case .v6:
-            let bytes = ip.bytes
-            bytes.withUnsafeBytes { nfct_set_attr(ct, v6, $0.baseAddress) }
-        }
+        throw ConntrackError(.delete, errno: e == 0 ? EIO : e, context: flow.description)
     }
 
     /// The flow a parsed entry describes; nil for families other than IPv4 and IPv6.

@@ -147,8 +147,11 @@ public actor ConntrackReconciler: SyncObserver {
     private let logger: Logger
     private let openTable: @Sendable () throws -> any FlowSweeping
     private var table: (any FlowSweeping)?
-    /// The map as of the last complete reconcile (nil: none yet, or forced).
-    private var reconciled: FrontendMap?
+    /// Per family, the map as of the last complete reconcile (none yet, or forced: absent).
+    /// One reconciler can serve the runners of both families.
+    private var reconciled: [IPFamily: FrontendMap] = [:]
+    /// Families that had a reconcile (complete or not).
+    private var attempted: Set<IPFamily> = []
     /// Counters.
     public private(set) var metrics = ConntrackMetrics()
 
@@ -171,7 +174,7 @@ public actor ConntrackReconciler: SyncObserver {
     /// Makes the next reconcile check every frontend (call it when something outside the
     /// proxy may have let untranslated flows in: rules flushed by another program).
     public func invalidate() {
-        reconciled = nil
+        reconciled = [:]
     }
 
     /// Deletes the stale flows of `state`'s frontends that changed since the last complete
@@ -185,15 +188,15 @@ public actor ConntrackReconciler: SyncObserver {
             nodePortAddresses: FrontendMap.nodePortAddresses(configuration.nodePortAddresses, local: local, family: state.family,
                                                              localhost: configuration.localhostNodePorts),
             localAddresses: Set(local), relayPort: configuration.relayPort)
-        let baseline = reconciled?.family == state.family ? reconciled : nil
+        let baseline = reconciled[state.family]
         let work = map.changes(since: baseline)
         guard !work.isEmpty else {
-            reconciled = map
+            reconciled[state.family] = map
             metrics.skippedTotal += 1
             logger.debug("conntrack reconcile skipped: no UDP/SCTP frontend changed")
             return ReconcileReport(trigger: .skipped)
         }
-        var report = ReconcileReport(trigger: baseline == nil ? (metrics.reconcilesTotal == 0 ? .initial : .forced) : .changed)
+        var report = ReconcileReport(trigger: baseline == nil ? (attempted.contains(state.family) ? .forced : .initial) : .changed)
         report.frontends = work.frontends.count
 
         let table: any FlowSweeping
@@ -202,7 +205,7 @@ public actor ConntrackReconciler: SyncObserver {
             self.table = table
         } catch {
             report.setupError = (error as? ConntrackError) ?? ConntrackError(.open, errno: 0, context: "\(error)")
-            return finish(report, start: start, map: nil)
+            return finish(report, start: start, family: state.family, map: nil)
         }
 
         let judge: @Sendable (ConntrackFlow) -> FlowVerdict = { work.verdict(for: $0) }
@@ -221,7 +224,7 @@ public actor ConntrackReconciler: SyncObserver {
                 break
             }
         }
-        return finish(report, start: start, map: report.sweep.complete ? map : nil)
+        return finish(report, start: start, family: state.family, map: report.sweep.complete ? map : nil)
     }
 
     /// The dumps for `work`: one per frontend when few and the kernel filters, else one per
@@ -248,10 +251,12 @@ public actor ConntrackReconciler: SyncObserver {
     }
 
     /// Records metrics and logs; `map` (when the reconcile was complete) becomes the baseline.
-    private func finish(_ report: ReconcileReport, start: ContinuousClock.Instant, map: FrontendMap?) -> ReconcileReport {
+    private func finish(_ report: ReconcileReport, start: ContinuousClock.Instant, family: IPFamily,
+                        map: FrontendMap?) -> ReconcileReport {
         var report = report
         report.duration = ContinuousClock.now - start
-        reconciled = map
+        reconciled[family] = map
+        attempted.insert(family)
         metrics.reconcilesTotal += 1
         metrics.deletedEntriesTotal += report.deleted
         metrics.errorsTotal += report.errors

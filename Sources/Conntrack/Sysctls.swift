@@ -157,8 +157,8 @@ public struct ConntrackSysctls: Sendable {
     }
 
     /// What an errno means for a conntrack setting, and what the operator can do.
-    private func hint(_ e: Int32, name: String) -> String {
-        let hostOnly = name == "nf_conntrack_max" || name.hasSuffix("hashsize")
+    func hint(_ e: Int32, name: String) -> String {
+        let hostOnly = name.hasSuffix("nf_conntrack_max") || name.hasSuffix("hashsize")
         switch e {
         case EACCES, EPERM:
             if hostOnly {

@@ -177,6 +177,22 @@ private let healthy = [
         #expect(await r.reconcile(snapshot([web])).trigger == .skipped)
     }
 
+    @Test("One reconciler serves both families' runners, each with its own baseline")
+    func bothFamilies() async {
+        let v6 = TestPort(service: "dns6", clusterIP: "fd00:30::10", endpoints: ["[fd00:1::1]:5353"])
+        let table = FakeTable(healthy + [flow("[fd00:9::1]:4000", "[fd00:30::10]:53", replyFrom: "[fd00:1::1]:5353", id: 60)])
+        let r = reconciler(table)
+        #expect(await r.reconcile(snapshot([dns, other])).trigger == .initial)
+        #expect(await r.reconcile(snapshot([v6], family: .ipv6)).trigger == .initial)
+        #expect(await r.reconcile(snapshot([dns, other])).trigger == .skipped)
+        #expect(await r.reconcile(snapshot([v6], family: .ipv6)).trigger == .skipped)
+        var gone = v6
+        gone.endpoints = ["[fd00:1::2]:5353"]
+        let report = await r.reconcile(snapshot([gone], family: .ipv6))
+        #expect(report.deleted == 1 && report.trigger == .changed)
+        #expect(await table.flows.count == healthy.count)
+    }
+
     @Test func invalidateRechecksEverything() async {
         let table = FakeTable(healthy)
         let r = reconciler(table)

@@ -1,7 +1,7 @@
 // The conntrack sysctls against a scratch directory: what is written, when, and the
 // messages for what the host refuses.
 
-import Conntrack
+@testable import Conntrack
 import Foundation
 import Testing
 
@@ -64,6 +64,14 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: dir) }
         #expect(s.apply(.init(maxPerCore: 65536)) == [.unchanged(name: "net.netfilter.nf_conntrack_max", value: 262144)])
         #expect(value(dir, "hashsize") == "262144")
+    }
+
+    @Test func hostOnlySettingsSaySo() {
+        let s = ConntrackSysctls(cpuCount: 1)
+        #expect(s.hint(EACCES, name: "net.netfilter.nf_conntrack_max").contains("only the host's network namespace"))
+        #expect(s.hint(EOPNOTSUPP, name: "nf_conntrack hashsize").contains("only the host's network namespace"))
+        #expect(s.hint(EACCES, name: "net.netfilter.nf_conntrack_udp_timeout").contains("needs root"))
+        #expect(s.hint(EROFS, name: "net.netfilter.nf_conntrack_udp_timeout").contains("read-only"))
     }
 
     @Test func refusalsSayWhy() throws {

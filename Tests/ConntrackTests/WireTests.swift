@@ -14,6 +14,13 @@ private func hex(_ bytes: [UInt8]) -> String {
     @Test func constantsMatchTheHeaders() {
         #expect(UInt16(NFNL_SUBSYS_CTNETLINK) == CTNetlink.subsystem)
         #expect(UInt16(IPCTNL_MSG_CT_GET.rawValue) == CTNetlink.msgGet)
+        #expect(UInt16(IPCTNL_MSG_CT_DELETE.rawValue) == CTNetlink.msgDelete)
+        #expect(UInt16(NLM_F_ACK) == CTNetlink.flagAck)
+        #expect(UInt16(CTA_ID.rawValue) == CTNetlink.Attr.id.rawValue)
+        #expect(UInt16(CTA_ZONE.rawValue) == CTNetlink.Attr.zone.rawValue)
+        #expect(UInt16(CTA_IP_V4_SRC.rawValue) == CTNetlink.IPAttr.v4Src.rawValue)
+        #expect(UInt16(CTA_IP_V6_SRC.rawValue) == CTNetlink.IPAttr.v6Src.rawValue)
+        #expect(UInt16(CTA_PROTO_SRC_PORT.rawValue) == CTNetlink.ProtoAttr.srcPort.rawValue)
         #expect(UInt16(NLM_F_REQUEST) == CTNetlink.flagRequest)
         #expect(UInt16(NLM_F_ROOT | NLM_F_MATCH) == CTNetlink.flagDump)
         #expect(UInt16(CTA_TUPLE_ORIG.rawValue) == CTNetlink.Attr.tupleOrig.rawValue)
@@ -69,6 +76,27 @@ private func hex(_ bytes: [UInt8]) -> String {
         let attrs = CTNetlink.dumpAttributes(f)
         #expect(!hex(attrs).contains("01 80 14 00 04 00"), "no CTA_IP_V6_DST")
         #expect(hex(attrs).contains("08 00 01 00 28 00 00 00"), "ORIG_FLAGS = PROTO_NUM | PROTO_DST_PORT")
+    }
+
+    @Test func deleteByTupleAndID() {
+        var f = flow("10.0.9.1:4000", "10.96.0.50:53", replyFrom: "10.244.2.10:5353", id: 0x0102_0304)
+        #expect(hex(CTNetlink.deleteRequest(f)) == [
+            "50 00 00 00 02 01 05 00 00 00 00 00 00 00 00 00", // nlmsghdr: len 80, ctnetlink DELETE, REQUEST|ACK
+            "02 00 00 00",                                     // nfgenmsg: AF_INET
+            "34 00 01 80",                                     // CTA_TUPLE_ORIG
+            "14 00 01 80 08 00 01 00 0a 00 09 01",             //   CTA_TUPLE_IP { V4_SRC 10.0.9.1,
+            "08 00 02 00 0a 60 00 32",                         //     V4_DST 10.96.0.50 }
+            "1c 00 02 80 05 00 01 00 11 00 00 00",             //   CTA_TUPLE_PROTO { NUM 17,
+            "06 00 02 00 0f a0 00 00 06 00 03 00 00 35 00 00", //     SRC_PORT 4000, DST_PORT 53 }
+            "08 00 0c 00 01 02 03 04",                         // CTA_ID, network order
+        ].joined(separator: " "))
+        f.id = 0
+        f.zone = 7
+        let noID = hex(CTNetlink.deleteRequest(f))
+        #expect(noID.hasPrefix("50 00 00 00") && !noID.contains("08 00 0c 00") && noID.hasSuffix("06 00 12 00 00 07 00 00"),
+                "no CTA_ID; CTA_ZONE 7: \(noID)")
+        let v6 = CTNetlink.deleteRequest(flow("[fd00::1]:4000", "[fd00::50]:53", replyFrom: "[fd00::2]:5353"))
+        #expect(v6.count == 16 + 4 + 4 + (4 + 20 + 20) + 28 && v6[16] == 10, "two 16-byte addresses, AF_INET6")
     }
 
     @Test func userSpaceMatching() {
