@@ -118,12 +118,15 @@ public actor ConntrackTable {
         withoutActuallyEscaping(decide) { decide in
             let state = SweepState(filter: filter, decide: decide, deleter: deleteHandle)
             let familyOnly = DumpFilter(family: filter.family)
-            var rc = dump(filter.kernelSide, state: state)
-            if rc != 0, state.result.received == 0, filter.kernelSide != familyOnly,
+            // Once the kernel is known not to filter, do not ask it to.
+            var rc = dump(kernelAppliesFilters == false ? familyOnly : filter.kernelSide, state: state)
+            if rc != 0, state.result.received == 0, state.kernelFilter != familyOnly,
                errnoValue(rc) == EINVAL || errnoValue(rc) == EOPNOTSUPP {
-                // A kernel that knows CTA_FILTER but not some part of ours: read it all instead.
+                // A kernel that knows CTA_FILTER but not some part of ours: read it all instead
+                // (and say so: the caller got more than it asked the kernel for).
                 kernelAppliesFilters = false
                 rc = dump(familyOnly, state: state)
+                state.result.kernelFiltered = false
             }
             if rc != 0 {
                 state.result.dumpErrors += 1
@@ -131,7 +134,7 @@ public actor ConntrackTable {
             }
             if !state.result.kernelFiltered {
                 kernelAppliesFilters = false
-            } else if kernelAppliesFilters == nil && state.result.received > 0 && filter.kernelSide != familyOnly {
+            } else if kernelAppliesFilters == nil && state.result.received > 0 && state.kernelFilter != familyOnly {
                 kernelAppliesFilters = true
             }
             return state.result
