@@ -69,10 +69,13 @@ func applyConntrackSysctls(_ options: ConntrackOptions, logger: Logger) {
     }
 }
 
-/// The stale-flow reconciler for a mode's observers: one per IP family the mode syncs.
-func makeConntrackReconciler(node: NodeConfig, logger: Logger) -> ConntrackReconciler {
+/// The stale-flow reconciler for a mode's observers (one serves both families' runners).
+/// - Parameter relayPort: userspace mode's relay port of a service port: flows redirected to
+///   it are current (nil in the other modes).
+func makeConntrackReconciler(node: NodeConfig, logger: Logger,
+                             relayPort: (@Sendable (ServicePortName) -> UInt16?)? = nil) -> ConntrackReconciler {
     ConntrackReconciler(
         configuration: .init(nodePortAddresses: node.nodePortAddresses, localhostNodePorts: node.localhostNodePorts,
-                             localAddresses: { LocalAddresses.current() }),
+                             localAddresses: { LocalAddresses.current() }, relayPort: relayPort),
         logger: logger)
 }
