@@ -63,10 +63,31 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // libnetfilter_conntrack (and the libnfnetlink it is built on), as the system has it.
+        .systemLibrary(
+            name: "CConntrack",
+            pkgConfig: "libnetfilter_conntrack",
+            providers: [.apt(["libnetfilter-conntrack-dev"])]
+        ),
+        // Conntrack: the ctnetlink wrapper, the stale-flow reconciler (a SyncObserver) and the sysctls.
+        .target(
+            name: "Conntrack",
+            dependencies: [
+                "SluiceCore", "CConntrack",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Test helper: runs one reconcile in the network namespace it is started in and reports
+        // its memory (the kernel tests run it under `ip netns exec`).
+        .executableTarget(
+            name: "conntrack-probe",
+            dependencies: ["Conntrack", "SluiceCore"],
+            path: "Sources/ConntrackProbe"
+        ),
         .executableTarget(
             name: "sluice",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables", "SluiceServer",
+                "SluiceCore", "KubeAPI", "IPTables", "SluiceServer", "Conntrack",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -100,9 +121,10 @@ let package = Package(
             resources: [.copy("Fixtures")]
         ),
         .testTarget(name: "CLITests", dependencies: ["SluiceTesting", .product(name: "Yams", package: "Yams")]),
+        .testTarget(name: "ConntrackTests", dependencies: ["Conntrack", "CConntrack", "SluiceCore", "SluiceTesting"]),
         .testTarget(
             name: "KernelTests",
-            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice"]
+            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice", "Conntrack", "conntrack-probe"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -90,6 +90,19 @@ public struct ClientResult: Sendable, CustomStringConvertible {
     /// The raw lines, in order.
     public var lines: [String]
 
+    /// Wraps lines.
+    public init(lines: [String]) {
+        self.lines = lines
+    }
+
+    /// The complete lines a background client printed so far.
+    public init(log process: BackgroundProcess) {
+        let text = process.log()
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: true).map(String.init)
+        if !text.hasSuffix("\n"), !lines.isEmpty { lines.removeLast() } // still being written
+        self.lines = lines
+    }
+
     /// The first word of each line: a backend name, REFUSED, TIMEOUT or ERROR.
     public var answers: [String] { lines.map { String($0.split(separator: " ").first ?? "") } }
     /// With `showSource`: the client address each backend saw (nil for non-answers).
@@ -420,6 +433,31 @@ public final class TestBed: @unchecked Sendable {
         return nil
     }
 
+    /// Starts `argv` inside `ns` in the background, its output in a log file of the bed;
+    /// it is stopped at teardown at the latest.
+    public func startBackground(in ns: String, name: String, _ argv: [String]) throws -> BackgroundProcess {
+        let p = try BackgroundProcess(name: name, arguments: ["ip", "netns", "exec", ns] + argv,
+                                      logPath: "\(tempDir)/\(name)-\(Counter.shared.next()).log")
+        track(p)
+        return p
+    }
+
+    /// Starts `client.py` in the background: `count` requests, `interval` seconds apart (one
+    /// socket for all UDP datagrams with `sameSocket`). Read its lines with `ClientResult(log:)`.
+    public func startClient(from ns: String, _ proto: ClientProtocol, _ target: String, count: Int, interval: Double,
+                            timeout: Double = 1, sameSocket: Bool = false) throws -> BackgroundProcess {
+        var argv = [python, packageRoot + "/scripts/testbed/client.py", "--proto", proto.rawValue, "--target", target,
+                    "--count", "\(count)", "--timeout", "\(timeout)", "--interval", "\(interval)"]
+        if sameSocket { argv.append("--same-socket") }
+        trace("background client \(proto.rawValue) \(target) x\(count) every \(interval) s from \(ns)")
+        return try startBackground(in: ns, name: "client", argv)
+    }
+
+    /// `conntrack ARGS` in the node namespace (its stdout; the tool's notes go to stderr).
+    public func conntrack(_ args: [String]) async throws -> String {
+        try await exec(checked: nodeNS, ["conntrack"] + args).stdout
+    }
+
     // MARK: - manifests
 
     /// Writes (or replaces) `name` in the manifest directory atomically (a temporary dot
@@ -620,6 +658,8 @@ public final class TestBed: @unchecked Sendable {
 
 /// A process-wide counter for unique names.
 final class Counter: @unchecked Sendable {
+    /// For names that only need to be unique in the process.
+    static let shared = Counter()
     private let lock = NSLock()
     private var value = 0
     func next() -> Int {

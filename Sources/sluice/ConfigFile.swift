@@ -116,6 +116,26 @@ let configBindings: [ConfigBinding] = [
     ConfigBinding(path: "iptables.minSyncPeriod", flags: ["--min-sync-period", "--iptables-min-sync-period"], apply: { o, v throws(ConfigError) in
         o.minSyncPeriod = try duration("iptables.minSyncPeriod", v)
     }, current: { $0.minSyncPeriod }),
+    ConfigBinding(path: "conntrack.maxPerCore", flags: ["--conntrack-max-per-core"], apply: { o, v throws(ConfigError) in
+        guard let i = v as? Int, i >= 0 else { throw ConfigError(field: "conntrack.maxPerCore", value: "\(v)", reason: "not a count >= 0") }
+        o.conntrack.conntrackMaxPerCore = i
+    }, current: { $0.conntrack.conntrackMaxPerCore }),
+    ConfigBinding(path: "conntrack.min", flags: ["--conntrack-min"], apply: { o, v throws(ConfigError) in
+        guard let i = v as? Int, i >= 0 else { throw ConfigError(field: "conntrack.min", value: "\(v)", reason: "not a count >= 0") }
+        o.conntrack.conntrackMin = i
+    }, current: { $0.conntrack.conntrackMin }),
+    ConfigBinding(path: "conntrack.tcpEstablishedTimeout", flags: ["--conntrack-tcp-timeout-established"], apply: { o, v throws(ConfigError) in
+        o.conntrack.conntrackTCPTimeoutEstablished = try duration("conntrack.tcpEstablishedTimeout", v)
+    }, current: { $0.conntrack.conntrackTCPTimeoutEstablished }),
+    ConfigBinding(path: "conntrack.tcpCloseWaitTimeout", flags: ["--conntrack-tcp-timeout-close-wait"], apply: { o, v throws(ConfigError) in
+        o.conntrack.conntrackTCPTimeoutCloseWait = try duration("conntrack.tcpCloseWaitTimeout", v)
+    }, current: { $0.conntrack.conntrackTCPTimeoutCloseWait }),
+    ConfigBinding(path: "conntrack.udpTimeout", flags: ["--conntrack-udp-timeout"], apply: { o, v throws(ConfigError) in
+        o.conntrack.conntrackUDPTimeout = try duration("conntrack.udpTimeout", v)
+    }, current: { $0.conntrack.conntrackUDPTimeout }),
+    ConfigBinding(path: "conntrack.udpStreamTimeout", flags: ["--conntrack-udp-timeout-stream"], apply: { o, v throws(ConfigError) in
+        o.conntrack.conntrackUDPTimeoutStream = try duration("conntrack.udpStreamTimeout", v)
+    }, current: { $0.conntrack.conntrackUDPTimeoutStream }),
 ]
 
 /// Loading, checking and writing KubeProxyConfiguration files.

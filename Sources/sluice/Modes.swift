@@ -27,7 +27,7 @@ func makeMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger:
         } catch {
             throw SluiceExit("cannot use \(family == .ipv4 ? "iptables" : "ip6tables"): \(error)")
         }
-        return ModeRuntime(backend: backend) { runner in
+        return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger)]) { runner in
             [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
         }
     case .ipvs, .userspace:

@@ -79,6 +79,9 @@ struct ProxyOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Read a kubeproxy.config.k8s.io/v1alpha1 KubeProxyConfiguration; flags given on the command line override it.", valueName: "file"))
     var config: String?
 
+    /// `--conntrack-*` (ConntrackSetup.swift).
+    @OptionGroup var conntrack: ConntrackOptions
+
     mutating func validate() throws {
         guard (0...31).contains(iptablesMasqueradeBit) else {
             throw ValidationError("--iptables-masquerade-bit \(iptablesMasqueradeBit) is not in 0-31")

@@ -51,6 +51,7 @@ struct Sluice: AsyncParsableCommand {
         let source = plan.events
         logger.info("sluice \(sluiceVersion) starting: mode \(options.proxyMode.rawValue), node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
         let observability = try makeObservability(options: options, node: node, logger: logger)
+        applyConntrackSysctls(options.conntrack, logger: logger)
         var runners: [SyncRunner<ContinuousClock>] = []
         var services: [any ServiceLifecycle.Service] = []
         for family in node.families {
