@@ -44,16 +44,30 @@ let package = Package(
         .executableTarget(
             name: "sluice",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables",
+                "SluiceCore", "KubeAPI", "IPTables", "IPVS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
+        // Header-only C module: the netlink, rtnetlink, IPVS and ipset UAPI headers (socket
+        // structs; the tests cross-check the Swift constants against the C ones).
+        .systemLibrary(name: "CNetlink"),
+        // Netlink: message and attribute codec, socket, generic-netlink family lookup.
+        .target(name: "Netlink", dependencies: ["CNetlink"]),
+        // IPVS mode: IPVS over generic netlink, rtnetlink (kube-ipvs0), ipset over nfnetlink,
+        // the pure IPVS compiler and the backend.
+        .target(
+            name: "IPVS",
+            dependencies: [
+                "SluiceCore", "Netlink", "IPTables",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // Test-only helpers: fixtures, fakes, network-namespace test beds.
         .target(
             name: "SluiceTesting",
-            dependencies: ["SluiceCore", "KubeAPI", "IPTables"]
+            dependencies: ["SluiceCore", "KubeAPI", "IPTables", "IPVS"]
         ),
         .testTarget(name: "SluiceCoreTests", dependencies: ["SluiceCore", "SluiceTesting"]),
         .testTarget(name: "KubeAPITests", dependencies: ["KubeAPI", "SluiceCore", "SluiceTesting"]),
@@ -61,6 +75,10 @@ let package = Package(
             name: "IPTablesTests",
             dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting"],
             resources: [.copy("Fixtures")]
+        ),
+        .testTarget(
+            name: "IPVSTests",
+            dependencies: ["IPVS", "Netlink", "CNetlink", "IPTables", "SluiceCore", "SluiceTesting"]
         ),
         .testTarget(
             name: "KernelTests",

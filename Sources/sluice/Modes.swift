@@ -29,7 +29,9 @@ func makeMode(options: ProxyOptions, node: NodeConfig, logger: Logger) async thr
         return ModeRuntime(backend: backend) { runner in
             [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
         }
-    case .ipvs, .userspace:
+    case .ipvs:
+        return try await makeIPVSMode(options: options, node: node, logger: logger)
+    case .userspace:
         throw SluiceExit("--proxy-mode \(options.proxyMode.rawValue) is not available yet; use --proxy-mode iptables")
     }
 }

@@ -64,6 +64,7 @@ struct Sluice: AsyncParsableCommand {
                 failures.append("\(error)")
             }
         }
+        failures += await runIPVSCleanup(options: options, logger: logger)
         if !failures.isEmpty { throw SluiceExit("cleanup incomplete: " + failures.joined(separator: "; ")) }
         logger.info("cleanup done")
     }
@@ -81,7 +82,7 @@ struct Compile: AsyncParsableCommand {
 
     func run() async throws {
         let logger = makeLogger(verbosity: options.v)
-        guard options.proxyMode == .iptables else {
+        guard options.proxyMode != .userspace else {
             throw SluiceExit("compile --proxy-mode \(options.proxyMode.rawValue) is not available yet")
         }
         guard let dir = options.manifests else { throw SluiceExit("compile needs --manifests DIR") }
@@ -105,6 +106,10 @@ struct Compile: AsyncParsableCommand {
         default:
             let r = await ProcessRunner().run(IPTablesTools(variant: options.iptablesBackend, family: .ipv4).iptables, ["--version"], input: nil)
             if case .success(let out) = r, let f = IPTablesFeatures.parse(out.stdout + out.stderr) { rf = f.randomFully } else { rf = true }
+        }
+        if options.proxyMode == .ipvs {
+            FileHandle.standardOutput.write(Data(try ipvsDryRun(options: options, node: node, state: state, randomFully: rf).utf8))
+            return
         }
         let liberal = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", encoding: .utf8))?
             .trimmingASCIIWhitespace() == "1"
