@@ -267,6 +267,15 @@ public struct IPSetInfo: Hashable, Sendable {
     /// `NFPROTO_IPV4` (2), `NFPROTO_IPV6` (10), or 0.
     public var family: UInt8
     public var entries: [IPSetEntry]
+
+    /// Creates a set description.
+    public init(name: String, typeName: String, revision: UInt8, family: UInt8, entries: [IPSetEntry]) {
+        self.name = name
+        self.typeName = typeName
+        self.revision = revision
+        self.family = family
+        self.entries = entries
+    }
 }
 
 /// Builds and parses ipset messages.

@@ -202,6 +202,12 @@ public struct IPVSInfo: Hashable, Sendable, CustomStringConvertible {
     /// Connection hash table size.
     public var connectionTableSize: UInt32
 
+    /// Creates an info value.
+    public init(version: UInt32, connectionTableSize: UInt32) {
+        self.version = version
+        self.connectionTableSize = connectionTableSize
+    }
+
     /// `1.2.1 (size=4096)`.
     public var description: String {
         "\(version >> 16).\(version >> 8 & 0xff).\(version & 0xff) (size=\(connectionTableSize))"

@@ -128,16 +128,36 @@ public struct InterfaceAddressMessage: Hashable, Sendable {
 
 /// A link as rtnetlink reports it.
 public struct LinkInfo: Hashable, Sendable {
+    /// The interface index.
     public var index: Int32
+    /// The interface name.
     public var name: String
+    /// `IFF_*` flags.
     public var flags: UInt32
+
+    /// Creates a link description.
+    public init(index: Int32, name: String, flags: UInt32) {
+        self.index = index
+        self.name = name
+        self.flags = flags
+    }
 }
 
 /// An address as rtnetlink reports it.
 public struct InterfaceAddress: Hashable, Sendable {
+    /// The interface index.
     public var index: UInt32
+    /// The address.
     public var address: IPAddress
+    /// The prefix length.
     public var prefixLength: UInt8
+
+    /// Creates an address description.
+    public init(index: UInt32, address: IPAddress, prefixLength: UInt8) {
+        self.index = index
+        self.address = address
+        self.prefixLength = prefixLength
+    }
 }
 
 /// Builders for the rtnetlink messages Sluice sends.
