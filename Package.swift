@@ -78,7 +78,8 @@ let package = Package(
         ),
         .testTarget(
             name: "IPVSTests",
-            dependencies: ["IPVS", "Netlink", "CNetlink", "IPTables", "SluiceCore", "SluiceTesting"]
+            dependencies: ["IPVS", "Netlink", "CNetlink", "IPTables", "SluiceCore", "SluiceTesting"],
+            exclude: ["Golden"]
         ),
         .testTarget(
             name: "KernelTests",
