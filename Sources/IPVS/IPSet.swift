@@ -66,6 +66,8 @@ public enum IPSetAttribute {
     public static let data: UInt16 = 7
     /// Nested list of `IPSET_ATTR_DATA`. The corresponding C constant is `IPSET_ATTR_ADT`.
     public static let adt: UInt16 = 8
+    /// u32 line number; the kernel requires it with `IPSET_ATTR_ADT`. The corresponding C constant is `IPSET_ATTR_LINENO`.
+    public static let lineNumber: UInt16 = 9
     /// u8 minimum revision in `IPSET_CMD_TYPE` replies. The corresponding C constant is `IPSET_ATTR_REVISION_MIN`.
     public static let revisionMin: UInt16 = 10
 }
@@ -351,16 +353,19 @@ public enum IPSetMessages {
         return .nested(IPSetAttribute.data, a)
     }
 
-    /// `IPSET_CMD_ADD` of several entries in one `IPSET_ATTR_ADT` list, without `NLM_F_EXCL`
-    /// (an entry already present is not an error).
+    /// `IPSET_CMD_ADD` of several entries in one `IPSET_ATTR_ADT` list (which the kernel
+    /// accepts only with an `IPSET_ATTR_LINENO`), without `NLM_F_EXCL` (an entry already
+    /// present is not an error).
     public static func add(_ name: String, _ entries: [IPSetEntry]) -> NetlinkRequest {
-        request(.add, [.string(IPSetAttribute.setName, name), .nested(IPSetAttribute.adt, entries.map(entryData))],
+        request(.add, [.string(IPSetAttribute.setName, name), .u32(IPSetAttribute.lineNumber, 0),
+                       .nested(IPSetAttribute.adt, entries.map(entryData))],
                 flags: [.request, .ack], detail: "\(name) \(entries.count == 1 ? entries[0].description : "\(entries.count) entries")")
     }
 
     /// `IPSET_CMD_DEL` of several entries, without `NLM_F_EXCL` (a missing entry is not an error).
     public static func delete(_ name: String, _ entries: [IPSetEntry]) -> NetlinkRequest {
-        request(.delete, [.string(IPSetAttribute.setName, name), .nested(IPSetAttribute.adt, entries.map(entryData))],
+        request(.delete, [.string(IPSetAttribute.setName, name), .u32(IPSetAttribute.lineNumber, 0),
+                          .nested(IPSetAttribute.adt, entries.map(entryData))],
                 flags: [.request, .ack], detail: "\(name) \(entries.count == 1 ? entries[0].description : "\(entries.count) entries")")
     }
 

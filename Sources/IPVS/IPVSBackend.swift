@@ -538,25 +538,32 @@ public actor IPVSBackend: ProxyBackend {
             }
         }
         for t in tools {
-            for rule in ipvsJumpRules {
-                for _ in 0..<16 {
-                    let args = ["-w", "5", "-t", rule.table.rawValue, "-D", rule.source] + rule.ruleArgs
-                    let r = await runner.run(t.iptables, args, input: nil)
-                    guard case .success(let res) = r, res.status == 0 else { break }
-                }
-            }
+            // One save and one restore per table: the jump rules are deleted with `-D` lines in
+            // the same batch that empties and removes the chains.
             for (table, chains) in [(Table.nat, ipvsNATChains), (.filter, ipvsFilterChains)] {
                 guard case .success(let save) = await runner.run(t.save, ["-t", table.rawValue], input: nil), save.status == 0 else { continue }
+                let lines = save.stdout.split(separator: "\n").map(String.init)
                 let present = IPTablesBackend.parseChains(save.stdout)
-                let doomed = chains.filter { present.contains($0) }
-                if doomed.isEmpty { continue }
+                var deletes: [String] = []
+                for rule in ipvsJumpRules where rule.table == table {
+                    let line = saveLine(rule)
+                    for l in lines where l == line { deletes.append("-D" + l.dropFirst(2)) }
+                }
+                // Chains only IPVS mode uses are deleted; the ones iptables mode shares
+                // (KUBE-SERVICES, KUBE-POSTROUTING, KUBE-MARK-MASQ, KUBE-FORWARD,
+                // KUBE-PROXY-FIREWALL) are emptied here and deleted by the iptables clean-up,
+                // which knows what else may still jump to them.
+                let declared = chains.filter { present.contains($0) }
+                let doomed = declared.filter { !ipvsSharedChains.contains($0) }
+                if declared.isEmpty && deletes.isEmpty { continue }
                 var text = "*\(table.rawValue)\n"
-                for c in doomed { text += ":\(c) - [0:0]\n" }
+                for c in declared { text += ":\(c) - [0:0]\n" }
+                for d in deletes { text += d + "\n" }
                 for c in doomed { text += "-X \(c)\n" }
                 text += "COMMIT\n"
                 do {
                     _ = try await runner.check(t.restore, ["-w", "5", "-W", "100000", "--noflush"], input: text)
-                    logger.info("removed \(doomed.count) IPVS-mode chains from the \(table.rawValue) table (\(t.restore))")
+                    logger.info("\(t.restore): removed \(deletes.count) jump rules, emptied \(declared.count) and deleted \(doomed.count) IPVS-mode chains in the \(table.rawValue) table")
                 } catch {
                     failures.append("removing IPVS-mode chains from the \(table.rawValue) table: \(error)")
                 }

@@ -172,6 +172,9 @@ public let ipvsNATChains = ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-NODE-PORT
 public let ipvsFilterChains = ["KUBE-FORWARD", "KUBE-NODE-PORT", "KUBE-PROXY-FIREWALL", "KUBE-SOURCE-RANGES-FIREWALL",
                                "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER"]
 
+/// Chains IPVS mode shares with iptables mode (same names).
+public let ipvsSharedChains: Set<String> = ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ", "KUBE-FORWARD", "KUBE-PROXY-FIREWALL"]
+
 /// kube-proxy's IPVS-mode jump rules from the built-in chains (`iptablesJumpChain`).
 public let ipvsJumpRules: [JumpRule] = [
     JumpRule(.nat, from: "OUTPUT", to: "KUBE-SERVICES", comment: "kubernetes service portals"),

@@ -48,7 +48,9 @@ struct Sluice: AsyncParsableCommand {
     }
 
     private func runCleanup(logger: Logger) async throws {
-        var failures: [String] = []
+        // IPVS mode first: it removes its services, sets, device and own chains, and empties the
+        // chains it shares with iptables mode, which the iptables clean-up below then deletes.
+        var failures = await runIPVSCleanup(options: options, logger: logger)
         for family in IPFamily.allCases {
             let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
             guard ProcessRunner().resolve(tools.restore) != nil else {
@@ -64,7 +66,6 @@ struct Sluice: AsyncParsableCommand {
                 failures.append("\(error)")
             }
         }
-        failures += await runIPVSCleanup(options: options, logger: logger)
         if !failures.isEmpty { throw SluiceExit("cleanup incomplete: " + failures.joined(separator: "; ")) }
         logger.info("cleanup done")
     }

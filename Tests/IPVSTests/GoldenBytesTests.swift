@@ -263,6 +263,8 @@ private func check(_ request: NetlinkRequest, sequence: UInt32, _ expected: Stri
     let header = "02 00 0000" + "0500 0100 07 000000"
     /// IPSET_ATTR_SETNAME (2) "KUBE-CLUSTER-IP\0": 16 bytes, len 20, no padding.
     let clusterIPName = "1400 0200 4b5542452d434c55535445522d495000"
+    /// IPSET_ATTR_LINENO (9) u32 0: the kernel refuses IPSET_ATTR_ADT without it (ip_set_ad).
+    let lineNumber = "0800 0900 00000000"
     /// IPSET_ATTR_SETNAME (2) "KUBE-NODE-PORT-TCP\0": 19 bytes, len 23, 1 byte padding.
     let nodePortName = "1700 0200 4b5542452d4e4f44452d504f52542d54435000 00"
 
@@ -295,10 +297,10 @@ private func check(_ request: NetlinkRequest, sequence: UInt32, _ expected: Stri
     }
 
     @Test func addIPPortEntry() {
-        // DATA: IP nest 12 + PORT 8 + PROTO 8 = 28, nest 32; ADT nest 36. Payload 4 + 8 + 20 + 36 = 68; message 84 (0x54).
+        // DATA: IP nest 12 + PORT 8 + PROTO 8 = 28, nest 32; ADT nest 36. Payload 4 + 8 + 20 + 8 + 36 = 76; message 92 (0x5c).
         check(IPSetMessages.add("KUBE-CLUSTER-IP", [.ipPort(vip, .tcp, 80)]), sequence: 3,
-              "54000000 0906 0500 03000000 00000000" +  // IPSET_CMD_ADD (9), REQUEST|ACK (no EXCL: like -exist)
-              header + clusterIPName +
+              "5c000000 0906 0500 03000000 00000000" +  // IPSET_CMD_ADD (9), REQUEST|ACK (no EXCL: like -exist)
+              header + clusterIPName + lineNumber +
               "2400 0880" +                             // IPSET_ATTR_ADT (8) | NESTED
               "2000 0780" +                             // IPSET_ATTR_DATA (7) | NESTED
               "0c00 0180 0800 0140 0a60000a" +          // IPSET_ATTR_IP (1) | NESTED { IPSET_ATTR_IPADDR_IPV4 (1) | NET_BYTEORDER }
@@ -309,12 +311,12 @@ private func check(_ request: NetlinkRequest, sequence: UInt32, _ expected: Stri
     @Test func addIPPortNetEntry() {
         // DATA: IP 12 + PORT 8 + PROTO 8 + IP2 12 + CIDR2 8 = 48, nest 52; ADT 56.
         // SETNAME "KUBE-LOAD-BALANCER-SOURCE-CIDR\0" is 31 bytes: len 35, 1 byte padding.
-        // Payload 4 + 8 + 36 + 56 = 104; message 120 (0x78).
+        // Payload 4 + 8 + 36 + 8 + 56 = 112; message 128 (0x80).
         let entry = IPSetEntry.ipPortNet(IPAddress("1.2.3.4")!, .tcp, 80, CIDR("10.0.0.0/8")!)
         check(IPSetMessages.add("KUBE-LOAD-BALANCER-SOURCE-CIDR", [entry]), sequence: 4,
-              "78000000 0906 0500 04000000 00000000" +
+              "80000000 0906 0500 04000000 00000000" +
               header +
-              "2300 0200 4b5542452d4c4f41442d42414c414e4345522d534f555243452d4349445200 00" +
+              "2300 0200 4b5542452d4c4f41442d42414c414e4345522d534f555243452d4349445200 00" + lineNumber +
               "3800 0880" + "3400 0780" +
               "0c00 0180 0800 0140 01020304" +
               "0600 0440 0050 0000" +
@@ -337,10 +339,10 @@ private func check(_ request: NetlinkRequest, sequence: UInt32, _ expected: Stri
     }
 
     @Test func deleteBitmapPortEntry() {
-        // DATA: PORT 8, nest 12; ADT 16. Payload 4 + 8 + 24 + 16 = 52; message 68 (0x44).
+        // DATA: PORT 8, nest 12; ADT 16. Payload 4 + 8 + 24 + 8 + 16 = 60; message 76 (0x4c).
         check(IPSetMessages.delete("KUBE-NODE-PORT-TCP", [.port(30080)]), sequence: 5,
-              "44000000 0a06 0500 05000000 00000000" +  // IPSET_CMD_DEL (10)
-              header + nodePortName +
+              "4c000000 0a06 0500 05000000 00000000" +  // IPSET_CMD_DEL (10)
+              header + nodePortName + lineNumber +
               "1000 0880" + "0c00 0780" +
               "0600 0440 7580 0000")                    // 30080 = 0x7580
     }

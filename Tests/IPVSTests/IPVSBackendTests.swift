@@ -36,6 +36,9 @@ final class RecordingIPTables: CommandRunner, @unchecked Sendable {
                         let parts = line.split(separator: " ", maxSplits: 3)
                         jumps[table, default: []].append("-A \(parts[1]) \(parts[3])")
                     }
+                    if line.hasPrefix("-D "), let i = jumps[table]?.firstIndex(of: "-A" + line.dropFirst(2)) {
+                        jumps[table]?.remove(at: i)
+                    }
                 }
                 return .success(CommandResult(status: 0, stdout: "", stderr: ""))
             }
@@ -330,6 +333,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
                                                  tools: [IPTablesTools(variant: .legacy, family: .ipv4)], runner: bed.iptables,
                                                  logger: Logger(label: "test"))
         #expect(failures.isEmpty)
+        #expect(bed.iptables.jumpCount == 0)
         #expect(await bed.ipvs.table.isEmpty)
         #expect(await bed.ipsets.sets.isEmpty)
         #expect(try await bed.links.link(named: "kube-ipvs0") == nil)

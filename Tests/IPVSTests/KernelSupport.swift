@@ -1,6 +1,7 @@
 // Helpers for the tests that need a real kernel: commands, background processes, polling.
 
 import Foundation
+import Glibc
 import Netlink
 import SluiceCore
 
@@ -63,12 +64,20 @@ final class Background: @unchecked Sendable {
     var output: String { (try? String(contentsOf: logURL, encoding: .utf8)) ?? "" }
     var isRunning: Bool { process.isRunning }
 
-    /// SIGTERM, then SIGKILL after `grace`; waits for the exit.
+    /// SIGKILL at once: for test helpers. (Children spawned from the cooperative thread pool
+    /// inherit its blocked signal mask, so a plain process such as python never sees SIGTERM.)
+    func kill() async {
+        guard process.isRunning else { return }
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        _ = await Kernel.waitUntil(.seconds(5)) { !self.process.isRunning }
+    }
+
+    /// SIGTERM (sluice handles it), then SIGKILL after `grace`; waits for the exit.
     func stop(grace: Duration = .seconds(5)) async {
         guard process.isRunning else { return }
         process.terminate()
         if !(await Kernel.waitUntil(grace) { !self.process.isRunning }) {
-            kill(process.processIdentifier, SIGKILL)
+            Glibc.kill(process.processIdentifier, SIGKILL)
             _ = await Kernel.waitUntil(.seconds(2)) { !self.process.isRunning }
         }
     }
