@@ -14,8 +14,8 @@ import Glibc
 
 /// Settings of the IPVS backend.
 public struct IPVSBackendConfig: Sendable {
-    /// Compiler options; `nodePortAddresses` and `localAddresses` are refreshed from the
-    /// kernel on every sync unless `fixedAddresses` is set.
+    /// Compiler options; `nodePortAddresses` and `localAddresses` are read from the kernel
+    /// on every sync (every address not on the dummy device).
     public var options: IPVSOptions
     /// How long a removed TCP real server may drain at weight 0 (`--ipvs-graceful-period`).
     public var gracefulPeriod: Duration
@@ -23,18 +23,14 @@ public struct IPVSBackendConfig: Sendable {
     public var tools: IPTablesTools
     /// The dummy device holding service addresses.
     public var dummyDevice: String
-    /// Use `options.nodePortAddresses`/`localAddresses` as given (tests) instead of reading
-    /// the node's addresses.
-    public var fixedAddresses: Bool
 
     /// Creates a configuration.
     public init(options: IPVSOptions, gracefulPeriod: Duration = .seconds(30), tools: IPTablesTools,
-                dummyDevice: String = "kube-ipvs0", fixedAddresses: Bool = false) {
+                dummyDevice: String = "kube-ipvs0") {
         self.options = options
         self.gracefulPeriod = gracefulPeriod
         self.tools = tools
         self.dummyDevice = dummyDevice
-        self.fixedAddresses = fixedAddresses
     }
 }
 
@@ -171,16 +167,11 @@ public actor IPVSBackend: ProxyBackend {
         let link = try await ensureDummy()
         let index = UInt32(bitPattern: link.index)
         var options = config.options
-        var bound: Set<IPAddress> = []
-        if !config.fixedAddresses {
-            let addresses = try await links.addresses()
-            bound = Set(addresses.filter { $0.index == index && $0.address.family == family }.map(\.address))
-            let elsewhere = addresses.filter { $0.index != index }.map(\.address)
-            options.localAddresses = Set(elsewhere)
-            options.nodePortAddresses = IPVSOptions.nodePortAddresses(from: elsewhere, node: options.node, family: family)
-        } else {
-            bound = Set(try await links.addresses().filter { $0.index == index && $0.address.family == family }.map(\.address))
-        }
+        let addresses = try await links.addresses()
+        let bound = Set(addresses.filter { $0.index == index && $0.address.family == family }.map(\.address))
+        let elsewhere = addresses.filter { $0.index != index }.map(\.address)
+        options.localAddresses = Set(elsewhere)
+        options.nodePortAddresses = IPVSOptions.nodePortAddresses(from: elsewhere, node: options.node, family: family)
         let desired = IPVSCompiler(options: options).compile(state)
 
         // ipsets first: the iptables rules reference them.

@@ -90,7 +90,7 @@ private struct Bed {
         let config = IPVSBackendConfig(options: o, gracefulPeriod: graceful, tools: IPTablesTools(variant: .legacy, family: .ipv4))
         let clock = self.clock
         return IPVSBackend(config: config, ipvs: ipvs, links: links, ipsets: ipsets, runner: iptables,
-                           logger: Logger(label: "test"), now: { clock.now })
+                           logger: quietLogger, now: { clock.now })
     }
 }
 
@@ -302,7 +302,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         let sysctls = FileManager.default.temporaryDirectory.appendingPathComponent("sluice-sysctl-\(getpid())").path
         do {
             _ = try await IPVSBackend.prepare(config: config, ipvs: nil, links: bed.links, ipsets: bed.ipsets, timeouts: IPVSTimeouts(),
-                                              strictARP: false, sysctlRoot: sysctls, logger: Logger(label: "test"))
+                                              strictARP: false, sysctlRoot: sysctls, logger: quietLogger)
             Issue.record("prepare should fail without IPVS")
         } catch let e as SluiceIPVSUnavailable {
             #expect(e.description.hasPrefix("cannot use --proxy-mode ipvs: the kernel has no IPVS"))
@@ -317,7 +317,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         let config = IPVSBackendConfig(options: IPVSOptions(node: node), tools: IPTablesTools(variant: .legacy, family: .ipv4))
         let support = try await IPVSBackend.prepare(config: config, ipvs: bed.ipvs, links: bed.links, ipsets: bed.ipsets,
                                                     timeouts: IPVSTimeouts(tcp: 900, tcpFin: 0, udp: 30), strictARP: false,
-                                                    sysctlRoot: "/nonexistent", logger: Logger(label: "test"))
+                                                    sysctlRoot: "/nonexistent", logger: quietLogger)
         #expect(support.dummyIndex > 0)
         #expect(await bed.ipvs.timeoutsSet == IPVSTimeouts(tcp: 900, tcpFin: 0, udp: 30))
         // The scheduler probe service was created and removed again.
@@ -331,7 +331,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         _ = try await bed.backend().sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true)
         let failures = await IPVSBackend.cleanup(ipvs: bed.ipvs, links: bed.links, ipsets: bed.ipsets,
                                                  tools: [IPTablesTools(variant: .legacy, family: .ipv4)], runner: bed.iptables,
-                                                 logger: Logger(label: "test"))
+                                                 logger: quietLogger)
         #expect(failures.isEmpty)
         #expect(bed.iptables.jumpCount == 0)
         #expect(await bed.ipvs.table.isEmpty)

@@ -33,3 +33,8 @@ var sluiceBinary: String {
 
 /// True when running as root.
 var isRoot: Bool { geteuid() == 0 }
+
+import Logging
+
+/// A logger that drops everything (the backend logs every sync at info level).
+let quietLogger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
