@@ -74,7 +74,7 @@ struct Sluice: AsyncParsableCommand {
 /// `sluice compile`: prints the iptables-restore input of a full sync for the manifests.
 struct Compile: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Print the iptables-restore input of a full sync for a manifest directory (a dry run).")
+        abstract: "Print what a full sync would program for a manifest directory (a dry run): the iptables-restore input, or with --proxy-mode ipvs the IPVS services, ipset members and iptables rules.")
 
     @OptionGroup var options: ProxyOptions
 
