@@ -96,11 +96,21 @@ private func check(_ request: NetlinkRequest, sequence: UInt32, _ expected: Stri
               "0800 0900 80000000")                     // netmask: prefix length 128 for IPv6
     }
 
-    @Test func setServiceUsesTheSameFullNest() {
-        let vs = VirtualServer(key: tcp80, scheduler: "wrr")
-        let bytes = m.setService(vs).message(sequence: 1).encoded()
-        #expect(bytes[16] == 2)                              // IPVS_CMD_SET_SERVICE
-        #expect(bytes.count == 104)
+    @Test func setServiceSendsTheFullNestToo() {
+        // SET_SERVICE needs the same four attributes as NEW_SERVICE. "wrr\0" is 4 bytes: len 8, no padding.
+        let vs = VirtualServer(key: tcp80, scheduler: "wrr", flags: .persistent, timeout: 60)
+        check(m.setService(vs), sequence: 15,
+              "68000000 1c00 0500 0f000000 00000000" +
+              "02 01 0000" +                            // IPVS_CMD_SET_SERVICE (2)
+              "5400 0180" +
+              "0600 0100 0200 0000" +
+              "0600 0200 0600 0000" +
+              "1400 0300 0a60000a 00000000 00000000 00000000" +
+              "0600 0400 0050 0000" +
+              "0800 0600 77727200" +                    // "wrr\0"
+              "0c00 0700 01000000 ffffffff" +           // IP_VS_SVC_F_PERSISTENT
+              "0800 0800 3c000000" +                    // timeout 60
+              "0800 0900 ffffffff")
     }
 
     @Test func deleteServiceSendsTheIdentityOnly() {
@@ -355,6 +365,12 @@ private func check(_ request: NetlinkRequest, sequence: UInt32, _ expected: Stri
 
     @Test func listEverySet() {
         check(IPSetMessages.list(nil), sequence: 7, "1c000000 0706 0503 07000000 00000000" + header)
+    }
+
+    @Test func flush() {
+        check(IPSetMessages.flush("KUBE-CLUSTER-IP"), sequence: 10,
+              "30000000 0406 0500 0a000000 00000000" +  // IPSET_CMD_FLUSH (4)
+              header + clusterIPName)
     }
 
     @Test func destroy() {

@@ -154,7 +154,7 @@ private let webYAML = """
     spec:
       type: NodePort
       clusterIP: 10.96.0.10
-      ports: [{name: http, port: 80, protocol: TCP, nodePort: 30080}, {name: dns, port: 53, protocol: UDP}]
+      ports: [{name: http, port: 80, protocol: TCP, nodePort: 30080}, {name: dns, port: 53, protocol: UDP, nodePort: 30053}]
     ---
 
     """ + slice("web-1", service: "web", ports: "[{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]",
@@ -187,6 +187,46 @@ private func holdSlice(_ endpoints: [String]) -> String {
 }
 
 private let backendIP = ["backend-1": "10.244.2.10", "backend-2": "10.244.3.10"]
+
+/// `ipvsadm -Ln` as virtual server line -> its real server lines (white space collapsed, sorted).
+func parseIPVSList(_ text: String) -> [String: [String]] {
+    var out: [String: [String]] = [:]
+    var current: String?
+    for raw in text.split(separator: "\n") {
+        let line = raw.split(separator: " ").joined(separator: " ")
+        if line.hasPrefix("TCP ") || line.hasPrefix("UDP ") || line.hasPrefix("SCTP ") {
+            current = line
+            out[line] = []
+        } else if line.hasPrefix("-> "), let c = current, !line.hasPrefix("-> RemoteAddress") {
+            out[c, default: []].append(line)
+        }
+    }
+    return out.mapValues { $0.sorted() }
+}
+
+/// `ipset list` as set name -> (type, members sorted).
+func parseIPSetList(_ text: String) -> [String: (type: String, members: [String])] {
+    var out: [String: (type: String, members: [String])] = [:]
+    var name: String?
+    var inMembers = false
+    for raw in text.split(separator: "\n", omittingEmptySubsequences: false) {
+        let line = String(raw)
+        if line.hasPrefix("Name: ") {
+            name = String(line.dropFirst(6))
+            inMembers = false
+            if let n = name { out[n] = ("", []) }
+        } else if line.hasPrefix("Type: "), let n = name {
+            out[n]?.type = String(line.dropFirst(6))
+        } else if line == "Members:" {
+            inMembers = true
+        } else if line.isEmpty {
+            inMembers = false
+        } else if inMembers, let n = name {
+            out[n]?.members.append(line)
+        }
+    }
+    return out.mapValues { ($0.type, $0.members.sorted()) }
+}
 
 @Suite(.serialized) struct IPVSKernelTests {
     @Test(.enabled(skipReason) { let ipvs = await Kernel.ipvsPresent(); return ipvs && isRoot })
@@ -249,16 +289,28 @@ private let backendIP = ["backend-1": "10.244.2.10", "backend-2": "10.244.3.10"]
             -A -t 192.168.50.1:30080 -s rr
             -a -t 192.168.50.1:30080 -r 10.244.2.10:8080 -m -w 1
             -a -t 192.168.50.1:30080 -r 10.244.3.10:8080 -m -w 1
+            -A -u 192.168.50.1:30053 -s rr
+            -a -u 192.168.50.1:30053 -r 10.244.2.10:5353 -m -w 1
+            -a -u 192.168.50.1:30053 -r 10.244.3.10:5353 -m -w 1
             """.split(separator: "\n").map(String.init).sorted()
         let programmed = await Kernel.waitUntil(.seconds(30)) { await bed.ipvsSave() == expected }
         let programmedState = await bed.ipvsSave()
         #expect(programmed, "ipvsadm -Sn:\n\(programmedState.joined(separator: "\n"))\nsluice log:\n\(sluice.output)")
         #expect(programmedState == expected)
 
-        // ipvsadm -Ln reads the same through the kernel's own formatting.
-        let list = (await bed.node(["ipvsadm", "-Ln"])).out
-        #expect(list.contains("TCP  10.96.0.20:80 rr persistent 10800"))
-        #expect(list.contains("UDP  10.96.0.10:53 rr"))
+        // ipvsadm -Ln: every virtual server with exactly its real servers (Masq, weight 1, no
+        // connection yet).
+        let listed = parseIPVSList((await bed.node(["ipvsadm", "-Ln"])).out)
+        let rows = { (ips: [String], port: Int) in ips.map { "-> \($0):\(port) Masq 1 0 0" } }
+        let both = ["10.244.2.10", "10.244.3.10"]
+        #expect(listed == [
+            "TCP 10.96.0.10:80 rr": rows(both, 8080),
+            "UDP 10.96.0.10:53 rr": rows(both, 5353),
+            "TCP 10.96.0.20:80 rr persistent 10800": rows(both, 8080),
+            "TCP 10.96.0.30:9000 rr": rows(both, 9000),
+            "TCP 192.168.50.1:30080 rr": rows(both, 8080),
+            "UDP 192.168.50.1:30053 rr": rows(both, 5353),
+        ])
 
         // ipset: every member of every set.
         let members = (await bed.node(["ipset", "save"])).out.split(separator: "\n").filter { $0.hasPrefix("add ") }.map(String.init).sorted()
@@ -277,10 +329,20 @@ private let backendIP = ["backend-1": "10.244.2.10", "backend-2": "10.244.3.10"]
             add KUBE-LOOP-BACK 10.244.3.10,tcp:9000,10.244.3.10
             add KUBE-LOOP-BACK 10.244.3.10,udp:5353,10.244.3.10
             add KUBE-NODE-PORT-TCP 30080
+            add KUBE-NODE-PORT-UDP 30053
             """.split(separator: "\n").map(String.init).sorted())
-        let setNames = (await bed.node(["ipset", "list", "-n"])).out.split(separator: "\n").filter { $0.hasPrefix("KUBE-") }
-        #expect(setNames.count == 17)
-        #expect((await bed.node(["ipset", "list", "KUBE-NODE-PORT-TCP"])).out.contains("Type: bitmap:port"))
+        // ipset list: the 17 sets with their types, and exactly these members.
+        let sets = parseIPSetList((await bed.node(["ipset", "list"])).out)
+        #expect(sets.count == 17)
+        #expect(sets.mapValues(\.type) == Dictionary(uniqueKeysWithValues: KubeIPSet.all(.ipv4).map { ($0.name, $0.type.rawValue) }))
+        #expect(sets.filter { !$0.value.members.isEmpty }.mapValues(\.members) == [
+            "KUBE-CLUSTER-IP": ["10.96.0.10,tcp:80", "10.96.0.10,udp:53", "10.96.0.20,tcp:80", "10.96.0.30,tcp:9000"],
+            "KUBE-IPVS-IPS": ["10.96.0.10", "10.96.0.20", "10.96.0.30"],
+            "KUBE-LOOP-BACK": ["10.244.2.10,tcp:8080,10.244.2.10", "10.244.2.10,tcp:9000,10.244.2.10", "10.244.2.10,udp:5353,10.244.2.10",
+                               "10.244.3.10,tcp:8080,10.244.3.10", "10.244.3.10,tcp:9000,10.244.3.10", "10.244.3.10,udp:5353,10.244.3.10"],
+            "KUBE-NODE-PORT-TCP": ["30080"],
+            "KUBE-NODE-PORT-UDP": ["30053"],
+        ])
 
         // kube-ipvs0: a NOARP dummy device, down, holding the ClusterIPs as /32.
         let link = (await bed.node(["ip", "-d", "-o", "link", "show", "kube-ipvs0"])).out
@@ -314,6 +376,10 @@ private let backendIP = ["backend-1": "10.244.2.10", "backend-2": "10.244.3.10"]
         #expect(nodePort.filter { $0.hasPrefix("backend-1 ") }.count == 5, "\(nodePort)")
         #expect(nodePort.filter { $0.hasPrefix("backend-2 ") }.count == 5, "\(nodePort)")
         #expect(nodePort.allSatisfy { !$0.hasSuffix(" 192.168.50.10") }, "\(nodePort)")
+        let udpNodePort = await bed.requests(from: "ext", "udp", "192.168.50.1:30053", count: 10, showSource: true)
+        #expect(udpNodePort.filter { $0.hasPrefix("backend-1 ") }.count == 5, "\(udpNodePort)")
+        #expect(udpNodePort.filter { $0.hasPrefix("backend-2 ") }.count == 5, "\(udpNodePort)")
+        #expect(udpNodePort.allSatisfy { !$0.hasSuffix(" 192.168.50.10") }, "\(udpNodePort)")
     }
 
     /// ClientIP affinity: every connection from one client lands on one backend.
