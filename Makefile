@@ -1,7 +1,7 @@
 # Sluice: the two commands a new machine needs are `make demo` and `make test` (as root).
 
 SWIFT ?= swift
-APT_PACKAGES = iptables ipset conntrack iproute2 user-mode-linux kmod ipvsadm libipset-dev libnetfilter-conntrack-dev python3
+APT_PACKAGES = iptables ipset conntrack iproute2 user-mode-linux kmod ipvsadm libipset-dev libnetfilter-conntrack-dev python3 openssl
 BIN = .build/debug/sluice
 # Test suites that need IPVS and dummy devices: they run inside user-mode Linux.
 UML_TESTS = IPVSKernelTests|IPVSClientKernelTests

@@ -162,6 +162,7 @@ public final class ManifestDirectorySource: Sendable {
         AsyncThrowingStream { continuation in
             let task = Task {
                 var snapshot = Snapshot()
+                var failing = false
                 do {
                     let (first, events) = try scan(from: snapshot)
                     snapshot = first
@@ -174,8 +175,14 @@ public final class ManifestDirectorySource: Sendable {
                             let (next, events) = try scan(from: snapshot)
                             snapshot = next
                             for e in events { continuation.yield(e) }
-                        } catch let e as SourceError {
-                            logger.warning("\(e.message); keeping the last objects read")
+                            if failing {
+                                failing = false
+                                logger.info("manifest directory \(directory) is readable again")
+                            }
+                        } catch {
+                            // Said once when it starts failing, not on every poll.
+                            if !failing { logger.warning("\(error); keeping the last objects read until it is back") }
+                            failing = true
                         }
                     }
                     continuation.finish()

@@ -252,9 +252,14 @@ public enum ObjectDecoder {
 
     static func decodeNode(_ root: FieldReader, name: String, labels: [String: String]) throws(DecodeError) -> Node {
         var node = Node(name: name, labels: labels)
+        node.deletionTimestamp = try root.object("metadata")?.string("deletionTimestamp")
         if let spec = try root.object("spec") {
             node.podCIDRs = try spec.strings("podCIDRs")
             if node.podCIDRs.isEmpty, let c = try spec.string("podCIDR") { node.podCIDRs = [c] }
+            for t in try spec.objects("taints") {
+                node.taints.append(NodeTaint(key: try t.string("key") ?? "", value: try t.string("value") ?? "",
+                                             effect: try t.string("effect") ?? ""))
+            }
         }
         if let status = try root.object("status") {
             for a in try status.objects("addresses") {

@@ -41,6 +41,11 @@ public struct ChangeTracker: Sendable {
     private var slicesByService: [NamespacedName: Set<NamespacedName>] = [:]
     private var pending: [IPFamily: Set<NamespacedName>] = [:]
     private var cache: [IPFamily: FamilyCache] = [:]
+    /// `last-change-trigger-time` values of EndpointSlice changes not yet taken, by family and
+    /// Service (seconds since the Unix epoch): the start of network programming latency.
+    private var triggerTimes: [IPFamily: [NamespacedName: [Double]]] = [:]
+    /// At most this many trigger times are kept per Service between two syncs.
+    public static let maximumTriggerTimesPerService = 64
     /// The node object, when a source has delivered it.
     public private(set) var node: Node?
     /// Whether the source has delivered its initial state.
@@ -87,9 +92,13 @@ public struct ChangeTracker: Sendable {
             slices[slice.key] = slice
             slicesByService[slice.serviceKey, default: []].insert(slice.key)
             markChanged(slice.serviceKey)
+            noteTriggerTime(slice)
         case .sliceDeleted(let key):
             guard let old = slices.removeValue(forKey: key) else { return .ignored }
             slicesByService[old.serviceKey]?.remove(key)
+            // A deletion's trigger time is that of the slice's last update, not of this change
+            // (kube-proxy drops the Service's pending times too).
+            if let family = IPFamily(rawValue: old.addressType) { triggerTimes[family]?[old.serviceKey] = nil }
             if slicesByService[old.serviceKey]?.isEmpty == true { slicesByService[old.serviceKey] = nil }
             markChanged(old.serviceKey)
         case .nodeUpserted(let n):
@@ -113,6 +122,26 @@ public struct ChangeTracker: Sendable {
 
     private mutating func markChanged(_ key: NamespacedName) {
         for f in IPFamily.allCases { pending[f, default: []].insert(key) }
+    }
+
+    /// Remembers the slice's `last-change-trigger-time`, for families a runner snapshots (so a
+    /// family nobody syncs accumulates nothing). Unparseable values are ignored, as kube-proxy does.
+    private mutating func noteTriggerTime(_ slice: EndpointSlice) {
+        guard let family = IPFamily(rawValue: slice.addressType), cache[family] != nil,
+              let text = slice.annotations[lastChangeTriggerTimeAnnotation], let t = RFC3339.parse(text)
+        else { return }
+        var times = triggerTimes[family, default: [:]][slice.serviceKey, default: []]
+        guard times.count < ChangeTracker.maximumTriggerTimesPerService else { return }
+        times.append(t)
+        triggerTimes[family, default: [:]][slice.serviceKey] = times
+    }
+
+    /// Returns and forgets the trigger times of the EndpointSlice changes of `family` recorded
+    /// since the previous call, by Service, in seconds since the Unix epoch. Take them together
+    /// with `snapshot(_:)`; report them once the snapshot is in the kernel.
+    public mutating func takeTriggerTimes(_ family: IPFamily) -> [NamespacedName: [Double]] {
+        defer { triggerTimes[family] = nil }
+        return triggerTimes[family] ?? [:]
     }
 
     /// Builds the snapshot for one family, re-deriving only changed Services, and clears the

@@ -232,6 +232,23 @@ public struct EndpointSlice: Sendable, Hashable {
     public var serviceKey: NamespacedName { NamespacedName(namespace: namespace, name: serviceName) }
 }
 
+/// One `spec.taints` entry of a Node.
+public struct NodeTaint: Sendable, Hashable {
+    /// The taint key, e.g. `ToBeDeletedByClusterAutoscaler`.
+    public var key: String
+    /// The taint value ("" when unset).
+    public var value: String
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute` ("" when unset).
+    public var effect: String
+
+    /// Creates a taint.
+    public init(key: String, value: String = "", effect: String = "") {
+        self.key = key
+        self.value = value
+        self.effect = effect
+    }
+}
+
 /// A v1 Node, reduced to what a proxy reads.
 public struct Node: Sendable, Hashable {
     public var name: String
@@ -240,18 +257,26 @@ public struct Node: Sendable, Hashable {
     public var addresses: [(type: String, address: String)]
     /// `spec.podCIDRs` (or `[spec.podCIDR]`).
     public var podCIDRs: [String]
+    /// `metadata.deletionTimestamp` as given (RFC 3339); nil while the Node is not being deleted.
+    public var deletionTimestamp: String?
+    /// `spec.taints`.
+    public var taints: [NodeTaint]
 
     /// Creates a node.
-    public init(name: String, labels: [String: String] = [:], addresses: [(type: String, address: String)] = [], podCIDRs: [String] = []) {
+    public init(name: String, labels: [String: String] = [:], addresses: [(type: String, address: String)] = [], podCIDRs: [String] = [],
+                deletionTimestamp: String? = nil, taints: [NodeTaint] = []) {
         self.name = name
         self.labels = labels
         self.addresses = addresses
         self.podCIDRs = podCIDRs
+        self.deletionTimestamp = deletionTimestamp
+        self.taints = taints
     }
 
     public static func == (a: Node, b: Node) -> Bool {
         a.name == b.name && a.labels == b.labels && a.podCIDRs == b.podCIDRs
             && a.addresses.map { "\($0.type)=\($0.address)" } == b.addresses.map { "\($0.type)=\($0.address)" }
+            && a.deletionTimestamp == b.deletionTimestamp && a.taints == b.taints
     }
 
     public func hash(into hasher: inout Hasher) {

@@ -42,7 +42,14 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
     private let clock: C
     private let logger: Logger
     private let observers: [any SyncObserver]
+    private let recorders: [any SyncRecorder]
     private var lastApplied: ProxyState?
+    /// Changes since the last snapshot, for the pending-changes metrics.
+    private var pendingServiceKeys: Set<NamespacedName> = []
+    private var pendingEndpointChanges = 0
+    /// Trigger times taken with snapshots whose sync has not succeeded yet.
+    private var unreportedTriggerTimes: [NamespacedName: [Double]] = [:]
+    private var started = false
 
     private var pendingChange = false
     private var needFullSync = true
@@ -56,9 +63,13 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
     public private(set) var counters = SyncCounters()
 
     /// Creates a runner.
+    /// - Parameters:
+    ///   - observers: work run after every successful sync, in order.
+    ///   - recorders: health and metrics, told about every request, change and sync attempt.
     public init(tracker: ChangeTracker, backend: any ProxyBackend, family: IPFamily = .ipv4, timing: SyncTiming = .init(),
-                clock: C, logger: Logger, observers: [any SyncObserver] = []) {
+                clock: C, logger: Logger, observers: [any SyncObserver] = [], recorders: [any SyncRecorder] = []) {
         self.observers = observers
+        self.recorders = recorders
         self.tracker = tracker
         self.backend = backend
         self.family = family
@@ -74,6 +85,7 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
             pendingChange = true
             if case .synced = event { logger.info("initial state received; first sync follows") }
             if tracker.nodeLabelsChanged { needFullSync = true }
+            recordChange(event)
             resume()
         case .ignored:
             break
@@ -87,7 +99,35 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
     public func requestFullSync() {
         needFullSync = true
         pendingChange = true
+        if tracker.synced { record(.queued(family)) }
         resume()
+    }
+
+    private func record(_ event: SyncEvent) {
+        for r in recorders { r.record(event) }
+    }
+
+    /// Tells the recorders what an applied event changed, and that a sync is now wanted.
+    private func recordChange(_ event: ObjectEvent) {
+        guard !recorders.isEmpty else { return }
+        switch event {
+        case .serviceUpserted(let svc):
+            pendingServiceKeys.insert(svc.key)
+            record(.changed(.service, pendingServices: pendingServiceKeys.count, pendingEndpoints: pendingEndpointChanges))
+        case .serviceDeleted(let key):
+            pendingServiceKeys.insert(key)
+            record(.changed(.service, pendingServices: pendingServiceKeys.count, pendingEndpoints: pendingEndpointChanges))
+        case .sliceUpserted, .sliceDeleted:
+            pendingEndpointChanges += 1
+            record(.changed(.endpoints, pendingServices: pendingServiceKeys.count, pendingEndpoints: pendingEndpointChanges))
+        case .nodeUpserted(let node):
+            record(.node(node))
+        case .nodeDeleted:
+            record(.node(nil))
+        case .synced:
+            break
+        }
+        if tracker.synced { record(.queued(family)) }
     }
 
     private func resume() {
@@ -109,6 +149,10 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
 
     /// Runs until cancelled.
     public func run() async {
+        if !started {
+            started = true
+            record(.started(family))
+        }
         while !Task.isCancelled {
             if let deadline = nextDeadline(), deadline <= clock.now {
                 await syncOnce()
@@ -154,11 +198,17 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
         let full = needFullSync || periodicDue
         let changes = tracker.pendingChanges(family)
         var state = tracker.snapshot(family)
+        unreportedTriggerTimes.merge(tracker.takeTriggerTimes(family)) {
+            Array(($0 + $1).prefix(ChangeTracker.maximumTriggerTimesPerService))
+        }
+        pendingServiceKeys = []
+        pendingEndpointChanges = 0
         if full { state.changedServices = Set(state.servicePorts.keys.map(\.service)).union(state.changedServices) }
         pendingChange = false
         lastSync = now
         do {
             let report = try await backend.sync(state, full: full)
+            let duration = now.duration(to: clock.now)
             counters.syncs += 1
             if full {
                 counters.fullSyncs += 1
@@ -172,10 +222,16 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
             retryAt = nil
             consecutiveFailures = 0
             logger.info("\(full ? "full" : "partial") sync: \(state.servicePorts.count) service ports, \(changes) changed, \(report.bytes) bytes")
+            let triggerTimes = unreportedTriggerTimes
+            unreportedTriggerTimes = [:]
+            record(.synced(SyncAttempt(family: family, full: full, duration: duration, report: report, triggerTimes: triggerTimes,
+                                       pendingServiceChanges: pendingServiceKeys.count, pendingEndpointChanges: pendingEndpointChanges)))
             let previous = lastApplied
             lastApplied = state
             for o in observers { await o.didSync(state: state, previous: previous, report: report) }
         } catch {
+            record(.synced(SyncAttempt(family: family, full: full, duration: now.duration(to: clock.now), report: nil, error: "\(error)",
+                                       pendingServiceChanges: pendingServiceKeys.count, pendingEndpointChanges: pendingEndpointChanges)))
             counters.failures += 1
             counters.lastError = "\(error)"
             consecutiveFailures += 1

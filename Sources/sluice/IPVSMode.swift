@@ -11,8 +11,7 @@ import SluiceCore
 
 /// Builds the IPVS-mode runtime, or fails with one line naming every missing kernel feature.
 /// It never falls back to another mode.
-func makeIPVSMode(options: ProxyOptions, node: NodeConfig, logger: Logger) async throws -> ModeRuntime {
-    let family = IPFamily.ipv4
+func makeIPVSMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger: Logger) async throws -> ModeRuntime {
     let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
     let runner = ProcessRunner()
 
@@ -74,8 +73,7 @@ struct IPVSDrainReaper: ServiceLifecycle.Service {
 /// `sluice compile --proxy-mode ipvs`: the IPVS services and destinations (`ipvsadm -Sn`),
 /// the ipset members (`ipset save`), then the iptables-restore input. NodePorts open on the
 /// `--node-ip` addresses, which also count as the node's own addresses.
-func ipvsDryRun(options: ProxyOptions, node: NodeConfig, state: ProxyState, randomFully: Bool) throws -> String {
-    let family = IPFamily.ipv4
+func ipvsDryRun(options: ProxyOptions, node: NodeConfig, family: IPFamily, state: ProxyState, randomFully: Bool) throws -> String {
     var o = IPVSOptions(node: node, family: family, scheduler: options.ipvsScheduler, excludeCIDRs: try options.ipvsExcludeCIDRList(),
                         randomFully: randomFully)
     o.nodePortAddresses = IPVSOptions.nodePortAddresses(from: node.nodeIPs, node: node, family: family)

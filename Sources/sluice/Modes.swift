@@ -15,35 +15,47 @@ struct ModeRuntime {
     var services: (SyncRunner<ContinuousClock>) -> [any ServiceLifecycle.Service] = { _ in [] }
 }
 
-/// Builds the runtime of the selected `--proxy-mode`.
-func makeMode(options: ProxyOptions, node: NodeConfig, logger: Logger) async throws -> ModeRuntime {
+/// Builds the runtime of the selected `--proxy-mode` for one IP family (a dual-stack node
+/// runs one per family over the same model, as kube-proxy's metaproxier does).
+func makeMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger: Logger) async throws -> ModeRuntime {
     switch options.proxyMode {
     case .iptables:
         let backend: IPTablesBackend
         do {
-            backend = try await IPTablesBackend.create(node: node, family: .ipv4, variant: options.iptablesBackend,
+            backend = try await IPTablesBackend.create(node: node, family: family, variant: options.iptablesBackend,
                                                        runner: ProcessRunner(), logger: logger)
         } catch {
-            throw SluiceExit("cannot use iptables: \(error)")
+            throw SluiceExit("cannot use \(family == .ipv4 ? "iptables" : "ip6tables"): \(error)")
         }
         return ModeRuntime(backend: backend) { runner in
             [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
         }
     case .ipvs:
-        return try await makeIPVSMode(options: options, node: node, logger: logger)
+        return try await makeIPVSMode(options: options, node: node, family: family, logger: logger)
     case .userspace:
         throw SluiceExit("--proxy-mode \(options.proxyMode.rawValue) is not available yet; use --proxy-mode iptables")
     }
 }
 
-/// Builds the object source: a stream of events that starts with the full state, then
-/// `.synced`, then changes.
-func makeSource(options: ProxyOptions, logger: Logger) throws -> @Sendable () -> AsyncThrowingStream<ObjectEvent, Error> {
+/// Builds the object source (a stream of events that starts with the full state, then
+/// `.synced`, then changes) and the node configuration, which may depend on the Node object.
+func makeSource(options: ProxyOptions, logger: Logger) async throws -> SourcePlan {
     guard let dir = options.manifests else {
-        throw SluiceExit("no source of objects: pass --manifests DIR")
+        return try await makeAPISourcePlan(options: options, logger: logger)
+    }
+    if options.kubeconfig != nil || options.master != nil {
+        throw SluiceExit("--manifests cannot be combined with --kubeconfig or --master: pick one source")
     }
     let source = ManifestDirectorySource(directory: dir, logger: logger) { rejection in
         logger.error("\(rejection.description); skipped")
     }
-    return { source.events() }
+    var nodeObject: Node?
+    if options.detectLocalMode == .nodeCIDR {
+        let name = options.nodeName()
+        nodeObject = ((try? source.scan(from: .init()).1) ?? []).lazy.compactMap { e -> Node? in
+            if case .nodeUpserted(let n) = e, n.name == name { return n }
+            return nil
+        }.first
+    }
+    return SourcePlan(events: { source.events() }, node: try options.nodeConfig(from: nodeObject))
 }

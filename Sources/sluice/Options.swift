@@ -5,7 +5,9 @@ import ArgumentParser
 import Foundation
 import IPTables
 import IPVS
+import KubeAPI
 import SluiceCore
+import SluiceServer
 
 /// `--proxy-mode`.
 enum ProxyMode: String, ExpressibleByArgument, CaseIterable {
@@ -21,6 +23,15 @@ struct ProxyOptions: ParsableArguments {
 
     @Option(help: ArgumentHelp("Read Services, EndpointSlices, Endpoints and Nodes from the YAML/JSON files in this directory, and watch it.", valueName: "dir"))
     var manifests: String?
+
+    @Option(help: ArgumentHelp("Read objects from the API server named in this kubeconfig file (its current context).", valueName: "file"))
+    var kubeconfig: String?
+
+    @Option(help: ArgumentHelp("The API server's address; overrides the kubeconfig's server.", valueName: "url"))
+    var master: String?
+
+    @Option(help: ArgumentHelp("How to tell traffic from local pods: ClusterCIDR (--cluster-cidr) or NodeCIDR (the Node's spec.podCIDRs).", valueName: "mode"))
+    var detectLocalMode: LocalMode = .clusterCIDR
 
     @Option(help: ArgumentHelp("The name of this node (endpoints with this nodeName are local). Defaults to the host name.", valueName: "name"))
     var hostnameOverride: String?
@@ -87,6 +98,12 @@ struct ProxyOptions: ParsableArguments {
     @Option(help: ArgumentHelp("IPVS mode: how long a removed TCP endpoint's real server may drain at weight 0 before it is deleted.", valueName: "duration"))
     var ipvsGracefulPeriod: String = "30s"
 
+    @Option(help: ArgumentHelp("Where /healthz and /livez answer (IP:port, [::]:port for IPv6); empty disables them.", valueName: "ip:port"))
+    var healthzBindAddress: String = HealthServer.defaultAddress
+
+    @Option(help: ArgumentHelp("Where /metrics and /proxyMode answer (IP:port, [::1]:port for IPv6); empty disables them.", valueName: "ip:port"))
+    var metricsBindAddress: String = MetricsServer.defaultAddress
+
     mutating func validate() throws {
         guard (0...31).contains(iptablesMasqueradeBit) else {
             throw ValidationError("--iptables-masquerade-bit \(iptablesMasqueradeBit) is not in 0-31")
@@ -104,6 +121,17 @@ struct ProxyOptions: ParsableArguments {
         _ = try nodeIPs()
         _ = try clusterCIDRs()
         try validateIPVS()
+        _ = try bindAddresses()
+    }
+
+    /// The health and metrics listen addresses; nil disables a server.
+    func bindAddresses() throws -> (healthz: BindAddress?, metrics: BindAddress?) {
+        do {
+            return (try BindAddress.parse(healthzBindAddress, field: "--healthz-bind-address"),
+                    try BindAddress.parse(metricsBindAddress, field: "--metrics-bind-address"))
+        } catch {
+            throw ValidationError(error.description)
+        }
     }
 
     /// The node name: the override, else the host name, lower-cased (as kube-proxy does).
@@ -132,9 +160,12 @@ struct ProxyOptions: ParsableArguments {
         }
     }
 
-    /// The node configuration; node IPs default to the first non-loopback local addresses.
-    func nodeConfig() throws -> NodeConfig {
+    /// The node configuration. Node IPs come from --node-ip, else from the Node object, else
+    /// the first non-loopback local addresses; with --detect-local-mode NodeCIDR the local-pod
+    /// CIDRs are the Node's podCIDRs.
+    func nodeConfig(from nodeObject: Node? = nil) throws -> NodeConfig {
         var ips = try nodeIPs()
+        if ips.isEmpty, let fromNode = nodeObject?.hostIPs, !fromNode.isEmpty { ips = fromNode }
         if ips.isEmpty {
             let local = LocalAddresses.current().filter { !$0.isLoopback && !$0.isLinkLocalUnicast }
             ips = [local.first { $0.family == .ipv4 }, local.first { $0.family == .ipv6 }].compactMap { $0 }
@@ -145,7 +176,8 @@ struct ProxyOptions: ParsableArguments {
         } catch {
             throw ValidationError(error.description)
         }
-        return NodeConfig(nodeName: nodeName(), nodeIPs: ips, clusterCIDRs: try clusterCIDRs(), masqueradeAll: masqueradeAll,
+        let localCIDRs = detectLocalMode == .nodeCIDR ? (nodeObject?.podCIDRValues ?? []) : try clusterCIDRs()
+        return NodeConfig(nodeName: nodeName(), nodeIPs: ips, clusterCIDRs: localCIDRs, masqueradeAll: masqueradeAll,
                           masqueradeBit: iptablesMasqueradeBit, nodePortAddresses: npa,
                           localhostNodePorts: iptablesLocalhostNodeports)
     }

@@ -33,15 +33,24 @@ struct Sluice: AsyncParsableCommand {
             try await runCleanup(logger: logger)
             return
         }
-        let node = try options.nodeConfig()
+        let plan = try await makeSource(options: options, logger: logger)
+        let node = plan.node
+        let source = plan.events
         logger.info("sluice \(sluiceVersion) starting: mode \(options.proxyMode.rawValue), node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
-        let source = try makeSource(options: options, logger: logger)
-        let mode = try await makeMode(options: options, node: node, logger: logger)
-        let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
-                                backend: mode.backend, timing: options.timing, clock: ContinuousClock(), logger: logger,
-                                observers: mode.observers)
-        let services: [any ServiceLifecycle.Service] =
-            [SourcePump(events: source, runner: runner), RunnerService(runner: runner)] + mode.services(runner)
+        let observability = try makeObservability(options: options, node: node, logger: logger)
+        var runners: [SyncRunner<ContinuousClock>] = []
+        var services: [any ServiceLifecycle.Service] = []
+        for family in node.families {
+            let mode = try await makeMode(options: options, node: node, family: family, logger: logger)
+            let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
+                                    backend: mode.backend, family: family, timing: options.timing, clock: ContinuousClock(),
+                                    logger: logger, observers: mode.observers + observability.observers,
+                                    recorders: observability.recorders)
+            runners.append(runner)
+            services += [RunnerService(runner: runner)] + mode.services(runner)
+        }
+        if node.families.count > 1 { logger.info("dual-stack: one proxier per family (\(node.families.map(\.rawValue).joined(separator: ", ")))") }
+        services = [SourcePump(events: source, runners: runners)] + services + observability.services
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
         logger.info("stopped; the rules stay in place")
@@ -99,25 +108,32 @@ struct Compile: AsyncParsableCommand {
         for e in events {
             if case .rejected(let r) = tracker.apply(e) { logger.error("\(r.description); skipped") }
         }
-        let state = tracker.snapshot(.ipv4)
-        let rf: Bool
-        switch randomFully {
-        case "true": rf = true
-        case "false": rf = false
-        default:
-            let r = await ProcessRunner().run(IPTablesTools(variant: options.iptablesBackend, family: .ipv4).iptables, ["--version"], input: nil)
-            if case .success(let out) = r, let f = IPTablesFeatures.parse(out.stdout + out.stderr) { rf = f.randomFully } else { rf = true }
-        }
-        if options.proxyMode == .ipvs {
-            FileHandle.standardOutput.write(Data(try ipvsDryRun(options: options, node: node, state: state, randomFully: rf).utf8))
-            return
-        }
         let liberal = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", encoding: .utf8))?
             .trimmingASCIIWhitespace() == "1"
-        let opts = IPTablesOptions(node: node, family: .ipv4, randomFully: rf, conntrackTCPLiberal: liberal,
-                                   localAddresses: LocalAddresses.current())
-        let compiled = IPTablesCompiler(options: opts).compile(state)
-        FileHandle.standardOutput.write(Data(compiled.restoreText.utf8))
+        // One batch per family; a dual-stack node's ip6tables batch follows, after a comment
+        // line (iptables-restore ignores comments).
+        for family in node.families {
+            let state = tracker.snapshot(family)
+            let rf: Bool
+            switch randomFully {
+            case "true": rf = true
+            case "false": rf = false
+            default:
+                let r = await ProcessRunner().run(IPTablesTools(variant: options.iptablesBackend, family: family).iptables, ["--version"], input: nil)
+                if case .success(let out) = r, let f = IPTablesFeatures.parse(out.stdout + out.stderr) { rf = f.randomFully } else { rf = true }
+            }
+            if options.proxyMode == .ipvs {
+                if family != node.families.first { FileHandle.standardOutput.write(Data("# \(family.rawValue)\n".utf8)) }
+                let text = try ipvsDryRun(options: options, node: node, family: family, state: state, randomFully: rf)
+                FileHandle.standardOutput.write(Data(text.utf8))
+                continue
+            }
+            let opts = IPTablesOptions(node: node, family: family, randomFully: rf, conntrackTCPLiberal: liberal,
+                                       localAddresses: LocalAddresses.current().filter { $0.family == family })
+            let compiled = IPTablesCompiler(options: opts).compile(state)
+            if family != node.families.first { FileHandle.standardOutput.write(Data("# \(IPTablesTools(variant: .auto, family: family).restore) input\n".utf8)) }
+            FileHandle.standardOutput.write(Data(compiled.restoreText.utf8))
+        }
     }
 }
 
@@ -140,12 +156,13 @@ func makeLogger(verbosity: Int) -> Logger {
 /// Feeds source events into the runner.
 struct SourcePump: ServiceLifecycle.Service {
     let events: @Sendable () -> AsyncThrowingStream<ObjectEvent, Error>
-    let runner: SyncRunner<ContinuousClock>
+    /// One runner per IP family; every event goes to each.
+    let runners: [SyncRunner<ContinuousClock>]
 
     func run() async throws {
         try await untilShutdown {
             for try await event in events() {
-                await runner.handle(event)
+                for runner in runners { await runner.handle(event) }
             }
         }
     }

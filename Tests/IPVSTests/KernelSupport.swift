@@ -48,7 +48,7 @@ final class Background: @unchecked Sendable {
 
     init(_ args: [String], log: URL) throws {
         logURL = log
-        FileManager.default.createFile(atPath: log.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
         let handle = try FileHandle(forWritingTo: log)
         guard let exe = Kernel.runner.resolve(args[0]) else {
             throw CommandError(command: args[0], status: nil, message: "not found")

@@ -1,0 +1,219 @@
+// Sluice: a per-node Kubernetes service proxy.
+// kube-proxy's `kubeproxy_*` metrics (pkg/proxy/metrics/metrics.go, v1.31 names, types,
+// buckets and help texts) on a swift-prometheus registry, fed by the sync loop.
+//
+// No `ip_family` label: that label arrived in v1.33 (PR #129173); Sluice targets v1.31
+// compatibility, where dual-stack proxiers share the unlabelled series. `SyncEvent` carries the
+// family, so adding the label later is a change in this file only.
+
+import Prometheus
+import SluiceCore
+
+/// The kube-proxy metrics of one process, recorded from the sync loop (`SyncRecorder`), from
+/// the state after each sync (`SyncObserver`) and from the health server.
+public final class ProxyMetrics: Sendable {
+    /// The registry `/metrics` renders.
+    public let registry: PrometheusCollectorRegistry
+    /// This node's name (local endpoints).
+    public let nodeName: String
+    private let wallClock: @Sendable () -> Duration
+    /// Trigger times older than this (the process start) are not latencies of this process.
+    private let startWallTime: Duration
+
+    let syncDuration: DurationHistogram
+    let syncFullDuration: DurationHistogram
+    let syncPartialDuration: DurationHistogram
+    let lastTimestamp: Gauge
+    let lastQueuedTimestamp: Gauge
+    let networkProgrammingDuration: DurationHistogram
+    let endpointChangesPending: Gauge
+    let endpointChangesTotal: Counter
+    let serviceChangesPending: Gauge
+    let serviceChangesTotal: Counter
+    let restoreFailures: Counter
+    let partialRestoreFailures: Counter
+    let noLocalEndpointsInternal: Gauge
+    let noLocalEndpointsExternal: Gauge
+
+    /// `sync_proxy_rules_duration_seconds` and its full/partial variants:
+    /// `0.001 × 2^k` seconds for k = 0…14 (Go's `ExponentialBuckets(0.001, 2, 15)`).
+    public static let syncDurationBuckets: [Duration] = (0...14).map { .milliseconds(1 << $0) }
+
+    /// `network_programming_duration_seconds`: Go's `MergeBuckets` (which starts with a 0 bucket),
+    /// then 0.25 and 0.5 s, 1…59 s, 60…115 s by 5, 120…300 s by 30.
+    public static let networkProgrammingBuckets: [Duration] =
+        [.zero, .milliseconds(250), .milliseconds(500)]
+        + (1...59).map { .seconds($0) }
+        + stride(from: 60, through: 115, by: 5).map { .seconds($0) }
+        + stride(from: 120, through: 300, by: 30).map { .seconds($0) }
+
+    /// Metric names, for `/metrics` tests and the documentation.
+    public enum Name {
+        public static let syncDuration = "kubeproxy_sync_proxy_rules_duration_seconds"
+        public static let syncFullDuration = "kubeproxy_sync_full_proxy_rules_duration_seconds"
+        public static let syncPartialDuration = "kubeproxy_sync_partial_proxy_rules_duration_seconds"
+        public static let lastTimestamp = "kubeproxy_sync_proxy_rules_last_timestamp_seconds"
+        public static let lastQueuedTimestamp = "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"
+        public static let networkProgrammingDuration = "kubeproxy_network_programming_duration_seconds"
+        public static let endpointChangesPending = "kubeproxy_sync_proxy_rules_endpoint_changes_pending"
+        public static let endpointChangesTotal = "kubeproxy_sync_proxy_rules_endpoint_changes_total"
+        public static let serviceChangesPending = "kubeproxy_sync_proxy_rules_service_changes_pending"
+        public static let serviceChangesTotal = "kubeproxy_sync_proxy_rules_service_changes_total"
+        public static let restoreFailures = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+        public static let partialRestoreFailures = "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total"
+        public static let iptablesTotal = "kubeproxy_sync_proxy_rules_iptables_total"
+        public static let iptablesLast = "kubeproxy_sync_proxy_rules_iptables_last"
+        public static let noLocalEndpoints = "kubeproxy_sync_proxy_rules_no_local_endpoints_total"
+        public static let healthzTotal = "kubeproxy_proxy_healthz_total"
+        public static let livezTotal = "kubeproxy_proxy_livez_total"
+    }
+
+    private static func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
+        // The whole name goes in `metricName` so the exported name is exactly kube-proxy's;
+        // the help text carries kube-proxy's stability prefix.
+        MetricNameDescriptor(metricName: name, unitName: "", helpText: "[ALPHA] " + help)
+    }
+
+    private static var iptablesTotalHelp: MetricNameDescriptor {
+        descriptor(Name.iptablesTotal, "Total number of iptables rules owned by kube-proxy")
+    }
+    private static var iptablesLastHelp: MetricNameDescriptor {
+        descriptor(Name.iptablesLast, "Number of iptables rules written by kube-proxy in last sync")
+    }
+    private static var healthzHelp: MetricNameDescriptor { descriptor(Name.healthzTotal, "Cumulative proxy healthz HTTP status") }
+    private static var livezHelp: MetricNameDescriptor { descriptor(Name.livezTotal, "Cumulative proxy livez HTTP status") }
+
+    /// Registers every metric.
+    /// - Parameters:
+    ///   - nodeName: this node (for `no_local_endpoints_total`).
+    ///   - tables: rule tables whose counts start at 0 before the first sync (`filter`, `nat` in
+    ///     iptables mode); others appear when a backend reports them.
+    ///   - registry: where to register; a fresh one by default, so instances never collide.
+    ///   - wallClock: time since the Unix epoch, for timestamps and programming latency
+    ///     (`CLOCK_REALTIME` when nil).
+    public init(nodeName: String, tables: [String] = [], registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
+                wallClock: (@Sendable () -> Duration)? = nil) {
+        let wallClock = wallClock ?? { wallClockNow() }
+        self.registry = registry
+        self.nodeName = nodeName
+        self.wallClock = wallClock
+        self.startWallTime = wallClock()
+        let d = ProxyMetrics.descriptor
+        syncDuration = registry.makeDurationHistogram(
+            descriptor: d(Name.syncDuration, "SyncProxyRules latency in seconds"), buckets: ProxyMetrics.syncDurationBuckets)
+        syncFullDuration = registry.makeDurationHistogram(
+            descriptor: d(Name.syncFullDuration, "SyncProxyRules latency in seconds for full resyncs"), buckets: ProxyMetrics.syncDurationBuckets)
+        syncPartialDuration = registry.makeDurationHistogram(
+            descriptor: d(Name.syncPartialDuration, "SyncProxyRules latency in seconds for partial resyncs"),
+            buckets: ProxyMetrics.syncDurationBuckets)
+        lastTimestamp = registry.makeGauge(descriptor: d(Name.lastTimestamp, "The last time proxy rules were successfully synced"))
+        lastQueuedTimestamp = registry.makeGauge(
+            descriptor: d(Name.lastQueuedTimestamp, "The last time a sync of proxy rules was queued"))
+        networkProgrammingDuration = registry.makeDurationHistogram(
+            descriptor: d(Name.networkProgrammingDuration, "In Cluster Network Programming Latency in seconds"),
+            buckets: ProxyMetrics.networkProgrammingBuckets)
+        endpointChangesPending = registry.makeGauge(descriptor: d(Name.endpointChangesPending, "Pending proxy rules Endpoint changes"))
+        endpointChangesTotal = registry.makeCounter(descriptor: d(Name.endpointChangesTotal, "Cumulative proxy rules Endpoint changes"))
+        serviceChangesPending = registry.makeGauge(descriptor: d(Name.serviceChangesPending, "Pending proxy rules Service changes"))
+        serviceChangesTotal = registry.makeCounter(descriptor: d(Name.serviceChangesTotal, "Cumulative proxy rules Service changes"))
+        restoreFailures = registry.makeCounter(descriptor: d(Name.restoreFailures, "Cumulative proxy iptables restore failures"))
+        partialRestoreFailures = registry.makeCounter(
+            descriptor: d(Name.partialRestoreFailures, "Cumulative proxy iptables partial restore failures"))
+        let noLocal = d(Name.noLocalEndpoints, "Number of services with a Local traffic policy and no endpoints")
+        noLocalEndpointsInternal = registry.makeGauge(descriptor: noLocal, labels: [("traffic_policy", "internal")])
+        noLocalEndpointsExternal = registry.makeGauge(descriptor: noLocal, labels: [("traffic_policy", "external")])
+        for table in tables {
+            _ = registry.makeGauge(descriptor: ProxyMetrics.iptablesTotalHelp, labels: [("table", table)])
+            _ = registry.makeGauge(descriptor: ProxyMetrics.iptablesLastHelp, labels: [("table", table)])
+        }
+    }
+
+    /// The metrics in Prometheus text format (version 0.0.4).
+    public func render() -> String { registry.emitToString() }
+
+    /// Counts one `/healthz` answer.
+    public func countHealthz(code: Int) {
+        registry.makeCounter(descriptor: ProxyMetrics.healthzHelp, labels: [("code", String(code))]).increment()
+    }
+
+    /// Counts one `/livez` answer.
+    public func countLivez(code: Int) {
+        registry.makeCounter(descriptor: ProxyMetrics.livezHelp, labels: [("code", String(code))]).increment()
+    }
+
+    private func nowSeconds() -> Double { seconds(wallClock()) }
+
+    private func seconds(_ d: Duration) -> Double {
+        Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+}
+
+extension ProxyMetrics: SyncRecorder {
+    /// Records one event of the sync loop, as kube-proxy's proxier records it.
+    public func record(_ event: SyncEvent) {
+        switch event {
+        case .started, .queued:
+            // kube-proxy's SyncLoop synthesises the queued time; Sync() sets it on every request.
+            lastQueuedTimestamp.set(to: nowSeconds())
+        case .changed(let kind, let pendingServices, let pendingEndpoints):
+            switch kind {
+            case .service: serviceChangesTotal.increment()
+            case .endpoints: endpointChangesTotal.increment()
+            }
+            serviceChangesPending.set(to: Double(pendingServices))
+            endpointChangesPending.set(to: Double(pendingEndpoints))
+        case .synced(let attempt):
+            recordSync(attempt)
+        case .node:
+            break
+        }
+    }
+
+    private func recordSync(_ attempt: SyncAttempt) {
+        // Observed for failed syncs too (kube-proxy observes in a defer).
+        syncDuration.record(attempt.duration)
+        (attempt.full ? syncFullDuration : syncPartialDuration).record(attempt.duration)
+        serviceChangesPending.set(to: Double(attempt.pendingServiceChanges))
+        endpointChangesPending.set(to: Double(attempt.pendingEndpointChanges))
+        guard let report = attempt.report else {
+            // Every backend failure leaves the previous rules in place, as a failed
+            // iptables-restore does: count it as one.
+            restoreFailures.increment()
+            if !attempt.full { partialRestoreFailures.increment() }
+            return
+        }
+        let now = wallClock()
+        for time in attempt.triggerTimes.values.joined() {
+            let trigger = Duration.nanoseconds(Int64((time * 1e9).rounded()))
+            // Changes from before this process started are not its latency (kube-proxy ignores
+            // trigger times older than its change tracker). A trigger time ahead of this node's
+            // clock (skew) counts as 0.
+            guard trigger > startWallTime else { continue }
+            networkProgrammingDuration.record(max(.zero, now - trigger))
+        }
+        for (table, count) in report.total {
+            registry.makeGauge(descriptor: ProxyMetrics.iptablesTotalHelp, labels: [("table", table)]).set(to: Double(count))
+        }
+        for (table, count) in report.written {
+            registry.makeGauge(descriptor: ProxyMetrics.iptablesLastHelp, labels: [("table", table)]).set(to: Double(count))
+        }
+        lastTimestamp.set(to: seconds(now))
+    }
+}
+
+extension ProxyMetrics: SyncObserver {
+    /// Counts service ports with a Local traffic policy that have endpoints, but none on this
+    /// node (`no_local_endpoints_total{traffic_policy}`), as kube-proxy does in each sync.
+    public func didSync(state: ProxyState, previous: ProxyState?, report: SyncReport) async {
+        var internalCount = 0
+        var externalCount = 0
+        for (name, info) in state.servicePorts where info.internalPolicyLocal || info.externalPolicyLocal {
+            let c = categorizeEndpoints(state.endpoints[name] ?? [], info: info, nodeName: nodeName, nodeLabels: state.nodeLabels)
+            guard c.hasAnyEndpoints, c.local.isEmpty else { continue }
+            if info.internalPolicyLocal { internalCount += 1 }
+            if info.externalPolicyLocal { externalCount += 1 }
+        }
+        noLocalEndpointsInternal.set(to: Double(internalCount))
+        noLocalEndpointsExternal.set(to: Double(externalCount))
+    }
+}

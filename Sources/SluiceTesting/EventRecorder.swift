@@ -1,0 +1,93 @@
+// Sluice: a per-node Kubernetes service proxy.
+// Records a source's event stream and folds it into the state a consumer would hold, so tests
+// can wait for "the client now sees what the server holds".
+
+import SluiceCore
+import Synchronization
+
+/// Records object events and the state they add up to.
+public final class EventRecorder: Sendable {
+    private struct State {
+        var events: [ObjectEvent] = []
+        var services: [NamespacedName: Service] = [:]
+        var slices: [NamespacedName: EndpointSlice] = [:]
+        var node: Node?
+        var finished: String?
+    }
+
+    private let state = Mutex(State())
+
+    /// Creates an empty recorder.
+    public init() {}
+
+    /// Consumes `stream` in a task (cancel it to stop).
+    public func record(_ stream: AsyncThrowingStream<ObjectEvent, Error>) -> Task<Void, Never> {
+        Task {
+            do {
+                for try await e in stream { self.add(e) }
+                state.withLock { $0.finished = "finished" }
+            } catch {
+                state.withLock { $0.finished = "failed: \(error)" }
+            }
+        }
+    }
+
+    /// Folds one event in.
+    public func add(_ e: ObjectEvent) {
+        state.withLock { s in
+            s.events.append(e)
+            switch e {
+            case .serviceUpserted(let x): s.services[x.key] = x
+            case .serviceDeleted(let k): s.services[k] = nil
+            case .sliceUpserted(let x): s.slices[x.key] = x
+            case .sliceDeleted(let k): s.slices[k] = nil
+            case .nodeUpserted(let n): s.node = n
+            case .nodeDeleted(let name): if s.node?.name == name { s.node = nil }
+            case .synced: break
+            }
+        }
+    }
+
+    /// Every event so far, in order.
+    public var events: [ObjectEvent] { state.withLock { $0.events } }
+    /// Services now held, by key.
+    public var services: [NamespacedName: Service] { state.withLock { $0.services } }
+    /// Service keys now held, as `namespace/name`, sorted.
+    public var serviceNames: [String] { state.withLock { $0.services.keys.map(\.description).sorted() } }
+    /// EndpointSlices now held.
+    public var slices: [NamespacedName: EndpointSlice] { state.withLock { $0.slices } }
+    /// Slice keys now held, sorted.
+    public var sliceNames: [String] { state.withLock { $0.slices.keys.map(\.description).sorted() } }
+    /// The node, when one was delivered.
+    public var node: Node? { state.withLock { $0.node } }
+    /// Whether `.synced` arrived.
+    public var synced: Bool { state.withLock { $0.events.contains(.synced) } }
+    /// How the stream ended, nil while it runs.
+    public var finished: String? { state.withLock { $0.finished } }
+
+    /// Waits until `condition` holds, polling; fails with `what` after `timeout` (a bound against
+    /// hangs, not a performance assertion).
+    public func wait(_ what: String, timeout: Duration = .seconds(30), until condition: @Sendable (EventRecorder) -> Bool) async throws {
+        try await Eventually.wait(what, timeout: timeout) { condition(self) }
+    }
+}
+
+/// Polling with a bound, for tests.
+public enum Eventually {
+    /// A condition that did not come true in time.
+    public struct Timeout: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// Polls `condition` every `interval` until it holds; throws after `timeout`.
+    public static func wait(_ what: String, timeout: Duration = .seconds(30), interval: Duration = .milliseconds(10),
+                            _ condition: @Sendable () async throws -> Bool) async throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now.advanced(by: timeout)
+        while true {
+            if try await condition() { return }
+            if clock.now >= deadline { throw Timeout(description: "timed out after \(timeout) waiting for: \(what)") }
+            try await Task.sleep(for: interval)
+        }
+    }
+}
