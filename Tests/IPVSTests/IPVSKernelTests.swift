@@ -293,7 +293,7 @@ func parseIPSetList(_ text: String) -> [String: (type: String, members: [String]
             -a -u 192.168.50.1:30053 -r 10.244.2.10:5353 -m -w 1
             -a -u 192.168.50.1:30053 -r 10.244.3.10:5353 -m -w 1
             """.split(separator: "\n").map(String.init).sorted()
-        let programmed = await Kernel.waitUntil(.seconds(30)) { await bed.ipvsSave() == expected }
+        let programmed = await Kernel.waitUntil(.seconds(60)) { await bed.ipvsSave() == expected }
         let programmedState = await bed.ipvsSave()
         #expect(programmed, "ipvsadm -Sn:\n\(programmedState.joined(separator: "\n"))\nsluice log:\n\(sluice.output)")
         #expect(programmedState == expected)
@@ -478,7 +478,7 @@ func parseIPSetList(_ text: String) -> [String: (type: String, members: [String]
     func restartChangesNothing(_ bed: Testbed) async throws {
         let before = await bed.ipvsSave()
         let sluice = try bed.startSluice("sluice-2.log")
-        let synced = await Kernel.waitUntil(.seconds(30)) { sluice.output.contains("ipvs full sync") }
+        let synced = await Kernel.waitUntil(.seconds(60)) { sluice.output.contains("ipvs full sync") }
         #expect(synced, "\(sluice.output)")
         let line = sluice.output.split(separator: "\n").first { $0.contains("ipvs full sync") }.map(String.init) ?? ""
         #expect(line.contains("wrote services +0 ~0 -0, destinations +0 ~0 -0, flushes 0, addresses +0 -0, ipset entries +0 -0, sets created 0"), "\(line)")
