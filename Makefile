@@ -3,8 +3,10 @@
 SWIFT ?= swift
 APT_PACKAGES = iptables ipset conntrack iproute2 user-mode-linux kmod ipvsadm libipset-dev libnetfilter-conntrack-dev python3 openssl
 BIN = .build/debug/sluice
+# Test suites that need IPVS and dummy devices: they run inside user-mode Linux.
+UML_TESTS = IPVSKernelTests|IPVSClientKernelTests
 
-.PHONY: deps build demo test unit-test kernel-test compile-example clean
+.PHONY: deps build demo test uml-test unit-test kernel-test compile-example clean
 
 # Install the Debian packages the build and the tests need (once per machine).
 deps:
@@ -21,9 +23,15 @@ build: deps
 demo: build
 	SLUICE_BIN=$(BIN) bash scripts/demo.sh
 
-# Every test: golden, model, partial sync, and real-kernel tests in namespaces.
-test: build
+# Every test: golden, model, partial sync, and real-kernel tests in namespaces; first the
+# IPVS kernel tests inside user-mode Linux (one guest boot), then the host suite last so its
+# summary is the last line printed.
+test: uml-test
 	SLUICE_BIN=$(abspath $(BIN)) $(SWIFT) test --skip-build --disable-xctest
+
+# Only the IPVS kernel tests, inside user-mode Linux.
+uml-test: build
+	SLUICE_BIN=$(abspath $(BIN)) scripts/uml-run.sh $(abspath .build/debug/SluicePackageTests.xctest) --testing-library swift-testing --filter '$(UML_TESTS)'
 
 compile-example: build
 	$(BIN) compile --manifests examples --hostname-override demo-node --node-ip 192.168.50.1 --cluster-cidr 10.244.0.0/16

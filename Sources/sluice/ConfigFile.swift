@@ -116,6 +116,30 @@ let configBindings: [ConfigBinding] = [
     ConfigBinding(path: "iptables.minSyncPeriod", flags: ["--min-sync-period", "--iptables-min-sync-period"], apply: { o, v throws(ConfigError) in
         o.minSyncPeriod = try duration("iptables.minSyncPeriod", v)
     }, current: { $0.minSyncPeriod }),
+    ConfigBinding(path: "ipvs.scheduler", flags: ["--ipvs-scheduler"], apply: { o, v in
+        if let s = v as? String, !s.isEmpty { o.ipvsScheduler = s }
+    }, current: { $0.ipvsScheduler }),
+    ConfigBinding(path: "ipvs.syncPeriod", flags: ["--ipvs-sync-period"], apply: { o, v throws(ConfigError) in
+        o.ipvsSyncPeriod = try duration("ipvs.syncPeriod", v)
+    }, current: { $0.ipvsSyncPeriod }),
+    ConfigBinding(path: "ipvs.minSyncPeriod", flags: ["--ipvs-min-sync-period"], apply: { o, v throws(ConfigError) in
+        o.ipvsMinSyncPeriod = try duration("ipvs.minSyncPeriod", v)
+    }, current: { $0.ipvsMinSyncPeriod }),
+    ConfigBinding(path: "ipvs.excludeCIDRs", flags: ["--ipvs-exclude-cidrs"], apply: { o, v in
+        if let l = v as? [String], !l.isEmpty { o.ipvsExcludeCidrs = l.joined(separator: ",") }
+    }, current: { o in o.ipvsExcludeCidrs.map { $0.split(separator: ",").map(String.init) } ?? [String]() }),
+    ConfigBinding(path: "ipvs.strictARP", flags: ["--ipvs-strict-arp"], apply: { o, v in
+        if let b = v as? Bool { o.ipvsStrictArp = b }
+    }, current: { $0.ipvsStrictArp }),
+    ConfigBinding(path: "ipvs.tcpTimeout", flags: ["--ipvs-tcp-timeout"], apply: { o, v throws(ConfigError) in
+        o.ipvsTcpTimeout = try duration("ipvs.tcpTimeout", v)
+    }, current: { $0.ipvsTcpTimeout }),
+    ConfigBinding(path: "ipvs.tcpFinTimeout", flags: ["--ipvs-tcpfin-timeout"], apply: { o, v throws(ConfigError) in
+        o.ipvsTcpfinTimeout = try duration("ipvs.tcpFinTimeout", v)
+    }, current: { $0.ipvsTcpfinTimeout }),
+    ConfigBinding(path: "ipvs.udpTimeout", flags: ["--ipvs-udp-timeout"], apply: { o, v throws(ConfigError) in
+        o.ipvsUdpTimeout = try duration("ipvs.udpTimeout", v)
+    }, current: { $0.ipvsUdpTimeout }),
     ConfigBinding(path: "conntrack.maxPerCore", flags: ["--conntrack-max-per-core"], apply: { o, v throws(ConfigError) in
         guard let i = v as? Int, i >= 0 else { throw ConfigError(field: "conntrack.maxPerCore", value: "\(v)", reason: "not a count >= 0") }
         o.conntrack.conntrackMaxPerCore = i

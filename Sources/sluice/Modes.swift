@@ -30,7 +30,12 @@ func makeMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger:
         return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger)]) { runner in
             [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
         }
-    case .ipvs, .userspace:
+    case .ipvs:
+        var mode = try await makeIPVSMode(options: options, node: node, family: family, logger: logger)
+        // IPVS mode keeps net.ipv4.vs.conntrack=1, so its flows are in the conntrack table too.
+        mode.observers.append(makeConntrackReconciler(node: node, logger: logger))
+        return mode
+    case .userspace:
         throw SluiceExit("--proxy-mode \(options.proxyMode.rawValue) is not available yet; use --proxy-mode iptables")
     }
 }

@@ -71,7 +71,9 @@ struct Sluice: AsyncParsableCommand {
     }
 
     private func runCleanup(options: ProxyOptions, logger: Logger) async throws {
-        var failures: [String] = []
+        // IPVS mode first: it removes its services, sets, device and own chains, and empties the
+        // chains it shares with iptables mode, which the iptables clean-up below then deletes.
+        var failures = await runIPVSCleanup(options: options, logger: logger)
         for family in IPFamily.allCases {
             let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
             guard ProcessRunner().resolve(tools.restore) != nil else {
@@ -95,7 +97,7 @@ struct Sluice: AsyncParsableCommand {
 /// `sluice compile`: prints the iptables-restore input of a full sync for the manifests.
 struct Compile: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Print the iptables-restore input of a full sync for a manifest directory (a dry run).")
+        abstract: "Print what a full sync would program for a manifest directory (a dry run): the iptables-restore input, or with --proxy-mode ipvs the IPVS services, ipset members and iptables rules.")
 
     @OptionGroup var options: ProxyOptions
 
@@ -105,7 +107,7 @@ struct Compile: AsyncParsableCommand {
     func run() async throws {
         let options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
-        guard options.proxyMode == .iptables else {
+        guard options.proxyMode != .userspace else {
             throw SluiceExit("compile --proxy-mode \(options.proxyMode.rawValue) is not available yet")
         }
         guard let dir = options.manifests else { throw SluiceExit("compile needs --manifests DIR") }
@@ -134,6 +136,12 @@ struct Compile: AsyncParsableCommand {
             default:
                 let r = await ProcessRunner().run(IPTablesTools(variant: options.iptablesBackend, family: family).iptables, ["--version"], input: nil)
                 if case .success(let out) = r, let f = IPTablesFeatures.parse(out.stdout + out.stderr) { rf = f.randomFully } else { rf = true }
+            }
+            if options.proxyMode == .ipvs {
+                if family != node.families.first { FileHandle.standardOutput.write(Data("# \(family.rawValue)\n".utf8)) }
+                let text = try ipvsDryRun(options: options, node: node, family: family, state: state, randomFully: rf)
+                FileHandle.standardOutput.write(Data(text.utf8))
+                continue
             }
             let opts = IPTablesOptions(node: node, family: family, randomFully: rf, conntrackTCPLiberal: liberal,
                                        localAddresses: LocalAddresses.current().filter { $0.family == family })
