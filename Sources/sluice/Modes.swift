@@ -29,8 +29,13 @@ func makeMode(options: ProxyOptions, node: NodeConfig, logger: Logger) async thr
         return ModeRuntime(backend: backend) { runner in
             [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
         }
-    case .ipvs, .userspace:
-        throw SluiceExit("--proxy-mode \(options.proxyMode.rawValue) is not available yet; use --proxy-mode iptables")
+    case .userspace:
+        let backend = try makeUserspaceBackend(options: options, node: node, logger: logger)
+        return ModeRuntime(backend: backend) { runner in
+            [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
+        }
+    case .ipvs:
+        throw SluiceExit("--proxy-mode \(options.proxyMode.rawValue) is not available yet; use --proxy-mode iptables or userspace")
     }
 }
 

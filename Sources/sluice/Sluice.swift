@@ -74,7 +74,8 @@ struct Sluice: AsyncParsableCommand {
 /// `sluice compile`: prints the iptables-restore input of a full sync for the manifests.
 struct Compile: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Print the iptables-restore input of a full sync for a manifest directory (a dry run).")
+        abstract: "Print the iptables-restore input of a full sync for a manifest directory (a dry run).",
+        discussion: "With --proxy-mode userspace it prints the portal rules; relay ports are assigned from 32768 in service-port order, as stand-ins for the ports a running proxy gets from the kernel.")
 
     @OptionGroup var options: ProxyOptions
 
@@ -83,7 +84,7 @@ struct Compile: AsyncParsableCommand {
 
     func run() async throws {
         let logger = makeLogger(verbosity: options.v)
-        guard options.proxyMode == .iptables else {
+        guard options.proxyMode != .ipvs else {
             throw SluiceExit("compile --proxy-mode \(options.proxyMode.rawValue) is not available yet")
         }
         guard let dir = options.manifests else { throw SluiceExit("compile needs --manifests DIR") }
@@ -100,6 +101,10 @@ struct Compile: AsyncParsableCommand {
             if case .rejected(let r) = tracker.apply(e) { logger.error("\(r.description); skipped") }
         }
         let state = tracker.snapshot(.ipv4)
+        if options.proxyMode == .userspace {
+            FileHandle.standardOutput.write(Data(try userspaceDryRun(state: state, node: node).utf8))
+            return
+        }
         let rf: Bool
         switch randomFully {
         case "true": rf = true
@@ -160,7 +165,7 @@ struct RunnerService: ServiceLifecycle.Service {
 
 /// Polls the canary chains and asks for a full sync when they vanish.
 struct CanaryMonitor: ServiceLifecycle.Service {
-    let backend: IPTablesBackend
+    let backend: any ProxyBackend
     let runner: SyncRunner<ContinuousClock>
     let interval: Duration
 
