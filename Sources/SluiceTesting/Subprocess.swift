@@ -97,6 +97,16 @@ public enum Subprocess {
             result.stderr = "cannot create temporary files in /tmp"
             return result
         }
+        // Closed explicitly: the Process object (which holds them) is never released here, as
+        // nothing runs the launching thread's run loop again, so closing on dealloc would leak
+        // three descriptors per command. Past ~1360 open descriptors Foundation's Process.run
+        // can crash reading /proc/self/fd (swift-corelibs-foundation PR #5472).
+        var inFile: FileHandle?
+        defer {
+            try? out.close()
+            try? err.close()
+            try? inFile?.close()
+        }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: path)
         process.arguments = Array(argv.dropFirst())
@@ -104,18 +114,19 @@ public enum Subprocess {
         process.standardOutput = out
         process.standardError = err
         if let input {
-            guard let inFile = scratchFile() else {
+            guard let file = scratchFile() else {
                 result.stderr = "cannot create temporary files in /tmp"
                 return result
             }
+            inFile = file
             do {
-                try inFile.write(contentsOf: Data(input.utf8))
-                try inFile.seek(toOffset: 0)
+                try file.write(contentsOf: Data(input.utf8))
+                try file.seek(toOffset: 0)
             } catch {
                 result.stderr = "cannot stage input: \(error)"
                 return result
             }
-            process.standardInput = inFile
+            process.standardInput = file
         } else {
             process.standardInput = FileHandle.nullDevice
         }

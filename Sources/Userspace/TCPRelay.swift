@@ -23,7 +23,7 @@ enum TCPRelay {
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(TCPConnectHandler(service: service))
+                    try channel.pipeline.syncOperations.addHandlers([ReadHold(), TCPConnectHandler(service: service)])
                 }
             }
         if reuseAddress {
@@ -81,6 +81,9 @@ final class TCPConnectHandler: ChannelInboundHandler {
             .channelOption(.autoRead, value: false)
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { backend in
+                backend.eventLoop.makeCompletedFuture { try backend.pipeline.syncOperations.addHandler(ReadHold()) }
+            }
             .connect(to: address)
             .assumeIsolated()
             .whenComplete { result in
@@ -116,11 +119,61 @@ final class TCPConnectHandler: ChannelInboundHandler {
             try client.pipeline.syncOperations.addHandler(clientGlue)
             try backend.syncOptions?.setOption(.autoRead, value: true)
             try client.syncOptions?.setOption(.autoRead, value: true)
+            try backend.pipeline.syncOperations.handler(type: ReadHold.self).release()
+            try client.pipeline.syncOperations.handler(type: ReadHold.self).release()
         } catch {
             service.logger.error("\(service.name): cannot start the relay to \(endpoint): \(error)")
             backend.close(promise: nil)
             client.close(promise: nil)
         }
+    }
+}
+
+/// Holds what a channel reads until the relay is joined, then passes it on in order.
+///
+/// `autoRead` off is not enough: when the peer half-closes, NIO reads everything up to the
+/// EOF at once (its one-shot `readEOF` handling), so a client that sends its request and
+/// shuts down its write side before the backend connection is up would otherwise have its
+/// bytes and its EOF dropped at the end of the pipeline.
+final class ReadHold: ChannelInboundHandler {
+    typealias InboundIn = NIOAny
+
+    private var context: ChannelHandlerContext?
+    private var held: [NIOAny] = []
+    private var heldEOF = false
+    private var released = false
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if released { context.fireChannelRead(data) } else { held.append(data) }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if released { context.fireChannelReadComplete() }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if !released, let e = event as? ChannelEvent, case .inputClosed = e {
+            heldEOF = true
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    /// Passes on what was held and everything that follows.
+    func release() {
+        guard !released else { return }
+        released = true
+        guard let context else { return }
+        if !held.isEmpty {
+            let data = held
+            held = []
+            for d in data { context.fireChannelRead(d) }
+            context.fireChannelReadComplete()
+        }
+        if heldEOF { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
     }
 }
 

@@ -42,10 +42,12 @@ final class UDPListenHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let envelope = unwrapInboundIn(data)
-        if let flow = flows[envelope.remoteAddress] {
+        if let flow = flows[envelope.remoteAddress], flow.isOpen {
             flow.send(envelope.data)
             return
         }
+        // No flow, or one closing (idle timeout, endpoint gone) whose socket no longer
+        // sends: a new flow takes the client over.
         let client = envelope.remoteAddress.ipAddress.flatMap(IPAddress.init)
         guard let endpoint = service.pick(client: client, resetAffinity: false) else {
             service.logger.trace("\(service.name): no endpoints; datagram from \(envelope.remoteAddress) dropped")
@@ -90,7 +92,11 @@ final class UDPFlow {
     private var pending: [ByteBuffer] = []
     private var lastActivity = NIODeadline.now()
     private var ticket: RelayTicket?
+    private var closing = false
     private var ended = false
+
+    /// False once the flow has started closing: datagrams must go to a new flow.
+    var isOpen: Bool { !closing && !ended && (channel?.isActive ?? true) }
 
     init(client: SocketAddress, endpoint: EndpointInfo, listener: any Channel, owner: UDPListenHandler, service: ServiceRelayState) {
         self.client = client
@@ -178,6 +184,7 @@ final class UDPFlow {
 
     /// Closes the backend socket (the flow ends when it has closed).
     func close() {
+        closing = true
         if let channel {
             channel.close(promise: nil)
         } else {

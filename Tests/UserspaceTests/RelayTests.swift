@@ -111,19 +111,51 @@ struct RelayTests {
         await echo.close()
     }
 
-    @Test("TCP: 200 concurrent connections all complete")
+    @Test("TCP: a request sent and half-closed before the backend connection is up is not lost")
+    func tcpEarlyHalfClose() async throws {
+        // NIO reads a half-closed peer's input eagerly, autoRead or not: the relay must hold
+        // those bytes and the EOF until the backend side is joined.
+        // A refusing endpoint first in turn makes every connection take a failed attempt
+        // before the good one, which widens the window.
+        let echo = try await echoServer()
+        let dead = try await deadPort()
+        let relays = RelayManager(config: testConfig(), logger: testLogger)
+        let name = spn("early")
+        let spec = RelaySpec(name: name, proto: .tcp, endpoints: [endpoint(dead), endpoint(echo.port)])
+        let port = try #require(await relays.prepare([name: spec]).ports[name])
+        let request = Array("GET / HTTP/1.0\r\n\r\n".utf8)
+        let trailer = Array("END \(request.count) \(String(fnv1a(request), radix: 16))\n".utf8)
+        let results = try await onThread { () -> [Bool] in
+            try (0..<100).map { _ in
+                let s = try BlockingSocket()
+                try s.connect(port: port)
+                try s.sendAll(request)
+                s.shutdownWrite()
+                return try s.readAll() == request + trailer
+            }
+        }
+        #expect(results.filter { !$0 }.isEmpty, "\(results.filter { !$0 }.count) of 100 exchanges lost bytes")
+        await relays.closeAll()
+        await echo.close()
+    }
+
+    /// 50 here (200 in the kernel test, where clients and backends are other processes): the
+    /// test process holds four descriptors per connection, and Foundation's Process.run,
+    /// which other tests call concurrently, walks every open descriptor.
+    @Test("TCP: 50 concurrent connections all complete")
     func tcpConcurrent() async throws {
         let a = try await namedServer("A"), b = try await namedServer("B")
         let relays = RelayManager(config: testConfig(), logger: testLogger)
         let name = spn("many")
         let port = try #require(await relays.prepare([name: RelaySpec(name: name, proto: .tcp, endpoints: [endpoint(a.port), endpoint(b.port)])]).ports[name])
         let answers = try await withThrowingTaskGroup(of: String.self) { group in
-            for _ in 0..<200 { group.addTask { try await askName(port) } }
+            for _ in 0..<50 { group.addTask { try await askName(port) } }
             return try await group.reduce(into: [String]()) { $0.append($1) }
         }
-        #expect(answers.count == 200)
-        #expect(answers.filter { $0 == "A" }.count == 100)
-        #expect(answers.filter { $0 == "B" }.count == 100)
+        // Both backends serve (not necessarily 25 each: under load a backend's accept queue
+        // can overflow, and the relay then retries the connection on the other one).
+        #expect(answers.count == 50)
+        #expect(Set(answers) == ["A", "B"])
         await relays.closeAll()
         await a.close(); await b.close()
     }
@@ -137,14 +169,14 @@ struct RelayTests {
         let port = try #require(await relays.prepare([name: both]).ports[name])
         // Two long-lived connections: round robin puts one on each endpoint.
         let c1 = try await onThread { () -> BlockingSocket in
-            let s = try BlockingSocket(timeout: 3)
+            let s = try BlockingSocket()
             try s.connect(port: port)
             try s.sendAll([1])
             guard try s.readOnce() == [1] else { throw SocketFailure(what: "echo", code: 0) }
             return s
         }
         let c2 = try await onThread { () -> BlockingSocket in
-            let s = try BlockingSocket(timeout: 3)
+            let s = try BlockingSocket()
             try s.connect(port: port)
             try s.sendAll([2])
             guard try s.readOnce() == [2] else { throw SocketFailure(what: "echo", code: 0) }
@@ -163,8 +195,9 @@ struct RelayTests {
         let gone = await relays.prepare([name: RelaySpec(name: name, proto: .tcp, endpoints: [endpoint(e2.port), endpoint(e3.port)])])
         #expect(gone.ports[name] == port)
         #expect(gone.closedRelays == 1)
+        // EOF or a reset: closed. A receive timeout (EAGAIN) would mean it is still open.
         let c1Closed = try await onThread { () -> Bool in
-            do { return try c1.readAll().isEmpty } catch { return true }
+            do { return try c1.readAll().isEmpty } catch let e as SocketFailure { return e.code != EAGAIN }
         }
         #expect(c1Closed)
         let c2Echo = try await onThread { () -> [UInt8] in
@@ -182,7 +215,9 @@ struct RelayTests {
     @Test("UDP: replies return to the right client; flows spread round robin; idle flows close")
     func udpFlows() async throws {
         let a = try await udpServer("A"), b = try await udpServer("B")
-        let relays = RelayManager(config: testConfig(udpIdle: .milliseconds(250)), logger: testLogger)
+        // An idle timeout long enough that a loaded machine's slow reply never meets a
+        // closed flow (a flow closes `udpIdle` after its last datagram either way).
+        let relays = RelayManager(config: testConfig(udpIdle: .seconds(1)), logger: testLogger)
         let name = spn("dns", .udp)
         let port = try #require(await relays.prepare([name: RelaySpec(name: name, proto: .udp, endpoints: [endpoint(a.port), endpoint(b.port)])]).ports[name])
         // Fresh sockets: each is a new client address, so a new flow, so the next backend.
@@ -192,7 +227,7 @@ struct RelayTests {
 
         // One client, many datagrams: one flow, one backend, every reply to this client.
         let same = try await onThread { () -> [String] in
-            let s = try BlockingSocket(udp: true, timeout: 2)
+            let s = try BlockingSocket(udp: true)
             try s.connect(port: port)
             var out: [String] = []
             for _ in 0..<5 {
@@ -202,8 +237,8 @@ struct RelayTests {
             return out
         }
         #expect(Set(same).count == 1)
-        // Idle flows close after 250 ms.
-        #expect(await eventually { await relays.relayCounts(name).isEmpty })
+        // Idle flows close after 1 s.
+        #expect(await eventually(within: .seconds(20)) { await relays.relayCounts(name).isEmpty })
         await relays.closeAll()
         await a.close(); await b.close()
     }

@@ -36,8 +36,10 @@ final class TestTime: Sendable {
     func advance(_ d: Duration) { value.withLock { $0 += d } }
 }
 
-/// Relay settings for tests: loopback only, short timeouts.
-func testConfig(udpIdle: Duration = .milliseconds(250), time: TestTime? = nil) -> RelayConfig {
+/// Relay settings for tests: loopback only. The UDP idle timeout is long by default: a flow
+/// closes that long after its last datagram, and a loaded test machine can be slower than
+/// the production 250 ms between a request and its reply.
+func testConfig(udpIdle: Duration = .seconds(10), time: TestTime? = nil) -> RelayConfig {
     let t = time
     return RelayConfig(listenAddress: "127.0.0.1", udpIdleTimeout: udpIdle,
                        connectTimeouts: [.milliseconds(500), .seconds(1)], maxConnectAttempts: 4, backlog: 1024,
@@ -177,7 +179,7 @@ func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async thr
 final class BlockingSocket: @unchecked Sendable {
     let fd: Int32
 
-    init(udp: Bool = false, timeout: Double = 5) throws {
+    init(udp: Bool = false, timeout: Double = 10) throws {
         #if canImport(Glibc)
         let type = Int32(udp ? SOCK_DGRAM.rawValue : SOCK_STREAM.rawValue)
         #else
@@ -259,7 +261,7 @@ func askName(_ port: Int) async throws -> String {
 }
 
 /// One UDP request from a fresh socket; returns the answer.
-func askUDP(_ port: Int, timeout: Double = 2) async throws -> String {
+func askUDP(_ port: Int, timeout: Double = 10) async throws -> String {
     try await onThread {
         let s = try BlockingSocket(udp: true, timeout: timeout)
         try s.connect(port: port)
