@@ -50,6 +50,16 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Userspace mode: SwiftNIO TCP/UDP relays in the process and their portal rules.
+        .target(
+            name: "Userspace",
+            dependencies: [
+                "SluiceCore", "IPTables",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
         // Health (10256, per-service health-check node ports) and metrics (10249) HTTP servers.
         .target(
             name: "SluiceServer",
@@ -87,7 +97,7 @@ let package = Package(
         .executableTarget(
             name: "sluice",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack",
+                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -140,6 +150,15 @@ let package = Package(
             name: "IPVSTests",
             dependencies: ["IPVS", "Netlink", "CNetlink", "IPTables", "SluiceCore", "SluiceTesting"],
             exclude: ["Golden"]
+        ),
+        .testTarget(
+            name: "UserspaceTests",
+            dependencies: [
+                "Userspace", "IPTables", "SluiceCore", "SluiceTesting",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
         ),
         .testTarget(
             name: "KernelTests",

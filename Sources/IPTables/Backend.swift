@@ -201,17 +201,17 @@ public actor IPTablesBackend: ProxyBackend {
         return out
     }
 
-    /// Removes every rule and chain Sluice or kube-proxy created in iptables mode: the jump
-    /// rules from the built-in chains, then every KUBE- chain of ours in one restore per table.
+    /// Removes every rule and chain Sluice or kube-proxy created in iptables or userspace mode:
+    /// the jump rules from the built-in chains, then every KUBE- chain of ours in one restore per table.
     public func cleanup() async throws {
-        for rule in jumpRules + kubeletJumpRules {
+        for rule in jumpRules + kubeletJumpRules + userspaceJumpRules {
             // A rule may have been inserted more than once; delete until it is gone.
             for _ in 0..<16 {
                 let r = await runner.run(tools.iptables, ["-w", "5", "-t", rule.table.rawValue, "-D", rule.source] + rule.ruleArgs, input: nil)
                 guard case .success(let res) = r, res.status == 0 else { break }
             }
         }
-        let ours: Set<String> = Set(Chain.filterTopLevel + Chain.natTopLevel + [Chain.kubeletFirewall, Chain.canary])
+        let ours: Set<String> = Set(Chain.filterTopLevel + Chain.natTopLevel + [Chain.kubeletFirewall, Chain.canary] + Chain.userspaceNAT)
         for table in [Table.nat, .filter, .mangle] {
             let present = (try? await chainsIn(table)) ?? []
             let doomed = present.filter { ours.contains($0) || Chain.isServiceChain($0) }.sorted()

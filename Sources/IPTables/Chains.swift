@@ -43,6 +43,8 @@ public struct JumpRule: Sendable, Hashable {
     public var comment: String
     /// Extra match arguments placed before the comment.
     public var extraArgs: [String]
+    /// Where the rule goes when it is missing: first in the chain (`-I CHAIN 1`) or last (`-A`).
+    public var position: JumpPosition = .first
 
     /// The rule's arguments after `-A/-I/-C/-D <chain>`: extra args, comment, jump.
     public var ruleArgs: [String] {
@@ -50,6 +52,14 @@ public struct JumpRule: Sendable, Hashable {
         if !comment.isEmpty { a += ["-m", "comment", "--comment", comment] }
         return a + ["-j", target]
     }
+}
+
+/// Where a jump rule is installed in its built-in chain.
+public enum JumpPosition: Sendable, Hashable {
+    /// `-I CHAIN 1`.
+    case first
+    /// `-A CHAIN`.
+    case last
 }
 
 /// kube-proxy's `iptablesJumpChains` followed by the kubelet duplicates, in order.

@@ -119,6 +119,16 @@ public struct ProcessRunner: CommandRunner {
             .failure(CommandError(command: commandLine, status: nil, message: message))
         }
         guard let out = scratchFile(), let err = scratchFile() else { return failure("cannot create a temporary file in /tmp") }
+        // Closed explicitly: the Process object holding them may outlive this call (nothing runs
+        // the launching thread's run loop again), so closing on dealloc would leak three
+        // descriptors per command; past ~1360 open descriptors Foundation's Process.run can
+        // crash reading /proc/self/fd (swift-corelibs-foundation PR #5472).
+        var inFile: FileHandle?
+        defer {
+            try? out.close()
+            try? err.close()
+            try? inFile?.close()
+        }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: path)
         process.arguments = arguments
@@ -126,14 +136,15 @@ public struct ProcessRunner: CommandRunner {
         process.standardOutput = out
         process.standardError = err
         if let input {
-            guard let inFile = scratchFile() else { return failure("cannot create a temporary file in /tmp") }
+            guard let file = scratchFile() else { return failure("cannot create a temporary file in /tmp") }
+            inFile = file
             do {
-                try inFile.write(contentsOf: input)
-                try inFile.seek(toOffset: 0)
+                try file.write(contentsOf: input)
+                try file.seek(toOffset: 0)
             } catch {
                 return failure("cannot stage input: \(error)")
             }
-            process.standardInput = inFile
+            process.standardInput = file
         } else {
             process.standardInput = FileHandle.nullDevice
         }

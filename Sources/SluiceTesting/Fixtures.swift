@@ -44,7 +44,7 @@ public enum Fixtures {
 }
 
 /// A fake iptables: it applies restore batches to an in-memory nat/filter table set with
-/// `--noflush` semantics, answers `iptables-save -t T`, `-N`, `-C`, `-I`, `-D` and `-S`, and
+/// `--noflush` semantics, answers `iptables-save -t T`, `-N`, `-C`, `-I`, `-A`, `-D` and `-S`, and
 /// can be told to fail the next restore.
 public final class FakeIPTables: CommandRunner, @unchecked Sendable {
     private let lock = NSLock()
@@ -111,6 +111,9 @@ public final class FakeIPTables: CommandRunner, @unchecked Sendable {
             case "-I":
                 tables[t, default: [:]][chain, default: []].insert(FakeIPTables.quote(Array(rest.dropFirst())), at: 0)
                 return ok()
+            case "-A":
+                tables[t, default: [:]][chain, default: []].append(FakeIPTables.quote(rest))
+                return ok()
             case "-D":
                 guard let i = tables[t]?[chain]?.firstIndex(of: FakeIPTables.quote(rest)) else { return fail("Bad rule") }
                 tables[t]?[chain]?.remove(at: i)
@@ -152,7 +155,7 @@ public final class FakeIPTables: CommandRunner, @unchecked Sendable {
             }
         }
         // Every jump must land on an existing chain (iptables refuses dangling jumps).
-        let targets: Set<String> = ["ACCEPT", "REJECT", "DROP", "MARK", "RETURN", "DNAT", "SNAT", "MASQUERADE"]
+        let targets: Set<String> = ["ACCEPT", "REJECT", "DROP", "MARK", "RETURN", "DNAT", "SNAT", "MASQUERADE", "REDIRECT"]
         for (_, chains) in next {
             for (_, rules) in chains {
                 for r in rules {

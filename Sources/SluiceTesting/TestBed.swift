@@ -7,7 +7,7 @@
 //
 //   namespace  interface  address                        node side
 //   cli        eth0       10.244.1.10/24                 vcli  10.244.1.1/24
-//   be<i>      eth0       10.244.<i+1>.10/24             vbe<i> 10.244.<i+1>.1/24   backend-<i> :8080/tcp :5353/udp
+//   be<i>      eth0       10.244.<i+1>.10/24             vbe<i> 10.244.<i+1>.1/24   backend-<i> :8080/tcp :5353/udp :9090/tcp echo
 //   ext        eth0       192.168.50.10/24, .20/24       vext  192.168.50.1/24 (the node IP; "outside")
 //
 // Pod namespaces route only 10.244.0.0/16 and 10.96.0.0/12 via the node (no default
@@ -57,6 +57,8 @@ public enum TestNet {
     public static let backendTCPPort = 8080
     /// The port every backend listens on for UDP.
     public static let backendUDPPort = 5353
+    /// The port every backend echoes TCP streams on (backend.py --echo-port).
+    public static let backendEchoPort = 9090
 
     /// The address of backend `i` (1-based).
     public static func backendIP(_ i: Int) -> String { "10.244.\(i + 1).10" }
@@ -361,7 +363,7 @@ public final class TestBed: @unchecked Sendable {
                 name: TestNet.backendName(n),
                 arguments: ["ip", "netns", "exec", ns, python, script, "--name", TestNet.backendName(n),
                             "--bind", TestNet.backendIP(n), "--tcp-port", "\(TestNet.backendTCPPort)",
-                            "--udp-port", "\(TestNet.backendUDPPort)"],
+                            "--udp-port", "\(TestNet.backendUDPPort)", "--echo-port", "\(TestNet.backendEchoPort)"],
                 logPath: "\(tempDir)/\(TestNet.backendName(n)).log")
             track(p)
             started.append(p)

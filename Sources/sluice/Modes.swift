@@ -36,7 +36,12 @@ func makeMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger:
         mode.observers.append(makeConntrackReconciler(node: node, logger: logger))
         return mode
     case .userspace:
-        throw SluiceExit("--proxy-mode \(options.proxyMode.rawValue) is not available yet; use --proxy-mode iptables")
+        let backend = try makeUserspaceBackend(options: options, node: node, logger: logger)
+        // Redirected flows answer from the relay port, not an endpoint: the reconciler keeps them.
+        let ports = backend.relayPortTable
+        return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger, relayPort: { ports.port($0) })]) { runner in
+            [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
+        }
     }
 }
 

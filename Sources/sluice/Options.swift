@@ -112,6 +112,9 @@ struct ProxyOptions: ParsableArguments {
     /// `--conntrack-*` (ConntrackSetup.swift).
     @OptionGroup var conntrack: ConntrackOptions
 
+    @Option(help: ArgumentHelp("How long an idle UDP flow is kept open in userspace mode (Go duration, e.g. 250ms, 2s).", valueName: "duration"))
+    var udpTimeout: String = "250ms"
+
     mutating func validate() throws {
         guard (0...31).contains(iptablesMasqueradeBit) else {
             throw ValidationError("--iptables-masquerade-bit \(iptablesMasqueradeBit) is not in 0-31")
@@ -125,6 +128,9 @@ struct ProxyOptions: ParsableArguments {
         guard minP <= p else { throw ValidationError("--min-sync-period \(minSyncPeriod) is longer than --sync-period \(syncPeriod)") }
         if let h = hostnameOverride, !Validation.isNodeName(h.lowercased()) {
             throw ValidationError("--hostname-override \"\(Validation.printable(h))\" is not a valid node name")
+        }
+        guard let udp = GoDuration.parse(udpTimeout), udp > .zero else {
+            throw ValidationError("--udp-timeout \"\(udpTimeout)\" is not a positive duration such as 250ms")
         }
         _ = try nodeIPs()
         _ = try clusterCIDRs()

@@ -54,7 +54,9 @@ struct Sluice: AsyncParsableCommand {
         applyConntrackSysctls(options.conntrack, logger: logger)
         var runners: [SyncRunner<ContinuousClock>] = []
         var services: [any ServiceLifecycle.Service] = []
-        for family in node.families {
+        // Userspace mode relays IPv4 only (its portal rules are iptables rules).
+        let families = options.proxyMode == .userspace ? [IPFamily.ipv4] : node.families
+        for family in families {
             let mode = try await makeMode(options: options, node: node, family: family, logger: logger)
             let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
                                     backend: mode.backend, family: family, timing: options.timing, clock: ContinuousClock(),
@@ -63,7 +65,7 @@ struct Sluice: AsyncParsableCommand {
             runners.append(runner)
             services += [RunnerService(runner: runner)] + mode.services(runner)
         }
-        if node.families.count > 1 { logger.info("dual-stack: one proxier per family (\(node.families.map(\.rawValue).joined(separator: ", ")))") }
+        if families.count > 1 { logger.info("dual-stack: one proxier per family (\(node.families.map(\.rawValue).joined(separator: ", ")))") }
         services = [SourcePump(events: source, runners: runners)] + services + observability.services
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
@@ -97,7 +99,8 @@ struct Sluice: AsyncParsableCommand {
 /// `sluice compile`: prints the iptables-restore input of a full sync for the manifests.
 struct Compile: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Print what a full sync would program for a manifest directory (a dry run): the iptables-restore input, or with --proxy-mode ipvs the IPVS services, ipset members and iptables rules.")
+        abstract: "Print what a full sync would program for a manifest directory (a dry run): the iptables-restore input, or with --proxy-mode ipvs the IPVS services, ipset members and iptables rules.",
+        discussion: "With --proxy-mode userspace it prints the portal rules; relay ports are assigned from 32768 in service-port order, as stand-ins for the ports a running proxy gets from the kernel.")
 
     @OptionGroup var options: ProxyOptions
 
@@ -107,9 +110,6 @@ struct Compile: AsyncParsableCommand {
     func run() async throws {
         let options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
-        guard options.proxyMode != .userspace else {
-            throw SluiceExit("compile --proxy-mode \(options.proxyMode.rawValue) is not available yet")
-        }
         guard let dir = options.manifests else { throw SluiceExit("compile needs --manifests DIR") }
         let node = try options.nodeConfig()
         var tracker = ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName)
@@ -122,6 +122,10 @@ struct Compile: AsyncParsableCommand {
         }
         for e in events {
             if case .rejected(let r) = tracker.apply(e) { logger.error("\(r.description); skipped") }
+        }
+        if options.proxyMode == .userspace {
+            FileHandle.standardOutput.write(Data(try userspaceDryRun(state: tracker.snapshot(.ipv4), node: node).utf8))
+            return
         }
         let liberal = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", encoding: .utf8))?
             .trimmingASCIIWhitespace() == "1"
@@ -196,7 +200,7 @@ struct RunnerService: ServiceLifecycle.Service {
 
 /// Polls the canary chains and asks for a full sync when they vanish.
 struct CanaryMonitor: ServiceLifecycle.Service {
-    let backend: IPTablesBackend
+    let backend: any ProxyBackend
     let runner: SyncRunner<ContinuousClock>
     let interval: Duration
 

@@ -207,7 +207,7 @@ struct ConntrackKernelTests {
     func tcpUntouched() async throws {
         try await TestBed.with(.init(ext: false, label: "cttcp")) { bed in
             var svc = webService()
-            svc.ports = [.dns(), TestServicePort(name: "hold", proto: "TCP", port: 9090, targetPort: 9090)]
+            svc.ports = [.dns(), TestServicePort(name: "hold", proto: "TCP", port: 9191, targetPort: 9191)]
             svc.endpoints = [1]
             try bed.writeManifest("svc.yaml", svc.yaml)
             // A TCP server on backend-1 that keeps its connections open, and a client that
@@ -215,7 +215,7 @@ struct ConntrackKernelTests {
             let server = try bed.startBackground(in: bed.backendNS[0], name: "hold-server", [bed.python, "-c", """
                 import socket, time
                 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("\(TestNet.backendIP(1))", 9090)); s.listen(8); print("ready", flush=True)
+                s.bind(("\(TestNet.backendIP(1))", 9191)); s.listen(8); print("ready", flush=True)
                 conns = []
                 while True:
                     c, _ = s.accept(); conns.append(c)
@@ -225,14 +225,14 @@ struct ConntrackKernelTests {
             try await bed.waitForClient(server, "hold server ready") { $0.contains("ready") }
             let holder = try bed.startBackground(in: bed.clientNS, name: "hold-client", [bed.python, "-c", """
                 import socket, time
-                c = socket.create_connection(("\(svc.clusterIP)", 9090), timeout=5); print("connected", flush=True)
+                c = socket.create_connection(("\(svc.clusterIP)", 9191), timeout=5); print("connected", flush=True)
                 time.sleep(600)
                 """])
             try await bed.waitForClient(holder, "TCP connection through the ClusterIP") { $0.contains("connected") }
             let udp = try await bed.request(from: bed.clientNS, .udp, svc.clusterTarget("dns"), count: 3)
             expectAnswered(udp, count: 3, backends: ["backend-1"], "UDP before the change", bed)
 
-            let tcpBefore = try await bed.conntrackEntries(["-p", "tcp", "-d", svc.clusterIP, "--dport", "9090"])
+            let tcpBefore = try await bed.conntrackEntries(["-p", "tcp", "-d", svc.clusterIP, "--dport", "9191"])
             #expect(tcpBefore.count == 1 && tcpBefore.first?.replySrc == TestNet.backendIP(1)
                     && tcpBefore.first?.line.contains("ESTABLISHED") == true, "\(tcpBefore)")
             #expect(try await bed.conntrackEntries(["-p", "udp", "-d", svc.clusterIP]).count == 3)
@@ -243,7 +243,7 @@ struct ConntrackKernelTests {
             let reconcile = try #require(try await bed.waitForReconcile(after: seen).last)
             #expect(reconcile["deleted"] == "3", "the three UDP flows to backend-1: \(reconcile)")
             #expect(try await bed.conntrackEntries(["-p", "udp", "-d", svc.clusterIP]).isEmpty)
-            let tcpAfter = try await bed.conntrackEntries(["-p", "tcp", "-d", svc.clusterIP, "--dport", "9090"])
+            let tcpAfter = try await bed.conntrackEntries(["-p", "tcp", "-d", svc.clusterIP, "--dport", "9191"])
             #expect(tcpAfter.map(\.id) == tcpBefore.map(\.id) && tcpAfter.first?.line.contains("ESTABLISHED") == true,
                     "the TCP entry is the same one: \(tcpAfter)")
             #expect(holder.isRunning)

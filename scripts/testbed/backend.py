@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Tiny test backend for Sluice's demo and kernel tests (stdlib only).
 
-    backend.py --name NAME --bind IP [--tcp-port P] [--udp-port Q]
+    backend.py --name NAME --bind IP [--tcp-port P] [--udp-port Q] [--echo-port E]
 
 TCP: answers any request -- an HTTP request, or a raw line followed by a
 half-close -- with
@@ -9,6 +9,10 @@ half-close -- with
     HTTP/1.1 200 OK ... \r\n\r\nNAME <client-ip>\n
 
 and closes the connection. UDP: answers every datagram with `NAME <client-ip>\n`.
+Echo (TCP, --echo-port): sends back every byte received; when the client
+half-closes, adds `END <bytes> <sha256-hex>\n` for everything it received, then
+closes -- a check that a proxy delivers a whole stream, its EOF, and a reply
+sent after the client's half-close.
 <client-ip> is the peer address as the backend sees it, so a test can tell
 whether the proxy masqueraded the traffic.
 
@@ -21,6 +25,7 @@ Run it with /usr/bin/python3 (a pyenv shim costs seconds per start).
 """
 
 import argparse
+import hashlib
 import ipaddress
 import signal
 import socket
@@ -111,6 +116,43 @@ def handle_tcp(conn, addr, name):
         conn.close()
 
 
+def handle_echo(conn, addr):
+    client = peer_ip(addr)
+    digest = hashlib.sha256()
+    total = 0
+    try:
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:  # the client half-closed: report what arrived
+                break
+            digest.update(chunk)
+            total += len(chunk)
+            conn.sendall(chunk)
+        conn.sendall(f"END {total} {digest.hexdigest()}\n".encode())
+        log(f"echo {client}:{addr[1]} {total} bytes")
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        try:
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+    except OSError as e:
+        log(f"echo {client}: {e}")
+    finally:
+        conn.close()
+
+
+def serve_echo(sock):
+    while True:
+        try:
+            conn, addr = sock.accept()
+        except OSError as e:
+            log(f"echo accept: {e}")
+            continue
+        threading.Thread(target=handle_echo, args=(conn, addr), daemon=True).start()
+
+
 def serve_tcp(sock, name):
     while True:
         try:
@@ -151,12 +193,13 @@ def main():
     p.add_argument("--bind", default="0.0.0.0", help="IP address literal to listen on (default 0.0.0.0)")
     p.add_argument("--tcp-port", type=int, default=0, help="TCP port (0 or absent: no TCP)")
     p.add_argument("--udp-port", type=int, default=0, help="UDP port (0 or absent: no UDP)")
+    p.add_argument("--echo-port", type=int, default=0, help="TCP echo port (0 or absent: none)")
     p.add_argument("--verbose", action="store_true", help="log each request on stderr")
     args = p.parse_args()
     VERBOSE = args.verbose
     if not args.tcp_port and not args.udp_port:
         p.error("give --tcp-port and/or --udp-port")
-    for port in (args.tcp_port, args.udp_port):
+    for port in (args.tcp_port, args.udp_port, args.echo_port):
         if not 0 <= port <= 65535:
             p.error(f"bad port {port}")
     if any(c.isspace() for c in args.name) or not args.name:
@@ -177,6 +220,9 @@ def main():
         if args.udp_port:
             s = open_socket(socket.SOCK_DGRAM, args.bind, args.udp_port)
             threads.append(threading.Thread(target=serve_udp, args=(s, args.name), daemon=True))
+        if args.echo_port:
+            s = open_socket(socket.SOCK_STREAM, args.bind, args.echo_port)
+            threads.append(threading.Thread(target=serve_echo, args=(s,), daemon=True))
     except OSError as e:
         sys.exit(f"backend.py: cannot listen on {args.bind}: {e}")
     for t in threads:

@@ -1,0 +1,69 @@
+// Sluice: a per-node Kubernetes service proxy.
+// What the userspace mode derives from the shared model: one relay per TCP or UDP service
+// port, with the endpoints new connections go to and the ones established relays may keep.
+
+import SluiceCore
+
+/// Everything the relays need to know about one service port.
+public struct RelaySpec: Sendable, Hashable {
+    /// The service port.
+    public var name: ServicePortName
+    /// TCP or UDP.
+    public var proto: TransportProtocol
+    /// The NodePort to hold open (and serve), 0 for none.
+    public var nodePort: Int
+    /// Where new connections go, in round-robin order: the ready endpoints (kube-proxy's
+    /// cluster set, or the node-local set under internalTrafficPolicy Local).
+    public var endpoints: [EndpointInfo]
+    /// `ip:port` of the endpoints whose established relays stay open: every endpoint still
+    /// listed that is ready or serving (a terminating pod finishes its connections). Relays to
+    /// any other endpoint are closed.
+    public var keep: Set<String>
+    /// ClientIP affinity timeout; nil when affinity is off.
+    public var affinityTimeout: Duration?
+
+    /// Creates a spec.
+    public init(name: ServicePortName, proto: TransportProtocol, nodePort: Int = 0, endpoints: [EndpointInfo],
+                keep: Set<String>? = nil, affinityTimeout: Duration? = nil) {
+        self.name = name
+        self.proto = proto
+        self.nodePort = nodePort
+        self.endpoints = endpoints
+        self.keep = keep ?? Set(endpoints.map(\.description))
+        self.affinityTimeout = affinityTimeout
+    }
+}
+
+/// The userspace mode's reading of one `ProxyState`.
+public struct UserspacePlan: Sendable {
+    /// One relay per TCP/UDP service port.
+    public var relays: [ServicePortName: RelaySpec] = [:]
+    /// The service ports the portal rules cover, sorted (same keys as `relays`).
+    public var names: [ServicePortName] = []
+    /// Service ports this mode cannot relay (SCTP), sorted.
+    public var skipped: [ServicePortName] = []
+    /// The model's view of each relayed port (addresses for the portal rules).
+    public var servicePorts: [ServicePortName: ServicePortInfo] = [:]
+
+    /// Derives the plan.
+    /// - Parameters:
+    ///   - state: the model snapshot (IPv4: the relays and portal rules are IPv4 only).
+    ///   - nodeName: this node (which endpoints are local).
+    public init(state: ProxyState, nodeName: String) {
+        for name in state.sortedNames {
+            guard let svc = state.servicePorts[name] else { continue }
+            guard svc.proto == .tcp || svc.proto == .udp else {
+                skipped.append(name)
+                continue
+            }
+            let all = state.endpoints[name] ?? []
+            let cat = categorizeEndpoints(all, info: svc, nodeName: nodeName, nodeLabels: state.nodeLabels)
+            let chosen = svc.internalPolicyLocal ? cat.local : cat.cluster
+            let keep = Set(all.filter { $0.ready || $0.serving }.map(\.description)).union(chosen.map(\.description))
+            relays[name] = RelaySpec(name: name, proto: svc.proto, nodePort: svc.nodePort, endpoints: chosen, keep: keep,
+                                     affinityTimeout: svc.stickyTimeoutSeconds.map { .seconds($0) })
+            servicePorts[name] = svc
+            names.append(name)
+        }
+    }
+}

@@ -1,0 +1,152 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The relay listeners of every service port: one per service port on an ephemeral port
+// (the relay port the portal rules point at), plus the service port's NodePort, bound so that
+// no other process can take it while the Service exists. Both serve the same relay.
+
+import Logging
+import NIOCore
+import NIOPosix
+import SluiceCore
+
+/// Opens, keeps and closes relay listeners and NodePort holds.
+///
+/// Reconciling is two-phase so that traffic is never sent to a closed port: `prepare` opens
+/// what is new and updates what stays (before the portal rules change), `retire` closes what
+/// is gone (after the rules no longer point at it).
+public actor RelayManager {
+    struct Relay {
+        let state: ServiceRelayState
+        let listener: any Channel
+        let port: Int
+        var nodePort = 0
+        var nodePortChannel: (any Channel)?
+    }
+
+    /// What `prepare` did.
+    public struct Prepared: Sendable {
+        /// The relay port of every service port that has a listener.
+        public var ports: [ServicePortName: Int] = [:]
+        /// Service ports whose relay listener could not be opened, with the reason; they get no
+        /// portal rules this time and are retried on the next sync.
+        public var listenerFailures: [ServicePortName: String] = [:]
+        /// Service ports whose NodePort could not be held (another process has it), with the
+        /// reason; the portal rules still redirect the NodePort, and holding is retried.
+        public var nodePortFailures: [ServicePortName: String] = [:]
+        /// Established relays closed because their endpoint went away.
+        public var closedRelays = 0
+    }
+
+    /// The relays' tuning.
+    public let config: RelayConfig
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private var relays: [ServicePortName: Relay] = [:]
+
+    /// Creates a manager.
+    /// - Parameters:
+    ///   - config: listen address, timeouts, clock.
+    ///   - group: the event loops relays run on.
+    public init(config: RelayConfig = RelayConfig(), group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+                logger: Logger) {
+        self.config = config
+        self.group = group
+        self.logger = logger
+    }
+
+    /// Opens listeners for new service ports, applies new endpoints and affinity to existing
+    /// ones (closing relays to endpoints that left, keeping every other), and holds NodePorts.
+    public func prepare(_ specs: [ServicePortName: RelaySpec]) async -> Prepared {
+        var out = Prepared()
+        for name in specs.keys.sorted() {
+            guard let spec = specs[name] else { continue }
+            var relay: Relay
+            if let existing = relays[name] {
+                relay = existing
+                let doomed = relay.state.update(spec)
+                out.closedRelays += doomed.count / (spec.proto == .tcp ? 2 : 1)
+                for c in doomed { c.close(promise: nil) }
+            } else {
+                let state = ServiceRelayState(spec: spec, config: config, logger: logger)
+                do {
+                    let listener = try await listen(spec.proto, port: 0, state: state, reuseAddress: false)
+                    guard let port = listener.localAddress?.port else {
+                        try? await listener.close()
+                        out.listenerFailures[name] = "the listener has no local port"
+                        continue
+                    }
+                    relay = Relay(state: state, listener: listener, port: port)
+                    logger.info("\(name.service):\(name.port) (\(spec.proto.lowercased)): relaying on port \(port)")
+                } catch {
+                    out.listenerFailures[name] = "cannot open a \(spec.proto.lowercased) relay listener on \(config.listenAddress): \(error)"
+                    continue
+                }
+            }
+            if relay.nodePort != spec.nodePort, let old = relay.nodePortChannel {
+                try? await old.close()
+                logger.info("\(name.service):\(name.port): released NodePort \(relay.nodePort)/\(spec.proto.lowercased)")
+                relay.nodePortChannel = nil
+            }
+            relay.nodePort = spec.nodePort
+            if spec.nodePort != 0 && relay.nodePortChannel == nil {
+                do {
+                    relay.nodePortChannel = try await listen(spec.proto, port: spec.nodePort, state: relay.state, reuseAddress: true)
+                    logger.info("\(name.service):\(name.port): holding NodePort \(spec.nodePort)/\(spec.proto.lowercased)")
+                } catch {
+                    out.nodePortFailures[name] = "cannot hold NodePort \(spec.nodePort)/\(spec.proto.lowercased): \(error)"
+                }
+            }
+            relays[name] = relay
+            out.ports[name] = relay.port
+        }
+        return out
+    }
+
+    /// Closes the listener, NodePort and every relay of each service port not in `names`.
+    public func retire(keeping names: Set<ServicePortName>) async {
+        for name in relays.keys.sorted() where !names.contains(name) {
+            guard let relay = relays.removeValue(forKey: name) else { continue }
+            for c in relay.state.closeAll() { c.close(promise: nil) }
+            try? await relay.listener.close()
+            if let np = relay.nodePortChannel {
+                try? await np.close()
+                logger.info("\(name.service):\(name.port): released NodePort \(relay.nodePort)")
+            }
+            logger.info("\(name.service):\(name.port): closed relay port \(relay.port)")
+        }
+    }
+
+    /// Closes everything.
+    public func closeAll() async {
+        await retire(keeping: [])
+    }
+
+    /// The relay port of a service port.
+    public func relayPort(_ name: ServicePortName) -> Int? { relays[name]?.port }
+
+    /// The NodePort held for a service port, nil when none is held.
+    public func heldNodePort(_ name: ServicePortName) -> Int? {
+        guard let r = relays[name], r.nodePortChannel != nil else { return nil }
+        return r.nodePort
+    }
+
+    /// Established relays of a service port, by endpoint `ip:port`.
+    public func relayCounts(_ name: ServicePortName) -> [String: Int] {
+        relays[name]?.state.relayCounts ?? [:]
+    }
+
+    /// Service ports with a listener.
+    public var serviceCount: Int { relays.count }
+
+    /// NodePorts currently held.
+    public var heldNodePortCount: Int { relays.values.filter { $0.nodePortChannel != nil }.count }
+
+    private func listen(_ proto: TransportProtocol, port: Int, state: ServiceRelayState, reuseAddress: Bool) async throws -> any Channel {
+        switch proto {
+        case .udp:
+            return try await UDPRelay.listen(host: config.listenAddress, port: port, service: state, group: group)
+        default:
+            return try await TCPRelay.listen(host: config.listenAddress, port: port, service: state, group: group,
+                                             reuseAddress: reuseAddress)
+        }
+    }
+}

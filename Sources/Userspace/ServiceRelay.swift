@@ -1,0 +1,151 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The state one service port's listeners share across event loops: its load balancer, and
+// the book of established relays by endpoint, so that an endpoint that goes away has its
+// relays closed while every other relay stays.
+
+import Logging
+import NIOCore
+import SluiceCore
+import Synchronization
+
+/// Tuning of the relays.
+public struct RelayConfig: Sendable {
+    /// The address relay listeners bind (0.0.0.0: REDIRECT sends to the incoming interface's
+    /// primary address, DNAT to the node IP; both must reach the listener).
+    public var listenAddress: String
+    /// A UDP flow with no datagram either way for this long is closed (`--udp-timeout`).
+    public var udpIdleTimeout: Duration
+    /// Connect timeout of each attempt at a backend, in order; the last one repeats.
+    /// Legacy kube-proxy's `endpointDialTimeout`.
+    public var connectTimeouts: [Duration]
+    /// At most this many backends are tried for one TCP connection (fewer when the service
+    /// port has fewer endpoints).
+    public var maxConnectAttempts: Int
+    /// Listen backlog of relay and NodePort listeners.
+    public var backlog: Int
+    /// Monotonic time for affinity (tests inject their own).
+    public var now: @Sendable () -> Duration
+
+    /// Creates a configuration.
+    public init(listenAddress: String = "0.0.0.0", udpIdleTimeout: Duration = .milliseconds(250),
+                connectTimeouts: [Duration] = [.milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2)],
+                maxConnectAttempts: Int = 4, backlog: Int = 1024,
+                now: @escaping @Sendable () -> Duration = RelayConfig.monotonicNow) {
+        self.listenAddress = listenAddress
+        self.udpIdleTimeout = udpIdleTimeout
+        self.connectTimeouts = connectTimeouts.isEmpty ? [.seconds(1)] : connectTimeouts
+        self.maxConnectAttempts = max(1, maxConnectAttempts)
+        self.backlog = backlog
+        self.now = now
+    }
+
+    private static let origin = ContinuousClock.now
+
+    /// Time since the process's first use of this clock.
+    public static let monotonicNow: @Sendable () -> Duration = { RelayConfig.origin.duration(to: .now) }
+
+    /// The timeout of attempt `n` (0-based).
+    func connectTimeout(attempt n: Int) -> TimeAmount {
+        connectTimeouts[min(n, connectTimeouts.count - 1)].timeAmount
+    }
+}
+
+extension Duration {
+    /// The same span as a NIO `TimeAmount`.
+    var timeAmount: TimeAmount {
+        .nanoseconds(Int64(components.seconds) * 1_000_000_000 + components.attoseconds / 1_000_000_000)
+    }
+}
+
+/// One established relay's handle in the book.
+struct RelayTicket: Sendable, Hashable {
+    let id: Int
+}
+
+/// Established relays by endpoint, and which endpoints they may stay on.
+struct RelayBook: Sendable {
+    struct Entry: Sendable {
+        var endpoint: String
+        var channels: [any Channel]
+    }
+
+    var keep: Set<String>
+    var closed = false
+    var nextID = 0
+    var entries: [Int: Entry] = [:]
+}
+
+/// Shared by one service port's listeners (relay port and NodePort) on every event loop.
+final class ServiceRelayState: Sendable {
+    let name: ServicePortName
+    let config: RelayConfig
+    let logger: Logger
+    private let balancer: Mutex<LoadBalancer>
+    private let book: Mutex<RelayBook>
+
+    init(spec: RelaySpec, config: RelayConfig, logger: Logger) {
+        name = spec.name
+        self.config = config
+        self.logger = logger
+        balancer = Mutex(LoadBalancer(endpoints: spec.endpoints, affinityTimeout: spec.affinityTimeout))
+        book = Mutex(RelayBook(keep: spec.keep))
+    }
+
+    /// How many backends one connection may try.
+    var connectAttempts: Int {
+        min(config.maxConnectAttempts, max(1, balancer.withLock { $0.endpoints.count }))
+    }
+
+    /// The endpoint for a new connection from `client`.
+    func pick(client: IPAddress?, resetAffinity: Bool) -> EndpointInfo? {
+        let now = config.now()
+        return balancer.withLock { $0.next(client: client, now: now, resetAffinity: resetAffinity) }
+    }
+
+    /// Records an established relay; nil when its endpoint is no longer kept (it went away
+    /// while the connection was being made), in which case the caller closes the channels.
+    func register(endpoint: String, channels: [any Channel]) -> RelayTicket? {
+        book.withLock { b in
+            guard !b.closed, b.keep.contains(endpoint) else { return nil }
+            b.nextID += 1
+            b.entries[b.nextID] = RelayBook.Entry(endpoint: endpoint, channels: channels)
+            return RelayTicket(id: b.nextID)
+        }
+    }
+
+    /// Forgets a relay that ended.
+    func unregister(_ ticket: RelayTicket) {
+        _ = book.withLock { $0.entries.removeValue(forKey: ticket.id) }
+    }
+
+    /// Established relays, by endpoint `ip:port`.
+    var relayCounts: [String: Int] {
+        book.withLock { b in b.entries.values.reduce(into: [:]) { $0[$1.endpoint, default: 0] += 1 } }
+    }
+
+    /// Applies a new spec; returns the channels of relays whose endpoint is no longer kept,
+    /// for the caller to close.
+    func update(_ spec: RelaySpec) -> [any Channel] {
+        let now = config.now()
+        balancer.withLock { lb in
+            lb.update(endpoints: spec.endpoints, affinityTimeout: spec.affinityTimeout)
+            lb.removeExpired(now: now)
+        }
+        return book.withLock { b in
+            b.keep = spec.keep
+            let gone = b.entries.filter { !spec.keep.contains($0.value.endpoint) }
+            for id in gone.keys { b.entries[id] = nil }
+            return gone.values.flatMap(\.channels)
+        }
+    }
+
+    /// Marks the service port gone; returns every relay's channels for the caller to close.
+    func closeAll() -> [any Channel] {
+        book.withLock { b in
+            b.closed = true
+            let all = b.entries.values.flatMap(\.channels)
+            b.entries = [:]
+            return all
+        }
+    }
+}

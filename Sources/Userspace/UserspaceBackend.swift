@@ -1,0 +1,160 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The userspace mode's backend: per sync, the relays are reconciled (listeners opened,
+// kept with their ports, or closed; endpoints updated without dropping established relays
+// to endpoints that stay; NodePorts held), and the portal rules are written through the
+// iptables restore path into their own four nat chains.
+
+import Foundation
+import IPTables
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import SluiceCore
+
+/// A sync the userspace backend could not complete.
+public struct UserspaceError: Error, Sendable, CustomStringConvertible {
+    /// What failed, one entry per service port or operation.
+    public var failures: [String]
+
+    public var description: String { failures.joined(separator: "; ") }
+}
+
+/// The userspace proxy mode for IPv4.
+/// The relay port of every relayed service port, readable from any thread (the conntrack
+/// reconciler keeps flows redirected to a relay).
+public final class RelayPortTable: @unchecked Sendable {
+    private let lock = NSLock()
+    private var ports: [ServicePortName: Int] = [:]
+
+    /// Creates an empty table.
+    public init() {}
+
+    /// Replaces the table after a sync.
+    public func set(_ ports: [ServicePortName: Int]) { lock.withLock { self.ports = ports } }
+
+    /// The relay port of `name`, nil when it is not relayed.
+    public func port(_ name: ServicePortName) -> UInt16? { lock.withLock { ports[name].map { UInt16(clamping: $0) } } }
+}
+
+public actor UserspaceBackend: ProxyBackend {
+    public nonisolated let name = "userspace"
+    /// The current relay ports (updated by every sync).
+    public nonisolated let relayPortTable = RelayPortTable()
+    /// The relays.
+    public let relays: RelayManager
+    private let commands: IPTablesCommands
+    private let nodeName: String
+    private let nodeIP: IPAddress
+    private let logger: Logger
+    /// The restore batch last applied ("" before the first sync).
+    public private(set) var lastRestore = ""
+    private var synced = false
+    private var reportedProblems: Set<String> = []
+
+    /// Creates a backend.
+    /// - Parameters:
+    ///   - nodeName: this node (endpoint locality).
+    ///   - nodeIP: the IPv4 address HOST rules DNAT to.
+    ///   - commands: the iptables tools and runner.
+    ///   - relays: the relay manager.
+    public init(nodeName: String, nodeIP: IPAddress, commands: IPTablesCommands, relays: RelayManager, logger: Logger) {
+        self.nodeName = nodeName
+        self.nodeIP = nodeIP
+        self.commands = commands
+        self.relays = relays
+        self.logger = logger
+    }
+
+    /// The backend for a node: its first IPv4 node IP, the chosen iptables flavour, and relays
+    /// with `udpIdleTimeout`. Raises the open-file limit to its hard limit, as legacy
+    /// kube-proxy did (two descriptors per TCP relay).
+    /// - Throws: `ConfigError` when the node has no IPv4 address.
+    public static func create(node: NodeConfig, variant: IPTablesVariant, udpIdleTimeout: Duration,
+                              runner: any CommandRunner, logger: Logger) throws -> UserspaceBackend {
+        guard let ip = node.nodeIPs.first(where: { $0.family == .ipv4 }) else {
+            throw ConfigError(field: "--node-ip", value: node.nodeIPs.map(\.description).joined(separator: ","),
+                              reason: "userspace mode needs an IPv4 node IP (the address KUBE-PORTALS-HOST and KUBE-NODEPORT-HOST DNAT to)")
+        }
+        raiseOpenFileLimit(logger: logger)
+        let commands = IPTablesCommands(tools: IPTablesTools(variant: variant, family: .ipv4), runner: runner)
+        let relays = RelayManager(config: RelayConfig(udpIdleTimeout: udpIdleTimeout), logger: logger)
+        return UserspaceBackend(nodeName: node.nodeName, nodeIP: ip, commands: commands, relays: relays, logger: logger)
+    }
+
+    /// Reconciles the relays with `state` and writes the portal rules.
+    ///
+    /// Order: listeners for new service ports open first, then the rules are written, then the
+    /// listeners of removed service ports close, so no rule ever points at a closed port. A
+    /// service port whose listener cannot be opened is left out of the rules and the sync
+    /// fails after everything else has been applied (the runner retries).
+    public func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+        let plan = UserspacePlan(state: state, nodeName: nodeName)
+        for name in plan.skipped {
+            once("skip \(name)", "\(name.service):\(name.port): \(state.servicePorts[name]?.proto.rawValue ?? "?") is not relayed in userspace mode (TCP and UDP only)")
+        }
+        let prepared = await relays.prepare(plan.relays)
+        relayPortTable.set(prepared.ports)
+        for (name, why) in prepared.nodePortFailures.sorted(by: { $0.key < $1.key }) {
+            once("nodeport \(name) \(why)", "\(name.service):\(name.port): \(why); its NodePort is redirected but not held")
+        }
+        if prepared.closedRelays > 0 {
+            logger.info("closed \(prepared.closedRelays) relay(s) to endpoints that went away")
+        }
+        let rules = PortalCompiler(nodeIP: nodeIP).compile(plan, relayPorts: prepared.ports)
+        let text = rules.restoreText
+        var written = 0
+        if full || text != lastRestore {
+            try await commands.restore(text, operation: "writing the userspace portal rules")
+            lastRestore = text
+            written = rules.rules.count
+        }
+        if full {
+            for jump in userspaceJumpRules { try await commands.ensureJump(jump) }
+        }
+        synced = true
+        await relays.retire(keeping: Set(prepared.ports.keys))
+        if !prepared.listenerFailures.isEmpty {
+            throw UserspaceError(failures: prepared.listenerFailures.sorted { $0.key < $1.key }.map { "\($0.key.service):\($0.key.port): \($0.value)" })
+        }
+        return SyncReport(full: full, written: ["nat": written],
+                          total: ["nat": rules.rules.count, "relays": prepared.ports.count, "nodeports": await relays.heldNodePortCount],
+                          bytes: written > 0 ? text.utf8.count : 0)
+    }
+
+    /// True when one of the four jumps into our chains is gone (someone flushed the nat table).
+    public func externalChangeDetected() async -> Bool {
+        guard synced else { return false }
+        for jump in userspaceJumpRules where await !commands.hasJump(jump) {
+            logger.warning("the \(jump.source) -> \(jump.target) jump is missing from the nat table: rules were flushed, resyncing fully")
+            return true
+        }
+        return false
+    }
+
+    /// Closes every listener and relay (the portal rules stay).
+    public func shutdown() async {
+        await relays.closeAll()
+    }
+
+    private func once(_ key: String, _ message: String) {
+        guard reportedProblems.insert(key).inserted else { return }
+        logger.warning("\(message)")
+    }
+
+    private static func raiseOpenFileLimit(logger: Logger) {
+        var limit = rlimit()
+        guard getrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        let before = limit.rlim_cur
+        limit.rlim_cur = limit.rlim_max
+        if setrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0 {
+            logger.debug("raised the open-file limit from \(before) to \(limit.rlim_max)")
+        }
+    }
+}
+
+#if canImport(Glibc)
+private let RLIMIT_NOFILE_VALUE = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+#else
+private let RLIMIT_NOFILE_VALUE = RLIMIT_NOFILE
+#endif
