@@ -7,6 +7,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import SluiceCore
+import Synchronization
 
 /// Opens, keeps and closes relay listeners and NodePort holds.
 ///
@@ -41,6 +42,8 @@ public actor RelayManager {
     private let group: any EventLoopGroup
     private let logger: Logger
     private var relays: [ServicePortName: Relay] = [:]
+    /// The relay ports, readable without awaiting the actor.
+    private let portTable = Mutex<[ServicePortName: Int]>([:])
 
     /// Creates a manager.
     /// - Parameters:
@@ -98,6 +101,8 @@ public actor RelayManager {
             relays[name] = relay
             out.ports[name] = relay.port
         }
+        let ports = relays.mapValues(\.port)
+        portTable.withLock { $0 = ports }
         return out
     }
 
@@ -105,6 +110,7 @@ public actor RelayManager {
     public func retire(keeping names: Set<ServicePortName>) async {
         for name in relays.keys.sorted() where !names.contains(name) {
             guard let relay = relays.removeValue(forKey: name) else { continue }
+            _ = portTable.withLock { $0.removeValue(forKey: name) }
             for c in relay.state.closeAll() { c.close(promise: nil) }
             try? await relay.listener.close()
             if let np = relay.nodePortChannel {
@@ -122,6 +128,13 @@ public actor RelayManager {
 
     /// The relay port of a service port.
     public func relayPort(_ name: ServicePortName) -> Int? { relays[name]?.port }
+
+    /// The relay port of a service port, from any thread without awaiting the actor (for
+    /// synchronous callers such as the conntrack reconciler, which must not delete the
+    /// client -> relay flows of current service ports). nil when the service port has none.
+    public nonisolated func currentRelayPort(_ name: ServicePortName) -> Int? {
+        portTable.withLock { $0[name] }
+    }
 
     /// The NodePort held for a service port, nil when none is held.
     public func heldNodePort(_ name: ServicePortName) -> Int? {

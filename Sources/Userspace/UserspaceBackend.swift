@@ -132,6 +132,12 @@ public actor UserspaceBackend: ProxyBackend {
         return false
     }
 
+    /// The relay port of a service port, callable from any thread (e.g. the conntrack
+    /// reconciler's `relayPort` lookup); nil when it has no relay.
+    public nonisolated func relayPort(of name: ServicePortName) -> UInt16? {
+        relays.currentRelayPort(name).flatMap { UInt16(exactly: $0) }
+    }
+
     /// Closes every listener and relay (the portal rules stay).
     public func shutdown() async {
         await relays.closeAll()

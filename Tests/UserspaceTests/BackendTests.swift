@@ -66,6 +66,7 @@ struct BackendTests {
         let b = backend(fake)
         _ = try await b.sync(try state(web), full: true)
         let port = try #require(await b.relays.relayPort(webName))
+        #expect(b.relayPort(of: webName) == UInt16(port))
         let restores = fake.restores.count
         // An endpoint change: same relay port, same rules, no restore.
         let moved = web.replacingOccurrences(of: "[{addresses: [10.244.1.10]}]", with: "[{addresses: [10.244.1.10]}, {addresses: [10.244.2.10]}]")
@@ -90,6 +91,7 @@ struct BackendTests {
         _ = try await b.sync(try state(web), full: false)
         #expect(await b.relays.serviceCount == 1)
         #expect(await b.relays.relayPort(sshName) == nil)
+        #expect(b.relayPort(of: sshName) == nil)
         #expect(fake.rules("nat", "KUBE-NODEPORT-CONTAINER").isEmpty)
         #expect(fake.rules("nat", "KUBE-PORTALS-CONTAINER").count == 1)
         await b.shutdown()
