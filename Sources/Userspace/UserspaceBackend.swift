@@ -21,26 +21,8 @@ public struct UserspaceError: Error, Sendable, CustomStringConvertible {
 }
 
 /// The userspace proxy mode for IPv4.
-/// The relay port of every relayed service port, readable from any thread (the conntrack
-/// reconciler keeps flows redirected to a relay).
-public final class RelayPortTable: @unchecked Sendable {
-    private let lock = NSLock()
-    private var ports: [ServicePortName: Int] = [:]
-
-    /// Creates an empty table.
-    public init() {}
-
-    /// Replaces the table after a sync.
-    public func set(_ ports: [ServicePortName: Int]) { lock.withLock { self.ports = ports } }
-
-    /// The relay port of `name`, nil when it is not relayed.
-    public func port(_ name: ServicePortName) -> UInt16? { lock.withLock { ports[name].map { UInt16(clamping: $0) } } }
-}
-
 public actor UserspaceBackend: ProxyBackend {
     public nonisolated let name = "userspace"
-    /// The current relay ports (updated by every sync).
-    public nonisolated let relayPortTable = RelayPortTable()
     /// The relays.
     public let relays: RelayManager
     private let commands: IPTablesCommands
@@ -94,7 +76,6 @@ public actor UserspaceBackend: ProxyBackend {
             once("skip \(name)", "\(name.service):\(name.port): \(state.servicePorts[name]?.proto.rawValue ?? "?") is not relayed in userspace mode (TCP and UDP only)")
         }
         let prepared = await relays.prepare(plan.relays)
-        relayPortTable.set(prepared.ports)
         for (name, why) in prepared.nodePortFailures.sorted(by: { $0.key < $1.key }) {
             once("nodeport \(name) \(why)", "\(name.service):\(name.port): \(why); its NodePort is redirected but not held")
         }

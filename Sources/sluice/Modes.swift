@@ -38,8 +38,7 @@ func makeMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger:
     case .userspace:
         let backend = try makeUserspaceBackend(options: options, node: node, logger: logger)
         // Redirected flows answer from the relay port, not an endpoint: the reconciler keeps them.
-        let ports = backend.relayPortTable
-        return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger, relayPort: { ports.port($0) })]) { runner in
+        return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger, relayPort: { backend.relayPort(of: $0) })]) { runner in
             [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
         }
     }
