@@ -33,6 +33,19 @@ public enum Fixtures {
         return try String(contentsOf: dir.appendingPathComponent(relative), encoding: .utf8)
     }
 
+    /// The seed book's ssh-service1 (seeds.md §3.2): a NodePort Service with no endpoints,
+    /// ClusterIP 10.254.132.107:2222, nodePort 30239 (the userspace-mode example).
+    public static let seedSSHService1 = """
+        apiVersion: v1
+        kind: Service
+        metadata: {name: ssh-service1, namespace: default, labels: {name: ssh, role: service}}
+        spec:
+          type: NodePort
+          clusterIP: 10.254.132.107
+          selector: {ssh-service: "true"}
+          ports: [{port: 2222, targetPort: 22, nodePort: 30239}]
+        """
+
     /// The node settings of kube-proxy's NewFakeProxier (proxier_test.go).
     public static let kubeProxyTestNode = NodeConfig(
         nodeName: "test-node", nodeIPs: [IPAddress("192.168.0.2")!], clusterCIDRs: [CIDR("10.0.0.0/8")!])

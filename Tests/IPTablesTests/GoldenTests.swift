@@ -126,16 +126,7 @@ private func fakeMark(_ text: String) -> String { text.replacingOccurrences(of: 
     /// ssh-service1 (seed §3): a NodePort Service with no endpoints. In iptables mode it is
     /// rejected in the filter table and gets no nat chains.
     @Test func sshServiceWithoutEndpointsIsRejected() throws {
-        let yaml = """
-            apiVersion: v1
-            kind: Service
-            metadata: {name: ssh-service1, namespace: default, labels: {name: ssh, role: service}}
-            spec:
-              type: NodePort
-              clusterIP: 10.254.132.107
-              selector: {ssh-service: "true"}
-              ports: [{port: 2222, targetPort: 22, nodePort: 30239}]
-            """
+        let yaml = Fixtures.seedSSHService1
         let node = NodeConfig(nodeName: "node-a", nodeIPs: [IPAddress("10.0.0.5")!])
         let dump = try RestoreDump.parse(try compile(yaml, options: IPTablesOptions(node: node), nodeName: "node-a"))
         #expect(dump.rules("filter", "KUBE-SERVICES") == [

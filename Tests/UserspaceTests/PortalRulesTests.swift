@@ -7,16 +7,7 @@ import Testing
 import Userspace
 
 /// The seed's ssh-service1: a NodePort Service with no endpoints.
-let sshService1 = """
-    apiVersion: v1
-    kind: Service
-    metadata: {name: ssh-service1, namespace: default, labels: {name: ssh, role: service}}
-    spec:
-      type: NodePort
-      clusterIP: 10.254.132.107
-      selector: {ssh-service: "true"}
-      ports: [{port: 2222, targetPort: 22, nodePort: 30239}]
-    """
+let sshService1 = Fixtures.seedSSHService1
 
 private func plan(_ yaml: String, nodeName: String = "node-a") throws -> UserspacePlan {
     UserspacePlan(state: try Fixtures.state(yaml, nodeName: nodeName), nodeName: nodeName)
