@@ -302,8 +302,8 @@ struct RelayTests {
     @Test("A NodePort another process holds is reported, and held once it is free")
     func nodePortInUseIsRetried() async throws {
         let a = try await namedServer("A")
-        let squatter = try await namedServer("squatter")
-        let busyPort = squatter.port
+        let busyPort = try await deadPort()
+        let squatter = try await namedServer("squatter", port: busyPort)
         let relays = RelayManager(config: testConfig(), logger: testLogger)
         let name = spn("busy")
         let spec = RelaySpec(name: name, proto: .tcp, nodePort: busyPort, endpoints: [endpoint(a.port)])

@@ -56,14 +56,14 @@ struct TestServer: Sendable {
 }
 
 /// TCP: writes `name\n` to every connection and closes it.
-func namedServer(_ name: String) async throws -> TestServer {
+func namedServer(_ name: String, port: Int = 0) async throws -> TestServer {
     let ch = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
         .childChannelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(NamedHandler(name: name))
             }
         }
-        .bind(host: "127.0.0.1", port: 0).get()
+        .bind(host: "127.0.0.1", port: port).get()
     return TestServer(channel: ch)
 }
 
@@ -151,12 +151,19 @@ private final class UDPNameHandler: ChannelInboundHandler {
     }
 }
 
-/// A port on 127.0.0.1 nobody listens on (bound, then closed).
+/// A port on 127.0.0.1 nobody listens on, for a dead endpoint or a NodePort: picked in the
+/// NodePort range 30000-32767, below the ephemeral range, so that the other tests of this
+/// process, which take their ports from the kernel (bind to port 0), never get it next.
 func deadPort() async throws -> Int {
-    let s = try await namedServer("dead")
-    let p = s.port
-    await s.close()
-    return p
+    try await onThread {
+        for _ in 0..<200 {
+            let candidate = Int.random(in: 30000...32767)
+            guard try BlockingSocket().bind(port: candidate) == 0,
+                  try BlockingSocket(udp: true).bind(port: candidate) == 0 else { continue }
+            return candidate
+        }
+        throw SocketFailure(what: "no free port in 30000-32767", code: EADDRINUSE)
+    }
 }
 
 // MARK: - blocking clients
