@@ -6,8 +6,10 @@ BIN = .build/debug/sluice
 RELEASE_SCRATCH = .build-release
 RELEASE_BIN = $(RELEASE_SCRATCH)/release/sluice
 PYTHON = /usr/bin/python3
+# Test suites that need IPVS and dummy devices: they run inside user-mode Linux.
+UML_TESTS = IPVSKernelTests|IPVSClientKernelTests
 
-.PHONY: deps build demo test unit-test kernel-test compile-example clean release bench bench-smoke
+.PHONY: deps build demo test uml-test unit-test kernel-test compile-example clean release bench bench-smoke
 
 # Install the Debian packages the build and the tests need (once per machine).
 deps:
@@ -24,9 +26,15 @@ build: deps
 demo: build
 	SLUICE_BIN=$(BIN) bash scripts/demo.sh
 
-# Every test: golden, model, partial sync, and real-kernel tests in namespaces.
-test: build
+# Every test: golden, model, partial sync, and real-kernel tests in namespaces; first the
+# IPVS kernel tests inside user-mode Linux (one guest boot), then the host suite last so its
+# summary is the last line printed.
+test: uml-test
 	SLUICE_BIN=$(abspath $(BIN)) $(SWIFT) test --skip-build --disable-xctest
+
+# Only the IPVS kernel tests, inside user-mode Linux.
+uml-test: build
+	SLUICE_BIN=$(abspath $(BIN)) scripts/uml-run.sh $(abspath .build/debug/SluicePackageTests.xctest) --testing-library swift-testing --filter '$(UML_TESTS)'
 
 compile-example: build
 	$(BIN) compile --manifests examples --hostname-override demo-node --node-ip 192.168.50.1 --cluster-cidr 10.244.0.0/16

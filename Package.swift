@@ -63,20 +63,55 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // libnetfilter_conntrack (and the libnfnetlink it is built on), as the system has it.
+        .systemLibrary(
+            name: "CConntrack",
+            pkgConfig: "libnetfilter_conntrack",
+            providers: [.apt(["libnetfilter-conntrack-dev"])]
+        ),
+        // Conntrack: the ctnetlink wrapper, the stale-flow reconciler (a SyncObserver) and the sysctls.
+        .target(
+            name: "Conntrack",
+            dependencies: [
+                "SluiceCore", "CConntrack",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // Test helper: runs one reconcile in the network namespace it is started in and reports
+        // its memory (the kernel tests run it under `ip netns exec`).
+        .executableTarget(
+            name: "conntrack-probe",
+            dependencies: ["Conntrack", "SluiceCore"],
+            path: "Sources/ConntrackProbe"
+        ),
         .executableTarget(
             name: "sluice",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables", "SluiceServer",
+                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        // Header-only C module: the netlink, rtnetlink, IPVS and ipset UAPI headers (socket
+        // structs; the tests cross-check the Swift constants against the C ones).
+        .systemLibrary(name: "CNetlink"),
+        // Netlink: message and attribute codec, socket, generic-netlink family lookup.
+        .target(name: "Netlink", dependencies: ["CNetlink"]),
+        // IPVS mode: IPVS over generic netlink, rtnetlink (kube-ipvs0), ipset over nfnetlink,
+        // the pure IPVS compiler and the backend.
+        .target(
+            name: "IPVS",
+            dependencies: [
+                "SluiceCore", "Netlink", "IPTables",
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // Test-only helpers: fixtures, fakes, network-namespace test beds.
         .target(
             name: "SluiceTesting",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables",
+                "SluiceCore", "KubeAPI", "IPTables", "IPVS",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -99,9 +134,16 @@ let package = Package(
             dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting"],
             resources: [.copy("Fixtures")]
         ),
+        .testTarget(name: "CLITests", dependencies: ["SluiceTesting", .product(name: "Yams", package: "Yams")]),
+        .testTarget(name: "ConntrackTests", dependencies: ["Conntrack", "CConntrack", "SluiceCore", "SluiceTesting"]),
+        .testTarget(
+            name: "IPVSTests",
+            dependencies: ["IPVS", "Netlink", "CNetlink", "IPTables", "SluiceCore", "SluiceTesting"],
+            exclude: ["Golden"]
+        ),
         .testTarget(
             name: "KernelTests",
-            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice"]
+            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice", "Conntrack", "conntrack-probe"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -10,12 +10,15 @@ public struct CommandResult: Sendable, Hashable {
     public var status: Int32
     public var stdout: String
     public var stderr: String
+    /// The command was killed after its time limit.
+    public var timedOut: Bool
 
     /// Creates a result.
-    public init(status: Int32, stdout: String, stderr: String) {
+    public init(status: Int32, stdout: String, stderr: String, timedOut: Bool = false) {
         self.status = status
         self.stdout = stdout
         self.stderr = stderr
+        self.timedOut = timedOut
     }
 }
 
@@ -76,13 +79,16 @@ public struct ProcessRunner: CommandRunner {
         }
         let inputBytes = input.map { Array($0.utf8) }
         return await withCheckedContinuation { (cont: CheckedContinuation<Result<CommandResult, CommandError>, Never>) in
-            DispatchQueue.global().async {
-                cont.resume(returning: ProcessRunner.runBlocking(path: path, arguments: arguments, input: inputBytes, commandLine: commandLine))
-            }
+            // A thread of its own: neither the cooperative pool nor dispatch (which delivers
+            // the child's termination) is ever blocked waiting for a child.
+            Thread {
+                cont.resume(returning: ProcessRunner.runBlocking(path: path, arguments: arguments, input: inputBytes))
+            }.start()
         }
     }
 
-    private static func scratchFile() -> FileHandle? {
+    /// An unlinked read-write temporary file.
+    static func scratchFile() -> FileHandle? {
         var template = Array("/tmp/sluice-io.XXXXXX".utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
         guard fd >= 0 else { return nil }
@@ -90,40 +96,72 @@ public struct ProcessRunner: CommandRunner {
         return FileHandle(fileDescriptor: fd, closeOnDealloc: true)
     }
 
-    private static func runBlocking(path: String, arguments: [String], input: [UInt8]?, commandLine: String) -> Result<CommandResult, CommandError> {
-        guard let out = scratchFile(), let err = scratchFile() else {
-            return .failure(CommandError(command: commandLine, status: nil, message: "cannot create a temporary file in /tmp"))
+    /// Starts `process` with an empty signal mask, as a shell would. `posix_spawn` passes the
+    /// calling thread's mask on, and dispatch and Swift-concurrency threads block every signal:
+    /// a child started from one would never see SIGTERM. So the mask of this thread is cleared
+    /// around the spawn and restored right after.
+    public static func launch(_ process: Process) throws {
+        var empty = sigset_t()
+        var old = sigset_t()
+        sigemptyset(&empty)
+        pthread_sigmask(SIG_SETMASK, &empty, &old)
+        defer { pthread_sigmask(SIG_SETMASK, &old, nil) }
+        try process.run()
+    }
+
+    /// Runs `path` to completion, blocking the calling thread. Input and output go through
+    /// unlinked temporary files; after `timeout` the child is killed and `timedOut` is set.
+    /// - Returns: the result, or why the command could not be started.
+    public static func runBlocking(path: String, arguments: [String], input: [UInt8]?, environment: [String: String]? = nil,
+                                   timeout: Duration? = nil) -> Result<CommandResult, CommandError> {
+        let commandLine = ([path] + arguments).joined(separator: " ")
+        func failure(_ message: String) -> Result<CommandResult, CommandError> {
+            .failure(CommandError(command: commandLine, status: nil, message: message))
         }
+        guard let out = scratchFile(), let err = scratchFile() else { return failure("cannot create a temporary file in /tmp") }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: path)
         process.arguments = arguments
+        if let environment { process.environment = environment }
         process.standardOutput = out
         process.standardError = err
         if let input {
-            guard let inFile = scratchFile() else {
-                return .failure(CommandError(command: commandLine, status: nil, message: "cannot create a temporary file in /tmp"))
-            }
+            guard let inFile = scratchFile() else { return failure("cannot create a temporary file in /tmp") }
             do {
                 try inFile.write(contentsOf: input)
                 try inFile.seek(toOffset: 0)
             } catch {
-                return .failure(CommandError(command: commandLine, status: nil, message: "cannot stage input: \(error)"))
+                return failure("cannot stage input: \(error)")
             }
             process.standardInput = inFile
         } else {
             process.standardInput = FileHandle.nullDevice
         }
+        let done = DispatchSemaphore(value: 0)
+        process.terminationHandler = { _ in done.signal() }
         do {
-            try process.run()
+            try launch(process)
         } catch {
-            return .failure(CommandError(command: commandLine, status: nil, message: "\(error)"))
+            return failure("\(error)")
         }
-        process.waitUntilExit()
+        var timedOut = false
+        if let timeout {
+            let c = timeout.components
+            let nanos = Double(c.seconds) * 1e9 + Double(c.attoseconds) / 1e9
+            if done.wait(timeout: .now() + .nanoseconds(Int(min(nanos, 1e17)))) == .timedOut {
+                timedOut = true
+                kill(process.processIdentifier, SIGKILL)
+                done.wait()
+            }
+        } else {
+            done.wait()
+        }
         func readAll(_ h: FileHandle) -> String {
-            (try? h.seek(toOffset: 0)).flatMap { _ in try? h.readToEnd() }.map { String(decoding: $0, as: UTF8.self) } ?? ""
+            guard (try? h.seek(toOffset: 0)) != nil, let d = try? h.readToEnd() else { return "" }
+            return String(decoding: d, as: UTF8.self)
         }
         let status = process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
-        return .success(CommandResult(status: status, stdout: readAll(out), stderr: readAll(err)))
+        return .success(CommandResult(status: status, stdout: readAll(out), stderr: readAll(err), timedOut: timedOut))
     }
 }
 

@@ -93,6 +93,14 @@ public struct NodeConfig: Sendable, Hashable {
         self.localhostNodePorts = localhostNodePorts
     }
 
+    /// The IP families this node proxies: those of its node IPs, primary first (IPv4 when
+    /// none is known). Two families make a dual-stack node: one proxier per family.
+    public var families: [IPFamily] {
+        var out: [IPFamily] = []
+        for ip in nodeIPs where !out.contains(ip.family) { out.append(ip.family) }
+        return out.isEmpty ? [.ipv4] : out
+    }
+
     /// The masquerade mark as kube-proxy writes it: Go's `%#08x`, eight hex digits after
     /// `0x` (`0x00004000` for bit 14; iptables-save shows it as `0x4000`).
     public var masqueradeMark: String {

@@ -68,18 +68,12 @@ public final class NetworkNamespace: Sendable {
     }
 
     private static func makeSocket(inNamespace path: String, host: String, port: Int) throws -> CInt {
-        typealias SetNS = @convention(c) (CInt, CInt) -> CInt
-        guard let sym = dlsym(nil, "setns") else { throw Failure(description: "setns is not available") }
-        let setns = unsafeBitCast(sym, to: SetNS.self)
-        let cloneNewNet: CInt = 0x4000_0000
+        // This thread is the caller's own (see listeningSocket): join, open, and come back.
         let original = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
         guard original >= 0 else { throw Failure(description: "cannot open this thread's namespace") }
         defer { close(original) }
-        let target = open(path, O_RDONLY | O_CLOEXEC)
-        guard target >= 0 else { throw Failure(description: "cannot open \(path)") }
-        defer { close(target) }
-        guard setns(target, cloneNewNet) == 0 else { throw Failure(description: "setns \(path): errno \(errno)") }
-        defer { _ = setns(original, cloneNewNet) }
+        try NamespaceThread.join(path)
+        defer { try? NamespaceThread.join(fd: original, "the thread's own namespace") }
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw Failure(description: "socket: errno \(errno)") }
         var one: CInt = 1
@@ -103,7 +97,7 @@ public final class NetworkNamespace: Sendable {
     }
 }
 
-/// Runs host tools synchronously.
+/// Runs host tools synchronously (a thin face over `Subprocess`).
 public enum ToolRunner {
     /// A finished command.
     public struct Output: Sendable {
@@ -113,32 +107,15 @@ public enum ToolRunner {
     }
 
     /// The full path of `tool` on PATH (plus the sbin directories), nil when absent.
-    public static func which(_ tool: String) -> String? {
-        let path = (ProcessInfo.processInfo.environment["PATH"] ?? "") + ":/usr/local/sbin:/usr/sbin:/sbin"
-        for dir in path.split(separator: ":") {
-            let p = "\(dir)/\(tool)"
-            if FileManager.default.isExecutableFile(atPath: p) { return p }
-        }
-        return nil
-    }
+    public static func which(_ tool: String) -> String? { Subprocess.resolve(tool) }
 
     /// Runs `args` (the first resolved on PATH) and waits.
     public static func run(_ args: [String]) throws -> Output {
-        guard let exe = which(args[0]) ?? (args[0].hasPrefix("/") ? args[0] : nil) else {
-            throw NetworkNamespace.Failure(description: "\(args[0]) not found")
+        guard let first = args.first, which(first) != nil else {
+            throw NetworkNamespace.Failure(description: "\(args.first ?? "<empty>") not found")
         }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = Array(args.dropFirst())
-        let out = Pipe()
-        let err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return Output(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+        let r = Subprocess.runBlocking(args, timeout: .seconds(120))
+        return Output(status: r.status, stdout: r.stdout, stderr: r.stderr)
     }
 
     /// Runs `args` and throws unless it exits 0.

@@ -7,6 +7,7 @@ import Dispatch
 import Foundation
 #if canImport(Glibc)
 import Glibc
+import SluiceCore
 #endif
 
 /// What a finished command left behind.
@@ -64,27 +65,8 @@ public enum Subprocess {
         return nil
     }
 
-    /// Starts `process` with an empty signal mask, as a shell would. `posix_spawn` passes
-    /// the calling thread's mask on, and dispatch and Swift-concurrency threads block every
-    /// signal: a child started from one would never see SIGTERM. So the mask of this thread
-    /// is cleared around the spawn and restored right after.
-    static func launch(_ process: Process) throws {
-        var empty = sigset_t()
-        var old = sigset_t()
-        sigemptyset(&empty)
-        pthread_sigmask(SIG_SETMASK, &empty, &old)
-        defer { pthread_sigmask(SIG_SETMASK, &old, nil) }
-        try process.run()
-    }
-
-    /// An unlinked read-write temporary file.
-    static func scratchFile() -> FileHandle? {
-        var template = Array("/tmp/sluice-kt-io.XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { return nil }
-        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
-        return FileHandle(fileDescriptor: fd, closeOnDealloc: true)
-    }
+    /// Starts `process` with an empty signal mask (see `ProcessRunner.launch`).
+    static func launch(_ process: Process) throws { try ProcessRunner.launch(process) }
 
     /// Runs `argv` to completion, blocking the calling thread (teardown uses this).
     public static func runBlocking(_ argv: [String], input: String? = nil, timeout: Duration = .seconds(60)) -> CommandOutput {
@@ -93,52 +75,16 @@ public enum Subprocess {
             result.stderr = "\(argv.first ?? "<empty>") not found on \(searchPath.joined(separator: ":"))"
             return result
         }
-        guard let out = scratchFile(), let err = scratchFile() else {
-            result.stderr = "cannot create temporary files in /tmp"
-            return result
+        switch ProcessRunner.runBlocking(path: path, arguments: Array(argv.dropFirst()), input: input.map { Array($0.utf8) },
+                                         environment: environment, timeout: timeout) {
+        case .success(let r):
+            result.status = r.status
+            result.stdout = r.stdout
+            result.stderr = r.stderr
+            result.timedOut = r.timedOut
+        case .failure(let e):
+            result.stderr = e.message
         }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = Array(argv.dropFirst())
-        process.environment = environment
-        process.standardOutput = out
-        process.standardError = err
-        if let input {
-            guard let inFile = scratchFile() else {
-                result.stderr = "cannot create temporary files in /tmp"
-                return result
-            }
-            do {
-                try inFile.write(contentsOf: Data(input.utf8))
-                try inFile.seek(toOffset: 0)
-            } catch {
-                result.stderr = "cannot stage input: \(error)"
-                return result
-            }
-            process.standardInput = inFile
-        } else {
-            process.standardInput = FileHandle.nullDevice
-        }
-        let done = DispatchSemaphore(value: 0)
-        process.terminationHandler = { _ in done.signal() }
-        do {
-            try launch(process)
-        } catch {
-            result.stderr = "cannot start: \(error)"
-            return result
-        }
-        if done.wait(timeout: .now() + timeout.seconds) == .timedOut {
-            result.timedOut = true
-            kill(process.processIdentifier, SIGKILL)
-            done.wait()
-        }
-        func readAll(_ h: FileHandle) -> String {
-            guard (try? h.seek(toOffset: 0)) != nil, let d = try? h.readToEnd() else { return "" }
-            return String(decoding: d, as: UTF8.self)
-        }
-        result.status = process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
-        result.stdout = readAll(out)
-        result.stderr = readAll(err)
         return result
     }
 

@@ -64,6 +64,20 @@ public enum TestNet {
     public static func backendGateway(_ i: Int) -> String { "10.244.\(i + 1).1" }
     /// The name backend `i` answers with.
     public static func backendName(_ i: Int) -> String { "backend-\(i)" }
+
+    // IPv6 (dual-stack test beds): the same plan under fd00::/16.
+    /// The node's IPv6 address on the external link.
+    public static let nodeIPv6 = "fd00:50::1"
+    /// The pod CIDR, IPv6.
+    public static let clusterCIDRv6 = "fd00:244::/32"
+    /// The service CIDR, IPv6.
+    public static let serviceCIDRv6 = "fd00:96::/112"
+    /// The client pod's IPv6 address.
+    public static let clientIPv6 = "fd00:244:1::10"
+    /// The external host's IPv6 address.
+    public static let extIPv6 = "fd00:50::10"
+    /// Backend i's IPv6 address (1-based).
+    public static func backendIPv6(_ i: Int) -> String { "fd00:244:\(i + 1)::10" }
 }
 
 /// A transport protocol for the client.
@@ -75,6 +89,19 @@ public enum ClientProtocol: String, Sendable {
 public struct ClientResult: Sendable, CustomStringConvertible {
     /// The raw lines, in order.
     public var lines: [String]
+
+    /// Wraps lines.
+    public init(lines: [String]) {
+        self.lines = lines
+    }
+
+    /// The complete lines a background client printed so far.
+    public init(log process: BackgroundProcess) {
+        let text = process.log()
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: true).map(String.init)
+        if !text.hasSuffix("\n"), !lines.isEmpty { lines.removeLast() } // still being written
+        self.lines = lines
+    }
 
     /// The first word of each line: a backend name, REFUSED, TIMEOUT or ERROR.
     public var answers: [String] { lines.map { String($0.split(separator: " ").first ?? "") } }
@@ -114,11 +141,15 @@ public final class TestBed: @unchecked Sendable {
         public var ext: Bool
         /// A label put into the namespace names (letters and digits, for humans reading `ip netns`).
         public var label: String
+        /// Also give every link IPv6 addresses and routes, run a second backend process per pod
+        /// on its IPv6 address, and start sluice with both node IPs and pod CIDRs (dual-stack).
+        public var dualStack: Bool
 
-        public init(backends: Int = 2, ext: Bool = true, label: String = "") {
+        public init(backends: Int = 2, ext: Bool = true, label: String = "", dualStack: Bool = false) {
             self.backends = backends
             self.ext = ext
             self.label = label
+            self.dualStack = dualStack
         }
     }
 
@@ -285,18 +316,35 @@ public final class TestBed: @unchecked Sendable {
                      "addr add \(TestNet.nodeIP)/24 dev vext", "link set vext up",
                      "route add default dev vext"]
         }
+        let v6 = options.dualStack
+        if v6 {
+            // The same links get IPv6: the node is fd00:244:<k>::1 on the link whose IPv4 is
+            // 10.244.<k>.1. No duplicate-address detection, so addresses work at once.
+            try await exec(checked: nodeNS, ["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
+            node.append("addr add fd00:244:1::1/64 dev vcli nodad")
+            for i in backendNS.indices { node.append("addr add fd00:244:\(i + 2)::1/64 dev vbe\(i + 1) nodad") }
+            if !extNS.isEmpty { node += ["addr add \(TestNet.nodeIPv6)/64 dev vext nodad", "route add ::/0 dev vext"] }
+        }
         try await ipBatch(nodeNS, node)
-        for pod in pods {
-            try await ipBatch(pod.ns, ["link set lo up", "addr add \(pod.address)/24 dev eth0", "link set eth0 up",
-                                       "route add \(TestNet.clusterCIDR) via \(pod.gateway)",
-                                       "route add \(TestNet.serviceCIDR) via \(pod.gateway)"])
+        for (k, pod) in pods.enumerated() {
+            var lines = ["link set lo up", "addr add \(pod.address)/24 dev eth0", "link set eth0 up",
+                         "route add \(TestNet.clusterCIDR) via \(pod.gateway)",
+                         "route add \(TestNet.serviceCIDR) via \(pod.gateway)"]
+            if v6 {
+                lines += ["addr add fd00:244:\(k + 1)::10/64 dev eth0 nodad",
+                          "route add \(TestNet.clusterCIDRv6) via fd00:244:\(k + 1)::1",
+                          "route add \(TestNet.serviceCIDRv6) via fd00:244:\(k + 1)::1"]
+            }
+            try await ipBatch(pod.ns, lines)
         }
         if !extNS.isEmpty {
-            try await ipBatch(extNS, ["link set lo up",
-                                      "addr add \(TestNet.extIP)/24 dev eth0", "addr add \(TestNet.extIP2)/24 dev eth0",
-                                      "link set eth0 up",
-                                      "route add \(TestNet.externalIPRange) via \(TestNet.nodeIP)",
-                                      "route add \(TestNet.loadBalancerRange) via \(TestNet.nodeIP)"])
+            var lines = ["link set lo up",
+                         "addr add \(TestNet.extIP)/24 dev eth0", "addr add \(TestNet.extIP2)/24 dev eth0",
+                         "link set eth0 up",
+                         "route add \(TestNet.externalIPRange) via \(TestNet.nodeIP)",
+                         "route add \(TestNet.loadBalancerRange) via \(TestNet.nodeIP)"]
+            if v6 { lines.append("addr add \(TestNet.extIPv6)/64 dev eth0 nodad") }
+            try await ipBatch(extNS, lines)
         }
     }
 
@@ -317,6 +365,16 @@ public final class TestBed: @unchecked Sendable {
                 logPath: "\(tempDir)/\(TestNet.backendName(n)).log")
             track(p)
             started.append(p)
+            if options.dualStack {
+                let p6 = try BackgroundProcess(
+                    name: TestNet.backendName(n) + "-v6",
+                    arguments: ["ip", "netns", "exec", ns, python, script, "--name", TestNet.backendName(n),
+                                "--bind", TestNet.backendIPv6(n), "--tcp-port", "\(TestNet.backendTCPPort)",
+                                "--udp-port", "\(TestNet.backendUDPPort)"],
+                    logPath: "\(tempDir)/\(TestNet.backendName(n))-v6.log")
+                track(p6)
+                started.append(p6)
+            }
         }
         for p in started {
             let deadline = ContinuousClock.now + .seconds(10)
@@ -375,6 +433,31 @@ public final class TestBed: @unchecked Sendable {
         return nil
     }
 
+    /// Starts `argv` inside `ns` in the background, its output in a log file of the bed;
+    /// it is stopped at teardown at the latest.
+    public func startBackground(in ns: String, name: String, _ argv: [String]) throws -> BackgroundProcess {
+        let p = try BackgroundProcess(name: name, arguments: ["ip", "netns", "exec", ns] + argv,
+                                      logPath: "\(tempDir)/\(name)-\(Counter.shared.next()).log")
+        track(p)
+        return p
+    }
+
+    /// Starts `client.py` in the background: `count` requests, `interval` seconds apart (one
+    /// socket for all UDP datagrams with `sameSocket`). Read its lines with `ClientResult(log:)`.
+    public func startClient(from ns: String, _ proto: ClientProtocol, _ target: String, count: Int, interval: Double,
+                            timeout: Double = 1, sameSocket: Bool = false) throws -> BackgroundProcess {
+        var argv = [python, packageRoot + "/scripts/testbed/client.py", "--proto", proto.rawValue, "--target", target,
+                    "--count", "\(count)", "--timeout", "\(timeout)", "--interval", "\(interval)"]
+        if sameSocket { argv.append("--same-socket") }
+        trace("background client \(proto.rawValue) \(target) x\(count) every \(interval) s from \(ns)")
+        return try startBackground(in: ns, name: "client", argv)
+    }
+
+    /// `conntrack ARGS` in the node namespace (its stdout; the tool's notes go to stderr).
+    public func conntrack(_ args: [String]) async throws -> String {
+        try await exec(checked: nodeNS, ["conntrack"] + args).stdout
+    }
+
     // MARK: - manifests
 
     /// Writes (or replaces) `name` in the manifest directory atomically (a temporary dot
@@ -404,7 +487,9 @@ public final class TestBed: @unchecked Sendable {
     public func sluiceArguments(variant: IPTablesVariant = .auto, syncPeriod: String = "10m",
                                 extra: [String] = []) -> [String] {
         ["--proxy-mode", "iptables", "--manifests", manifestDir, "--hostname-override", TestNet.nodeName,
-         "--node-ip", TestNet.nodeIP, "--cluster-cidr", TestNet.clusterCIDR, "--iptables-backend", variant.rawValue,
+         "--node-ip", options.dualStack ? "\(TestNet.nodeIP),\(TestNet.nodeIPv6)" : TestNet.nodeIP,
+         "--cluster-cidr", options.dualStack ? "\(TestNet.clusterCIDR),\(TestNet.clusterCIDRv6)" : TestNet.clusterCIDR,
+         "--iptables-backend", variant.rawValue,
          "--min-sync-period", "1s", "--sync-period", syncPeriod] + extra
     }
 
@@ -573,6 +658,8 @@ public final class TestBed: @unchecked Sendable {
 
 /// A process-wide counter for unique names.
 final class Counter: @unchecked Sendable {
+    /// For names that only need to be unique in the process.
+    static let shared = Counter()
     private let lock = NSLock()
     private var value = 0
     func next() -> Int {

@@ -15,21 +15,27 @@ struct ModeRuntime {
     var services: (SyncRunner<ContinuousClock>) -> [any ServiceLifecycle.Service] = { _ in [] }
 }
 
-/// Builds the runtime of the selected `--proxy-mode`.
-func makeMode(options: ProxyOptions, node: NodeConfig, logger: Logger) async throws -> ModeRuntime {
+/// Builds the runtime of the selected `--proxy-mode` for one IP family (a dual-stack node
+/// runs one per family over the same model, as kube-proxy's metaproxier does).
+func makeMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger: Logger) async throws -> ModeRuntime {
     switch options.proxyMode {
     case .iptables:
         let backend: IPTablesBackend
         do {
-            backend = try await IPTablesBackend.create(node: node, family: .ipv4, variant: options.iptablesBackend,
+            backend = try await IPTablesBackend.create(node: node, family: family, variant: options.iptablesBackend,
                                                        runner: ProcessRunner(), logger: logger)
         } catch {
-            throw SluiceExit("cannot use iptables: \(error)")
+            throw SluiceExit("cannot use \(family == .ipv4 ? "iptables" : "ip6tables"): \(error)")
         }
-        return ModeRuntime(backend: backend) { runner in
+        return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger)]) { runner in
             [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
         }
-    case .ipvs, .userspace:
+    case .ipvs:
+        var mode = try await makeIPVSMode(options: options, node: node, family: family, logger: logger)
+        // IPVS mode keeps net.ipv4.vs.conntrack=1, so its flows are in the conntrack table too.
+        mode.observers.append(makeConntrackReconciler(node: node, logger: logger))
+        return mode
+    case .userspace:
         throw SluiceExit("--proxy-mode \(options.proxyMode.rawValue) is not available yet; use --proxy-mode iptables")
     }
 }

@@ -4,6 +4,7 @@
 import ArgumentParser
 import Foundation
 import IPTables
+import IPVS
 import KubeAPI
 import SluiceCore
 import SluiceServer
@@ -56,10 +57,12 @@ struct ProxyOptions: ParsableArguments {
     @Option(help: "Which iptables binaries to use: auto (the host's default), nft or legacy.")
     var iptablesBackend: IPTablesVariant = .auto
 
-    @Option(help: ArgumentHelp("Minimum time between syncs (Go duration, e.g. 1s).", valueName: "duration"))
+    @Option(name: [.customLong("min-sync-period"), .customLong("iptables-min-sync-period")],
+            help: ArgumentHelp("Minimum time between syncs (Go duration, e.g. 1s).", valueName: "duration"))
     var minSyncPeriod: String = "1s"
 
-    @Option(help: ArgumentHelp("Maximum time between full syncs (Go duration, e.g. 30s).", valueName: "duration"))
+    @Option(name: [.customLong("sync-period"), .customLong("iptables-sync-period")],
+            help: ArgumentHelp("Maximum time between full syncs (Go duration, e.g. 30s).", valueName: "duration"))
     var syncPeriod: String = "30s"
 
     @Option(help: ArgumentHelp("Proxy Services labelled service.kubernetes.io/service-proxy-name with this value.", valueName: "name"))
@@ -68,11 +71,46 @@ struct ProxyOptions: ParsableArguments {
     @Option(name: .shortAndLong, help: "Log verbosity: 0 info, 4 and above debug, 6 and above trace.")
     var v: Int = 0
 
+    // IPVS mode (kube-proxy's names).
+
+    @Option(help: ArgumentHelp("IPVS scheduler: rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq or mh.", valueName: "name"))
+    var ipvsScheduler: String = "rr"
+
+    @Option(help: ArgumentHelp("IPVS mode: maximum time between full syncs (overrides --sync-period).", valueName: "duration"))
+    var ipvsSyncPeriod: String?
+
+    @Option(help: ArgumentHelp("IPVS mode: minimum time between syncs (overrides --min-sync-period).", valueName: "duration"))
+    var ipvsMinSyncPeriod: String?
+
+    @Option(help: ArgumentHelp("IPVS mode: comma-separated CIDRs whose virtual servers Sluice never deletes.", valueName: "cidrs"))
+    var ipvsExcludeCidrs: String?
+
+    @Flag(help: "IPVS mode: set arp_ignore=1 and arp_announce=2 so the node does not answer ARP for service addresses.")
+    var ipvsStrictArp = false
+
+    @Option(help: ArgumentHelp("IPVS mode: timeout of idle established TCP connections (0: leave the kernel's).", valueName: "duration"))
+    var ipvsTcpTimeout: String = "0s"
+
+    @Option(help: ArgumentHelp("IPVS mode: timeout of TCP connections after FIN (0: leave the kernel's).", valueName: "duration"))
+    var ipvsTcpfinTimeout: String = "0s"
+
+    @Option(help: ArgumentHelp("IPVS mode: timeout of UDP flows (0: leave the kernel's).", valueName: "duration"))
+    var ipvsUdpTimeout: String = "0s"
+
+    @Option(help: ArgumentHelp("IPVS mode: how long a removed TCP endpoint's real server may drain at weight 0 before it is deleted.", valueName: "duration"))
+    var ipvsGracefulPeriod: String = "30s"
+
     @Option(help: ArgumentHelp("Where /healthz and /livez answer (IP:port, [::]:port for IPv6); empty disables them.", valueName: "ip:port"))
     var healthzBindAddress: String = HealthServer.defaultAddress
 
     @Option(help: ArgumentHelp("Where /metrics and /proxyMode answer (IP:port, [::1]:port for IPv6); empty disables them.", valueName: "ip:port"))
     var metricsBindAddress: String = MetricsServer.defaultAddress
+
+    @Option(help: ArgumentHelp("Read a kubeproxy.config.k8s.io/v1alpha1 KubeProxyConfiguration; flags given on the command line override it.", valueName: "file"))
+    var config: String?
+
+    /// `--conntrack-*` (ConntrackSetup.swift).
+    @OptionGroup var conntrack: ConntrackOptions
 
     mutating func validate() throws {
         guard (0...31).contains(iptablesMasqueradeBit) else {
@@ -90,6 +128,7 @@ struct ProxyOptions: ParsableArguments {
         }
         _ = try nodeIPs()
         _ = try clusterCIDRs()
+        try validateIPVS()
         _ = try bindAddresses()
     }
 
@@ -152,6 +191,54 @@ struct ProxyOptions: ParsableArguments {
     }
 
     var timing: SyncTiming {
-        SyncTiming(minSyncPeriod: GoDuration.parse(minSyncPeriod) ?? .seconds(1), syncPeriod: GoDuration.parse(syncPeriod) ?? .seconds(30))
+        var t = SyncTiming(minSyncPeriod: GoDuration.parse(minSyncPeriod) ?? .seconds(1), syncPeriod: GoDuration.parse(syncPeriod) ?? .seconds(30))
+        if proxyMode == .ipvs {
+            if let p = ipvsSyncPeriod.flatMap(GoDuration.parse) { t.syncPeriod = p }
+            if let p = ipvsMinSyncPeriod.flatMap(GoDuration.parse) { t.minSyncPeriod = p }
+        }
+        return t
     }
+}
+
+// IPVS-mode flags: validation and parsed values.
+extension ProxyOptions {
+    func validateIPVS() throws {
+        guard ipvsSchedulers.contains(ipvsScheduler) else {
+            throw ValidationError("--ipvs-scheduler \"\(Validation.printable(ipvsScheduler))\" is not one of \(ipvsSchedulers.joined(separator: ", "))")
+        }
+        for (flag, value) in [("--ipvs-sync-period", ipvsSyncPeriod), ("--ipvs-min-sync-period", ipvsMinSyncPeriod)] {
+            guard let value else { continue }
+            guard let d = GoDuration.parse(value), d > .zero || flag == "--ipvs-min-sync-period" else {
+                throw ValidationError("\(flag) \"\(Validation.printable(value))\" is not a positive duration such as 30s")
+            }
+        }
+        if proxyMode == .ipvs, timing.minSyncPeriod > timing.syncPeriod {
+            throw ValidationError("the minimum sync period \(GoDuration.format(timing.minSyncPeriod)) is longer than the sync period \(GoDuration.format(timing.syncPeriod))")
+        }
+        for (flag, value) in [("--ipvs-tcp-timeout", ipvsTcpTimeout), ("--ipvs-tcpfin-timeout", ipvsTcpfinTimeout),
+                              ("--ipvs-udp-timeout", ipvsUdpTimeout), ("--ipvs-graceful-period", ipvsGracefulPeriod)] {
+            guard let d = GoDuration.parse(value), d >= .zero, d <= .seconds(Int64(UInt32.max)) else {
+                throw ValidationError("\(flag) \"\(Validation.printable(value))\" is not a duration such as 900s")
+            }
+        }
+        _ = try ipvsExcludeCIDRList()
+    }
+
+    func ipvsExcludeCIDRList() throws -> [CIDR] {
+        guard let text = ipvsExcludeCidrs, !text.isEmpty else { return [] }
+        return try text.split(separator: ",").map { part in
+            guard let c = CIDR(String(part)) else {
+                throw ValidationError("--ipvs-exclude-cidrs \"\(Validation.printable(String(part)))\" is not a CIDR")
+            }
+            return c
+        }
+    }
+
+    /// The three `ipvsadm --set` timeouts in whole seconds.
+    var ipvsTimeouts: IPVSTimeouts {
+        func seconds(_ text: String) -> UInt32 { UInt32(clamping: GoDuration.parse(text)?.components.seconds ?? 0) }
+        return IPVSTimeouts(tcp: seconds(ipvsTcpTimeout), tcpFin: seconds(ipvsTcpfinTimeout), udp: seconds(ipvsUdpTimeout))
+    }
+
+    var ipvsGracefulDuration: Duration { GoDuration.parse(ipvsGracefulPeriod) ?? .seconds(30) }
 }

@@ -26,31 +26,54 @@ struct Sluice: AsyncParsableCommand {
     @Flag(help: "Remove every chain and rule Sluice or kube-proxy created, then exit.")
     var cleanup = false
 
+    @Option(help: ArgumentHelp("Write the effective configuration (flags and --config) as a KubeProxyConfiguration to this file, then exit.", valueName: "file"))
+    var writeConfigTo: String?
+
     func run() async throws {
+        let options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
         signal(SIGPIPE, SIG_IGN)
+        if let path = writeConfigTo {
+            do {
+                try ConfigFile.render(options).write(toFile: path, atomically: true, encoding: .utf8)
+            } catch {
+                throw SluiceExit("cannot write the configuration to \(path): \(error)")
+            }
+            logger.info("wrote the effective configuration to \(path)")
+            return
+        }
         if cleanup {
-            try await runCleanup(logger: logger)
+            try await runCleanup(options: options, logger: logger)
             return
         }
         let plan = try await makeSource(options: options, logger: logger)
         let node = plan.node
         let source = plan.events
         logger.info("sluice \(sluiceVersion) starting: mode \(options.proxyMode.rawValue), node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
-        let mode = try await makeMode(options: options, node: node, logger: logger)
         let observability = try makeObservability(options: options, node: node, logger: logger)
-        let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
-                                backend: mode.backend, timing: options.timing, clock: ContinuousClock(), logger: logger,
-                                observers: mode.observers + observability.observers, recorders: observability.recorders)
-        let services: [any ServiceLifecycle.Service] =
-            [SourcePump(events: source, runner: runner), RunnerService(runner: runner)] + mode.services(runner) + observability.services
+        applyConntrackSysctls(options.conntrack, logger: logger)
+        var runners: [SyncRunner<ContinuousClock>] = []
+        var services: [any ServiceLifecycle.Service] = []
+        for family in node.families {
+            let mode = try await makeMode(options: options, node: node, family: family, logger: logger)
+            let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
+                                    backend: mode.backend, family: family, timing: options.timing, clock: ContinuousClock(),
+                                    logger: logger, observers: mode.observers + observability.observers,
+                                    recorders: observability.recorders)
+            runners.append(runner)
+            services += [RunnerService(runner: runner)] + mode.services(runner)
+        }
+        if node.families.count > 1 { logger.info("dual-stack: one proxier per family (\(node.families.map(\.rawValue).joined(separator: ", ")))") }
+        services = [SourcePump(events: source, runners: runners)] + services + observability.services
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
         logger.info("stopped; the rules stay in place")
     }
 
-    private func runCleanup(logger: Logger) async throws {
-        var failures: [String] = []
+    private func runCleanup(options: ProxyOptions, logger: Logger) async throws {
+        // IPVS mode first: it removes its services, sets, device and own chains, and empties the
+        // chains it shares with iptables mode, which the iptables clean-up below then deletes.
+        var failures = await runIPVSCleanup(options: options, logger: logger)
         for family in IPFamily.allCases {
             let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
             guard ProcessRunner().resolve(tools.restore) != nil else {
@@ -74,7 +97,7 @@ struct Sluice: AsyncParsableCommand {
 /// `sluice compile`: prints the iptables-restore input of a full sync for the manifests.
 struct Compile: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Print the iptables-restore input of a full sync for a manifest directory (a dry run).")
+        abstract: "Print what a full sync would program for a manifest directory (a dry run): the iptables-restore input, or with --proxy-mode ipvs the IPVS services, ipset members and iptables rules.")
 
     @OptionGroup var options: ProxyOptions
 
@@ -82,8 +105,9 @@ struct Compile: AsyncParsableCommand {
     var randomFully: String = "auto"
 
     func run() async throws {
+        let options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
-        guard options.proxyMode == .iptables else {
+        guard options.proxyMode != .userspace else {
             throw SluiceExit("compile --proxy-mode \(options.proxyMode.rawValue) is not available yet")
         }
         guard let dir = options.manifests else { throw SluiceExit("compile needs --manifests DIR") }
@@ -99,21 +123,32 @@ struct Compile: AsyncParsableCommand {
         for e in events {
             if case .rejected(let r) = tracker.apply(e) { logger.error("\(r.description); skipped") }
         }
-        let state = tracker.snapshot(.ipv4)
-        let rf: Bool
-        switch randomFully {
-        case "true": rf = true
-        case "false": rf = false
-        default:
-            let r = await ProcessRunner().run(IPTablesTools(variant: options.iptablesBackend, family: .ipv4).iptables, ["--version"], input: nil)
-            if case .success(let out) = r, let f = IPTablesFeatures.parse(out.stdout + out.stderr) { rf = f.randomFully } else { rf = true }
-        }
         let liberal = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", encoding: .utf8))?
             .trimmingASCIIWhitespace() == "1"
-        let opts = IPTablesOptions(node: node, family: .ipv4, randomFully: rf, conntrackTCPLiberal: liberal,
-                                   localAddresses: LocalAddresses.current())
-        let compiled = IPTablesCompiler(options: opts).compile(state)
-        FileHandle.standardOutput.write(Data(compiled.restoreText.utf8))
+        // One batch per family; a dual-stack node's ip6tables batch follows, after a comment
+        // line (iptables-restore ignores comments).
+        for family in node.families {
+            let state = tracker.snapshot(family)
+            let rf: Bool
+            switch randomFully {
+            case "true": rf = true
+            case "false": rf = false
+            default:
+                let r = await ProcessRunner().run(IPTablesTools(variant: options.iptablesBackend, family: family).iptables, ["--version"], input: nil)
+                if case .success(let out) = r, let f = IPTablesFeatures.parse(out.stdout + out.stderr) { rf = f.randomFully } else { rf = true }
+            }
+            if options.proxyMode == .ipvs {
+                if family != node.families.first { FileHandle.standardOutput.write(Data("# \(family.rawValue)\n".utf8)) }
+                let text = try ipvsDryRun(options: options, node: node, family: family, state: state, randomFully: rf)
+                FileHandle.standardOutput.write(Data(text.utf8))
+                continue
+            }
+            let opts = IPTablesOptions(node: node, family: family, randomFully: rf, conntrackTCPLiberal: liberal,
+                                       localAddresses: LocalAddresses.current().filter { $0.family == family })
+            let compiled = IPTablesCompiler(options: opts).compile(state)
+            if family != node.families.first { FileHandle.standardOutput.write(Data("# \(IPTablesTools(variant: .auto, family: family).restore) input\n".utf8)) }
+            FileHandle.standardOutput.write(Data(compiled.restoreText.utf8))
+        }
     }
 }
 
@@ -136,12 +171,13 @@ func makeLogger(verbosity: Int) -> Logger {
 /// Feeds source events into the runner.
 struct SourcePump: ServiceLifecycle.Service {
     let events: @Sendable () -> AsyncThrowingStream<ObjectEvent, Error>
-    let runner: SyncRunner<ContinuousClock>
+    /// One runner per IP family; every event goes to each.
+    let runners: [SyncRunner<ContinuousClock>]
 
     func run() async throws {
         try await untilShutdown {
             for try await event in events() {
-                await runner.handle(event)
+                for runner in runners { await runner.handle(event) }
             }
         }
     }

@@ -300,3 +300,37 @@ let ext1 = "KUBE-EXT-XPGD46QRK7WJZT7O"
         #expect(ChainHash.hash16(input) == hash)
     }
 }
+
+@Suite struct DualStackCompileTests {
+    /// One dual-stack Service, compiled by two single-family proxiers over one model: each
+    /// batch holds only its family's addresses, under the same chain names.
+    @Test func eachFamilyCompilesItsOwnAddresses() throws {
+        let yaml = [
+            serviceYAML(ip: "172.30.0.41", spec: "clusterIPs: [172.30.0.41, \"fd00:172:30::41\"]\nexternalIPs: [192.168.99.22, \"2001:db8::22\"]"),
+            sliceYAML(name: "svc1-v4", endpoints: "[{addresses: [10.180.0.1]}]"),
+            sliceYAML(name: "svc1-v6", family: "IPv6", endpoints: "[{addresses: [\"fd00:10::1\"]}]"),
+        ].joined(separator: "\n---\n")
+        var (tracker, rejections) = try Fixtures.tracker(yaml)
+        #expect(rejections.isEmpty)
+        let node = NodeConfig(nodeName: "test-node", nodeIPs: [IPAddress("192.168.0.2")!, IPAddress("2001:db8::1")!],
+                              clusterCIDRs: [CIDR("10.0.0.0/8")!, CIDR("fd00:10::/64")!])
+        #expect(node.families == [.ipv4, .ipv6])
+        let v4 = IPTablesCompiler(options: IPTablesOptions(node: node, family: .ipv4, randomFully: false)).compile(tracker.snapshot(.ipv4))
+        let v6 = IPTablesCompiler(options: IPTablesOptions(node: node, family: .ipv6, randomFully: false)).compile(tracker.snapshot(.ipv6))
+        let d4 = try RestoreDump.parse(v4.restoreText), d6 = try RestoreDump.parse(v6.restoreText)
+        #expect(d4.rules("nat", "KUBE-SERVICES").prefix(2) == [
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j \(svc1)",
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 external IP\" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j \(ext1)",
+        ])
+        #expect(d6.rules("nat", "KUBE-SERVICES").prefix(2) == [
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d fd00:172:30::41 --dport 80 -j \(svc1)",
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 external IP\" -m tcp -p tcp -d 2001:db8::22 --dport 80 -j \(ext1)",
+        ])
+        #expect(!v4.restoreText.contains("fd00:") && !v4.restoreText.contains("2001:db8"))
+        #expect(!v6.restoreText.contains("172.30.") && !v6.restoreText.contains("10.180.") && !v6.restoreText.contains("192.168."))
+        #expect(d4.rules("nat", svc1).first?.contains("! -s 10.0.0.0/8") == true)
+        #expect(d6.rules("nat", svc1).first?.contains("! -s fd00:10::/64") == true)
+        #expect(d6.chains("filter").contains("KUBE-FIREWALL") == false)
+        #expect(try checkRuleJumps(v4.restoreText) == [] && checkRuleJumps(v6.restoreText) == [])
+    }
+}

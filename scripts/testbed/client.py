@@ -2,7 +2,7 @@
 """Test client for Sluice's demo and kernel tests (stdlib only).
 
     client.py --proto tcp|udp --target IP:PORT [--count N] [--timeout SEC]
-              [--source-ip IP] [--same-socket] [--show-source]
+              [--source-ip IP] [--same-socket] [--show-source] [--interval SEC]
 
 Sends N requests and prints one line per request, in order:
 
@@ -16,7 +16,8 @@ saw (`NAME <client-ip>`), to check masquerading.
 
 TCP: a new connection per request, sends `GET / HTTP/1.0\\r\\n\\r\\n`, half-closes,
 reads until the server closes. UDP: one datagram per request, each from a fresh
-socket (so each is a new conntrack flow) unless --same-socket.
+socket (so each is a new conntrack flow) unless --same-socket. --interval waits
+that long between requests (a long-running client, e.g. a resolver on one socket).
 
 Exits 0 whatever the answers were; 2 for bad arguments.
 No name lookups: targets and source must be IP address literals.
@@ -127,6 +128,7 @@ def main():
     p.add_argument("--source-ip", help="bind to this local address first")
     p.add_argument("--same-socket", action="store_true", help="UDP: send every datagram from one socket")
     p.add_argument("--show-source", action="store_true", help="print 'NAME <client-ip-seen-by-backend>'")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds to wait between requests (default 0)")
     args = p.parse_args()
     try:
         fam, ip, port = parse_target(args.target)
@@ -136,6 +138,8 @@ def main():
         p.error("--count must be at least 1")
     if args.timeout <= 0:
         p.error("--timeout must be positive")
+    if args.interval < 0:
+        p.error("--interval must not be negative")
     if args.source_ip:
         try:
             if (ipaddress.ip_address(args.source_ip).version == 6) != (fam == socket.AF_INET6):
@@ -146,7 +150,9 @@ def main():
 
     shared = None
     try:
-        for _ in range(args.count):
+        for i in range(args.count):
+            if i and args.interval:
+                time.sleep(args.interval)
             if args.proto == "tcp":
                 line = tcp_request(fam, target, args.source_ip, args.timeout, args.show_source)
             elif args.same_socket:

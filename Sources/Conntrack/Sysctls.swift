@@ -1,0 +1,180 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The conntrack sysctls kube-proxy sets at startup (cmd/kube-proxy/app/conntrack.go and
+// server_linux.go): the table size, its hash size, and four timeouts. Sluice writes one
+// only when its flag is given and the kernel's value differs.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import SluiceCore
+
+/// The conntrack flags; nil means "not given: leave the kernel's value alone".
+public struct ConntrackSysctlSettings: Sendable, Hashable {
+    /// `--conntrack-max-per-core`: entries per CPU (0: leave the limit as it is).
+    public var maxPerCore: Int?
+    /// `--conntrack-min`: a floor for the scaled limit.
+    public var min: Int?
+    /// `--conntrack-tcp-timeout-established`.
+    public var tcpEstablishedTimeout: Duration?
+    /// `--conntrack-tcp-timeout-close-wait`.
+    public var tcpCloseWaitTimeout: Duration?
+    /// `--conntrack-udp-timeout`.
+    public var udpTimeout: Duration?
+    /// `--conntrack-udp-timeout-stream`.
+    public var udpStreamTimeout: Duration?
+
+    /// Creates settings.
+    public init(maxPerCore: Int? = nil, min: Int? = nil, tcpEstablishedTimeout: Duration? = nil,
+                tcpCloseWaitTimeout: Duration? = nil, udpTimeout: Duration? = nil, udpStreamTimeout: Duration? = nil) {
+        self.maxPerCore = maxPerCore
+        self.min = min
+        self.tcpEstablishedTimeout = tcpEstablishedTimeout
+        self.tcpCloseWaitTimeout = tcpCloseWaitTimeout
+        self.udpTimeout = udpTimeout
+        self.udpStreamTimeout = udpStreamTimeout
+    }
+
+    /// True when no flag was given.
+    public var isEmpty: Bool { self == ConntrackSysctlSettings() }
+}
+
+/// What happened to one setting.
+public enum SysctlOutcome: Sendable, Hashable, CustomStringConvertible {
+    /// It already had the value.
+    case unchanged(name: String, value: Int)
+    /// It was written.
+    case changed(name: String, from: Int, to: Int)
+    /// It could not be read or written; `hint` says why and what to do.
+    case failed(name: String, wanted: Int, current: Int?, errno: Int32, hint: String)
+
+    /// One log line.
+    public var description: String {
+        switch self {
+        case .unchanged(let name, let value):
+            return "\(name) is already \(value)"
+        case .changed(let name, let from, let to):
+            return "set \(name) to \(to) (was \(from))"
+        case .failed(let name, let wanted, let current, let e, let hint):
+            let now = current.map { " (it is \($0))" } ?? ""
+            return "cannot set \(name) to \(wanted)\(now): \(String(cString: strerror(e))); \(hint)"
+        }
+    }
+}
+
+/// Reads and writes the conntrack sysctls. The paths are parameters so that tests can point
+/// them at a scratch directory.
+public struct ConntrackSysctls: Sendable {
+    /// `/proc/sys/net/netfilter`.
+    public var procDirectory: String
+    /// `/sys/module/nf_conntrack/parameters/hashsize`.
+    public var hashsizePath: String
+    /// CPUs, for `--conntrack-max-per-core` (kube-proxy uses Go's `runtime.NumCPU`).
+    public var cpuCount: Int
+
+    /// Creates an accessor.
+    public init(procDirectory: String = "/proc/sys/net/netfilter",
+                hashsizePath: String = "/sys/module/nf_conntrack/parameters/hashsize", cpuCount: Int) {
+        self.procDirectory = procDirectory
+        self.hashsizePath = hashsizePath
+        self.cpuCount = cpuCount
+    }
+
+    /// The `nf_conntrack_max` the settings ask for, or nil to leave it: `maxPerCore × CPUs`,
+    /// raised to `min` (kube-proxy's `getConntrackMax`). `maxPerCore` 0 leaves the limit as it
+    /// is, whatever `min` says (kube-proxy's meaning of 0); `min` alone sets it to `min`.
+    public func desiredMax(_ s: ConntrackSysctlSettings) -> Int? {
+        if s.maxPerCore == 0 { return nil }
+        let target = Swift.max((s.maxPerCore ?? 0) * cpuCount, s.min ?? 0)
+        return target > 0 ? target : nil
+    }
+
+    /// Applies the settings that are given and differ from the kernel's values, in
+    /// kube-proxy's order: the limit, the hash size (to a quarter of the limit, only when it
+    /// is smaller), then the timeouts. A failure is reported and the rest goes on.
+    public func apply(_ s: ConntrackSysctlSettings) -> [SysctlOutcome] {
+        var out: [SysctlOutcome] = []
+        if let max = desiredMax(s) {
+            out.append(set("nf_conntrack_max", max))
+            // Reading the hash size never fails where conntrack exists; raising it is allowed
+            // only from the host's network namespace (the kernel says EOPNOTSUPP elsewhere).
+            if let hashsize = read(hashsizePath), hashsize < max / 4 {
+                out.append(write(path: hashsizePath, name: "nf_conntrack hashsize", value: max / 4, current: hashsize))
+            }
+        }
+        let timeouts: [(String, Duration?)] = [
+            ("nf_conntrack_tcp_timeout_established", s.tcpEstablishedTimeout),
+            ("nf_conntrack_tcp_timeout_close_wait", s.tcpCloseWaitTimeout),
+            ("nf_conntrack_udp_timeout", s.udpTimeout),
+            ("nf_conntrack_udp_timeout_stream", s.udpStreamTimeout),
+        ]
+        for (name, d) in timeouts {
+            guard let d else { continue }
+            let seconds = Int(d.components.seconds)
+            if seconds > 0 { out.append(set(name, seconds)) }
+        }
+        return out
+    }
+
+    /// Sets `net.netfilter.<name>` when it differs.
+    private func set(_ name: String, _ value: Int) -> SysctlOutcome {
+        let path = "\(procDirectory)/\(name)"
+        let sysctlName = "net.netfilter.\(name)"
+        errno = 0
+        guard let current = read(path) else {
+            let e = errno == 0 ? ENOENT : errno
+            return .failed(name: sysctlName, wanted: value, current: nil, errno: e, hint: hint(e, name: name))
+        }
+        if current == value { return .unchanged(name: sysctlName, value: value) }
+        return write(path: path, name: sysctlName, value: value, current: current)
+    }
+
+    private func write(path: String, name: String, value: Int, current: Int) -> SysctlOutcome {
+        let fd = open(path, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            let e = errno
+            return .failed(name: name, wanted: value, current: current, errno: e, hint: hint(e, name: name))
+        }
+        defer { close(fd) }
+        let text = Array("\(value)\n".utf8)
+        let n = text.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        guard n == text.count else {
+            let e = n < 0 ? errno : EIO
+            return .failed(name: name, wanted: value, current: current, errno: e, hint: hint(e, name: name))
+        }
+        return .changed(name: name, from: current, to: value)
+    }
+
+    /// The integer in `path`, or nil (errno set).
+    private func read(_ path: String) -> Int? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 64)
+        let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        guard n > 0 else { return nil }
+        let text = String(decoding: buffer[0..<n], as: UTF8.self).trimmingASCIIWhitespace()
+        return Int(text)
+    }
+
+    /// What an errno means for a conntrack setting, and what the operator can do.
+    func hint(_ e: Int32, name: String) -> String {
+        let hostOnly = name.hasSuffix("nf_conntrack_max") || name.hasSuffix("hashsize")
+        switch e {
+        case EACCES, EPERM:
+            if hostOnly {
+                return "the kernel lets only the host's network namespace change it; set it on the host (sysctl -w net.netfilter.nf_conntrack_max=... and /sys/module/nf_conntrack/parameters/hashsize), or run sluice in the host network namespace"
+            }
+            return "not permitted: sluice needs root (CAP_NET_ADMIN) and a writable /proc/sys"
+        case EOPNOTSUPP:
+            return "only the host's network namespace can resize the conntrack hash table; set it on the host"
+        case EROFS:
+            return "the file system is mounted read-only (an unprivileged container?); run privileged or set it on the host"
+        case ENOENT:
+            return "no such setting: is the nf_conntrack module loaded?"
+        case EINVAL:
+            return "the kernel rejected the value"
+        default:
+            return "left as it is"
+        }
+    }
+}

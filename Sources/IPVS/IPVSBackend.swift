@@ -1,0 +1,629 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The IPVS backend: reads what the kernel holds (virtual and real servers, ipsets, the
+// addresses of kube-ipvs0, the iptables jump rules), diffs it against the compiled desired
+// state, and writes only the difference. Removed TCP real servers drain at weight 0.
+
+import IPTables
+import Logging
+import Netlink
+import SluiceCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Settings of the IPVS backend.
+public struct IPVSBackendConfig: Sendable {
+    /// Compiler options; `nodePortAddresses` and `localAddresses` are read from the kernel
+    /// on every sync (every address not on the dummy device).
+    public var options: IPVSOptions
+    /// How long a removed TCP real server may drain at weight 0 (`--ipvs-graceful-period`).
+    public var gracefulPeriod: Duration
+    /// The iptables binaries.
+    public var tools: IPTablesTools
+    /// The dummy device holding service addresses.
+    public var dummyDevice: String
+
+    /// Creates a configuration.
+    public init(options: IPVSOptions, gracefulPeriod: Duration = .seconds(30), tools: IPTablesTools,
+                dummyDevice: String = "kube-ipvs0") {
+        self.options = options
+        self.gracefulPeriod = gracefulPeriod
+        self.tools = tools
+        self.dummyDevice = dummyDevice
+    }
+}
+
+/// Kernel writes the backend has made, by kind (for logs, metrics and tests).
+public struct IPVSWriteCounters: Sendable, Hashable, CustomStringConvertible {
+    public var serviceAdds = 0
+    public var serviceUpdates = 0
+    public var serviceDeletes = 0
+    public var destinationAdds = 0
+    public var destinationUpdates = 0
+    public var destinationDeletes = 0
+    /// `IPVS_CMD_FLUSH` messages (the backend never sends one while syncing).
+    public var flushes = 0
+    public var addressAdds = 0
+    public var addressDeletes = 0
+    public var ipsetCreates = 0
+    public var ipsetAdds = 0
+    public var ipsetDeletes = 0
+    public var restores = 0
+    public var linkCreates = 0
+
+    /// Creates zero counters.
+    public init() {}
+
+    /// IPVS add, edit, delete and flush messages.
+    public var ipvsMessages: Int {
+        serviceAdds + serviceUpdates + serviceDeletes + destinationAdds + destinationUpdates + destinationDeletes + flushes
+    }
+
+    /// The difference `self - other`.
+    public func since(_ other: IPVSWriteCounters) -> IPVSWriteCounters {
+        var d = IPVSWriteCounters()
+        d.serviceAdds = serviceAdds - other.serviceAdds
+        d.serviceUpdates = serviceUpdates - other.serviceUpdates
+        d.serviceDeletes = serviceDeletes - other.serviceDeletes
+        d.destinationAdds = destinationAdds - other.destinationAdds
+        d.destinationUpdates = destinationUpdates - other.destinationUpdates
+        d.destinationDeletes = destinationDeletes - other.destinationDeletes
+        d.flushes = flushes - other.flushes
+        d.addressAdds = addressAdds - other.addressAdds
+        d.addressDeletes = addressDeletes - other.addressDeletes
+        d.ipsetCreates = ipsetCreates - other.ipsetCreates
+        d.ipsetAdds = ipsetAdds - other.ipsetAdds
+        d.ipsetDeletes = ipsetDeletes - other.ipsetDeletes
+        d.restores = restores - other.restores
+        d.linkCreates = linkCreates - other.linkCreates
+        return d
+    }
+
+    /// `services +1 ~0 -0, destinations +2 ~0 -0, flushes 0, addresses +1 -0, ipset entries +3 -0, sets created 0, restores 1`.
+    public var description: String {
+        "services +\(serviceAdds) ~\(serviceUpdates) -\(serviceDeletes), destinations +\(destinationAdds) ~\(destinationUpdates) -\(destinationDeletes), "
+            + "flushes \(flushes), addresses +\(addressAdds) -\(addressDeletes), ipset entries +\(ipsetAdds) -\(ipsetDeletes), "
+            + "sets created \(ipsetCreates), restores \(restores)"
+    }
+}
+
+/// A sync that could not write everything; the runner retries with a full sync.
+public struct IPVSSyncError: Error, Sendable, CustomStringConvertible {
+    /// One line per failure.
+    public var failures: [String]
+
+    public var description: String {
+        let shown = failures.prefix(5).joined(separator: "; ")
+        return failures.count > 5 ? "\(shown); and \(failures.count - 5) more" : shown
+    }
+}
+
+/// The IPVS backend for one IP family.
+public actor IPVSBackend: ProxyBackend {
+    public nonisolated let name = "ipvs"
+    private let ipvs: any IPVSClient
+    private let links: any LinkClient
+    private let ipsets: any IPSetClient
+    private let runner: any CommandRunner
+    private let logger: Logger
+    private let config: IPVSBackendConfig
+    private let now: @Sendable () -> Duration
+
+    private struct DrainKey: Hashable {
+        var service: VirtualServerKey
+        var endpoint: RealServerEndpoint
+    }
+
+    private struct Drain {
+        var server: RealServer
+        var deadline: Duration
+    }
+
+    private var draining: [DrainKey: Drain] = [:]
+    private var lastRestore: String?
+    /// Writes so far.
+    public private(set) var counters = IPVSWriteCounters()
+    /// Writes made by the last sync.
+    public private(set) var lastSyncWrites = IPVSWriteCounters()
+    /// The desired state of the last successful sync.
+    public private(set) var lastDesired: IPVSDesiredState?
+    /// Syncs completed.
+    public private(set) var syncs = 0
+
+    /// Creates a backend over the given kernel clients.
+    /// - Parameter now: a monotonic clock for drain deadlines (tests inject one).
+    public init(config: IPVSBackendConfig, ipvs: any IPVSClient, links: any LinkClient, ipsets: any IPSetClient,
+                runner: any CommandRunner, logger: Logger, now: (@Sendable () -> Duration)? = nil) {
+        self.config = config
+        self.ipvs = ipvs
+        self.links = links
+        self.ipsets = ipsets
+        self.runner = runner
+        self.logger = logger
+        if let now {
+            self.now = now
+        } else {
+            let origin = ContinuousClock.now
+            self.now = { origin.duration(to: .now) }
+        }
+    }
+
+    /// Real servers draining at weight 0, as `vs -> rs` strings.
+    public var drainingServers: [String] {
+        draining.keys.map { "\($0.service) -> \($0.endpoint)" }.sorted()
+    }
+
+    public func externalChangeDetected() async -> Bool { false }
+
+    // MARK: Sync
+
+    public func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+        let before = counters
+        var failures: [String] = []
+        let family = config.options.family
+
+        // kube-ipvs0 and the node's addresses.
+        let link = try await ensureDummy()
+        let index = UInt32(bitPattern: link.index)
+        var options = config.options
+        let addresses = try await links.addresses()
+        let bound = Set(addresses.filter { $0.index == index && $0.address.family == family }.map(\.address))
+        let elsewhere = addresses.filter { $0.index != index }.map(\.address)
+        options.localAddresses = Set(elsewhere)
+        options.nodePortAddresses = IPVSOptions.nodePortAddresses(from: elsewhere, node: options.node, family: family)
+        let desired = IPVSCompiler(options: options).compile(state)
+
+        // ipsets first: the iptables rules reference them.
+        try await syncIPSets(desired)
+
+        // iptables: the constant-size rule set, rewritten when it changed (always on full syncs).
+        let restoreBytes = try await syncIPTables(desired, full: full)
+
+        // IPVS services and destinations.
+        failures += try await syncIPVS(desired, changed: full ? nil : state.changedServices)
+
+        // Addresses on kube-ipvs0.
+        let toBind = desired.boundAddresses.subtracting(bound).sorted()
+        let toUnbind = bound.subtracting(desired.boundAddresses).sorted()
+        if !toBind.isEmpty {
+            let failed = try await links.addAddresses(toBind, index: index)
+            counters.addressAdds += toBind.count - failed.count
+            failures += failed.map { "bind \($0.0) to \(config.dummyDevice): \($0.1.errno)" }
+        }
+        if !toUnbind.isEmpty {
+            let failed = try await links.deleteAddresses(toUnbind, index: index)
+            counters.addressDeletes += toUnbind.count - failed.count
+            failures += failed.map { "unbind \($0.0) from \(config.dummyDevice): \($0.1.errno)" }
+        }
+
+        // Drained real servers whose connections are gone.
+        try await reapDraining()
+
+        lastSyncWrites = counters.since(before)
+        syncs += 1
+        let realServers = desired.virtualServers.values.reduce(0) { $0 + $1.destinations.count }
+        logger.info("ipvs \(full ? "full" : "partial") sync: \(desired.virtualServers.count) virtual servers, \(realServers) real servers, \(desired.boundAddresses.count) addresses, \(draining.count) draining; wrote \(lastSyncWrites)")
+        guard failures.isEmpty else { throw IPVSSyncError(failures: failures) }
+        lastDesired = desired
+        let w = lastSyncWrites
+        return SyncReport(
+            full: full,
+            written: ["ipvs": w.ipvsMessages, "ipset": w.ipsetAdds + w.ipsetDeletes, "addresses": w.addressAdds + w.addressDeletes,
+                      "nat": w.restores > 0 ? desired.nat.rules.count : 0, "filter": w.restores > 0 ? desired.filter.rules.count : 0],
+            total: ["virtualServers": desired.virtualServers.count, "realServers": realServers, "nat": desired.nat.rules.count,
+                    "filter": desired.filter.rules.count],
+            bytes: restoreBytes)
+    }
+
+    private func ensureDummy() async throws -> LinkInfo {
+        if let link = try await links.link(named: config.dummyDevice) { return link }
+        let link = try await links.createDummy(named: config.dummyDevice)
+        counters.linkCreates += 1
+        logger.info("created dummy device \(config.dummyDevice) (NOARP, down)")
+        return link
+    }
+
+    private func syncIPSets(_ desired: IPVSDesiredState) async throws {
+        let names = Set(desired.sets.map(\.name))
+        let current = try await ipsets.list(names)
+        let byName = Dictionary(current.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        let missing = desired.sets.filter { byName[$0.name] == nil }
+        if !missing.isEmpty {
+            try await ipsets.create(missing)
+            counters.ipsetCreates += missing.count
+        }
+        var changes: [(set: String, add: [IPSetEntry], delete: [IPSetEntry])] = []
+        for d in desired.sets {
+            let want = desired.entries[d.name] ?? []
+            let have = Set(byName[d.name]?.entries ?? [])
+            let add = want.subtracting(have).sorted()
+            let del = have.subtracting(want).sorted()
+            if !add.isEmpty || !del.isEmpty { changes.append((d.name, add, del)) }
+        }
+        if !changes.isEmpty {
+            try await ipsets.update(changes)
+            counters.ipsetAdds += changes.reduce(0) { $0 + $1.add.count }
+            counters.ipsetDeletes += changes.reduce(0) { $0 + $1.delete.count }
+        }
+    }
+
+    /// Writes the rule set (and any missing jump rule) when it changed or on a full sync.
+    private func syncIPTables(_ desired: IPVSDesiredState, full: Bool) async throws -> Int {
+        let text = desired.restoreText
+        guard full || text != lastRestore else { return 0 }
+        var batch = text
+        if full {
+            // Jump rules from the built-in chains, checked against iptables-save and inserted
+            // in the same batch (no fork per rule).
+            var missing: [String: [JumpRule]] = [:]
+            for table in [Table.nat, .filter] {
+                let save: CommandResult
+                do {
+                    save = try await runner.check(config.tools.save, ["-t", table.rawValue])
+                } catch {
+                    throw IPVSToolError(operation: "reading the \(table.rawValue) table", underlying: error)
+                }
+                let lines = Set(save.stdout.split(separator: "\n").map(String.init))
+                for rule in ipvsJumpRules where rule.table == table {
+                    if !lines.contains(IPVSBackend.saveLine(rule)) { missing[table.rawValue, default: []].append(rule) }
+                }
+            }
+            if !missing.isEmpty { batch = IPVSBackend.insertJumps(text, missing) }
+        }
+        do {
+            _ = try await runner.check(config.tools.restore, ["-w", "5", "-W", "100000", "--noflush", "--counters"], input: batch)
+        } catch {
+            throw IPVSToolError(operation: "ipvs-mode iptables restore", underlying: error)
+        }
+        lastRestore = text
+        counters.restores += 1
+        return batch.utf8.count
+    }
+
+    /// How `iptables-save` prints a jump rule.
+    static func saveLine(_ r: JumpRule) -> String {
+        "-A \(r.source) " + (r.extraArgs + ["-m", "comment", "--comment", "\"\(r.comment)\"", "-j", r.target]).joined(separator: " ")
+    }
+
+    /// `text` with `-I <chain> 1 ...` lines for `missing` added before each table's COMMIT.
+    static func insertJumps(_ text: String, _ missing: [String: [JumpRule]]) -> String {
+        var out = ""
+        var table = ""
+        for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            if line.hasPrefix("*") { table = String(line.dropFirst()) }
+            if line == "COMMIT" {
+                for r in missing[table] ?? [] {
+                    out += "-I \(r.source) 1 " + (r.extraArgs + ["-m", "comment", "--comment", "\"\(r.comment)\"", "-j", r.target]).joined(separator: " ") + "\n"
+                }
+            }
+            out += line
+            out += "\n"
+        }
+        return String(out.dropLast())
+    }
+
+    private func inExcludedRange(_ ip: IPAddress) -> Bool {
+        config.options.excludeCIDRs.contains { $0.contains(ip) }
+    }
+
+    /// Diffs services and destinations; `changed` limits the destination diff of existing
+    /// services to those Services (nil: all).
+    private func syncIPVS(_ desired: IPVSDesiredState, changed: Set<NamespacedName>?) async throws -> [String] {
+        let family = config.options.family
+        let current = try await ipvs.services().filter { $0.key.address.family == family }
+        let currentByKey = Dictionary(current.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
+        var ops: [IPVSOperation] = []
+        var deletes: [IPVSOperation] = []
+        let t = now()
+
+        for d in desired.sortedVirtualServers {
+            let key = d.server.key
+            guard let existing = currentByKey[key] else {
+                ops.append(.addService(d.server))
+                for rs in d.destinations { ops.append(.addDestination(key, rs)) }
+                draining = draining.filter { $0.key.service != key }
+                continue
+            }
+            if !d.server.sameConfiguration(as: existing) { ops.append(.updateService(d.server)) }
+            if let changed, !changed.contains(d.servicePort.service) { continue }
+            let have = try await ipvs.destinations(of: key)
+            let haveByEndpoint = Dictionary(have.map { ($0.endpoint, $0) }, uniquingKeysWith: { a, _ in a })
+            let want = Set(d.destinations.map(\.endpoint))
+            for rs in d.destinations {
+                if let h = haveByEndpoint[rs.endpoint] {
+                    // A desired real server not at weight 1: a restart left it drained, or it
+                    // was drained and came back. Put it back in service.
+                    if h.weight != rs.weight || h.forwarding != rs.forwarding { ops.append(.updateDestination(key, rs)) }
+                } else {
+                    ops.append(.addDestination(key, rs))
+                }
+                draining[DrainKey(service: key, endpoint: rs.endpoint)] = nil
+            }
+            for h in have.sorted() where !want.contains(h.endpoint) {
+                let dk = DrainKey(service: key, endpoint: h.endpoint)
+                if draining[dk] != nil { continue }
+                // Graceful termination, TCP only (as kube-proxy): UDP and SCTP real servers,
+                // and TCP ones without established connections, go at once.
+                if key.proto != .tcp || h.activeConnections == 0 {
+                    ops.append(.deleteDestination(key, h))
+                } else {
+                    if h.weight != 0 {
+                        var zero = h
+                        zero.weight = 0
+                        ops.append(.updateDestination(key, zero))
+                    }
+                    draining[dk] = Drain(server: h, deadline: t + config.gracefulPeriod)
+                    logger.info("draining \(key) -> \(h.endpoint): \(h.activeConnections) active connections, deleted when they end or in \(config.gracefulPeriod)")
+                }
+            }
+        }
+        for vs in current.sorted(by: { $0.key < $1.key }) where desired.virtualServers[vs.key] == nil {
+            if inExcludedRange(vs.key.address) { continue }
+            deletes.append(.deleteService(vs.key))
+            draining = draining.filter { $0.key.service != vs.key }
+        }
+        return try await apply(ops + deletes)
+    }
+
+    private func apply(_ ops: [IPVSOperation]) async throws -> [String] {
+        guard !ops.isEmpty else { return [] }
+        let failures = try await ipvs.apply(ops)
+        let failed = Set(failures.map(\.operation))
+        for op in ops where !failed.contains(op) {
+            switch op {
+            case .addService: counters.serviceAdds += 1
+            case .updateService: counters.serviceUpdates += 1
+            case .deleteService: counters.serviceDeletes += 1
+            case .addDestination: counters.destinationAdds += 1
+            case .updateDestination: counters.destinationUpdates += 1
+            case .deleteDestination: counters.destinationDeletes += 1
+            }
+            logger.debug("ipvs: \(op)")
+        }
+        for f in failures { logger.error("ipvs: \(f)") }
+        return failures.map(\.description)
+    }
+
+    /// Deletes draining real servers that have no established connection left, or whose
+    /// graceful period is over. Called after every sync and periodically.
+    /// - Returns: how many were deleted.
+    @discardableResult
+    public func reapDraining() async throws -> Int {
+        guard !draining.isEmpty else { return 0 }
+        let t = now()
+        var ops: [IPVSOperation] = []
+        let byService = Dictionary(grouping: draining.keys, by: \.service)
+        for (service, keys) in byService.sorted(by: { $0.key < $1.key }) {
+            let have: [RealServer]
+            do {
+                have = try await ipvs.destinations(of: service)
+            } catch let e as NetlinkError where e.errno == .noSuchProcess || e.errno == .noSuchFileOrDirectory {
+                for k in keys { draining[k] = nil }
+                continue
+            }
+            let byEndpoint = Dictionary(have.map { ($0.endpoint, $0) }, uniquingKeysWith: { a, _ in a })
+            for k in keys {
+                guard let rs = byEndpoint[k.endpoint], let d = draining[k] else {
+                    draining[k] = nil
+                    continue
+                }
+                if rs.activeConnections == 0 || t >= d.deadline {
+                    ops.append(.deleteDestination(service, rs))
+                    draining[k] = nil
+                    logger.info("drained \(service) -> \(k.endpoint) deleted (\(rs.activeConnections == 0 ? "no active connections" : "graceful period over"))")
+                }
+            }
+        }
+        let failures = try await apply(ops)
+        return ops.count - failures.count
+    }
+
+    // MARK: Start-up and clean-up
+
+    /// Kernel support found at start-up.
+    public struct KernelSupport: Sendable {
+        public var ipvs: IPVSInfo
+        public var dummyIndex: Int32
+    }
+
+    /// Checks that the kernel has what IPVS mode needs, creates kube-ipvs0, sets the sysctls
+    /// and timeouts. Throws one error naming everything missing; never falls back.
+    public static func prepare(config: IPVSBackendConfig, ipvs: (any IPVSClient)?, links: any LinkClient, ipsets: any IPSetClient,
+                               timeouts: IPVSTimeouts, strictARP: Bool, sysctlRoot: String = "/proc/sys",
+                               logger: Logger) async throws -> KernelSupport {
+        var missing: [String] = []
+        var info: IPVSInfo?
+        if let ipvs {
+            do {
+                info = try await ipvs.info()
+                try await checkScheduler(config.options.scheduler, ipvs: ipvs)
+            } catch let e as SchedulerUnavailable {
+                missing.append(e.description)
+            } catch {
+                missing.append("IPVS does not answer (\(error)); is the ip_vs module loaded?")
+            }
+        } else {
+            missing.append("the kernel has no IPVS: the generic netlink family \"IPVS\" is missing (load the ip_vs module, or build the kernel with CONFIG_IP_VS)")
+        }
+        var dummyIndex: Int32 = 0
+        do {
+            if let l = try await links.link(named: config.dummyDevice) {
+                dummyIndex = l.index
+            } else {
+                dummyIndex = try await links.createDummy(named: config.dummyDevice).index
+                logger.info("created dummy device \(config.dummyDevice) (NOARP, down)")
+            }
+        } catch let e as NetlinkError {
+            if e.errno == .notSupported || e.errno == .invalidArgument {
+                missing.append("the kernel cannot create dummy devices for \(config.dummyDevice) (load the dummy module, or CONFIG_DUMMY): \(e.errno)")
+            } else {
+                missing.append("cannot create \(config.dummyDevice): \(e)")
+            }
+        }
+        do {
+            if let client = ipsets as? NetfilterIPSetClient {
+                for t in Set(KubeIPSet.all(config.options.family).map(\.type)) {
+                    _ = try await client.revision(of: t, family: t.isHash ? (config.options.family == .ipv4 ? 2 : 10) : 0)
+                }
+            } else {
+                _ = try await ipsets.list([])
+            }
+        } catch {
+            missing.append("the kernel has no usable ipset support (ip_set and ip_set_hash_*/ip_set_bitmap_port modules, CONFIG_IP_SET): \(error)")
+        }
+        guard missing.isEmpty, let info else {
+            throw SluiceIPVSUnavailable(missing: missing)
+        }
+        let sysctls: [(String, String)] = [
+            ("net/ipv4/vs/conntrack", "1"),
+            ("net/ipv4/vs/expire_nodest_conn", "1"),
+            ("net/ipv4/vs/expire_quiescent_template", "1"),
+            ("net/ipv4/ip_forward", "1"),
+        ] + (strictARP ? [("net/ipv4/conf/all/arp_ignore", "1"), ("net/ipv4/conf/all/arp_announce", "2")] : [])
+            + (kernelBefore(5, 9) && !kernelBefore(4, 1) ? [("net/ipv4/vs/conn_reuse_mode", "0")] : [])
+        for (key, value) in sysctls {
+            if !writeSysctl(root: sysctlRoot, key, value) { logger.warning("cannot set \(key.replacingSlashes)=\(value)") }
+        }
+        if timeouts.tcp > 0 || timeouts.tcpFin > 0 || timeouts.udp > 0, let ipvs {
+            do {
+                try await ipvs.setTimeouts(timeouts)
+            } catch {
+                logger.error("cannot set IPVS timeouts: \(error)")
+            }
+        }
+        logger.info("IPVS \(info), scheduler \(config.options.scheduler), \(config.dummyDevice) index \(dummyIndex)")
+        return KernelSupport(ipvs: info, dummyIndex: dummyIndex)
+    }
+
+    struct SchedulerUnavailable: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    /// kube-proxy's scheduler check: if no service uses the scheduler yet, create and delete
+    /// a probe service at 198.51.100.0:20000/TCP (TEST-NET-2) with it.
+    static func checkScheduler(_ scheduler: String, ipvs: any IPVSClient) async throws {
+        let services = try await ipvs.services()
+        if services.contains(where: { $0.scheduler == scheduler }) { return }
+        guard let probeIP = IPAddress("198.51.100.0") else { return }
+        let probe = VirtualServer(key: VirtualServerKey(address: probeIP, proto: .tcp, port: 20000), scheduler: scheduler)
+        let failures = try await ipvs.apply([.addService(probe)])
+        if let f = failures.first {
+            throw SchedulerUnavailable(description: "the IPVS scheduler \"\(scheduler)\" is not available (load the ip_vs_\(scheduler) module): \(f.error.errno)")
+        }
+        _ = try await ipvs.apply([.deleteService(probe.key)])
+    }
+
+    /// Removes what IPVS mode leaves behind: every IPVS service (as kube-proxy's cleanup
+    /// does), the jump rules and chains of IPVS mode, the ipsets, and kube-ipvs0.
+    public static func cleanup(ipvs: (any IPVSClient)?, links: (any LinkClient)?, ipsets: (any IPSetClient)?, tools: [IPTablesTools],
+                               runner: any CommandRunner, dummyDevice: String = "kube-ipvs0", logger: Logger) async -> [String] {
+        var failures: [String] = []
+        if let ipvs {
+            do {
+                let n = try await ipvs.services().count
+                try await ipvs.flush()
+                if n > 0 { logger.info("flushed \(n) IPVS services") }
+            } catch {
+                failures.append("flushing IPVS: \(error)")
+            }
+        }
+        for t in tools {
+            // One save and one restore per table: the jump rules are deleted with `-D` lines in
+            // the same batch that empties and removes the chains.
+            for (table, chains) in [(Table.nat, ipvsNATChains), (.filter, ipvsFilterChains)] {
+                guard case .success(let save) = await runner.run(t.save, ["-t", table.rawValue], input: nil), save.status == 0 else { continue }
+                let lines = save.stdout.split(separator: "\n").map(String.init)
+                let present = IPTablesBackend.parseChains(save.stdout)
+                var deletes: [String] = []
+                for rule in ipvsJumpRules where rule.table == table {
+                    let line = saveLine(rule)
+                    for l in lines where l == line { deletes.append("-D" + l.dropFirst(2)) }
+                }
+                // Chains only IPVS mode uses are deleted; the ones iptables mode shares
+                // (KUBE-SERVICES, KUBE-POSTROUTING, KUBE-MARK-MASQ, KUBE-FORWARD,
+                // KUBE-PROXY-FIREWALL) are emptied here and deleted by the iptables clean-up,
+                // which knows what else may still jump to them.
+                let declared = chains.filter { present.contains($0) }
+                let doomed = declared.filter { !ipvsSharedChains.contains($0) }
+                if declared.isEmpty && deletes.isEmpty { continue }
+                var text = "*\(table.rawValue)\n"
+                for c in declared { text += ":\(c) - [0:0]\n" }
+                for d in deletes { text += d + "\n" }
+                for c in doomed { text += "-X \(c)\n" }
+                text += "COMMIT\n"
+                do {
+                    _ = try await runner.check(t.restore, ["-w", "5", "-W", "100000", "--noflush"], input: text)
+                    logger.info("\(t.restore): removed \(deletes.count) jump rules, emptied \(declared.count) and deleted \(doomed.count) IPVS-mode chains in the \(table.rawValue) table")
+                } catch {
+                    failures.append("removing IPVS-mode chains from the \(table.rawValue) table: \(error)")
+                }
+            }
+        }
+        if let ipsets {
+            let names = IPFamily.allCases.flatMap { KubeIPSet.all($0).map(\.name) }
+            do {
+                let present = try await ipsets.list(Set(names)).map(\.name)
+                try await ipsets.destroy(present)
+                if !present.isEmpty { logger.info("destroyed \(present.count) ipsets") }
+            } catch {
+                failures.append("destroying ipsets: \(error)")
+            }
+        }
+        if let links {
+            do {
+                if try await links.deleteLink(named: dummyDevice) { logger.info("deleted \(dummyDevice)") }
+            } catch {
+                failures.append("deleting \(dummyDevice): \(error)")
+            }
+        }
+        return failures
+    }
+}
+
+/// IPVS mode cannot run here; `missing` names each missing kernel feature.
+public struct SluiceIPVSUnavailable: Error, Sendable, CustomStringConvertible {
+    /// What is missing, one item per feature.
+    public var missing: [String]
+
+    public var description: String { "cannot use --proxy-mode ipvs: " + missing.joined(separator: "; ") }
+}
+
+extension String {
+    fileprivate var replacingSlashes: String { split(separator: "/").joined(separator: ".") }
+}
+
+/// Writes `value` to `root/key` (a sysctl); true on success or when it already holds it.
+func writeSysctl(root: String, _ key: String, _ value: String) -> Bool {
+    let path = root + "/" + key
+    let fd = open(path, O_RDWR)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var buf = [UInt8](repeating: 0, count: 64)
+    let n = read(fd, &buf, buf.count)
+    if n > 0, String(decoding: buf[0..<n], as: UTF8.self).trimmingASCIIWhitespace() == value { return true }
+    let bytes = Array((value + "\n").utf8)
+    return pwrite(fd, bytes, bytes.count, 0) == bytes.count
+}
+
+/// True when the running kernel's version is below `major.minor`.
+func kernelBefore(_ major: Int, _ minor: Int) -> Bool {
+    var u = utsname()
+    guard uname(&u) == 0 else { return false }
+    let release = withUnsafeBytes(of: &u.release) { raw in
+        String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+    }
+    let parts = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
+    guard parts.count == 2 else { return false }
+    return (parts[0], parts[1]) < (major, minor)
+}
+
+/// A failed iptables command in IPVS mode.
+public struct IPVSToolError: Error, Sendable, CustomStringConvertible {
+    /// What the backend was doing.
+    public var operation: String
+    /// The failed command.
+    public var underlying: CommandError
+
+    public var description: String { "\(operation): \(underlying)" }
+}

@@ -1,0 +1,412 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The IPVS compiler: a pure function from the per-node model to what the kernel should hold
+// in IPVS mode (virtual and real servers, ipset members, kube-ipvs0 addresses, and
+// kube-proxy's constant-size iptables rules), following kube-proxy's syncProxyRules.
+
+import IPTables
+import SluiceCore
+
+/// Settings of the IPVS compiler beyond the model.
+public struct IPVSOptions: Sendable, Hashable {
+    /// Node-level settings (node name and IPs, cluster CIDRs, masquerade-all, mark bit).
+    public var node: NodeConfig
+    /// The family this proxier handles.
+    public var family: IPFamily
+    /// `--ipvs-scheduler` (default `rr`).
+    public var scheduler: String
+    /// `--ipvs-exclude-cidrs`: virtual servers in these ranges are never deleted.
+    public var excludeCIDRs: [CIDR]
+    /// Append `--random-fully` to MASQUERADE.
+    public var randomFully: Bool
+    /// Node addresses that NodePort virtual servers are created on.
+    public var nodePortAddresses: [IPAddress]
+    /// Addresses on interfaces other than kube-ipvs0: external and load-balancer IPs among
+    /// them are not bound to kube-ipvs0 (kube-proxy #114815).
+    public var localAddresses: Set<IPAddress>
+
+    /// Creates options.
+    public init(node: NodeConfig, family: IPFamily = .ipv4, scheduler: String = "rr", excludeCIDRs: [CIDR] = [],
+                randomFully: Bool = true, nodePortAddresses: [IPAddress] = [], localAddresses: Set<IPAddress> = []) {
+        self.node = node
+        self.family = family
+        self.scheduler = scheduler
+        self.excludeCIDRs = excludeCIDRs
+        self.randomFully = randomFully
+        self.nodePortAddresses = nodePortAddresses
+        self.localAddresses = localAddresses
+    }
+
+    /// The addresses NodePorts open on, picked from `candidates` as kube-proxy does: every
+    /// non-loopback, non-link-local address of the family when `--nodeport-addresses` is
+    /// unset, else those inside its CIDRs (still without loopback: IPVS cannot serve it).
+    public static func nodePortAddresses(from candidates: [IPAddress], node: NodeConfig, family: IPFamily) -> [IPAddress] {
+        let usable = candidates.filter { $0.family == family && !$0.isLoopback && !$0.isLinkLocalUnicast }
+        switch node.nodePortAddresses.forFamily(family) {
+        case .all: return Array(Set(usable)).sorted()
+        case .cidrs(let cidrs): return Array(Set(usable.filter { ip in cidrs.contains { $0.contains(ip) } })).sorted()
+        }
+    }
+}
+
+/// One virtual server the kernel should hold, with its real servers.
+public struct DesiredVirtualServer: Hashable, Sendable {
+    /// The service.
+    public var server: VirtualServer
+    /// Its destinations (weight 1, masquerading), sorted.
+    public var destinations: [RealServer]
+    /// The service port it belongs to.
+    public var servicePort: ServicePortName
+}
+
+/// What the kernel should hold in IPVS mode.
+public struct IPVSDesiredState: Sendable {
+    /// Virtual servers by key.
+    public var virtualServers: [VirtualServerKey: DesiredVirtualServer] = [:]
+    /// Every set Sluice manages, in kube-proxy's order.
+    public var sets: [IPSetDefinition] = []
+    /// Members by set name (every set has an entry, possibly empty).
+    public var entries: [String: Set<IPSetEntry>] = [:]
+    /// Addresses bound to kube-ipvs0.
+    public var boundAddresses: Set<IPAddress> = []
+    /// The filter table batch.
+    public var filter = TableBatch(chainLines: [], ruleLines: [])
+    /// The nat table batch.
+    public var nat = TableBatch(chainLines: [], ruleLines: [])
+    /// Services with a Local policy and no local endpoints, by "internal"/"external".
+    public var noLocalEndpoints: [String: Int] = ["internal": 0, "external": 0]
+
+    /// The iptables-restore input: nat then filter, as kube-proxy's IPVS proxier writes it.
+    public var restoreText: String {
+        var out = "*nat\n"
+        for l in nat.chains { out += l + "\n" }
+        for l in nat.rules { out += l + "\n" }
+        out += "COMMIT\n*filter\n"
+        for l in filter.chains { out += l + "\n" }
+        for l in filter.rules { out += l + "\n" }
+        out += "COMMIT\n"
+        return out
+    }
+
+    /// Rules in the batch, per table.
+    public var ruleCounts: [String: Int] {
+        ["nat": nat.rules.count, "filter": filter.rules.count]
+    }
+
+    /// Virtual servers sorted by key.
+    public var sortedVirtualServers: [DesiredVirtualServer] {
+        virtualServers.keys.sorted().compactMap { virtualServers[$0] }
+    }
+
+    /// The services and destinations in `ipvsadm -Sn` format, sorted by address, protocol, port.
+    public var ipvsadmSave: String {
+        var out = ""
+        for d in sortedVirtualServers {
+            out += ipvsadmServiceLine(d.server) + "\n"
+            for rs in d.destinations { out += ipvsadmDestinationLine(d.server.key, rs) + "\n" }
+        }
+        return out
+    }
+
+    /// The sets and members in `ipset save` format (without the kernel-chosen `bucketsize`
+    /// and `initval`), members sorted.
+    public var ipsetSave: String {
+        var out = ""
+        for d in sets {
+            out += "create \(d.name) \(d.type.rawValue) \(d.createOptions)\n"
+            for e in (entries[d.name] ?? []).sorted() { out += "add \(d.name) \(e)\n" }
+        }
+        return out
+    }
+
+    /// The whole dry run: ipvsadm, ipset and iptables-restore sections.
+    public var dryRunText: String {
+        "# ipvsadm -Sn\n" + ipvsadmSave + "# ipset save\n" + ipsetSave + "# iptables-restore\n" + restoreText
+    }
+}
+
+/// `-t 10.96.0.10:80` / `-u ...` / `--sctp-service ...`, as ipvsadm writes a service.
+func ipvsadmServiceSpec(_ key: VirtualServerKey) -> String {
+    let option: String
+    switch key.proto {
+    case .tcp: option = "-t"
+    case .udp: option = "-u"
+    case .sctp: option = "--sctp-service"
+    }
+    return "\(option) \(key.address.joined(port: Int(key.port)))"
+}
+
+/// One `ipvsadm -Sn` service line.
+public func ipvsadmServiceLine(_ vs: VirtualServer) -> String {
+    var line = "-A \(ipvsadmServiceSpec(vs.key)) -s \(vs.scheduler)"
+    if vs.flags.contains(.persistent) {
+        line += " -p \(vs.timeout)"
+        if vs.key.address.family == .ipv4, vs.netmask != 0xFFFF_FFFF {
+            line += " -M \(IPAddress.v4(vs.netmask))"
+        } else if vs.key.address.family == .ipv6, vs.netmask != 128 {
+            line += " -M \(vs.netmask)"
+        }
+    }
+    var schedFlags: [String] = []
+    let prefix = vs.scheduler == "mh" ? "mh" : "sh"
+    if vs.flags.contains(.scheduler1) { schedFlags.append("\(prefix)-fallback") }
+    if vs.flags.contains(.scheduler2) { schedFlags.append("\(prefix)-port") }
+    if !schedFlags.isEmpty { line += " -b " + schedFlags.joined(separator: ",") }
+    if vs.flags.contains(.onePacket) { line += " -o" }
+    return line
+}
+
+/// One `ipvsadm -Sn` destination line.
+public func ipvsadmDestinationLine(_ key: VirtualServerKey, _ rs: RealServer) -> String {
+    let method: String
+    switch rs.forwarding {
+    case .masquerade: method = "-m"
+    case .tunnel: method = "-i"
+    case .directRoute, .localNode, .bypass: method = "-g"
+    }
+    return "-a \(ipvsadmServiceSpec(key)) -r \(rs.address.joined(port: Int(rs.port))) \(method) -w \(rs.weight)"
+}
+
+/// Nat chains of IPVS mode, in kube-proxy's declaration order.
+public let ipvsNATChains = ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-NODE-PORT", "KUBE-LOAD-BALANCER", "KUBE-MARK-MASQ"]
+/// Filter chains of IPVS mode, in kube-proxy's declaration order.
+public let ipvsFilterChains = ["KUBE-FORWARD", "KUBE-NODE-PORT", "KUBE-PROXY-FIREWALL", "KUBE-SOURCE-RANGES-FIREWALL",
+                               "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER"]
+
+/// Chains IPVS mode shares with iptables mode (same names).
+public let ipvsSharedChains: Set<String> = ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ", "KUBE-FORWARD", "KUBE-PROXY-FIREWALL"]
+
+/// kube-proxy's IPVS-mode jump rules from the built-in chains (`iptablesJumpChain`).
+public let ipvsJumpRules: [JumpRule] = [
+    JumpRule(.nat, from: "OUTPUT", to: "KUBE-SERVICES", comment: "kubernetes service portals"),
+    JumpRule(.nat, from: "PREROUTING", to: "KUBE-SERVICES", comment: "kubernetes service portals"),
+    JumpRule(.nat, from: "POSTROUTING", to: "KUBE-POSTROUTING", comment: "kubernetes postrouting rules"),
+    JumpRule(.filter, from: "FORWARD", to: "KUBE-FORWARD", comment: "kubernetes forwarding rules"),
+    JumpRule(.filter, from: "INPUT", to: "KUBE-NODE-PORT", comment: "kubernetes health check rules"),
+    JumpRule(.filter, from: "INPUT", to: "KUBE-PROXY-FIREWALL", comment: "kube-proxy firewall rules"),
+    JumpRule(.filter, from: "FORWARD", to: "KUBE-PROXY-FIREWALL", comment: "kube-proxy firewall rules"),
+    JumpRule(.filter, from: "INPUT", to: "KUBE-IPVS-FILTER", comment: "kubernetes ipvs access filter"),
+    JumpRule(.filter, from: "OUTPUT", to: "KUBE-IPVS-OUT-FILTER", comment: "kubernetes ipvs access filter"),
+]
+
+/// Compiles a `ProxyState` into an `IPVSDesiredState`.
+public struct IPVSCompiler: Sendable {
+    /// The options compiled with.
+    public let options: IPVSOptions
+
+    /// Creates a compiler.
+    public init(options: IPVSOptions) { self.options = options }
+
+    private var family: IPFamily { options.family }
+
+    private func set(_ base: String) -> String { IPSetDefinition(baseName: base, type: .hashIP, family: family, comment: "").name }
+
+    /// Compiles `state`.
+    public func compile(_ state: ProxyState) -> IPVSDesiredState {
+        var out = IPVSDesiredState()
+        out.sets = KubeIPSet.all(family)
+        for d in out.sets { out.entries[d.name] = [] }
+        var noNodeAccess: [(IPAddress, TransportProtocol, Int)] = []
+        var noLocalInternal = Set<NamespacedName>()
+        var noLocalExternal = Set<NamespacedName>()
+        let nodeIP = options.node.nodeIPs.first { $0.family == family }
+        let nodePortIPs = options.nodePortAddresses.filter { $0.family == family }
+
+        func insert(_ base: String, _ e: IPSetEntry) { out.entries[set(base), default: []].insert(e) }
+
+        for name in state.sortedNames {
+            guard let svc = state.servicePorts[name], svc.clusterIP.family == family else { continue }
+            let proto = svc.proto
+            let all = state.endpoints[name] ?? []
+            let cat = categorizeEndpoints(all, info: svc, nodeName: options.node.nodeName, nodeLabels: state.nodeLabels)
+
+            // Hairpin: local endpoints masquerade traffic they send to themselves.
+            for ep in all where ep.isLocal && ep.ip.family == family {
+                insert(KubeIPSet.loopBack, .ipPortIP(ep.ip, proto, ep.port, ep.ip))
+            }
+
+            func destinations(local: Bool) -> [RealServer] {
+                // Local policy: the local endpoints; with none, the cluster set, as kube-proxy
+                // does (#97081) so that pods on this node still reach the service.
+                let eps = local && !cat.local.isEmpty ? cat.local : cat.cluster
+                var seen = Set<RealServerEndpoint>()
+                var rs: [RealServer] = []
+                for ep in eps where ep.ip.family == family {
+                    let r = RealServer(address: ep.ip, port: UInt16(clamping: ep.port), weight: 1)
+                    if seen.insert(r.endpoint).inserted { rs.append(r) }
+                }
+                return rs.sorted()
+            }
+
+            func addVS(_ address: IPAddress, _ port: Int, local: Bool, bind: Bool) {
+                var flags: IPVSServiceFlags = []
+                var timeout: UInt32 = 0
+                if let sticky = svc.stickyTimeoutSeconds {
+                    flags.insert(.persistent)
+                    timeout = UInt32(clamping: sticky)
+                }
+                if options.scheduler == "mh" { flags.insert(.scheduler2) }
+                let key = VirtualServerKey(address: address, proto: proto, port: UInt16(clamping: port))
+                let vs = VirtualServer(key: key, scheduler: options.scheduler, flags: flags, timeout: timeout)
+                out.virtualServers[key] = DesiredVirtualServer(server: vs, destinations: destinations(local: local), servicePort: name)
+                if bind { out.boundAddresses.insert(address) }
+            }
+
+            // Cluster IP.
+            insert(KubeIPSet.clusterIP, .ipPort(svc.clusterIP, proto, svc.port))
+            addVS(svc.clusterIP, svc.port, local: svc.internalPolicyLocal, bind: true)
+            if svc.internalPolicyLocal && cat.local.isEmpty && cat.hasAnyEndpoints {
+                noLocalInternal.insert(name.service)
+            }
+            if svc.externallyAccessible && svc.externalPolicyLocal && cat.local.isEmpty && cat.hasAnyEndpoints {
+                noLocalExternal.insert(name.service)
+            }
+
+            // External IPs.
+            for ip in svc.externalIPs where ip.family == family {
+                insert(svc.externalPolicyLocal ? KubeIPSet.externalIPLocal : KubeIPSet.externalIP, .ipPort(ip, proto, svc.port))
+                addVS(ip, svc.port, local: svc.externalPolicyLocal, bind: !options.localAddresses.contains(ip))
+            }
+
+            // Load-balancer IPs.
+            for ip in svc.loadBalancerVIPs where ip.family == family {
+                let entry = IPSetEntry.ipPort(ip, proto, svc.port)
+                insert(KubeIPSet.loadBalancer, entry)
+                if svc.externalPolicyLocal { insert(KubeIPSet.loadBalancerLocal, entry) }
+                if !svc.loadBalancerSourceRanges.isEmpty {
+                    insert(KubeIPSet.loadBalancerFW, entry)
+                    var allowFromNode = false
+                    for cidr in svc.loadBalancerSourceRanges where cidr.family == family {
+                        insert(KubeIPSet.loadBalancerSourceCIDR, .ipPortNet(ip, proto, svc.port, cidr))
+                        if let nodeIP, cidr.contains(nodeIP) { allowFromNode = true }
+                    }
+                    if allowFromNode {
+                        insert(KubeIPSet.loadBalancerSourceIP, .ipPortIP(ip, proto, svc.port, ip))
+                    } else {
+                        noNodeAccess.append((ip, proto, svc.port))
+                    }
+                }
+                addVS(ip, svc.port, local: svc.externalPolicyLocal, bind: !options.localAddresses.contains(ip))
+            }
+
+            // Node ports.
+            if svc.nodePort != 0 && !nodePortIPs.isEmpty {
+                let entries: [IPSetEntry]
+                let (setName, localSetName): (String, String)
+                switch proto {
+                case .tcp:
+                    (setName, localSetName) = (KubeIPSet.nodePortTCP, KubeIPSet.nodePortLocalTCP)
+                    entries = [.port(svc.nodePort)]
+                case .udp:
+                    (setName, localSetName) = (KubeIPSet.nodePortUDP, KubeIPSet.nodePortLocalUDP)
+                    entries = [.port(svc.nodePort)]
+                case .sctp:
+                    (setName, localSetName) = (KubeIPSet.nodePortSCTP, KubeIPSet.nodePortLocalSCTP)
+                    entries = nodePortIPs.map { .ipPort($0, .sctp, svc.nodePort) }
+                }
+                for e in entries {
+                    insert(setName, e)
+                    if svc.externalPolicyLocal { insert(localSetName, e) }
+                }
+                for ip in nodePortIPs {
+                    addVS(ip, svc.nodePort, local: svc.externalPolicyLocal, bind: false)
+                }
+            }
+
+            if svc.healthCheckNodePort != 0 {
+                insert(KubeIPSet.healthCheckNodePort, .port(svc.healthCheckNodePort))
+            }
+        }
+
+        out.entries[set(KubeIPSet.ipvsIPs)] = Set(out.boundAddresses.map(IPSetEntry.ip))
+        out.noLocalEndpoints = ["internal": noLocalInternal.count, "external": noLocalExternal.count]
+        writeRules(&out, noNodeAccess: noNodeAccess)
+        return out
+    }
+
+    /// kube-proxy's `writeIptablesRules`: a fixed number of rules whatever the number of services.
+    private func writeRules(_ out: inout IPVSDesiredState, noNodeAccess: [(IPAddress, TransportProtocol, Int)]) {
+        var nat: [String] = []
+        var filter: [String] = []
+        let mark = options.node.masqueradeMark
+        func def(_ base: String) -> IPSetDefinition { KubeIPSet.definition(base, family) }
+        func nonEmpty(_ base: String) -> Bool { !(out.entries[def(base).name]?.isEmpty ?? true) }
+        func comment(_ base: String) -> String { "-m comment --comment \"\(def(base).comment)\"" }
+        func match(_ base: String, _ type: String) -> String { "-m set --match-set \(def(base).name) \(type)" }
+
+        nat.append("-A KUBE-SERVICES -s \(family == .ipv4 ? "127.0.0.0/8" : "::1/128") -j RETURN")
+
+        // kube-proxy's ipsetWithIptablesChain, in order; the Local sets come before their
+        // masquerading counterparts.
+        let table: [(set: String, isNAT: Bool, from: String, to: String, match: String, proto: String)] = [
+            (KubeIPSet.loopBack, true, "KUBE-POSTROUTING", "MASQUERADE", "dst,dst,src", ""),
+            (KubeIPSet.loadBalancer, true, "KUBE-SERVICES", "KUBE-LOAD-BALANCER", "dst,dst", ""),
+            (KubeIPSet.loadBalancerLocal, true, "KUBE-LOAD-BALANCER", "RETURN", "dst,dst", ""),
+            (KubeIPSet.nodePortLocalTCP, true, "KUBE-NODE-PORT", "RETURN", "dst", "tcp"),
+            (KubeIPSet.nodePortTCP, true, "KUBE-NODE-PORT", "KUBE-MARK-MASQ", "dst", "tcp"),
+            (KubeIPSet.nodePortLocalUDP, true, "KUBE-NODE-PORT", "RETURN", "dst", "udp"),
+            (KubeIPSet.nodePortUDP, true, "KUBE-NODE-PORT", "KUBE-MARK-MASQ", "dst", "udp"),
+            (KubeIPSet.nodePortLocalSCTP, true, "KUBE-NODE-PORT", "RETURN", "dst,dst", "sctp"),
+            (KubeIPSet.nodePortSCTP, true, "KUBE-NODE-PORT", "KUBE-MARK-MASQ", "dst,dst", "sctp"),
+            (KubeIPSet.loadBalancerFW, false, "KUBE-PROXY-FIREWALL", "KUBE-SOURCE-RANGES-FIREWALL", "dst,dst", ""),
+            (KubeIPSet.loadBalancerSourceCIDR, false, "KUBE-SOURCE-RANGES-FIREWALL", "RETURN", "dst,dst,src", ""),
+            (KubeIPSet.loadBalancerSourceIP, false, "KUBE-SOURCE-RANGES-FIREWALL", "RETURN", "dst,dst,src", ""),
+        ]
+        for row in table where nonEmpty(row.set) {
+            let p = row.proto.isEmpty ? "" : " -p \(row.proto)"
+            let rule = "-A \(row.from)\(p) \(comment(row.set)) \(match(row.set, row.match)) -j \(row.to)"
+            if row.isNAT { nat.append(rule) } else { filter.append(rule) }
+        }
+
+        if nonEmpty(KubeIPSet.clusterIP) {
+            let head = "-A KUBE-SERVICES \(comment(KubeIPSet.clusterIP)) -m set --match-set \(def(KubeIPSet.clusterIP).name)"
+            if options.node.masqueradeAll {
+                nat.append("\(head) dst,dst -j KUBE-MARK-MASQ")
+            } else if let cidr = options.node.clusterCIDRs.first(where: { $0.family == family }) {
+                nat.append("\(head) dst,dst ! -s \(cidr) -j KUBE-MARK-MASQ")
+            } else {
+                nat.append("\(head) src,dst -j KUBE-MARK-MASQ")
+            }
+        }
+
+        func externalIPRules(_ head: String) {
+            nat.append("\(head) -m physdev ! --physdev-is-in -m addrtype ! --src-type LOCAL -j ACCEPT")
+            nat.append("\(head) -m addrtype --dst-type LOCAL -j ACCEPT")
+        }
+        if nonEmpty(KubeIPSet.externalIP) {
+            let head = "-A KUBE-SERVICES \(comment(KubeIPSet.externalIP)) \(match(KubeIPSet.externalIP, "dst,dst"))"
+            nat.append("\(head) -j KUBE-MARK-MASQ")
+            externalIPRules(head)
+        }
+        if nonEmpty(KubeIPSet.externalIPLocal) {
+            externalIPRules("-A KUBE-SERVICES \(comment(KubeIPSet.externalIPLocal)) \(match(KubeIPSet.externalIPLocal, "dst,dst"))")
+        }
+
+        nat.append("-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT")
+        nat.append("-A KUBE-LOAD-BALANCER -j KUBE-MARK-MASQ")
+        filter.append("-A KUBE-SOURCE-RANGES-FIREWALL -j DROP")
+        for (ip, proto, port) in noNodeAccess {
+            filter.append("-A KUBE-IPVS-OUT-FILTER -s \(ip) -m ipvs --vaddr \(ip) --vproto \(proto.lowercased) --vport \(port) -j DROP")
+        }
+        // Accept IPVS traffic at the end of KUBE-SERVICES (#62718).
+        for base in [KubeIPSet.clusterIP, KubeIPSet.loadBalancer] where nonEmpty(base) {
+            nat.append("-A KUBE-SERVICES \(match(base, "dst,dst")) -j ACCEPT")
+        }
+        filter.append("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark \(mark)/\(mark) -j ACCEPT")
+        filter.append("-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+        filter.append("-A KUBE-NODE-PORT \(comment(KubeIPSet.healthCheckNodePort)) \(match(KubeIPSet.healthCheckNodePort, "dst")) -j ACCEPT")
+        for base in [KubeIPSet.loadBalancer, KubeIPSet.clusterIP, KubeIPSet.externalIP, KubeIPSet.externalIPLocal] {
+            filter.append("-A KUBE-IPVS-FILTER \(match(base, "dst,dst")) -j RETURN")
+        }
+        filter.append("-A KUBE-IPVS-FILTER \(match(KubeIPSet.healthCheckNodePort, "dst")) -j RETURN")
+        filter.append("-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW \(match(KubeIPSet.ipvsIPs, "dst")) -j REJECT")
+
+        nat.append("-A KUBE-POSTROUTING -m mark ! --mark \(mark)/\(mark) -j RETURN")
+        nat.append("-A KUBE-POSTROUTING -j MARK --xor-mark \(mark)")
+        nat.append("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE"
+            + (options.randomFully ? " --random-fully" : ""))
+        nat.append("-A KUBE-MARK-MASQ -j MARK --or-mark \(mark)")
+
+        out.nat = TableBatch(chainLines: ipvsNATChains.map { ":\($0) - [0:0]" }, ruleLines: nat)
+        out.filter = TableBatch(chainLines: ipvsFilterChains.map { ":\($0) - [0:0]" }, ruleLines: filter)
+    }
+}
