@@ -35,9 +35,9 @@ class Plan:
     def __init__(self, name):
         self.name = name
         self.compile_repeat = 5
-        self.datapath_reps = 3
+        self.datapath_reps = 2
         self.datapath_threads = 4
-        self.datapath_seconds = 3.0
+        self.datapath_seconds = 2.5
         if name == "smoke":
             self.compile_repeat = 3
             self.datapath_reps = 1
@@ -47,24 +47,32 @@ class Plan:
             self.uml_cases = [Case(100, 10, cold_reps=1, change_reps=2, churn_reps=1, datapath=True)]
             self.ipvs_baseline_scales = [(1, 10), (100, 10)]
         elif name == "full":
-            self.cases = [
+            # The seed table's axis (S, 10 endpoints each) in every mode; the endpoint count
+            # and the Service-type mix only with iptables-nft, the default back end.
+            sweep = [
                 Case(1, 10, cold_reps=5, change_reps=5, churn_reps=2, datapath=True),
                 Case(100, 10, cold_reps=5, change_reps=5, churn_reps=2),
                 Case(1000, 10, cold_reps=3, change_reps=5, churn_reps=2),
-                Case(5000, 10, cold_reps=3, change_reps=3, churn_reps=1),
-                Case(10000, 10, cold_reps=2, change_reps=3, churn_reps=1, datapath=True),
-                Case(20000, 10, cold_reps=1, change_reps=3, churn_reps=1),
-                # Endpoints per Service, and the Service-type mix, at 1 000 Services.
-                Case(1000, 1, cold_reps=3, change_reps=3, churn_reps=1, note="E sweep"),
-                Case(1000, 100, cold_reps=2, change_reps=3, churn_reps=1, note="E sweep"),
-                Case(1000, 10, mix="mixed", cold_reps=3, change_reps=3, churn_reps=1, note="mix"),
+                Case(5000, 10, cold_reps=2, change_reps=3, churn_reps=1),
+                Case(10000, 10, cold_reps=1, change_reps=3, churn_reps=1, datapath=True),
+                Case(20000, 10, cold_reps=1, change_reps=2, churn_reps=1),
             ]
+            extra = [
+                Case(1000, 1, cold_reps=2, change_reps=3, churn_reps=1, note="E sweep"),
+                Case(1000, 100, cold_reps=1, change_reps=3, churn_reps=1, note="E sweep"),
+                Case(1000, 10, mix="mixed", cold_reps=2, change_reps=3, churn_reps=1, note="mix"),
+            ]
+            self.cases = sweep + extra
+            self.mode_cases = {"iptables-nft": sweep + extra, "iptables-legacy": sweep}
             self.uml_cases = [Case(1, 10, cold_reps=2, change_reps=3, churn_reps=1, datapath=True),
                               Case(1000, 10, cold_reps=2, change_reps=3, churn_reps=1),
-                              Case(5000, 10, cold_reps=1, change_reps=3, churn_reps=1)]
+                              Case(20000, 10, cold_reps=1, change_reps=2, churn_reps=1)]
             self.ipvs_baseline_scales = [(1, 10), (100, 10), (1000, 10), (5000, 10), (10000, 10), (20000, 10)]
         else:
             raise SystemExit(f"unknown plan {name!r} (smoke or full)")
+
+    def cases_for(self, mode):
+        return getattr(self, "mode_cases", {}).get(mode, self.cases)
 
     def cold_timeout(self, case):
         return 60 + case.s * case.e * 0.004
@@ -229,6 +237,8 @@ def main():
         keep = set(args.cases.split(","))
         tag = lambda c: f"{c.s}x{c.e}" + ("" if c.mix == "clusterip" else c.mix)
         plan.cases = [c for c in plan.cases if tag(c) in keep]
+        if hasattr(plan, "mode_cases"):
+            plan.mode_cases = {m: [c for c in cs if tag(c) in keep] for m, cs in plan.mode_cases.items()}
         plan.uml_cases = [c for c in plan.uml_cases if tag(c) in keep]
         plan.ipvs_baseline_scales = [sc for sc in plan.ipvs_baseline_scales if f"{sc[0]}x{sc[1]}" in keep]
     help_text = subprocess.run([ctx.sluice, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
@@ -268,7 +278,7 @@ def main():
             ctx.results.skipped[m] = reason
             ctx.log(f"{m}: not measured: {reason}")
             continue
-        for case in plan.cases:
+        for case in plan.cases_for(m):
             _run_one(ctx, mode, case)
     if uml_needed:
         reason = ctx.uml_unavailable()

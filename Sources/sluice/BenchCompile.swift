@@ -8,11 +8,14 @@
 import ArgumentParser
 import Foundation
 import IPTables
+import IPVS
 import KubeAPI
 import Logging
 import SluiceCore
 
 /// `sluice bench-compile`: compile a manifest directory, then one partial sync per `step`.
+/// With `--proxy-mode ipvs` every step compiles the whole desired IPVS state (the IPVS
+/// backend diffs that against the kernel), and the payload file holds its dry-run text.
 ///
 /// Protocol: after start-up it compiles a full sync and prints one JSON line. Then, for every
 /// line `step NAME` on standard input (the harness changes the directory in between), it rescans
@@ -38,15 +41,16 @@ struct BenchCompile: AsyncParsableCommand {
     var compilerOptionsMode: String = "probe"
 
     func run() async throws {
+        let options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
-        guard options.proxyMode == .iptables else {
-            throw SluiceExit("bench-compile --proxy-mode \(options.proxyMode.rawValue) is not available yet")
+        guard options.proxyMode == .iptables || options.proxyMode == .ipvs else {
+            throw SluiceExit("bench-compile --proxy-mode \(options.proxyMode.rawValue) is not available")
         }
         guard let dir = options.manifests else { throw SluiceExit("bench-compile needs --manifests DIR") }
         guard repeatCount >= 1 else { throw SluiceExit("--repeat-count must be at least 1") }
         let node = try options.nodeConfig()
         let compilerOptions: IPTablesOptions
-        if compilerOptionsMode == "fixed" {
+        if compilerOptionsMode == "fixed" || options.proxyMode == .ipvs {
             compilerOptions = IPTablesOptions(node: node, family: .ipv4, randomFully: true)
         } else {
             do {
@@ -58,6 +62,12 @@ struct BenchCompile: AsyncParsableCommand {
             }
         }
         let compiler = IPTablesCompiler(options: compilerOptions)
+        var ipvsOptions = IPVSOptions(node: node, family: .ipv4, scheduler: options.ipvsScheduler,
+                                      excludeCIDRs: (try? options.ipvsExcludeCIDRList()) ?? [], randomFully: compilerOptions.randomFully)
+        ipvsOptions.nodePortAddresses = IPVSOptions.nodePortAddresses(from: node.nodeIPs, node: node, family: .ipv4)
+        ipvsOptions.localAddresses = Set(node.nodeIPs)
+        let ipvsCompiler = IPVSCompiler(options: ipvsOptions)
+        let ipvsMode = options.proxyMode == .ipvs
         let source = ManifestDirectorySource(directory: dir, logger: logger) { logger.error("\($0.description); skipped") }
         var tracker = ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName)
         var snapshot = ManifestDirectorySource.Snapshot()
@@ -89,6 +99,41 @@ struct BenchCompile: AsyncParsableCommand {
             let t3 = clock.now
             var compileTimes: [Double] = []
             var renderTimes: [Double] = []
+            if ipvsMode {
+                var compileTimes: [Double] = []
+                var renderTimes: [Double] = []
+                var desired: IPVSDesiredState?
+                var text = ""
+                for _ in 0..<repeatCount {
+                    let c0 = clock.now
+                    let d = ipvsCompiler.compile(state)
+                    let c1 = clock.now
+                    text = d.dryRunText
+                    let c2 = clock.now
+                    desired = d
+                    compileTimes.append(seconds(c0.duration(to: c1)))
+                    renderTimes.append(seconds(c1.duration(to: c2)))
+                }
+                if let out {
+                    let path = out + "/" + name + ".txt"
+                    guard FileManager.default.createFile(atPath: path, contents: Data(text.utf8)) else { throw SluiceExit("cannot write \(path)") }
+                }
+                let d = desired!
+                let report: [String: Any] = [
+                    "step": name, "full": full, "events": events.count, "applied": applied,
+                    "changed_services": state.changedServices.count, "service_ports": state.servicePorts.count,
+                    "endpoints": state.totalEndpoints,
+                    "scan_s": seconds(t0.duration(to: t1)), "apply_s": seconds(t1.duration(to: t2)),
+                    "snapshot_s": seconds(t2.duration(to: t3)), "compile_s": compileTimes, "render_s": renderTimes,
+                    "bytes": text.utf8.count, "virtual_servers": d.virtualServers.count,
+                    "real_servers": d.virtualServers.values.reduce(0) { $0 + $1.destinations.count },
+                    "set_entries": d.entries.values.reduce(0) { $0 + $1.count }, "bound_addresses": d.boundAddresses.count,
+                    "written_nat": 0, "written_filter": 0,
+                ]
+                let json = try JSONSerialization.data(withJSONObject: report, options: [.sortedKeys])
+                FileHandle.standardOutput.write(json + Data("\n".utf8))
+                return
+            }
             let kind: SyncKind = full ? .full : .partial(changed: state.changedServices)
             var last: CompiledRules?
             var text = ""

@@ -41,6 +41,7 @@ CLIENT_GW = "10.244.1.1"
 BACKEND_GW = "10.244.16.1"
 BACKEND_PREFIX = 20                     # the backend link is 10.244.16.0/20
 ADDED_BACKEND = "10.244.18.10"          # the endpoint of the added Service
+SINK_GW, SINK_IP = "10.250.0.1", "10.250.0.2"   # where the node routes the service CIDR
 
 UDP_PORT, UDP_TARGET = 53, 5353         # the probe Service's UDP port
 TCP_PORT, TCP_TARGET = 80, 8080         # every Service's TCP port; the data path uses the probe's

@@ -51,7 +51,8 @@ class Mode:
     label = ""
     proxy_mode = ""
     in_uml = False
-    compile_supported = False
+    compile_supported = False       # `sluice bench-compile` knows the mode
+    restore_baselines = False       # iptables-restore payload baselines apply
     # What "rules" means for this mode in the report.
     unit = "rules"
 
@@ -72,6 +73,14 @@ class Mode:
     def kernel_count(self, ns):
         return None
 
+    def canary_check_time(self, ns):
+        """Time of what a backend runs before each partial sync besides the restore (None if
+        nothing or unknown)."""
+        return None
+
+    def flush_baseline(self, case):
+        return False
+
     def grows(self, case):
         """True when the proxy's state is built up file by file instead of by one cold full
         sync (which would not finish in the time budget)."""
@@ -80,6 +89,7 @@ class Mode:
 
 class IPTables(Mode):
     compile_supported = True
+    restore_baselines = True
 
     def __init__(self, variant):
         self.variant = variant
@@ -107,6 +117,14 @@ class IPTables(Mode):
         """iptables-restore with Sluice's own flags (--noflush --counters)."""
         return timed([self.restore] + IPTABLES_RESTORE_FLAGS, path, ns)
 
+    def canary_check_time(self, ns):
+        """The iptables backend's canary check (one `iptables -S KUBE-PROXY-CANARY` per table),
+        which Sluice runs before every partial sync."""
+        total = 0.0
+        for table in ("mangle", "nat", "filter"):
+            total += timed([self.restore.replace("-restore", ""), "-w", "5", "-t", table, "-S", "KUBE-PROXY-CANARY"], None, ns)
+        return total
+
     def restore_flush_time(self, ns, path):
         """The same without --noflush: the tables named in the payload are flushed first."""
         return timed([self.restore] + [f for f in IPTABLES_RESTORE_FLAGS if f != "--noflush"], path, ns)
@@ -120,6 +138,12 @@ class IPTables(Mode):
     def grows(self, case):
         return self.variant == "nft" and case.s * (case.e + 1) > self.NFT_COLD_CHAINS
 
+    def flush_baseline(self, case):
+        """Whether to time a flushing full restore too: with nft it is the alternative to a
+        --noflush restore that does not finish at scale; legacy replaces the whole table
+        either way."""
+        return self.variant == "nft"
+
     def version(self):
         r = subprocess.run([self.restore.replace("-restore", ""), "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return r.stdout.strip()
@@ -130,6 +154,7 @@ class IPVS(Mode):
     label = "IPVS (in UML)"
     proxy_mode = "ipvs"
     in_uml = True
+    compile_supported = True
     unit = "virtual + real servers"
 
     def unavailable(self, ctx):

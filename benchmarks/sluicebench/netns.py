@@ -9,9 +9,14 @@ The test network (one per proxy instance), all addresses from fixtures.py:
     client  eth0 10.244.1.10/24  --- vcl 10.244.1.1/24 + node IP 192.168.50.1/24 ---  node
     backend eth0 10.244.16.10/20 ... --- vbe 10.244.16.1/20 ------------------------  node
 
-The node namespace runs the proxy. It routes the service CIDR as `unreachable`, so a packet
-to a Service address the proxy has not (or no longer) programmed fails at once with an
-ICMP error instead of timing out: probes see both states quickly.
+    sink    eth0 10.250.0.2/30            --- vsk 10.250.0.1/30 -------------------  node
+
+The node namespace runs the proxy. It routes the service CIDR to the sink, which accepts
+every address in it (a `local` route) and answers UDP probes with the address they were sent
+to: a packet to a Service address the proxy has not (or no longer) programmed comes back at
+once from the sink instead of timing out, so probes see both states quickly. (An
+`unreachable` route would answer with ICMP errors, but the kernel rate-limits those per
+sender outside any namespace's control: net.ipv4.route.error_cost.)
 """
 
 import atexit
@@ -174,9 +179,11 @@ class TestNetwork:
         self.node = Namespace("n")
         self.client = Namespace("c")
         self.backend = Namespace("b")
+        self.sink = Namespace("s")
         batch = [
             f"link add vcl netns {self.node.name} type veth peer name eth0 netns {self.client.name}",
             f"link add vbe netns {self.node.name} type veth peer name eth0 netns {self.backend.name}",
+            f"link add vsk netns {self.node.name} type veth peer name eth0 netns {self.sink.name}",
         ]
         run(["ip", "-batch", "-"], input="\n".join(batch) + "\n")
         node = [
@@ -185,7 +192,9 @@ class TestNetwork:
             "link set vcl up",
             f"addr add {fx.BACKEND_GW}/{fx.BACKEND_PREFIX} dev vbe",
             "link set vbe up",
-            f"route add unreachable {fx.SERVICE_CIDR}",
+            f"addr add {fx.SINK_GW}/30 dev vsk",
+            "link set vsk up",
+            f"route add {fx.SERVICE_CIDR} via {fx.SINK_IP}",
         ]
         run(["ip", "-n", self.node.name, "-batch", "-"], input="\n".join(node) + "\n")
         client = [
@@ -198,10 +207,14 @@ class TestNetwork:
         backend = [f"addr add {a}/{fx.BACKEND_PREFIX} dev eth0" for a in fx.backend_addresses()]
         backend += ["link set eth0 up", f"route add 10.244.0.0/16 via {fx.BACKEND_GW}"]
         run(["ip", "-n", self.backend.name, "-batch", "-"], input="\n".join(backend) + "\n")
+        sink = [
+            f"addr add {fx.SINK_IP}/30 dev eth0",
+            "link set eth0 up",
+            f"route add local {fx.SERVICE_CIDR} dev lo",
+            f"route add 10.244.0.0/16 via {fx.SINK_GW}",
+        ]
+        run(["ip", "-n", self.sink.name, "-batch", "-"], input="\n".join(sink) + "\n")
         self.node.sysctl("net.ipv4.ip_forward", 1)
-        # Unreachable answers for every probe (the default rate limit would hide state changes).
-        self.node.sysctl("net.ipv4.icmp_ratelimit", 0, check=False)
-        self.node.sysctl("net.ipv4.icmp_msgs_per_sec", 1000000, check=False)
         self.client.sysctl("net.ipv4.ip_local_port_range", "1024 65000", check=False)
         self.backend.sysctl("net.core.somaxconn", 4096, check=False)
         self.server = start(self.backend.cmd([netbench, "serve", "--tcp", str(fx.TCP_TARGET), "--udp", str(fx.UDP_TARGET),
@@ -209,10 +222,16 @@ class TestNetwork:
         line = self.server.stdout.readline().strip()
         if line != "ready":
             raise RuntimeError(f"netbench serve did not start: {line!r}")
+        self.sink_server = start(self.sink.cmd([netbench, "serve", "--udp", str(fx.UDP_PORT), "--threads", "1"]),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.sink_server.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"netbench serve (sink) did not start: {line!r}")
 
     def close(self):
         stop(self.server, timeout=2)
-        for ns in (self.client, self.backend, self.node):
+        stop(self.sink_server, timeout=2)
+        for ns in (self.client, self.backend, self.sink, self.node):
             ns.delete()
 
 

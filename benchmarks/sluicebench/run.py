@@ -17,6 +17,7 @@ Order of work in a case (each step's numbers are recorded as samples):
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -58,7 +59,8 @@ class Scenario:
     def __init__(self, case, manifests):
         self.case = case
         self.dir = manifests
-        self.generation = 0          # of the probe Service and the churn Services
+        self.generation = 0          # of the probe Service's endpoint
+        self.churn_generation = 0    # of the other churn Services' first endpoint
         self.churn_order = list(range(1, fx.single_file_count(case.s))) + [0]
 
     def add(self):
@@ -90,8 +92,8 @@ def run_case(ctx, mode, case):
     if mode.compile_supported:
         steps = compile_steps(ctx, mode, case, manifests, payloads, rec)
         _hardlink_tree(fixture, manifests)          # back to the initial state
-        kernel_baselines(ctx, mode, case, payloads, steps, rec)
-    proxy_scenarios(ctx, mode, case, manifests, rec)
+    baselines = payloads if mode.restore_baselines else None
+    proxy_scenarios(ctx, mode, case, manifests, rec, baselines)
 
 
 def compile_steps(ctx, mode, case, manifests, payloads, rec):
@@ -104,25 +106,33 @@ def compile_steps(ctx, mode, case, manifests, payloads, rec):
         _record_compile(rec, "cold", comp.first)
         rec("cold", "source_s", comp.first["scan_s"] + comp.first["apply_s"])
         rec("cold", "bytes", comp.first["bytes"])
-        rec("cold", "rules_written", comp.first["written_nat"] + comp.first["written_filter"])
+        if mode.restore_baselines:
+            rec("cold", "rules_written", comp.first["written_nat"] + comp.first["written_filter"])
+        else:
+            rec("cold", "virtual_servers", comp.first.get("virtual_servers"))
+            rec("cold", "real_servers", comp.first.get("real_servers"))
         for name, action, scenario in [("add", sc.add, "add"), ("delete", sc.delete, "delete"),
                                        ("change1", sc.change, "change"), ("change0", sc.change, "change")]:
             action()
             r = comp.step(name)
             _record_compile(rec, scenario, r)
-            rec(scenario, "bytes", r["bytes"])
-            rec(scenario, "rules_written", r["written_nat"] + r["written_filter"])
+            if mode.restore_baselines:
+                rec(scenario, "bytes", r["bytes"])
+                rec(scenario, "rules_written", r["written_nat"] + r["written_filter"])
             steps.append(name)
         for g in (1, 0):
             for i in sc.churn_order:
                 sc.churn_write(i, g)
             r = comp.step(f"churn{g}")
             _record_compile(rec, "churn", r)
-            rec("churn", "bytes", r["bytes"])
+            if mode.restore_baselines:
+                rec("churn", "bytes", r["bytes"])
             steps.append(f"churn{g}")
         comp.close()
     finally:
         ns.delete()
+    if not mode.restore_baselines:
+        return steps
     # Minimal payloads of the single-Service steps.
     prev = "full"
     for name in steps[1:5]:
@@ -150,44 +160,56 @@ def _record_compile(rec, scenario, r):
     rec(scenario, "snapshot_s", r["snapshot_s"])
 
 
-def kernel_baselines(ctx, mode, case, payloads, steps, rec):
-    """iptables-restore of the same payloads (and of the minimal ones) on the same state.
+FLUSH_BASELINE_CHAINS = 60000     # a flushing restore is timed up to about this many chains
 
-    Cold: the full payload into an empty namespace with Sluice's flags (--noflush
-    --counters; skipped where the proxy's state is grown, as it would not finish) and
-    without --noflush (a flushing restore: what a full sync could cost without it). The
-    flushing restore also loads the state the change payloads are then timed on."""
-    path = lambda n: os.path.join(payloads, f"{n}.txt")
+
+def cold_baselines(ctx, mode, case, payloads, rec, c):
+    """The full payload into an empty namespace: with Sluice's flags (--noflush --counters;
+    not where the proxy's state is grown, as it would not finish) and without --noflush (a
+    flushing restore: what a full sync could cost without it; up to FLUSH_BASELINE_CHAINS).
+    Called once per cold start of the proxy, right after it."""
+    full = os.path.join(payloads, "full.txt")
     grows = mode.grows(case)
-    reps = 1 if grows else case.cold_reps
-    ns = None
-    for c in range(reps):
-        if not grows:
-            tmp = netns.Namespace("k")
-            try:
-                rec("cold", "restore_same_s", mode.restore_time(tmp, path("full")), rep=c)
-            finally:
-                tmp.delete()
-        if ns is not None:
-            ns.delete()
+    flush = mode.flush_baseline(case) and case.s * (case.e + 1) <= FLUSH_BASELINE_CHAINS
+    for metric, run, wanted in (("restore_same_s", mode.restore_time, not grows),
+                                ("restore_flush_s", mode.restore_flush_time, flush)):
+        if not wanted:
+            continue
         ns = netns.Namespace("k")
-        rec("cold", "restore_flush_s", mode.restore_flush_time(ns, path("full")), rep=c)
+        try:
+            rec("cold", metric, run(ns, full), rep=c)
+            if c == 0 and metric == "restore_flush_s":
+                rec("cold", "kernel_rules", mode.kernel_count(ns))
+        finally:
+            ns.delete()
+
+
+def change_baselines(ctx, mode, case, payloads, proxy, ns, generation, rec, rep):
+    """iptables-restore of each change's exact payload and of its minimal payload, on the
+    proxy's own state, right after the proxy made the same changes: the proxy is paused
+    (SIGSTOP) and every pair of payloads (add + delete, change there + back) leaves the
+    state as the proxy knows it."""
+    path = lambda n: os.path.join(payloads, f"{n}.txt")
+    changes = [f"change{1 - generation}", f"change{generation}"]
+    proxy.process.send_signal(signal.SIGSTOP)
     try:
-        rec("cold", "kernel_rules", mode.kernel_count(ns))
-        for r in range(case.change_reps):
-            for name in ("add", "delete", "change1", "change0"):
-                rec(_scenario_of(name), "restore_same_s", mode.restore_time(ns, path(name)), rep=r)
-            for name in ("add", "delete", "change1", "change0"):
-                rec(_scenario_of(name), "restore_min_s", mode.restore_time(ns, path(f"min-{name}")), rep=r)
-        for r in range(case.churn_reps):
-            for name in ("churn1", "churn0"):
-                rec("churn", "restore_same_s", mode.restore_time(ns, path(name)), rep=r)
+        for k, name in enumerate(["add", "delete"] + changes):
+            rec(_scenario_of(name), "restore_same_s", mode.restore_time(ns, path(name)), rep=rep * 2 + k % 2)
+        for k, name in enumerate(["add", "delete"] + changes):
+            rec(_scenario_of(name), "restore_min_s", mode.restore_time(ns, path(f"min-{name}")), rep=rep * 2 + k % 2)
     finally:
-        ns.delete()
-    ctx.log(f"  kernel baselines done")
+        proxy.process.send_signal(signal.SIGCONT)
 
 
-def proxy_scenarios(ctx, mode, case, manifests, rec):
+def churn_baselines(ctx, mode, case, payloads, ns, rec):
+    """iptables-restore of the churn storm's payloads on the state the proxy left (it has
+    been stopped; its rules stay)."""
+    for r in range(case.churn_reps):
+        for name in ("churn1", "churn0"):
+            rec("churn", "restore_same_s", mode.restore_time(ns, os.path.join(payloads, f"{name}.txt")), rep=r)
+
+
+def proxy_scenarios(ctx, mode, case, manifests, rec, payloads=None):
     ip0 = fx.cluster_ip(0)
     cold_timeout = ctx.plan.cold_timeout(case)
     grows = mode.grows(case)
@@ -222,6 +244,8 @@ def proxy_scenarios(ctx, mode, case, manifests, rec):
             rec(scenario, "bytes_sluice", lines[0][3], rep=c)
             rec(scenario, "service_ports", lines[0][1], rep=c)
         ctx.log(f"  {scenario} {c + 1}/{cold_reps}: e2e {t1 - proxy.started:.3f} s, sync {total / count:.3f} s")
+        if payloads:
+            cold_baselines(ctx, mode, case, payloads, rec, c)
     try:
         if grows:
             grow(ctx, proxy, rec, manifests, hold, held_back)
@@ -230,21 +254,29 @@ def proxy_scenarios(ctx, mode, case, manifests, rec):
         timeout = ctx.plan.change_timeout(case)
         for r in range(case.change_reps):
             _change(ctx, proxy, net, rec, "add", r, sc.add, fx.ADDED_CLUSTER_IP, probe.answer_is(fx.ADDED_BACKEND), timeout)
-            _change(ctx, proxy, net, rec, "delete", r, sc.delete, fx.ADDED_CLUSTER_IP, probe.unreachable, timeout, confirm=2)
+            _change(ctx, proxy, net, rec, "delete", r, sc.delete, fx.ADDED_CLUSTER_IP, probe.not_served(fx.ADDED_CLUSTER_IP), timeout, confirm=2)
             gen = sc.generation ^ 1
             _change(ctx, proxy, net, rec, "change", r, sc.change, ip0, probe.answer_is(fx.probe_backend(gen)), timeout)
+            if payloads:
+                _settle(proxy, gap=0)
+                change_baselines(ctx, mode, case, payloads, proxy, net.node, sc.generation, rec, r)
         for r in range(case.churn_reps):
             _churn(ctx, proxy, net, rec, sc, r, timeout)
         if case.datapath:
             datapath(ctx, proxy, net, sc, rec)
+        for r in range(3):
+            rec("change", "canary_check_s", mode.canary_check_time(net.node), rep=r)
         rec("final", "rss_bytes", proxy.peak_rss())
         _, _, m = proxy.sync_counters()
         rec("final", "sync_failures", m.get("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", 0.0)
             + m.get("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", 0.0))
-    finally:
         status = proxy.stop()
         if status not in (0, None):
             ctx.log(f"  sluice exited with status {status}")
+        if payloads:
+            churn_baselines(ctx, mode, case, payloads, net.node, rec)
+    finally:
+        proxy.stop()
         net.close()
 
 
@@ -316,7 +348,18 @@ def _change(ctx, proxy, net, rec, scenario, rep, action, ip, done, timeout, conf
     rec(scenario, "syncs", c1 - c0, rep=rep)
     if lines:
         rec(scenario, "bytes_sluice", sum(l[3] for l in lines), rep=rep)
+    _record_written(proxy, rec, scenario, rep)
     ctx.log(f"  {scenario} {rep + 1}: e2e {t1 - t0:.3f} s, sync {s1 - s0:.3f} s in {c1 - c0:.0f}")
+
+
+def _record_written(proxy, rec, scenario, rep):
+    """What the last sync wrote, as Sluice's metrics count it: rules per table in iptables
+    mode, netlink messages / set entries / addresses in IPVS mode."""
+    _, _, m = proxy.sync_counters()
+    prefix = 'kubeproxy_sync_proxy_rules_iptables_last{table="'
+    for k, val in m.items():
+        if k.startswith(prefix):
+            rec(scenario, "written_" + k[len(prefix):].rstrip('"}'), val, rep=rep)
 
 
 def _churn(ctx, proxy, net, rec, sc, rep, timeout):
@@ -325,13 +368,14 @@ def _churn(ctx, proxy, net, rec, sc, rep, timeout):
     c0, s0 = _settle(proxy)
     proxy.new_sync_lines()
     gen = sc.generation ^ 1
+    sc.churn_generation ^= 1
     n = len(sc.churn_order)
     t_first = time.monotonic()
     for k, i in enumerate(sc.churn_order):
         if i == 0:
             sc.change()
         else:
-            sc.churn_write(i, gen)
+            sc.churn_write(i, sc.churn_generation)
         pause = t_first + (k + 1) / n - time.monotonic()
         if pause > 0 and k + 1 < n:
             time.sleep(pause)
