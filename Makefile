@@ -3,10 +3,13 @@
 SWIFT ?= swift
 APT_PACKAGES = iptables ipset conntrack iproute2 user-mode-linux kmod ipvsadm libipset-dev libnetfilter-conntrack-dev python3 openssl
 BIN = .build/debug/sluice
+RELEASE_SCRATCH = .build-release
+RELEASE_BIN = $(RELEASE_SCRATCH)/release/sluice
+PYTHON = /usr/bin/python3
 # Test suites that need IPVS and dummy devices: they run inside user-mode Linux.
 UML_TESTS = IPVSKernelTests|IPVSClientKernelTests
 
-.PHONY: deps build demo test uml-test unit-test kernel-test compile-example clean
+.PHONY: deps build demo test uml-test unit-test kernel-test compile-example clean release bench bench-smoke
 
 # Install the Debian packages the build and the tests need (once per machine).
 deps:
@@ -36,5 +39,20 @@ uml-test: build
 compile-example: build
 	$(BIN) compile --manifests examples --hostname-override demo-node --node-ip 192.168.50.1 --cluster-cidr 10.244.0.0/16
 
+# A release build in its own scratch directory (the benchmarks measure this one).
+release: deps
+	$(SWIFT) build -c release --scratch-path $(RELEASE_SCRATCH) --product sluice
+
+# The full benchmark (as root; about 30 minutes on 2 cores): release build, every mode and
+# scenario, report and plots in benchmarks/results/ (see benchmarks/README.md).
+bench: release
+	$(PYTHON) benchmarks/bench.py --plan full --sluice $(RELEASE_BIN) --out benchmarks/results
+
+# The same harness at S <= 100 with few repetitions, to keep it working (a few minutes). It
+# measures the debug build `make test` already made (a release build alone takes ~6 minutes);
+# the report goes to benchmarks/results/smoke/ (not committed).
+bench-smoke: build
+	$(PYTHON) benchmarks/bench.py --plan smoke --sluice $(or $(SLUICE),$(BIN)) --out benchmarks/results/smoke
+
 clean:
-	rm -rf .build
+	rm -rf .build $(RELEASE_SCRATCH)

@@ -1,0 +1,77 @@
+"""iptables-restore payloads: counting them, and deriving the minimal one.
+
+The "minimal" payload of a change is what an ideal incremental writer would send for it:
+only the changed Service's own chains (declared, refilled, or deleted) and, for an added or
+deleted Service, one `-I`/`-D` of its KUBE-SERVICES rule, with `--noflush`. This is the
+"nft 1 svc" figure of DESIGN.md; Sluice's partial sync also rewrites the top-level chains
+(KUBE-SERVICES and the rest, as kube-proxy does), so the ratio of the two shows what that
+costs.
+"""
+
+SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+
+
+def tables(text):
+    """{table: [lines]} of a restore payload (without the *table and COMMIT lines)."""
+    out = {}
+    cur = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            cur = line[1:]
+            out[cur] = []
+        elif line == "COMMIT":
+            cur = None
+        elif cur is not None and line and not line.startswith("#"):
+            out[cur].append(line)
+    return out
+
+
+def counts(text):
+    """(rules appended, chains declared, chains deleted) over all tables."""
+    a = c = x = 0
+    for lines in tables(text).values():
+        for line in lines:
+            if line.startswith("-A "):
+                a += 1
+            elif line.startswith(":"):
+                c += 1
+            elif line.startswith("-X "):
+                x += 1
+    return a, c, x
+
+
+def _chain_of(line):
+    if line.startswith(":"):
+        return line[1:].split(" ", 1)[0]
+    parts = line.split(" ", 2)
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _mentions(line, port_prefix):
+    return f'"{port_prefix}' in line or f" {port_prefix}" in line
+
+
+def minimal(new_text, prev_text, service):
+    """The minimal payload for the change that turned `prev_text`'s state into `new_text`'s,
+    for Service `service` ("namespace/name"). Both are Sluice payloads (full or partial: both
+    hold the complete KUBE-SERVICES chain)."""
+    new = tables(new_text).get("nat", [])
+    prev = tables(prev_text).get("nat", [])
+    prefix = service + ":"
+    decls, rules, deletes = [], [], []
+    for line in new:
+        chain = _chain_of(line)
+        if not chain.startswith(SERVICE_CHAIN_PREFIXES):
+            continue
+        if line.startswith(":"):
+            decls.append(line)
+        elif line.startswith("-X "):
+            deletes.append(line)
+        else:
+            rules.append(line)
+    top_new = [l for l in new if l.startswith("-A KUBE-SERVICES ") and _mentions(l, prefix)]
+    top_prev = [l for l in prev if l.startswith("-A KUBE-SERVICES ") and _mentions(l, prefix)]
+    removed = ["-D" + l[2:] for l in top_prev if l not in top_new]
+    added = ["-I KUBE-SERVICES 1" + l[len("-A KUBE-SERVICES"):] for l in top_new if l not in top_prev]
+    out = ["*nat"] + decls + removed + added + rules + deletes + ["COMMIT"]
+    return "\n".join(out) + "\n"
