@@ -155,23 +155,30 @@ public struct ProcessRunner: CommandRunner {
         } catch {
             return failure("\(error)")
         }
+        // Wait for Foundation's termination notice, but do not trust it alone: under load its
+        // SIGCHLD monitor can miss a child, which then stays a zombie and the wait never ends.
+        // Every 100 ms the child is looked at directly; an exited child is reaped here.
+        let pid = process.processIdentifier
+        let deadline = timeout.map { ContinuousClock.now + $0 }
         var timedOut = false
-        if let timeout {
-            let c = timeout.components
-            let nanos = Double(c.seconds) * 1e9 + Double(c.attoseconds) / 1e9
-            if done.wait(timeout: .now() + .nanoseconds(Int(min(nanos, 1e17)))) == .timedOut {
-                timedOut = true
-                kill(process.processIdentifier, SIGKILL)
-                done.wait()
+        var reaped: Int32?
+        while done.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
+            var raw: Int32 = 0
+            if waitpid(pid, &raw, WNOHANG) == pid {
+                let signal = raw & 0x7f
+                reaped = signal == 0 ? (raw >> 8) & 0xff : 128 + signal
+                break
             }
-        } else {
-            done.wait()
+            if let deadline, ContinuousClock.now >= deadline {
+                timedOut = true
+                kill(pid, SIGKILL)
+            }
         }
         func readAll(_ h: FileHandle) -> String {
             guard (try? h.seek(toOffset: 0)) != nil, let d = try? h.readToEnd() else { return "" }
             return String(decoding: d, as: UTF8.self)
         }
-        let status = process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus
+        let status = reaped ?? (process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus)
         return .success(CommandResult(status: status, stdout: readAll(out), stderr: readAll(err), timedOut: timedOut))
     }
 }
