@@ -216,8 +216,9 @@ struct RelayTests {
     func udpFlows() async throws {
         let a = try await udpServer("A"), b = try await udpServer("B")
         // An idle timeout long enough that a loaded machine's slow reply never meets a
-        // closed flow (a flow closes `udpIdle` after its last datagram either way).
-        let relays = RelayManager(config: testConfig(udpIdle: .seconds(1)), logger: testLogger)
+        // closed flow (a flow closes `udpIdle` after its last datagram either way); 1 s was
+        // seen to lose a reply on a loaded 2-core machine.
+        let relays = RelayManager(config: testConfig(udpIdle: .seconds(3)), logger: testLogger)
         let name = spn("dns", .udp)
         let port = try #require(await relays.prepare([name: RelaySpec(name: name, proto: .udp, endpoints: [endpoint(a.port), endpoint(b.port)])]).ports[name])
         // Fresh sockets: each is a new client address, so a new flow, so the next backend.
@@ -237,7 +238,7 @@ struct RelayTests {
             return out
         }
         #expect(Set(same).count == 1)
-        // Idle flows close after 1 s.
+        // Idle flows close after 3 s.
         #expect(await eventually(within: .seconds(20)) { await relays.relayCounts(name).isEmpty })
         await relays.closeAll()
         await a.close(); await b.close()
