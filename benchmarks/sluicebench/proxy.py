@@ -67,6 +67,17 @@ class Proxy:
             except OSError:
                 return {}
 
+    FAILURES = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+
+    def failure(self, m=None):
+        """A message when Sluice has recorded a failed sync (its metrics count every failed
+        sync of any mode as a restore failure), else None."""
+        m = self.metrics() if m is None else m
+        if m.get(self.FAILURES, 0.0) <= 0:
+            return None
+        lines = [l for l in self.tail(200).splitlines() if "sync failed" in l]
+        return f"sluice reported {m[self.FAILURES]:.0f} failed sync(s): " + (lines[0].split("] ", 1)[-1] if lines else "see its log")
+
     def sync_counters(self):
         m = self.metrics()
         return (m.get("kubeproxy_sync_proxy_rules_duration_seconds_count", 0.0),
@@ -77,6 +88,8 @@ class Proxy:
         deadline = time.monotonic() + timeout
         while True:
             c, s, m = self.sync_counters()
+            if self.failure(m):
+                raise RuntimeError(self.failure(m))
             if c >= count:
                 return c, s, m
             if time.monotonic() > deadline or not self.alive():

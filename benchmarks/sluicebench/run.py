@@ -231,10 +231,12 @@ def proxy_scenarios(ctx, mode, case, manifests, rec, payloads=None):
         net = netns.TestNetwork(ctx.netbench, ctx.tmp)
         log = os.path.join(ctx.tmp, f"sluice-{mode.key}-{case.name}-{c}.log")
         proxy = Proxy(ctx.sluice, net, mode.proxy_args(), manifests, log)
-        t1 = probe.wait_for(net.client, ip0, fx.UDP_PORT, probe.answer_is(fx.probe_backend(0)), cold_timeout, t0=proxy.started)
+        t1 = probe.wait_for(net.client, ip0, fx.UDP_PORT, probe.answer_is(fx.probe_backend(0)), cold_timeout, t0=proxy.started,
+                            abort=proxy.failure)
         if t1 is None:
             raise RuntimeError(f"the probe Service never answered within {cold_timeout:.0f} s; sluice log {log}:\n{proxy.tail()}")
         count, total, m = proxy.wait_syncs(1, 60)
+        _settle(proxy, gap=0)
         scenario = "grow-start" if grows else "cold"
         rec(scenario, "e2e_s", t1 - proxy.started, rep=c)
         rec(scenario, "sync_s", total / count, rep=c)
@@ -312,6 +314,8 @@ def _settle(proxy, gap=MIN_SYNC_GAP, timeout=900):
     quiet = 0
     while True:
         c, s, m = proxy.sync_counters()
+        if proxy.failure(m):
+            raise RuntimeError(proxy.failure(m))
         last = m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0.0)
         queued = m.get("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", 0.0)
         # Changes that arrived while the last sync ran are still pending after it.
@@ -335,7 +339,7 @@ def _change(ctx, proxy, net, rec, scenario, rep, action, ip, done, timeout, conf
     proxy.new_sync_lines()
     action()
     t0 = time.monotonic()
-    t1 = probe.wait_for(net.client, ip, fx.UDP_PORT, done, timeout, t0=t0, confirm=confirm)
+    t1 = probe.wait_for(net.client, ip, fx.UDP_PORT, done, timeout, t0=t0, confirm=confirm, abort=proxy.failure)
     if t1 is None:
         raise RuntimeError(f"{scenario}: the change was not visible within {timeout:.0f} s; sluice log:\n{proxy.tail()}")
     proxy.wait_syncs(c0 + 1, timeout)
@@ -380,7 +384,8 @@ def _churn(ctx, proxy, net, rec, sc, rep, timeout):
         if pause > 0 and k + 1 < n:
             time.sleep(pause)
     t_last = time.monotonic()
-    t1 = probe.wait_for(net.client, fx.cluster_ip(0), fx.UDP_PORT, probe.answer_is(fx.probe_backend(gen)), timeout, t0=t_last)
+    t1 = probe.wait_for(net.client, fx.cluster_ip(0), fx.UDP_PORT, probe.answer_is(fx.probe_backend(gen)), timeout, t0=t_last,
+                        abort=proxy.failure)
     if t1 is None:
         raise RuntimeError(f"churn: the last change was not visible within {timeout:.0f} s; sluice log:\n{proxy.tail()}")
     c1, s1 = _settle(proxy)

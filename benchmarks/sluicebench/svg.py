@@ -11,8 +11,8 @@ ML, MR, MT, MB = 78, 200, 40, 58
 
 
 def _fmt_seconds(v):
-    if v >= 60:
-        return f"{v / 60:g} min"
+    if v >= 1000:
+        return f"{v / 60:.0f} min"
     if v >= 1:
         return f"{v:g} s"
     if v >= 1e-3:
