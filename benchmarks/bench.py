@@ -221,6 +221,8 @@ def main():
     ap.add_argument("--uml-runner", help="scripts/uml-run.sh by default")
     ap.add_argument("--cases", help="only these cases of the plan, e.g. 1000x10,1000x10mixed (for development)")
     ap.add_argument("--netbench", help=argparse.SUPPRESS)
+    ap.add_argument("--strict", action="store_true",
+                    help="fail when a wanted mode cannot be measured here (CI: every mode must run)")
     ap.add_argument("--report-only", metavar="RESULTS_JSON",
                     help="only write the report (and CSV) again from a run's results.json (kept in benchmarks/results/tmp/PLAN/)")
     args = ap.parse_args()
@@ -310,11 +312,52 @@ def main():
     ctx.results.write_csv(os.path.join(ctx.out, "samples.csv"), os.path.join(ctx.out, "summary.csv"))
     report.write(ctx.results, plan, ctx.out)
     ctx.log(f"report: {os.path.join(ctx.out, 'report.md')}")
+    for problem in check_complete(ctx.results, plan, wanted, strict=args.strict):
+        ctx.results.failures.append(({}, problem))
     if ctx.results.failures:
         for tags, msg in ctx.results.failures:
             print(f"bench: FAILED {tags}: {msg[:3000]}", file=sys.stderr)
         return 1
     return 0
+
+
+# What every measured case must have produced (scenario, metric); a missing one means the
+# harness or the proxy broke somewhere, even if no exception said so.
+REQUIRED = [("cold", "e2e_s"), ("cold", "sync_s"), ("cold", "rss_bytes"), ("add", "e2e_s"), ("add", "sync_s"),
+            ("delete", "e2e_s"), ("change", "e2e_s"), ("churn", "e2e_s"), ("final", "sync_failures")]
+DATAPATH = ["datapath-clusterip", "datapath-clusterip-last", "datapath-direct"]
+
+
+def check_complete(results, plan, wanted, strict):
+    """Problems with a finished run: a wanted mode not measured (only with --strict, which CI
+    uses: there every mode must run), a case without one of the REQUIRED numbers, a data-path
+    target that completed no request, or a proxy that reported failed syncs."""
+    problems = []
+    seen = {}
+    for smp in results.samples:
+        seen.setdefault((smp["mode"], smp["S"], smp["E"], smp["mix"]), {})[(smp["scenario"], smp["metric"])] = smp["value"]
+    for m in wanted:
+        if m in results.skipped:
+            if strict:
+                problems.append(f"{m} was not measured: {results.skipped[m]}")
+            continue
+        cases = plan.uml_cases if modes_mod.ALL[m].in_uml else plan.cases_for(m)
+        for c in cases:
+            got = seen.get((m, c.s, c.e, c.mix))
+            name = f"{m} {c.s}x{c.e} {c.mix}"
+            if got is None:
+                problems.append(f"{name}: no numbers at all")
+                continue
+            for key in REQUIRED:
+                if key not in got:
+                    problems.append(f"{name}: no {key[0]} {key[1]}")
+            if got.get(("final", "sync_failures"), 0) > 0:
+                problems.append(f"{name}: the proxy reported {got[('final', 'sync_failures')]:.0f} failed syncs")
+            if c.datapath:
+                for t in DATAPATH:
+                    if not got.get((t, "rps"), 0) > 0:
+                        problems.append(f"{name}: {t} completed no request")
+    return problems
 
 
 def _run_one(ctx, mode, case):
