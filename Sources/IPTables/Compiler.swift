@@ -160,17 +160,18 @@ public struct IPTablesCompiler: Sendable {
         // The fast path: replay unchanged service ports from the memory.
         let replay = changed != nil && memory?.valid == true
         var staleCandidates: [String] = []
-        let ports: [(ServicePortName, ServicePortInfo)]
+        let names: [ServicePortName]
         if replay {
-            ports = memory!.updateSortedNames(for: state, staleChains: &staleCandidates)
+            names = memory!.updateSortedNames(for: state, staleChains: &staleCandidates)
         } else {
-            ports = state.sortedNames.compactMap { name in state.servicePorts[name].map { (name, $0) } }
+            names = state.sortedNames
         }
         var rebuilt: [ServicePortName: ServicePortMemo] = [:]
-        if memory != nil && !replay { rebuilt.reserveCapacity(ports.count) }
+        if memory != nil && !replay { rebuilt.reserveCapacity(names.count) }
 
         var emit = Emitter()
-        for (name, svc) in ports {
+        for name in names {
+            guard let svc = state.servicePorts[name] else { continue }
             var isChanged = changed.map { $0.contains(name.service) } ?? true
             if replay && !isChanged {
                 if let memo = memory!.entries[name] {
@@ -209,7 +210,7 @@ public struct IPTablesCompiler: Sendable {
             stale = existingChains.subtracting(out.activeNATChains).sorted()
             if memory != nil {
                 memory!.entries = rebuilt
-                memory!.sortedNames = ports.map(\.0)
+                memory!.sortedNames = names
                 memory!.activeChains = out.activeNATChains
                 memory!.valid = true
             }
