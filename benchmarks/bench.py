@@ -337,8 +337,8 @@ def check_complete(results, plan, wanted, strict):
     target that completed no request, or a proxy that reported failed syncs."""
     problems = []
     seen = {}
-    for smp in results.samples:
-        seen.setdefault((smp["mode"], smp["S"], smp["E"], smp["mix"]), {})[(smp["scenario"], smp["metric"])] = smp["value"]
+    for (mode, s, e, mix, scenario, metric), stats in results.summary().items():
+        seen.setdefault((mode, s, e, mix), {})[(scenario, metric)] = stats
     for m in wanted:
         if m in results.skipped:
             if strict:
@@ -354,11 +354,13 @@ def check_complete(results, plan, wanted, strict):
             for key in REQUIRED:
                 if key not in got:
                     problems.append(f"{name}: no {key[0]} {key[1]}")
-            if got.get(("final", "sync_failures"), 0) > 0:
-                problems.append(f"{name}: the proxy reported {got[('final', 'sync_failures')]:.0f} failed syncs")
+            failures = got.get(("final", "sync_failures"))
+            if failures and failures["max"] > 0:
+                problems.append(f"{name}: the proxy reported {failures['max']:.0f} failed syncs")
             if c.datapath:
                 for t in DATAPATH:
-                    if not got.get((t, "rps"), 0) > 0:
+                    rps = got.get((t, "rps"))
+                    if not (rps and rps["min"] > 0):
                         problems.append(f"{name}: {t} completed no request")
     return problems
 
