@@ -87,13 +87,21 @@ public struct ProcessRunner: CommandRunner {
         }
     }
 
-    /// An unlinked read-write temporary file.
-    static func scratchFile() -> FileHandle? {
+    /// An unlinked read-write temporary file, or why none could be made (`mkstemp`'s errno,
+    /// e.g. EMFILE when the process is out of descriptors).
+    static func scratchFile() -> Result<FileHandle, ScratchFileError> {
         var template = Array("/tmp/sluice-io.XXXXXX".utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { return nil }
+        guard fd >= 0 else { return .failure(ScratchFileError(errno: errno)) }
         template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
-        return FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+        return .success(FileHandle(fileDescriptor: fd, closeOnDealloc: true))
+    }
+
+    /// A temporary file for a command's input or output could not be created.
+    struct ScratchFileError: Error, CustomStringConvertible {
+        /// `mkstemp`'s errno.
+        var errno: Int32
+        var description: String { "cannot create a temporary file in /tmp: \(String(cString: strerror(errno))) (errno \(errno))" }
     }
 
     /// Starts `process` with an empty signal mask, as a shell would. `posix_spawn` passes the
@@ -118,7 +126,11 @@ public struct ProcessRunner: CommandRunner {
         func failure(_ message: String) -> Result<CommandResult, CommandError> {
             .failure(CommandError(command: commandLine, status: nil, message: message))
         }
-        guard let out = scratchFile(), let err = scratchFile() else { return failure("cannot create a temporary file in /tmp") }
+        let out: FileHandle, err: FileHandle
+        switch (scratchFile(), scratchFile()) {
+        case (.success(let o), .success(let e)): (out, err) = (o, e)
+        case (.failure(let problem), _), (_, .failure(let problem)): return failure("\(problem)")
+        }
         // Closed explicitly: the Process object holding them may outlive this call (nothing runs
         // the launching thread's run loop again), so closing on dealloc would leak three
         // descriptors per command; past ~1360 open descriptors Foundation's Process.run can
@@ -136,7 +148,11 @@ public struct ProcessRunner: CommandRunner {
         process.standardOutput = out
         process.standardError = err
         if let input {
-            guard let file = scratchFile() else { return failure("cannot create a temporary file in /tmp") }
+            let file: FileHandle
+            switch scratchFile() {
+            case .success(let f): file = f
+            case .failure(let problem): return failure("\(problem)")
+            }
             inFile = file
             do {
                 try file.write(contentsOf: input)

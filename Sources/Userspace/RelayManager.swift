@@ -42,6 +42,9 @@ public actor RelayManager {
     private let group: any EventLoopGroup
     private let logger: Logger
     private var relays: [ServicePortName: Relay] = [:]
+    /// Listeners open now (relay ports and NodePort holds), and the most allowed at once.
+    private var openListeners = 0
+    private let listenerBudget: Int
     /// The relay ports, readable without awaiting the actor.
     private let portTable = Mutex<[ServicePortName: Int]>([:])
 
@@ -54,6 +57,7 @@ public actor RelayManager {
         self.config = config
         self.group = group
         self.logger = logger
+        self.listenerBudget = config.listenerBudget
     }
 
     /// Opens listeners for new service ports, applies new endpoints and affinity to existing
@@ -73,7 +77,7 @@ public actor RelayManager {
                 do {
                     let listener = try await listen(spec.proto, port: 0, state: state, reuseAddress: false)
                     guard let port = listener.localAddress?.port else {
-                        try? await listener.close()
+                        await close(listener)
                         out.listenerFailures[name] = "the listener has no local port"
                         continue
                     }
@@ -85,7 +89,7 @@ public actor RelayManager {
                 }
             }
             if relay.nodePort != spec.nodePort, let old = relay.nodePortChannel {
-                try? await old.close()
+                await close(old)
                 logger.info("\(name.service):\(name.port): released NodePort \(relay.nodePort)/\(spec.proto.lowercased)")
                 relay.nodePortChannel = nil
             }
@@ -112,9 +116,9 @@ public actor RelayManager {
             guard let relay = relays.removeValue(forKey: name) else { continue }
             _ = portTable.withLock { $0.removeValue(forKey: name) }
             for c in relay.state.closeAll() { c.close(promise: nil) }
-            try? await relay.listener.close()
+            await close(relay.listener)
             if let np = relay.nodePortChannel {
-                try? await np.close()
+                await close(np)
                 logger.info("\(name.service):\(name.port): released NodePort \(relay.nodePort)")
             }
             logger.info("\(name.service):\(name.port): closed relay port \(relay.port)")
@@ -153,13 +157,33 @@ public actor RelayManager {
     /// NodePorts currently held.
     public var heldNodePortCount: Int { relays.values.filter { $0.nodePortChannel != nil }.count }
 
+    /// Opens a listener, unless `listenerBudget` listeners are open already.
     private func listen(_ proto: TransportProtocol, port: Int, state: ServiceRelayState, reuseAddress: Bool) async throws -> any Channel {
+        guard openListeners < listenerBudget else { throw ListenerBudgetExhausted(budget: listenerBudget) }
+        let channel: any Channel
         switch proto {
         case .udp:
-            return try await UDPRelay.listen(host: config.listenAddress, port: port, service: state, group: group)
+            channel = try await UDPRelay.listen(host: config.listenAddress, port: port, service: state, group: group)
         default:
-            return try await TCPRelay.listen(host: config.listenAddress, port: port, service: state, group: group,
-                                             reuseAddress: reuseAddress)
+            channel = try await TCPRelay.listen(host: config.listenAddress, port: port, service: state, group: group,
+                                                reuseAddress: reuseAddress)
         }
+        openListeners += 1
+        return channel
+    }
+
+    private func close(_ listener: any Channel) async {
+        try? await listener.close()
+        openListeners -= 1
+    }
+}
+
+/// A listener was not opened: `budget` listeners are open already (`RelayConfig.maxListeners`,
+/// by default the open-file limit less a reserve).
+public struct ListenerBudgetExhausted: Error, CustomStringConvertible {
+    /// The most listeners allowed at once.
+    public var budget: Int
+    public var description: String {
+        "\(budget) listeners are open already, the most allowed (by default the open-file limit less up to \(RelayConfig.descriptorReserve) descriptors kept for connections and tools)"
     }
 }

@@ -3,6 +3,7 @@
 // the book of established relays by endpoint, so that an endpoint that goes away has its
 // relays closed while every other relay stays.
 
+import Glibc
 import Logging
 import NIOCore
 import SluiceCore
@@ -25,18 +26,38 @@ public struct RelayConfig: Sendable {
     public var backlog: Int
     /// Monotonic time for affinity (tests inject their own).
     public var now: @Sendable () -> Duration
+    /// At most this many listeners (relay ports and NodePort holds) are open at once; a service
+    /// port past it gets no listener and a logged failure instead of taking the descriptors
+    /// every other part of the proxy needs. nil: the soft open-file limit less
+    /// `descriptorReserve` (a quarter of it when the limit is under 4 096), read when the relay
+    /// manager is created.
+    public var maxListeners: Int?
+
+    /// Descriptors kept free of listeners by default: relayed connections, the iptables tools'
+    /// temporary files, the manifest source, the metrics and health servers.
+    public static let descriptorReserve = 1024
 
     /// Creates a configuration.
     public init(listenAddress: String = "0.0.0.0", udpIdleTimeout: Duration = .milliseconds(250),
                 connectTimeouts: [Duration] = [.milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2)],
-                maxConnectAttempts: Int = 4, backlog: Int = 1024,
+                maxConnectAttempts: Int = 4, backlog: Int = 1024, maxListeners: Int? = nil,
                 now: @escaping @Sendable () -> Duration = RelayConfig.monotonicNow) {
         self.listenAddress = listenAddress
         self.udpIdleTimeout = udpIdleTimeout
         self.connectTimeouts = connectTimeouts.isEmpty ? [.seconds(1)] : connectTimeouts
         self.maxConnectAttempts = max(1, maxConnectAttempts)
         self.backlog = backlog
+        self.maxListeners = maxListeners
         self.now = now
+    }
+
+    /// `maxListeners`, or the default from the process's soft open-file limit.
+    var listenerBudget: Int {
+        if let maxListeners { return max(0, maxListeners) }
+        var limit = rlimit()
+        guard getrlimit(RLIMIT_NOFILE_RESOURCE, &limit) == 0, limit.rlim_cur != rlim_t.max else { return Int.max }
+        let soft = Int(clamping: limit.rlim_cur)
+        return soft - min(RelayConfig.descriptorReserve, soft / 4)
     }
 
     private static let origin = ContinuousClock.now

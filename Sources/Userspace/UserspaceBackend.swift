@@ -17,7 +17,12 @@ public struct UserspaceError: Error, Sendable, CustomStringConvertible {
     /// What failed, one entry per service port or operation.
     public var failures: [String]
 
-    public var description: String { failures.joined(separator: "; ") }
+    /// The first five failures, and how many more there are (a node past its open-file limit
+    /// can have thousands).
+    public var description: String {
+        let shown = failures.prefix(5).joined(separator: "; ")
+        return failures.count > 5 ? "\(shown); and \(failures.count - 5) more" : shown
+    }
 }
 
 /// The userspace proxy mode for IPv4.
@@ -49,8 +54,8 @@ public actor UserspaceBackend: ProxyBackend {
     }
 
     /// The backend for a node: its first IPv4 node IP, the chosen iptables flavour, and relays
-    /// with `udpIdleTimeout`. Raises the open-file limit to its hard limit, as legacy
-    /// kube-proxy did (two descriptors per TCP relay).
+    /// with `udpIdleTimeout`. Raises the open-file limit to at least 64 000 where it may, as
+    /// legacy kube-proxy did (two listeners per service port, two descriptors per TCP relay).
     /// - Throws: `ConfigError` when the node has no IPv4 address.
     public static func create(node: NodeConfig, variant: IPTablesVariant, udpIdleTimeout: Duration,
                               runner: any CommandRunner, logger: Logger) throws -> UserspaceBackend {
@@ -129,19 +134,38 @@ public actor UserspaceBackend: ProxyBackend {
         logger.warning("\(message)")
     }
 
+    /// The open-file limit userspace mode wants at least: legacy kube-proxy set 64 000 for it.
+    /// Each service port holds two listeners (portal and NodePort) and each TCP relay two more.
+    static let wantedOpenFiles: rlim_t = 64_000
+
+    /// Raises the open-file limit: both limits to `wantedOpenFiles` when the hard limit is lower
+    /// and the process may raise it (root), otherwise the soft limit to the hard one.
     private static func raiseOpenFileLimit(logger: Logger) {
         var limit = rlimit()
-        guard getrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        guard getrlimit(RLIMIT_NOFILE_RESOURCE, &limit) == 0 else { return }
         let before = limit.rlim_cur
+        if limit.rlim_max != rlim_t.max, // RLIM_INFINITY
+           limit.rlim_max < wantedOpenFiles {
+            var wanted = rlimit(rlim_cur: wantedOpenFiles, rlim_max: wantedOpenFiles)
+            if setrlimit(RLIMIT_NOFILE_RESOURCE, &wanted) == 0 {
+                logger.debug("raised the open-file limit from \(before) to \(wantedOpenFiles)")
+                return
+            }
+            let reason = String(cString: strerror(errno))
+            let hard = Int(clamping: limit.rlim_max)
+            let listeners = hard - min(RelayConfig.descriptorReserve, hard / 4)
+            logger.warning("cannot raise the hard open-file limit from \(hard) to \(wantedOpenFiles) (\(reason)); at most \(listeners) relay listeners (one per service port, one more per NodePort) can be open")
+        }
+        guard limit.rlim_cur < limit.rlim_max else { return }
         limit.rlim_cur = limit.rlim_max
-        if setrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0 {
+        if setrlimit(RLIMIT_NOFILE_RESOURCE, &limit) == 0 {
             logger.debug("raised the open-file limit from \(before) to \(limit.rlim_max)")
         }
     }
 }
 
 #if canImport(Glibc)
-private let RLIMIT_NOFILE_VALUE = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+let RLIMIT_NOFILE_RESOURCE = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
 #else
-private let RLIMIT_NOFILE_VALUE = RLIMIT_NOFILE
+let RLIMIT_NOFILE_RESOURCE = RLIMIT_NOFILE
 #endif

@@ -45,6 +45,28 @@ struct RelayTests {
         await a.close(); await b.close()
     }
 
+    @Test("Past the listener budget a service port gets a failure, not a listener; a retired one frees its place")
+    func listenerBudget() async throws {
+        let a = try await namedServer("A")
+        let relays = RelayManager(config: testConfig(maxListeners: 2), logger: testLogger)
+        let names = ["b1", "b2", "b3"].map { spn($0) }
+        var specs: [ServicePortName: RelaySpec] = [:]
+        for n in names { specs[n] = RelaySpec(name: n, proto: .tcp, endpoints: [endpoint(a.port)]) }
+        let first = await relays.prepare(specs)
+        // Sorted order: b1 and b2 get the two listeners, b3 the failure.
+        #expect(Set(first.ports.keys) == Set(names[0..<2]))
+        let why = try #require(first.listenerFailures[names[2]])
+        #expect(why.contains("2 listeners are open already"), "\(why)")
+        #expect(try await askName(try #require(first.ports[names[0]])) == "A")
+        // b1 goes away: its listener closes and b3 can have the place.
+        await relays.retire(keeping: [names[1]])
+        let second = await relays.prepare([names[1]: specs[names[1]]!, names[2]: specs[names[2]]!])
+        #expect(second.listenerFailures.isEmpty)
+        #expect(try await askName(try #require(second.ports[names[2]])) == "A")
+        await relays.closeAll()
+        await a.close()
+    }
+
     @Test("TCP: a refused connection is retried on the next backend; every request is answered")
     func tcpRetriesTheNextBackend() async throws {
         let live = try await namedServer("LIVE")

@@ -39,11 +39,11 @@ final class TestTime: Sendable {
 /// Relay settings for tests: loopback only. The UDP idle timeout is long by default: a flow
 /// closes that long after its last datagram, and a loaded test machine can be slower than
 /// the production 250 ms between a request and its reply.
-func testConfig(udpIdle: Duration = .seconds(10), time: TestTime? = nil) -> RelayConfig {
+func testConfig(udpIdle: Duration = .seconds(10), time: TestTime? = nil, maxListeners: Int? = nil) -> RelayConfig {
     let t = time
     return RelayConfig(listenAddress: "127.0.0.1", udpIdleTimeout: udpIdle,
                        connectTimeouts: [.milliseconds(500), .seconds(1)], maxConnectAttempts: 4, backlog: 1024,
-                       now: { t?.now ?? RelayConfig.monotonicNow() })
+                       maxListeners: maxListeners, now: { t?.now ?? RelayConfig.monotonicNow() })
 }
 
 // MARK: - backends
