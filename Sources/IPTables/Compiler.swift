@@ -160,18 +160,17 @@ public struct IPTablesCompiler: Sendable {
         // The fast path: replay unchanged service ports from the memory.
         let replay = changed != nil && memory?.valid == true
         var staleCandidates: [String] = []
-        let names: [ServicePortName]
+        let ports: [(ServicePortName, ServicePortInfo)]
         if replay {
-            names = memory!.updateSortedNames(for: state, staleChains: &staleCandidates)
+            ports = memory!.updateSortedNames(for: state, staleChains: &staleCandidates)
         } else {
-            names = state.sortedNames
+            ports = state.sortedNames.compactMap { name in state.servicePorts[name].map { (name, $0) } }
         }
         var rebuilt: [ServicePortName: ServicePortMemo] = [:]
-        if memory != nil && !replay { rebuilt.reserveCapacity(names.count) }
+        if memory != nil && !replay { rebuilt.reserveCapacity(ports.count) }
 
         var emit = Emitter()
-        for name in names {
-            guard let svc = state.servicePorts[name] else { continue }
+        for (name, svc) in ports {
             var isChanged = changed.map { $0.contains(name.service) } ?? true
             if replay && !isChanged {
                 if let memo = memory!.entries[name] {
@@ -210,7 +209,7 @@ public struct IPTablesCompiler: Sendable {
             stale = existingChains.subtracting(out.activeNATChains).sorted()
             if memory != nil {
                 memory!.entries = rebuilt
-                memory!.sortedNames = names
+                memory!.sortedNames = ports.map(\.0)
                 memory!.activeChains = out.activeNATChains
                 memory!.valid = true
             }

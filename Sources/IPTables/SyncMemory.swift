@@ -23,19 +23,31 @@ struct ChainNameMemo: Sendable {
     }
 }
 
-/// What one service port contributed to the last compile.
-struct ServicePortMemo: Sendable {
-    var names: ChainNameMemo
+/// What one service port contributed to the last compile. A class, so that replaying it
+/// costs one retain.
+final class ServicePortMemo: Sendable {
+    let names: ChainNameMemo
     /// Its per-service nat chains.
-    var chains: [String]
+    let chains: [String]
     /// Its filter rules (all in top-level chains), in order.
-    var filterLines: [String]
+    let filterLines: [String]
     /// Its KUBE-SERVICES and KUBE-NODEPORTS nat rules, in order.
-    var topNATLines: [String]
+    let topNATLines: [String]
     /// Rules in its own chains (for the total-rules metric).
-    var chainRules: Int
-    var noLocalInternal: Bool
-    var noLocalExternal: Bool
+    let chainRules: Int
+    let noLocalInternal: Bool
+    let noLocalExternal: Bool
+
+    init(names: ChainNameMemo, chains: [String], filterLines: [String], topNATLines: [String], chainRules: Int,
+         noLocalInternal: Bool, noLocalExternal: Bool) {
+        self.names = names
+        self.chains = chains
+        self.filterLines = filterLines
+        self.topNATLines = topNATLines
+        self.chainRules = chainRules
+        self.noLocalInternal = noLocalInternal
+        self.noLocalExternal = noLocalExternal
+    }
 }
 
 /// What `IPTablesCompiler.compile(_:kind:existingChains:memory:)` keeps between compiles: every
@@ -81,33 +93,38 @@ public struct IPTablesCompileMemory: Sendable {
 
     /// Brings `sortedNames` to `state`'s service ports: drops the removed ones (their chains
     /// become stale candidates and leave the active set) and inserts the new ones in order.
-    mutating func updateSortedNames(for state: ProxyState, staleChains: inout [String]) -> [ServicePortName] {
-        var kept: [ServicePortName] = []
+    /// - Returns: the service ports in order, with their info.
+    mutating func updateSortedNames(for state: ProxyState, staleChains: inout [String]) -> [(ServicePortName, ServicePortInfo)] {
+        var kept: [(ServicePortName, ServicePortInfo)] = []
         kept.reserveCapacity(state.servicePorts.count + 1)
+        var removed = false
         for name in sortedNames {
-            if state.servicePorts[name] != nil {
-                kept.append(name)
+            if let info = state.servicePorts[name] {
+                kept.append((name, info))
             } else if let old = entries.removeValue(forKey: name) {
+                removed = true
                 for c in old.chains where activeChains.remove(c) != nil { staleChains.append(c) }
             }
         }
         if kept.count != state.servicePorts.count {
-            let known = Set(kept)
-            let added = state.servicePorts.keys.filter { !known.contains($0) }.sorted()
+            let known = Set(kept.map(\.0))
+            let added = state.servicePorts.filter { !known.contains($0.key) }.map { ($0.key, $0.value) }.sorted { $0.0 < $1.0 }
             if added.count > 64 {
-                kept = (kept + added).sorted()
+                kept = (kept + added).sorted { $0.0 < $1.0 }
             } else {
-                for name in added {
+                for item in added {
                     var lo = 0, hi = kept.count
                     while lo < hi {
                         let mid = (lo + hi) / 2
-                        if kept[mid] < name { lo = mid + 1 } else { hi = mid }
+                        if kept[mid].0 < item.0 { lo = mid + 1 } else { hi = mid }
                     }
-                    kept.insert(name, at: lo)
+                    kept.insert(item, at: lo)
                 }
             }
+            sortedNames = kept.map(\.0)
+        } else if removed {
+            sortedNames = kept.map(\.0)
         }
-        sortedNames = kept
         return kept
     }
 }
@@ -150,21 +167,27 @@ extension CompiledRules {
     /// top-level chain (KUBE-SERVICES alone is one rule per service port): see DESIGN.md,
     /// "Performance facts measured here". With the nft back end a restore costs what it writes,
     /// so an endpoint change at 10 000 services costs about a tenth as much without them.
-    /// - Returns: the batch and the `table/chain` names left out.
-    public func omittingUnchangedTopLevelChains(_ applied: TopLevelRules) -> (CompiledRules, omitted: [String]) {
+    /// - Returns: the batch, the `table/chain` names left out, and `topLevelRules()` of `self`
+    ///   (what the top-level chains hold once the batch is applied).
+    public func omittingUnchangedTopLevelChains(_ applied: TopLevelRules)
+        -> (CompiledRules, omitted: [String], topLevel: TopLevelRules) {
         var out = self
         var omitted: [String] = []
+        var topLevel = TopLevelRules()
         for table in [Table.filter, .nat] {
             let batch = table == .filter ? filter : nat
             let names = TopLevelRules.names[table] ?? []
             let split = TopLevelSplit(batch, names: names)
             var drop = [Bool](repeating: false, count: names.count)
+            var chains: [String: [String]] = [:]
             for (i, name) in names.enumerated() where split.declared[i] {
+                chains[name] = split.rules[i]
                 if let before = applied.chains[table]?[name], before == split.rules[i] {
                     drop[i] = true
                     omitted.append("\(table.rawValue)/\(name)")
                 }
             }
+            topLevel.chains[table] = chains
             guard drop.contains(true) else { continue }
             var kept = TableBatch()
             kept.chains.reserveCapacity(batch.chains.count)
@@ -173,7 +196,7 @@ extension CompiledRules {
             for (line, tag) in zip(batch.rules, split.ruleTags) where tag < 0 || !drop[tag] { kept.rules.append(line) }
             if table == .filter { out.filter = kept } else { out.nat = kept }
         }
-        return (out, omitted)
+        return (out, omitted, topLevel)
     }
 }
 

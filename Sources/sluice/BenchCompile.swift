@@ -151,8 +151,7 @@ struct BenchCompile: AsyncParsableCommand {
                 var m = memory.independentCopy()
                 let c0 = clock.now
                 let all = compiler.compile(state, kind: kind, existingChains: known, memory: &m)
-                let topLevel = all.topLevelRules()
-                let compiled = full ? all : all.omittingUnchangedTopLevelChains(appliedTopLevel).0
+                let (compiled, _, topLevel) = all.omittingUnchangedTopLevelChains(full ? TopLevelRules() : appliedTopLevel)
                 let c1 = clock.now
                 text = compiled.restoreText
                 last = compiled

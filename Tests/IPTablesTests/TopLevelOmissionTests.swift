@@ -244,18 +244,19 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         let state = try Fixtures.state([svcA, sliceA].joined(separator: "\n---\n"))
         let compiled = IPTablesCompiler(options: Fixtures.kubeProxyTestOptions).compile(state)
         // Nothing applied yet: nothing left out.
-        let (same, none) = compiled.omittingUnchangedTopLevelChains(TopLevelRules())
+        let (same, none, top) = compiled.omittingUnchangedTopLevelChains(TopLevelRules())
         #expect(none.isEmpty && same.restoreText == compiled.restoreText)
+        #expect(top == compiled.topLevelRules())
         // Everything applied: every top-level chain left out, the service chains kept.
         let applied = compiled.topLevelRules()
-        let (rest, omitted) = compiled.omittingUnchangedTopLevelChains(applied)
+        let (rest, omitted, _) = compiled.omittingUnchangedTopLevelChains(applied)
         #expect(Set(omitted) == Set(Chain.natTopLevel.map { "nat/" + $0 } + (Chain.filterTopLevel + [Chain.kubeletFirewall]).map { "filter/" + $0 }))
         #expect(try declared(rest.restoreText, "filter") == nil)
         #expect(try declared(rest.restoreText, "nat")?.allSatisfy { Chain.isServiceChain($0) } == true)
         // One rule different: that chain alone is written.
         var changed = applied
         changed.chains[.nat]?["KUBE-NODEPORTS"]?.append("-A KUBE-NODEPORTS -j RETURN")
-        let (one, omittedOne) = compiled.omittingUnchangedTopLevelChains(changed)
+        let (one, omittedOne, _) = compiled.omittingUnchangedTopLevelChains(changed)
         #expect(omittedOne.count == omitted.count - 1)
         #expect(try declared(one.restoreText, "nat")?.contains("KUBE-NODEPORTS") == true)
     }
