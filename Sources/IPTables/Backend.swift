@@ -73,8 +73,15 @@ public actor IPTablesBackend: ProxyBackend {
     private let logger: Logger
     /// The compiler options in force (random-fully and be_liberal resolved at start-up).
     public let options: IPTablesOptions
-    /// Per-service nat chains the last successful restore left in the kernel.
-    private var knownChains: Set<String> = []
+    /// Chain names and every service port's top-level rules and chains from the last compile,
+    /// so that a partial compile works only through the changed Services. Invalidated when a
+    /// batch is not applied.
+    private var memory = IPTablesCompileMemory()
+    /// The top-level chains as the last successful restore left them (empty after a failure or
+    /// a cleanup): a partial sync leaves out those it would write unchanged.
+    private var appliedTopLevel = TopLevelRules()
+    /// A restore failed: the next sync is full whatever the caller asks.
+    private var fullSyncNeeded = false
     /// The last batch applied, for `sluice` debugging and tests.
     public private(set) var lastRestore: String = ""
 
@@ -121,39 +128,73 @@ public actor IPTablesBackend: ProxyBackend {
     }
 
     /// Compiles and applies `state`.
-    public func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
-        let existing: Set<String>
+    ///
+    /// A partial sync writes the chains of `state.changedServices`, deletes their stale chains,
+    /// and writes a top-level chain (KUBE-SERVICES, KUBE-NODEPORTS, ...) only when its rules
+    /// differ from what the last successful restore wrote to it: with `--noflush` a `:CHAIN`
+    /// line flushes the chain, so an unchanged one is left out entirely. kube-proxy always
+    /// rewrites them; leaving them out is DESIGN.md's decision ("Performance facts measured
+    /// here": at 10 000 services that is 88 ms instead of 969 ms per change with nft). A full
+    /// sync writes everything and refreshes what is remembered. When a restore fails, the
+    /// memory is dropped and the next sync is full, even when asked for a partial one.
+    public func sync(_ state: ProxyState, full requested: Bool) async throws -> SyncReport {
+        let full = requested || fullSyncNeeded || !memory.isValid
+        var existing: Set<String> = []
         if full {
             try await ensureBaseRules()
             existing = try await chainsIn(.nat)
-        } else {
-            existing = knownChains
         }
         let compiler = IPTablesCompiler(options: options)
-        let compiled = compiler.compile(state, kind: full ? .full : .partial(changed: state.changedServices), existingChains: existing)
-        let text = compiled.restoreText
-        do {
-            _ = try await runner.check(tools.restore, ["-w", "5", "-W", "100000", "--noflush", "--counters"], input: text)
-        } catch {
-            throw IPTablesError(operation: full ? "full restore" : "partial restore", underlying: error)
+        var state = state
+        if full && !requested { state.changedServices.formUnion(state.servicePorts.keys.map(\.service)) }
+        let compiled = compiler.compile(state, kind: full ? .full : .partial(changed: state.changedServices),
+                                        existingChains: existing, memory: &memory)
+        // A full batch is written whole; `TopLevelRules()` leaves nothing out.
+        let (batch, _, topLevel) = compiled.omittingUnchangedTopLevelChains(full ? TopLevelRules() : appliedTopLevel)
+        let text = batch.restoreText
+        if !text.isEmpty {
+            do {
+                _ = try await runner.check(tools.restore, ["-w", "5", "-W", "100000", "--noflush", "--counters"], input: text)
+            } catch {
+                memory.invalidate()
+                appliedTopLevel = TopLevelRules()
+                fullSyncNeeded = true
+                throw IPTablesError(operation: full ? "full restore" : "partial restore", underlying: error)
+            }
         }
-        knownChains = compiled.activeNATChains
+        appliedTopLevel = topLevel
+        fullSyncNeeded = false
         lastRestore = text
         if !compiled.deletedChains.isEmpty {
             logger.debug("deleted \(compiled.deletedChains.count) stale chains")
         }
         return SyncReport(
             full: full,
-            written: ["filter": compiled.writtenRules(.filter), "nat": compiled.writtenRules(.nat)],
+            written: ["filter": batch.writtenRules(.filter), "nat": batch.writtenRules(.nat)],
             total: ["filter": compiled.totalRules[.filter] ?? 0, "nat": compiled.totalRules[.nat] ?? 0],
             bytes: text.utf8.count)
     }
 
     /// True when a canary chain is gone (someone flushed our tables).
+    ///
+    /// The three `iptables -S KUBE-PROXY-CANARY` checks run concurrently: each reads one
+    /// chain, not the table, so at 10 000 Services they take about 2.9 ms one after another
+    /// and 2.0 ms together (iptables-nft 1.8.9), against ~40 ms for the partial restore.
     public func externalChangeDetected() async -> Bool {
-        for table in [Table.mangle, .nat, .filter] {
-            let r = await runner.run(tools.iptables, ["-w", "5", "-t", table.rawValue, "-S", Chain.canary], input: nil)
-            if case .success(let res) = r, res.status == 0 { continue }
+        let runner = self.runner, iptables = tools.iptables
+        let present = await withTaskGroup(of: (Table, Bool).self) { group in
+            for table in [Table.mangle, .nat, .filter] {
+                group.addTask {
+                    let r = await runner.run(iptables, ["-w", "5", "-t", table.rawValue, "-S", Chain.canary], input: nil)
+                    if case .success(let res) = r, res.status == 0 { return (table, true) }
+                    return (table, false)
+                }
+            }
+            var out: [Table: Bool] = [:]
+            for await (table, ok) in group { out[table] = ok }
+            return out
+        }
+        for table in [Table.mangle, .nat, .filter] where present[table] != true {
             logger.warning("canary chain \(Chain.canary) missing from the \(table.rawValue) table: rules were flushed, resyncing fully")
             return true
         }
@@ -227,7 +268,9 @@ public actor IPTablesBackend: ProxyBackend {
             }
             logger.info("removed \(doomed.count) chains from the \(table.rawValue) table")
         }
-        knownChains = []
+        memory = IPTablesCompileMemory()
+        appliedTopLevel = TopLevelRules()
+        fullSyncNeeded = true
     }
 }
 

@@ -56,15 +56,17 @@ public struct CompiledRules: Sendable {
     /// Per-service chains the batch deletes.
     public var deletedChains: [String] = []
 
-    /// The iptables-restore input: filter then nat, each closed by COMMIT.
+    /// The iptables-restore input: filter then nat, each closed by COMMIT. A table with
+    /// nothing to write (possible only in a partial sync whose top-level chains were left
+    /// out) is left out; with nothing at all to write the text is empty.
     public var restoreText: String {
-        var out = "*filter\n"
-        for line in filter.chains { out += line; out += "\n" }
-        for line in filter.rules { out += line; out += "\n" }
-        out += "COMMIT\n*nat\n"
-        for line in nat.chains { out += line; out += "\n" }
-        for line in nat.rules { out += line; out += "\n" }
-        out += "COMMIT\n"
+        var out = ""
+        for (name, batch) in [("filter", filter), ("nat", nat)] where !(batch.chains.isEmpty && batch.rules.isEmpty) {
+            out += "*\(name)\n"
+            for line in batch.chains { out += line; out += "\n" }
+            for line in batch.rules { out += line; out += "\n" }
+            out += "COMMIT\n"
+        }
         return out
     }
 
@@ -78,7 +80,8 @@ public struct CompiledRules: Sendable {
 public enum SyncKind: Sendable, Hashable {
     /// Every chain is written.
     case full
-    /// Only the chains of these Services are written (plus the top-level chains).
+    /// Only the chains of these Services are written, plus the top-level chains (which the
+    /// iptables backend then leaves out when they equal what the last restore wrote).
     case partial(changed: Set<NamespacedName>)
 }
 
@@ -97,10 +100,38 @@ public struct IPTablesCompiler: Sendable {
     /// - Parameters:
     ///   - state: the model snapshot.
     ///   - kind: full or partial.
-    ///   - staleChains: per-service nat chains present in the kernel (or written before) that
-    ///     are not in the new state; they are flushed and deleted in the same batch.
+    ///   - existingChains: per-service nat chains present in the kernel (or written before); those
+    ///     not in the new state are flushed and deleted in the same batch.
     /// - Returns: the batch and its metadata.
     public func compile(_ state: ProxyState, kind: SyncKind = .full, existingChains: Set<String> = []) -> CompiledRules {
+        var none: IPTablesCompileMemory?
+        return compile(state, kind: kind, existingChains: existingChains, memoryIfAny: &none)
+    }
+
+    /// Compiles `state`, reusing and then updating `memory` (what the previous compile with this
+    /// memory found about every service port). The text is the same as without the memory.
+    ///
+    /// A full compile (or any compile with an invalid memory) works through every service port
+    /// and rebuilds the memory; it only saves the chain-name hashing. A partial compile with a
+    /// valid memory works only through the service ports of `changed` Services: every other
+    /// port's top-level rules, chains and rule counts are replayed from the memory, so its cost
+    /// is the changed Services plus a string copy per service port. Stale chains are then
+    /// the changed Services' previous chains that are no longer used, and `existingChains` is
+    /// not consulted. The caller must only pass a partial `kind` whose `changed` set covers
+    /// every Service that differs from the state the memory was built from, and must
+    /// `invalidate()` the memory when the batch was not applied.
+    public func compile(_ state: ProxyState, kind: SyncKind, existingChains: Set<String> = [],
+                        memory: inout IPTablesCompileMemory) -> CompiledRules {
+        var taken: IPTablesCompileMemory? = memory
+        memory = IPTablesCompileMemory()  // leaves `taken` the only owner, so updating it copies nothing
+        let out = compile(state, kind: kind, existingChains: existingChains, memoryIfAny: &taken)
+        memory = taken ?? IPTablesCompileMemory()
+        return out
+    }
+
+    // swiftlint:disable:next function_body_length cyclomatic_complexity
+    private func compile(_ state: ProxyState, kind: SyncKind, existingChains: Set<String>,
+                         memoryIfAny memory: inout IPTablesCompileMemory?) -> CompiledRules {
         var out = CompiledRules()
         var filterRules = LineBuffer()
         var natChains = LineBuffer()
@@ -124,21 +155,66 @@ public struct IPTablesCompiler: Sendable {
         let totalEndpoints = state.totalEndpoints
         out.largeClusterMode = totalEndpoints > largeClusterEndpointsThreshold
 
+        var changed: Set<NamespacedName>?
+        if case .partial(let c) = kind { changed = c }
+        // The fast path: replay unchanged service ports from the memory.
+        let replay = changed != nil && memory?.valid == true
+        var staleCandidates: [String] = []
+        let ports: [(ServicePortName, ServicePortInfo)]
+        if replay {
+            ports = memory!.updateSortedNames(for: state, staleChains: &staleCandidates)
+        } else {
+            ports = state.sortedNames.compactMap { name in state.servicePorts[name].map { (name, $0) } }
+        }
+        var rebuilt: [ServicePortName: ServicePortMemo] = [:]
+        if memory != nil && !replay { rebuilt.reserveCapacity(ports.count) }
+
         var emit = Emitter()
-        for name in state.sortedNames {
-            guard let svc = state.servicePorts[name] else { continue }
-            switch kind {
-            case .full: emit.skipping = false
-            case .partial(let changed): emit.skipping = !changed.contains(name.service)
+        for (name, svc) in ports {
+            var isChanged = changed.map { $0.contains(name.service) } ?? true
+            if replay && !isChanged {
+                if let memo = memory!.entries[name] {
+                    emit.replay(memo)
+                    if memo.noLocalInternal { out.noLocalEndpoints["internal", default: 0] += 1 }
+                    if memo.noLocalExternal { out.noLocalEndpoints["external", default: 0] += 1 }
+                    continue
+                }
+                isChanged = true  // new to the memory though not reported changed: write its chains
             }
-            writeServicePort(svc, state: state, largeCluster: out.largeClusterMode, emit: &emit, out: &out)
+            emit.skipping = !isChanged
+            var chainNames = memory?.entries[name]?.names ?? ChainNameMemo(name)
+            let memo = writeServicePort(svc, state: state, largeCluster: out.largeClusterMode, names: &chainNames,
+                                        emit: &emit, out: &out)
+            if replay {
+                if let old = memory!.entries[name] {
+                    for c in old.chains where memory!.activeChains.remove(c) != nil { staleCandidates.append(c) }
+                }
+                memory!.activeChains.formUnion(memo.chains)
+                memory!.entries[name] = memo
+            } else {
+                out.activeNATChains.formUnion(memo.chains)
+                if memory != nil { rebuilt[name] = memo }
+            }
         }
         filterRules.append(emit.filterRules)
         natChains.append(emit.natChains)
         natRules.append(emit.natRules)
 
         // Stale per-service chains: flush (chain line) and delete.
-        for chain in existingChains.subtracting(out.activeNATChains).sorted() where Chain.isServiceChain(chain) {
+        let stale: [String]
+        if replay {
+            out.activeNATChains = memory!.activeChains
+            stale = Set(staleCandidates).filter { !out.activeNATChains.contains($0) }.sorted()
+        } else {
+            stale = existingChains.subtracting(out.activeNATChains).sorted()
+            if memory != nil {
+                memory!.entries = rebuilt
+                memory!.sortedNames = ports.map(\.0)
+                memory!.activeChains = out.activeNATChains
+                memory!.valid = true
+            }
+        }
+        for chain in stale where Chain.isServiceChain(chain) {
             natChains.write(":\(chain) - [0:0]")
             natRules.write("-X \(chain)")
             out.deletedChains.append(chain)
@@ -177,11 +253,22 @@ public struct IPTablesCompiler: Sendable {
     }
 
     // swiftlint:disable:next function_body_length
-    private func writeServicePort(_ svc: ServicePortInfo, state: ProxyState, largeCluster: Bool,
-                                  emit: inout Emitter, out: inout CompiledRules) {
+    /// Writes one service port's lines and returns what the memory keeps about it.
+    private func writeServicePort(_ svc: ServicePortInfo, state: ProxyState, largeCluster: Bool, names: inout ChainNameMemo,
+                                  emit: inout Emitter, out: inout CompiledRules) -> ServicePortMemo {
+        emit.begin()
         let proto = svc.proto.lowercased
         let spn = svc.name.description
-        let hash = ChainHash.servicePort(svc.name)
+        let hash = names.service
+        var usedSEPs: [String: String] = [:]
+        func sepName(_ ep: EndpointInfo) -> String {
+            let key = ep.description
+            if let n = usedSEPs[key] { return n }
+            let n = names.endpoints[key] ?? "KUBE-SEP-" + ChainHash.endpoint(svc.name, key)
+            usedSEPs[key] = n
+            return n
+        }
+        defer { names.endpoints = usedSEPs }
         let clusterPolicyChain = "KUBE-SVC-" + hash
         let localPolicyChain = "KUBE-SVL-" + hash
         let externalTrafficChain = "KUBE-EXT-" + hash
@@ -221,11 +308,13 @@ public struct IPTablesCompiler: Sendable {
                 internalFilterTarget = "DROP"
                 internalFilterComment = "\"\(spn) has no local endpoints\""
                 out.noLocalEndpoints["internal", default: 0] += 1
+                emit.noLocalInternal = true
             }
             if !hasExternalEndpoints {
                 externalFilterTarget = "DROP"
                 externalFilterComment = "\"\(spn) has no local endpoints\""
                 out.noLocalEndpoints["external", default: 0] += 1
+                emit.noLocalExternal = true
             }
         }
 
@@ -234,45 +323,45 @@ public struct IPTablesCompiler: Sendable {
 
         // Cluster IP.
         if hasInternalEndpoints {
-            emit.natRules.write("-A \(Chain.services) -m comment --comment \"\(spn) cluster IP\" \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalTrafficChain)")
+            emit.top("-A \(Chain.services) -m comment --comment \"\(spn) cluster IP\" \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalTrafficChain)")
         } else {
-            emit.filterRules.write("-A \(Chain.services) -m comment --comment \(internalFilterComment) \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalFilterTarget)")
+            emit.filter("-A \(Chain.services) -m comment --comment \(internalFilterComment) \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalFilterTarget)")
         }
         // External IPs.
         for ip in svc.externalIPs {
             if hasEndpoints {
-                emit.natRules.write("-A \(Chain.services) -m comment --comment \"\(spn) external IP\" \(match) -d \(ip) --dport \(port) -j \(externalTrafficChain)")
+                emit.top("-A \(Chain.services) -m comment --comment \"\(spn) external IP\" \(match) -d \(ip) --dport \(port) -j \(externalTrafficChain)")
             }
             if !hasExternalEndpoints {
-                emit.filterRules.write("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) \(match) -d \(ip) --dport \(port) -j \(externalFilterTarget)")
+                emit.filter("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) \(match) -d \(ip) --dport \(port) -j \(externalFilterTarget)")
             }
         }
         // Load-balancer IPs.
         for ip in svc.loadBalancerVIPs {
             if hasEndpoints {
-                emit.natRules.write("-A \(Chain.services) -m comment --comment \"\(spn) loadbalancer IP\" \(match) -d \(ip) --dport \(port) -j \(loadBalancerTrafficChain)")
+                emit.top("-A \(Chain.services) -m comment --comment \"\(spn) loadbalancer IP\" \(match) -d \(ip) --dport \(port) -j \(loadBalancerTrafficChain)")
             }
             if usesFWChain {
-                emit.filterRules.write("-A \(Chain.proxyFirewall) -m comment --comment \"\(spn) traffic not accepted by \(fwChain)\" \(match) -d \(ip) --dport \(port) -j DROP")
+                emit.filter("-A \(Chain.proxyFirewall) -m comment --comment \"\(spn) traffic not accepted by \(fwChain)\" \(match) -d \(ip) --dport \(port) -j DROP")
             }
         }
         if !hasExternalEndpoints {
             for ip in svc.loadBalancerVIPs {
-                emit.filterRules.write("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) \(match) -d \(ip) --dport \(port) -j \(externalFilterTarget)")
+                emit.filter("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) \(match) -d \(ip) --dport \(port) -j \(externalFilterTarget)")
             }
         }
         // Node ports.
         if svc.nodePort != 0 {
             if hasEndpoints {
-                emit.natRules.write("-A \(Chain.nodePorts) -m comment --comment \(spn) \(match) --dport \(svc.nodePort) -j \(externalTrafficChain)")
+                emit.top("-A \(Chain.nodePorts) -m comment --comment \(spn) \(match) --dport \(svc.nodePort) -j \(externalTrafficChain)")
             }
             if !hasExternalEndpoints {
-                emit.filterRules.write("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) -m addrtype --dst-type LOCAL \(match) --dport \(svc.nodePort) -j \(externalFilterTarget)")
+                emit.filter("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) -m addrtype --dst-type LOCAL \(match) --dport \(svc.nodePort) -j \(externalFilterTarget)")
             }
         }
         // Health-check node port.
         if svc.healthCheckNodePort != 0 {
-            emit.filterRules.write("-A \(Chain.nodePorts) -m comment --comment \"\(spn) health check node port\" -m tcp -p tcp --dport \(svc.healthCheckNodePort) -j ACCEPT")
+            emit.filter("-A \(Chain.nodePorts) -m comment --comment \"\(spn) health check node port\" -m tcp -p tcp --dport \(svc.healthCheckNodePort) -j ACCEPT")
         }
 
         // Internal traffic masquerade.
@@ -288,7 +377,7 @@ public struct IPTablesCompiler: Sendable {
         // External traffic.
         if usesExternalTrafficChain {
             emit.chain(":\(externalTrafficChain) - [0:0]")
-            out.activeNATChains.insert(externalTrafficChain)
+            emit.uses(externalTrafficChain)
             if !svc.externalPolicyLocal {
                 emit.rule("-A \(externalTrafficChain) -m comment --comment \"masquerade traffic for \(spn) external destinations\" -j \(Chain.markMasq)")
             } else {
@@ -306,7 +395,7 @@ public struct IPTablesCompiler: Sendable {
         // Firewall chain for loadBalancerSourceRanges.
         if usesFWChain {
             emit.chain(":\(fwChain) - [0:0]")
-            out.activeNATChains.insert(fwChain)
+            emit.uses(fwChain)
             let head = "-A \(fwChain) -m comment --comment \"\(spn) loadbalancer IP\""
             var allowFromNode = false
             let nodeIP = options.node.nodeIPs.first { $0.family == options.family }
@@ -324,33 +413,36 @@ public struct IPTablesCompiler: Sendable {
 
         if usesClusterPolicyChain {
             emit.chain(":\(clusterPolicyChain) - [0:0]")
-            out.activeNATChains.insert(clusterPolicyChain)
-            writeServiceToEndpointRules(svc, chain: clusterPolicyChain, endpoints: cat.cluster, largeCluster: largeCluster, emit: &emit)
+            emit.uses(clusterPolicyChain)
+            writeServiceToEndpointRules(svc, chain: clusterPolicyChain, endpoints: cat.cluster, largeCluster: largeCluster,
+                                        sepName: sepName, emit: &emit)
         }
         if usesLocalPolicyChain {
             emit.chain(":\(localPolicyChain) - [0:0]")
-            out.activeNATChains.insert(localPolicyChain)
-            writeServiceToEndpointRules(svc, chain: localPolicyChain, endpoints: cat.local, largeCluster: largeCluster, emit: &emit)
+            emit.uses(localPolicyChain)
+            writeServiceToEndpointRules(svc, chain: localPolicyChain, endpoints: cat.local, largeCluster: largeCluster,
+                                        sepName: sepName, emit: &emit)
         }
 
         for ep in cat.allReachable {
-            let sep = "KUBE-SEP-" + ChainHash.endpoint(svc.name, ep.description)
+            let sep = sepName(ep)
             emit.chain(":\(sep) - [0:0]")
-            out.activeNATChains.insert(sep)
+            emit.uses(sep)
             let head = largeCluster ? "-A \(sep)" : "-A \(sep) -m comment --comment \(spn)"
             emit.rule("\(head) -s \(ep.ip) -j \(Chain.markMasq)")
             let recent = svc.stickyTimeoutSeconds != nil ? " -m recent --name \(sep) --set" : ""
             emit.rule("\(head)\(recent) \(match) -j DNAT --to-destination \(ep.description)")
         }
+        return emit.end(names: ChainNameMemo(service: hash, endpoints: usedSEPs))
     }
 
     private func writeServiceToEndpointRules(_ svc: ServicePortInfo, chain: String, endpoints: [EndpointInfo],
-                                             largeCluster: Bool, emit: inout Emitter) {
+                                             largeCluster: Bool, sepName: (EndpointInfo) -> String, emit: inout Emitter) {
         let spn = svc.name.description
         func head(_ ep: EndpointInfo) -> String {
             largeCluster ? "-A \(chain)" : "-A \(chain) -m comment --comment \"\(spn) -> \(ep.description)\""
         }
-        func sep(_ ep: EndpointInfo) -> String { "KUBE-SEP-" + ChainHash.endpoint(svc.name, ep.description) }
+        func sep(_ ep: EndpointInfo) -> String { sepName(ep) }
         if let timeout = svc.stickyTimeoutSeconds {
             for ep in endpoints {
                 emit.rule("\(head(ep)) -m recent --name \(sep(ep)) --rcheck --seconds \(timeout) --reap -j \(sep(ep))")
@@ -402,6 +494,15 @@ struct LineBuffer {
         if !discarding { lines.append(line()) }
     }
 
+    /// Counts `n` lines without writing them (a discarding buffer's replayed lines).
+    mutating func count(_ n: Int) { count += n }
+
+    /// Appends lines written before.
+    mutating func write(contentsOf other: [String]) {
+        count += other.count
+        if !discarding { lines += other }
+    }
+
     mutating func append(_ other: LineBuffer) {
         count += other.count
         lines += other.lines
@@ -410,7 +511,8 @@ struct LineBuffer {
 
 /// Where one service port's lines go. Top-level chain rules (KUBE-SERVICES, KUBE-NODEPORTS and
 /// every filter rule) are always written; per-service chains go to the discard buffers when
-/// the Service is unchanged in a partial sync.
+/// the Service is unchanged in a partial sync. Between `begin()` and `end(names:)` it also
+/// collects what the compile memory keeps about the service port.
 struct Emitter {
     var filterRules = LineBuffer()
     var natChains = LineBuffer()
@@ -419,11 +521,55 @@ struct Emitter {
     var skippedRules = LineBuffer(discarding: true)
     var skipping = false
 
+    var noLocalInternal = false
+    var noLocalExternal = false
+    private var topNAT: [String] = []
+    private var filterLines: [String] = []
+    private var chains: [String] = []
+    private var chainRules = 0
+
+    mutating func begin() {
+        noLocalInternal = false
+        noLocalExternal = false
+        topNAT = []
+        filterLines = []
+        chains = []
+        chainRules = 0
+    }
+
+    mutating func end(names: ChainNameMemo) -> ServicePortMemo {
+        ServicePortMemo(names: names, chains: chains, filterLines: filterLines, topNATLines: topNAT, chainRules: chainRules,
+                        noLocalInternal: noLocalInternal, noLocalExternal: noLocalExternal)
+    }
+
+    /// Replays an unchanged service port: its top-level lines, and the count of its chain rules.
+    mutating func replay(_ memo: ServicePortMemo) {
+        filterRules.write(contentsOf: memo.filterLines)
+        natRules.write(contentsOf: memo.topNATLines)
+        skippedRules.count(memo.chainRules)
+    }
+
+    /// A rule of a top-level nat chain (KUBE-SERVICES, KUBE-NODEPORTS).
+    mutating func top(_ line: String) {
+        natRules.write(line)
+        topNAT.append(line)
+    }
+
+    /// A filter rule (every filter chain is top-level).
+    mutating func filter(_ line: String) {
+        filterRules.write(line)
+        filterLines.append(line)
+    }
+
+    /// Records a per-service nat chain the state uses.
+    mutating func uses(_ chain: String) { chains.append(chain) }
+
     mutating func chain(_ line: @autoclosure () -> String) {
         if skipping { skippedChains.write(line()) } else { natChains.write(line()) }
     }
 
     mutating func rule(_ line: @autoclosure () -> String) {
+        chainRules += 1
         if skipping { skippedRules.write(line()) } else { natRules.write(line()) }
     }
 }

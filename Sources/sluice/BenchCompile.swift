@@ -4,6 +4,9 @@
 // compiler, same compiler options as the iptables backend would probe), times the model
 // snapshot and the compilation in-process, and writes each restore payload to a file so the
 // harness can time `iptables-restore` of the very same bytes. See benchmarks/README.md.
+// Like the iptables backend, it keeps the compile memory and the top-level chains between
+// steps: compile_s covers the compilation with that memory and leaving out the unchanged
+// top-level chains, and a partial payload is what the backend would restore.
 
 import ArgumentParser
 import Foundation
@@ -72,6 +75,10 @@ struct BenchCompile: AsyncParsableCommand {
         var tracker = ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName)
         var snapshot = ManifestDirectorySource.Snapshot()
         var known: Set<String> = []
+        // What the iptables backend keeps between syncs: the compile memory and the top-level
+        // chains as last written (partial payloads leave out the unchanged ones).
+        var memory = IPTablesCompileMemory()
+        var appliedTopLevel = TopLevelRules()
         let clock = ContinuousClock()
 
         /// Rescans, folds and snapshots; compiles `repeatCount` times; writes and reports.
@@ -137,18 +144,27 @@ struct BenchCompile: AsyncParsableCommand {
             let kind: SyncKind = full ? .full : .partial(changed: state.changedServices)
             var last: CompiledRules?
             var text = ""
+            var nextMemory = memory
+            var nextTopLevel = appliedTopLevel
             for _ in 0..<repeatCount {
+                // Every run starts from the memory the previous step left, as the backend's sync would.
+                var m = memory.independentCopy()
                 let c0 = clock.now
-                let compiled = compiler.compile(state, kind: kind, existingChains: known)
+                let all = compiler.compile(state, kind: kind, existingChains: known, memory: &m)
+                let (compiled, _, topLevel) = all.omittingUnchangedTopLevelChains(full ? TopLevelRules() : appliedTopLevel)
                 let c1 = clock.now
                 text = compiled.restoreText
                 last = compiled
+                nextMemory = m
+                nextTopLevel = topLevel
                 let c2 = clock.now
                 compileTimes.append(seconds(c0.duration(to: c1)))
                 renderTimes.append(seconds(c1.duration(to: c2)))
             }
             let compiled = last!
             known = compiled.activeNATChains
+            memory = nextMemory
+            appliedTopLevel = nextTopLevel
             if let out {
                 let path = out + "/" + name + ".txt"
                 guard FileManager.default.createFile(atPath: path, contents: Data(text.utf8)) else {

@@ -78,6 +78,48 @@ struct LifecycleKernelTests {
         }
     }
 
+    @Test("Endpoint change among 200 Services: a small partial sync, traffic follows the new endpoint, the others keep working")
+    func endpointChangeAtModerateScale() async throws {
+        try await TestBed.with(.init(ext: false, label: "ep200")) { bed in
+            var many: [TestService] = []
+            for i in 0..<199 { many.append(webService(name: "s\(i)", clusterIP: "10.96.\(1 + i / 200).\(1 + i % 200)")) }
+            var moving = webService(name: "moving", clusterIP: "10.96.3.1")
+            try bed.writeManifest("many.yaml", many.map(\.yaml).joined(separator: "---\n"))
+            try bed.writeManifest("moving.yaml", moving.yaml)
+            try bed.startSluice()
+            let first = try await bed.waitForServices([moving.portName(), many[0].portName(), many[198].portName("dns")], timeout: .seconds(30))
+            let clusterIPRules = first.split(separator: "\n").filter { $0.hasPrefix("-A KUBE-SERVICES ") && $0.contains(" cluster IP\"") }
+            #expect(clusterIPRules.count == 400)
+
+            for (endpoints, backend) in [([2], "backend-2"), ([1], "backend-1")] {
+                let syncsBefore = bed.sluiceLog.components(separatedBy: "partial sync:").count
+                moving.endpoints = endpoints
+                try bed.writeManifest("moving.yaml", moving.yaml)
+                let other = endpoints == [1] ? 2 : 1
+                let nat = try await bed.waitForRules(.nat, "\(moving.portName()) only on \(backend)") {
+                    !$0.contains("--comment \"\(moving.portName()) -> \(TestNet.backendIP(other)):")
+                        && $0.contains("--comment \"\(moving.portName()) -> \(TestNet.backendIP(endpoints[0])):")
+                }
+                // KUBE-SERVICES was not rewritten, and still holds every Service.
+                #expect(nat.split(separator: "\n").filter { $0.hasPrefix("-A KUBE-SERVICES ") && $0.contains(" cluster IP\"") }.count == 400)
+                let log = bed.sluiceLog
+                #expect(log.components(separatedBy: "partial sync:").count > syncsBefore, "no partial sync logged:\n\(log)")
+                let last = log.split(separator: "\n").last { $0.contains("partial sync:") }.map(String.init) ?? ""
+                let bytes = last.split(separator: " ").firstIndex(of: "bytes").flatMap { i in Int(last.split(separator: " ")[i - 1]) }
+                #expect(bytes.map { $0 < 6000 } == true, "a one-Service change must not rewrite the top-level chains: \(last)")
+
+                let moved = try await bed.request(from: bed.clientNS, .tcp, moving.clusterTarget(), count: 15)
+                expectAnswered(moved, count: 15, backends: [backend], "TCP to the changed service", bed)
+                let movedUDP = try await bed.request(from: bed.clientNS, .udp, moving.clusterTarget("dns"), count: 6)
+                expectAnswered(movedUDP, count: 6, backends: [backend], "UDP to the changed service", bed)
+                for svc in [many[0], many[120], many[198]] {
+                    let r = try await bed.request(from: bed.clientNS, .tcp, svc.clusterTarget(), count: 20)
+                    expectAnswered(r, count: 20, backends: ["backend-1", "backend-2"], "TCP to unchanged \(svc.name)", bed)
+                }
+            }
+        }
+    }
+
     @Test("Bad input: the good Services work, each bad one is logged by name and gets no rule")
     func badInputIsRejected() async throws {
         try await TestBed.with(.init(label: "bad")) { bed in

@@ -3,9 +3,9 @@
 The "minimal" payload of a change is what an ideal incremental writer would send for it:
 only the changed Service's own chains (declared, refilled, or deleted) and, for an added or
 deleted Service, one `-I`/`-D` of its KUBE-SERVICES rule, with `--noflush`. This is the
-"nft 1 svc" figure of DESIGN.md; Sluice's partial sync also rewrites the top-level chains
-(KUBE-SERVICES and the rest, as kube-proxy does), so the ratio of the two shows what that
-costs.
+"nft 1 svc" figure of DESIGN.md. Sluice's partial sync writes the changed Services' chains
+and only those top-level chains (KUBE-SERVICES and the rest) whose rules changed; a payload
+that leaves KUBE-SERVICES out left it as it was.
 """
 
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
@@ -51,12 +51,21 @@ def _mentions(line, port_prefix):
     return f'"{port_prefix}' in line or f" {port_prefix}" in line
 
 
+def declares(text, table, chain):
+    """Whether a restore payload declares (and so rewrites) `chain` of `table`."""
+    return any(l.startswith(f":{chain} ") for l in tables(text).get(table, []))
+
+
 def minimal(new_text, prev_text, service):
     """The minimal payload for the change that turned `prev_text`'s state into `new_text`'s,
-    for Service `service` ("namespace/name"). Both are Sluice payloads (full or partial: both
-    hold the complete KUBE-SERVICES chain)."""
+    for Service `service` ("namespace/name"). Both are Sluice payloads; `prev_text` must hold
+    the complete KUBE-SERVICES chain as it was before the change (a full payload, or the last
+    one that rewrote KUBE-SERVICES). When `new_text` leaves KUBE-SERVICES out, the change left
+    it as it was: the minimal payload does not touch it either."""
     new = tables(new_text).get("nat", [])
     prev = tables(prev_text).get("nat", [])
+    if not declares(prev_text, "nat", "KUBE-SERVICES"):
+        raise ValueError("minimal: the previous payload does not hold KUBE-SERVICES")
     prefix = service + ":"
     decls, rules, deletes = [], [], []
     for line in new:
@@ -69,8 +78,11 @@ def minimal(new_text, prev_text, service):
             deletes.append(line)
         else:
             rules.append(line)
-    top_new = [l for l in new if l.startswith("-A KUBE-SERVICES ") and _mentions(l, prefix)]
     top_prev = [l for l in prev if l.startswith("-A KUBE-SERVICES ") and _mentions(l, prefix)]
+    if declares(new_text, "nat", "KUBE-SERVICES"):
+        top_new = [l for l in new if l.startswith("-A KUBE-SERVICES ") and _mentions(l, prefix)]
+    else:
+        top_new = top_prev
     removed = ["-D" + l[2:] for l in top_prev if l not in top_new]
     added = ["-I KUBE-SERVICES 1" + l[len("-A KUBE-SERVICES"):] for l in top_new if l not in top_prev]
     out = ["*nat"] + decls + removed + added + rules + deletes + ["COMMIT"]

@@ -133,15 +133,18 @@ def compile_steps(ctx, mode, case, manifests, payloads, rec):
         ns.delete()
     if not mode.restore_baselines:
         return steps
-    # Minimal payloads of the single-Service steps.
+    # Minimal payloads of the single-Service steps. `prev` is the last payload that wrote
+    # KUBE-SERVICES (a partial payload leaves it out when it is unchanged).
     prev = "full"
     for name in steps[1:5]:
         service = "bench/svc-added" if name in ("add", "delete") else "bench/svc-00000"
-        text = payload.minimal(_read(payloads, name), _read(payloads, prev), service)
+        new = _read(payloads, name)
+        text = payload.minimal(new, _read(payloads, prev), service)
         with open(os.path.join(payloads, f"min-{name}.txt"), "w") as f:
             f.write(text)
         rec(_scenario_of(name), "bytes_min", len(text.encode()))
-        prev = name
+        if payload.declares(new, "nat", "KUBE-SERVICES"):
+            prev = name
     return steps
 
 

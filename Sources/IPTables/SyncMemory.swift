@@ -1,0 +1,240 @@
+// Sluice: a per-node Kubernetes service proxy.
+// What the iptables backend remembers between syncs so that a partial sync costs what changed:
+// the compile memory (chain names and every service port's top-level rules and chains) and
+// the top-level chains as the last restore left them (so unchanged ones are not rewritten).
+
+import SluiceCore
+
+/// A service port's chain names: kube-proxy's SHA-256 based names, worked out once.
+struct ChainNameMemo: Sendable {
+    /// The suffix of the KUBE-SVC/SVL/EXT/FW chains (`ChainHash.servicePort`).
+    var service: String
+    /// `ip:port` text -> KUBE-SEP chain name, for the endpoints the last compile used.
+    var endpoints: [String: String]
+
+    init(_ name: ServicePortName) {
+        service = ChainHash.servicePort(name)
+        endpoints = [:]
+    }
+
+    init(service: String, endpoints: [String: String]) {
+        self.service = service
+        self.endpoints = endpoints
+    }
+}
+
+/// What one service port contributed to the last compile. A class, so that replaying it
+/// costs one retain.
+final class ServicePortMemo: Sendable {
+    let names: ChainNameMemo
+    /// Its per-service nat chains.
+    let chains: [String]
+    /// Its filter rules (all in top-level chains), in order.
+    let filterLines: [String]
+    /// Its KUBE-SERVICES and KUBE-NODEPORTS nat rules, in order.
+    let topNATLines: [String]
+    /// Rules in its own chains (for the total-rules metric).
+    let chainRules: Int
+    let noLocalInternal: Bool
+    let noLocalExternal: Bool
+
+    init(names: ChainNameMemo, chains: [String], filterLines: [String], topNATLines: [String], chainRules: Int,
+         noLocalInternal: Bool, noLocalExternal: Bool) {
+        self.names = names
+        self.chains = chains
+        self.filterLines = filterLines
+        self.topNATLines = topNATLines
+        self.chainRules = chainRules
+        self.noLocalInternal = noLocalInternal
+        self.noLocalExternal = noLocalExternal
+    }
+}
+
+/// What `IPTablesCompiler.compile(_:kind:existingChains:memory:)` keeps between compiles: every
+/// service port's chain names, top-level rules and chains, the sorted service port names and the
+/// set of per-service chains in use. A value type: the backend actor owns one.
+public struct IPTablesCompileMemory: Sendable {
+    var entries: [ServicePortName: ServicePortMemo] = [:]
+    var sortedNames: [ServicePortName] = []
+    var activeChains: Set<String> = []
+    /// Set by a compile that went through every service port; cleared by `invalidate()`.
+    var valid = false
+
+    /// An empty memory: the next compile goes through every service port.
+    public init() {}
+
+    /// Whether a partial compile can replay unchanged service ports from this memory.
+    public var isValid: Bool { valid }
+
+    /// Forgets the per-service contributions (the batch compiled last was not applied), so the
+    /// next compile goes through every service port. Chain names, pure functions of their
+    /// inputs, are kept.
+    public mutating func invalidate() { valid = false }
+
+    /// The chain names remembered for a service port: the KUBE-SVC/SVL/EXT/FW suffix and the
+    /// KUBE-SEP chain of each endpoint (`ip:port`) the last compile used.
+    public func chainNames(for name: ServicePortName) -> (service: String, endpoints: [String: String])? {
+        entries[name].map { ($0.names.service, $0.names.endpoints) }
+    }
+
+    /// A copy sharing no storage with `self`, so that compiling with it copies nothing while
+    /// timed (`sluice bench-compile` compiles one state several times from the same memory).
+    public func independentCopy() -> IPTablesCompileMemory {
+        var out = IPTablesCompileMemory()
+        out.entries = Dictionary(minimumCapacity: entries.count)
+        for (k, v) in entries { out.entries[k] = v }
+        out.sortedNames = Array(sortedNames)
+        out.sortedNames.reserveCapacity(sortedNames.count + 1)
+        out.activeChains = Set(minimumCapacity: activeChains.count)
+        for c in activeChains { out.activeChains.insert(c) }
+        out.valid = valid
+        return out
+    }
+
+    /// Brings `sortedNames` to `state`'s service ports: drops the removed ones (their chains
+    /// become stale candidates and leave the active set) and inserts the new ones in order.
+    /// - Returns: the service ports in order, with their info.
+    mutating func updateSortedNames(for state: ProxyState, staleChains: inout [String]) -> [(ServicePortName, ServicePortInfo)] {
+        var kept: [(ServicePortName, ServicePortInfo)] = []
+        kept.reserveCapacity(state.servicePorts.count + 1)
+        var removed = false
+        for name in sortedNames {
+            if let info = state.servicePorts[name] {
+                kept.append((name, info))
+            } else if let old = entries.removeValue(forKey: name) {
+                removed = true
+                for c in old.chains where activeChains.remove(c) != nil { staleChains.append(c) }
+            }
+        }
+        if kept.count != state.servicePorts.count {
+            let known = Set(kept.map(\.0))
+            let added = state.servicePorts.filter { !known.contains($0.key) }.map { ($0.key, $0.value) }.sorted { $0.0 < $1.0 }
+            if added.count > 64 {
+                kept = (kept + added).sorted { $0.0 < $1.0 }
+            } else {
+                for item in added {
+                    var lo = 0, hi = kept.count
+                    while lo < hi {
+                        let mid = (lo + hi) / 2
+                        if kept[mid].0 < item.0 { lo = mid + 1 } else { hi = mid }
+                    }
+                    kept.insert(item, at: lo)
+                }
+            }
+            sortedNames = kept.map(\.0)
+        } else if removed {
+            sortedNames = kept.map(\.0)
+        }
+        return kept
+    }
+}
+
+/// The rules of our top-level chains (`Chain.filterTopLevel`, KUBE-FIREWALL, `Chain.natTopLevel`)
+/// as a batch writes them, by table and chain.
+public struct TopLevelRules: Sendable, Equatable {
+    /// table -> chain -> rule lines.
+    public var chains: [Table: [String: [String]]] = [:]
+
+    /// None known: nothing is left out of the next batch.
+    public init() {}
+
+    /// The top-level chains of each table, in declaration order.
+    static let names: [Table: [String]] = [
+        .filter: Chain.filterTopLevel + [Chain.kubeletFirewall],
+        .nat: Chain.natTopLevel,
+    ]
+}
+
+extension CompiledRules {
+    /// The top-level chains this batch declares, with their rules.
+    public func topLevelRules() -> TopLevelRules {
+        var out = TopLevelRules()
+        for (table, batch) in [(Table.filter, filter), (.nat, nat)] {
+            let names = TopLevelRules.names[table] ?? []
+            let split = TopLevelSplit(batch, names: names)
+            var chains: [String: [String]] = [:]
+            for (i, rules) in split.rules.enumerated() where split.declared[i] { chains[names[i]] = rules }
+            out.chains[table] = chains
+        }
+        return out
+    }
+
+    /// This batch without the top-level chains whose rules equal those in `applied` (what the
+    /// last successful restore left in them): neither their `:CHAIN` line, which with `--noflush`
+    /// would flush the chain, nor their rules. Per-service chains and deletions are kept.
+    ///
+    /// This is a deliberate departure from kube-proxy, whose partial sync always rewrites every
+    /// top-level chain (KUBE-SERVICES alone is one rule per service port): see DESIGN.md,
+    /// "Performance facts measured here". With the nft back end a restore costs what it writes,
+    /// so an endpoint change at 10 000 services costs about a tenth as much without them.
+    /// - Returns: the batch, the `table/chain` names left out, and `topLevelRules()` of `self`
+    ///   (what the top-level chains hold once the batch is applied).
+    public func omittingUnchangedTopLevelChains(_ applied: TopLevelRules)
+        -> (CompiledRules, omitted: [String], topLevel: TopLevelRules) {
+        var out = self
+        var omitted: [String] = []
+        var topLevel = TopLevelRules()
+        for table in [Table.filter, .nat] {
+            let batch = table == .filter ? filter : nat
+            let names = TopLevelRules.names[table] ?? []
+            let split = TopLevelSplit(batch, names: names)
+            var drop = [Bool](repeating: false, count: names.count)
+            var chains: [String: [String]] = [:]
+            for (i, name) in names.enumerated() where split.declared[i] {
+                chains[name] = split.rules[i]
+                if let before = applied.chains[table]?[name], before == split.rules[i] {
+                    drop[i] = true
+                    omitted.append("\(table.rawValue)/\(name)")
+                }
+            }
+            topLevel.chains[table] = chains
+            guard drop.contains(true) else { continue }
+            var kept = TableBatch()
+            kept.chains.reserveCapacity(batch.chains.count)
+            for (line, tag) in zip(batch.chains, split.chainTags) where tag < 0 || !drop[tag] { kept.chains.append(line) }
+            kept.rules.reserveCapacity(batch.rules.count)
+            for (line, tag) in zip(batch.rules, split.ruleTags) where tag < 0 || !drop[tag] { kept.rules.append(line) }
+            if table == .filter { out.filter = kept } else { out.nat = kept }
+        }
+        return (out, omitted, topLevel)
+    }
+}
+
+/// One table batch's lines tagged with the top-level chain they belong to (-1 for none).
+private struct TopLevelSplit {
+    var chainTags: [Int] = []
+    var ruleTags: [Int] = []
+    var declared: [Bool]
+    var rules: [[String]]
+
+    init(_ batch: TableBatch, names: [String]) {
+        declared = [Bool](repeating: false, count: names.count)
+        rules = [[String]](repeating: [], count: names.count)
+        chainTags.reserveCapacity(batch.chains.count)
+        for line in batch.chains {
+            let tag = TopLevelSplit.index(of: TopLevelSplit.name(line, after: 1), in: names)
+            chainTags.append(tag)
+            if tag >= 0 { declared[tag] = true }
+        }
+        ruleTags.reserveCapacity(batch.rules.count)
+        for line in batch.rules {
+            let tag = line.hasPrefix("-A ") ? TopLevelSplit.index(of: TopLevelSplit.name(line, after: 3), in: names) : -1
+            ruleTags.append(tag)
+            if tag >= 0 { rules[tag].append(line) }
+        }
+    }
+
+    /// The word that starts `offset` bytes into `line`.
+    static func name(_ line: String, after offset: Int) -> Substring {
+        let utf8 = line.utf8
+        guard utf8.count > offset else { return "" }
+        let start = utf8.index(utf8.startIndex, offsetBy: offset)
+        let end = utf8[start...].firstIndex(of: UInt8(ascii: " ")) ?? utf8.endIndex
+        return Substring(utf8[start..<end])
+    }
+
+    static func index(of name: Substring, in names: [String]) -> Int {
+        for (i, n) in names.enumerated() where n.utf8.count == name.utf8.count && name == n { return i }
+        return -1
+    }
+}
