@@ -31,6 +31,7 @@ demo: build
 # smoke scale (it fails when a case loses a number; in CI every mode must be measured), then
 # the host suite last so its summary is the last line printed.
 test: uml-test
+	cd benchmarks && $(PYTHON) -m unittest sluicebench.test_payload
 	@if [ "$$(id -u)" = 0 ]; then \
 		$(MAKE) --no-print-directory bench-smoke BENCH_FLAGS="$(if $(filter true,$(CI)),--strict)"; \
 	else \

@@ -241,11 +241,10 @@ def goal(v, w):
     if r is not None:
         verdict = "meets" if r <= GOAL_RATIO else "does not meet"
         w(f"**Result: {fmt_ratio(r)} — Sluice {verdict} the {GOAL_RATIO} × goal.** The ratio splits into the payload, "
-          f"{fmt_ratio(ratio(same, mini))} (what `iptables-restore` alone pays for Sluice's payload over the minimal one: a "
-          "partial sync rewrites the whole KUBE-SERVICES chain and the other top-level chains, as kube-proxy's does, so it "
-          f"grows with S), times Sluice's own overhead, {fmt_ratio(ratio(sync, same))} (the canary check, process starts, "
-          "compile). Leaving unchanged top-level chains out of the payload (DESIGN.md, performance facts) addresses the "
-          "first; skipping or batching the canary check the second.")
+          f"{fmt_ratio(ratio(same, mini))} (what `iptables-restore` alone pays for Sluice's payload over the minimal one; a "
+          "partial sync leaves KUBE-SERVICES and the other top-level chains out while they are unchanged, where kube-proxy "
+          "rewrites them on every sync, which grows with S: DESIGN.md's \"nft 1 svc +KUBE-SERVICES\"), times Sluice's own "
+          f"overhead, {fmt_ratio(ratio(sync, same))} (the canary check, process starts, compile).")
         w("")
     w("End to end includes the manifest source's 250 ms polling interval (on average half of it) and the "
       "probe's resolution (≤ 1 % of the wait); the API source has no polling delay.")
