@@ -25,6 +25,13 @@ public actor NetlinkConnection: NetlinkExecutor {
     /// Bytes of requests put into one `sendmsg` at most. Replies to a batch (acks of 20 to 36
     /// bytes each, errors with their text) must fit the socket's receive buffer.
     public static let batchBytes = 64 * 1024
+    /// Requests put into one `sendmsg` at most. The kernel queues one reply per request before
+    /// the first is read, and counts each by its buffer's true size (about 700 bytes for an
+    /// ack, not its 36): past the receive buffer the rest are dropped and the next receive
+    /// fails with ENOBUFS. 256 acks fit the 416 KiB a socket gets under the common
+    /// `net.core.rmem_max` of 208 KiB (the kernel doubles it); 1 000 did not (seen in
+    /// user-mode Linux, 1 000 IPVS services in one sync).
+    public static let batchRequests = 256
     /// Requests sent, in total (for logs and tests).
     public private(set) var requestsSent = 0
     /// `sendmsg` calls made, in total.
@@ -57,7 +64,10 @@ public actor NetlinkConnection: NetlinkExecutor {
         _ = setsockopt(fd, NetlinkProtocol.solNetlink, NetlinkProtocol.capAck, &one, socklen_t(MemoryLayout<Int32>.size))
         _ = setsockopt(fd, NetlinkProtocol.solNetlink, NetlinkProtocol.extAck, &one, socklen_t(MemoryLayout<Int32>.size))
         var size: Int32 = 1 << 20
-        _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        // Past net.core.rmem_max only with CAP_NET_ADMIN (SO_RCVBUFFORCE); else capped by it.
+        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, socklen_t(MemoryLayout<Int32>.size)) != 0 {
+            _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        }
         _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
         var tv = timeval(tv_sec: receiveTimeoutSeconds, tv_usec: 0)
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
@@ -102,7 +112,7 @@ public actor NetlinkConnection: NetlinkExecutor {
         var chunkBytes = 0
         for r in requests {
             let size = netlinkAlign(netlinkHeaderSize + r.payload.count)
-            if !chunk.isEmpty && chunkBytes + size > NetlinkConnection.batchBytes {
+            if !chunk.isEmpty && (chunkBytes + size > NetlinkConnection.batchBytes || chunk.count == NetlinkConnection.batchRequests) {
                 out += try roundTrip(chunk)
                 chunk = []
                 chunkBytes = 0

@@ -661,4 +661,16 @@ func parseIPSetList(_ text: String) -> [String: (type: String, members: [String]
         if case .failure(let e) = results[1] { #expect(e.errno == .noSuchDevice) } else { Issue.record("expected ENODEV") }
         #expect((try? results[2].get())?.count == 1)
     }
+
+    @Test(.enabled("needs root (SO_RCVBUFFORCE)") { isRoot })
+    func aThousandRequestsInOneBatchAreAllAnswered() async throws {
+        // Sent 2 000 to a datagram (64 KiB of 32-byte requests), the kernel dropped the
+        // replies past the receive buffer and the batch failed with ENOBUFS.
+        let route = try NetlinkConnection(protocol: NetlinkProtocol.route)
+        let before = await route.sendCalls
+        let results = try await route.executeBatch(Array(repeating: RouteMessages.getLink(name: "lo"), count: 1000))
+        #expect(results.count == 1000)
+        #expect(results.allSatisfy { (try? $0.get())?.count == 1 })
+        #expect(await route.sendCalls - before == (1000 + NetlinkConnection.batchRequests - 1) / NetlinkConnection.batchRequests)
+    }
 }
