@@ -127,9 +127,11 @@ public struct ProcessRunner: CommandRunner {
             .failure(CommandError(command: commandLine, status: nil, message: message))
         }
         let out: FileHandle, err: FileHandle
-        switch (scratchFile(), scratchFile()) {
-        case (.success(let o), .success(let e)): (out, err) = (o, e)
-        case (.failure(let problem), _), (_, .failure(let problem)): return failure("\(problem)")
+        do {
+            out = try scratchFile().get()
+            err = try scratchFile().get()
+        } catch {
+            return failure("\(error)")
         }
         // Closed explicitly: the Process object holding them may outlive this call (nothing runs
         // the launching thread's run loop again), so closing on dealloc would leak three
@@ -149,9 +151,10 @@ public struct ProcessRunner: CommandRunner {
         process.standardError = err
         if let input {
             let file: FileHandle
-            switch scratchFile() {
-            case .success(let f): file = f
-            case .failure(let problem): return failure("\(problem)")
+            do {
+                file = try scratchFile().get()
+            } catch {
+                return failure("\(error)")
             }
             inFile = file
             do {

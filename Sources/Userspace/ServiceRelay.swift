@@ -56,8 +56,13 @@ public struct RelayConfig: Sendable {
         if let maxListeners { return max(0, maxListeners) }
         var limit = rlimit()
         guard getrlimit(RLIMIT_NOFILE_RESOURCE, &limit) == 0, limit.rlim_cur != rlim_t.max else { return Int.max }
-        let soft = Int(clamping: limit.rlim_cur)
-        return soft - min(RelayConfig.descriptorReserve, soft / 4)
+        return RelayConfig.listeners(underOpenFileLimit: Int(clamping: limit.rlim_cur))
+    }
+
+    /// How many listeners an open-file limit of `limit` leaves room for: the limit less
+    /// `descriptorReserve`, or less a quarter of it when the limit is under 4 096.
+    public static func listeners(underOpenFileLimit limit: Int) -> Int {
+        limit - min(descriptorReserve, limit / 4)
     }
 
     private static let origin = ContinuousClock.now

@@ -153,8 +153,7 @@ public actor UserspaceBackend: ProxyBackend {
             }
             let reason = String(cString: strerror(errno))
             let hard = Int(clamping: limit.rlim_max)
-            let listeners = hard - min(RelayConfig.descriptorReserve, hard / 4)
-            logger.warning("cannot raise the hard open-file limit from \(hard) to \(wantedOpenFiles) (\(reason)); at most \(listeners) relay listeners (one per service port, one more per NodePort) can be open")
+            logger.warning("cannot raise the hard open-file limit from \(hard) to \(wantedOpenFiles) (\(reason)); at most \(RelayConfig.listeners(underOpenFileLimit: hard)) relay listeners (one per service port, one more per NodePort) can be open")
         }
         guard limit.rlim_cur < limit.rlim_max else { return }
         limit.rlim_cur = limit.rlim_max
