@@ -97,6 +97,23 @@ struct BackendTests {
         await b.shutdown()
     }
 
+    @Test("Past the listener budget the other service ports' rules are still written, and the sync reports the rest")
+    func listenerBudgetKeepsTheOtherRules() async throws {
+        let fake = FakeIPTables()
+        let b = UserspaceBackend(nodeName: "node-a", nodeIP: IPAddress("10.0.0.5")!,
+                                 commands: IPTablesCommands(tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake),
+                                 relays: RelayManager(config: testConfig(maxListeners: 1), logger: testLogger), logger: testLogger)
+        // Sorted, default/ssh-service1 takes the one listener; ns/web gets none.
+        let error = await #expect(throws: UserspaceError.self) { try await b.sync(try state(web + "\n---\n" + sshService1), full: true) }
+        #expect(error?.failures.count == 1)
+        #expect(error?.failures.first?.hasPrefix("ns/web:http:") == true, "\(String(describing: error))")
+        let port = try #require(await b.relays.relayPort(sshName))
+        #expect(await b.relays.relayPort(webName) == nil)
+        #expect(fake.rules("nat", "KUBE-PORTALS-CONTAINER") == [
+            "-d 10.254.132.107/32 -p tcp -m comment --comment \"default/ssh-service1:\" -m tcp --dport 2222 -j REDIRECT --to-ports \(port)",
+        ])
+    }
+
     @Test func failedRestoreKeepsOldListenersAndThrows() async throws {
         let fake = FakeIPTables()
         let b = backend(fake)
