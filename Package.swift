@@ -97,7 +97,7 @@ let package = Package(
         .executableTarget(
             name: "sluice",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace",
+                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace", "NFTables",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -116,6 +116,23 @@ let package = Package(
                 "SluiceCore", "Netlink", "IPTables",
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        // nftables mode: the pure compiler to kube-proxy's nftables ruleset (ip/ip6 kube-proxy
+        // tables), its full and partial transactions.
+        .target(
+            name: "NFTables",
+            dependencies: [
+                "SluiceCore", "CNFTables", "Netlink",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        // libnftables (the library the `nft` command wraps): the nftables mode applies its
+        // transactions in the process.
+        .systemLibrary(
+            name: "CNFTables",
+            pkgConfig: "libnftables",
+            providers: [.apt(["libnftables-dev"])]
         ),
         // Test-only helpers: fixtures, fakes, network-namespace test beds.
         .target(
@@ -159,6 +176,11 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
+        ),
+        .testTarget(
+            name: "NFTablesTests",
+            dependencies: ["NFTables", "SluiceCore", "KubeAPI", "SluiceTesting"],
+            resources: [.copy("Fixtures")]
         ),
         .testTarget(
             name: "KernelTests",
