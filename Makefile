@@ -1,7 +1,7 @@
 # Sluice: the two commands a new machine needs are `make demo` and `make test` (as root).
 
 SWIFT ?= swift
-APT_PACKAGES = iptables ipset conntrack iproute2 user-mode-linux kmod ipvsadm libipset-dev libnetfilter-conntrack-dev python3 openssl
+APT_PACKAGES = iptables ipset conntrack iproute2 user-mode-linux kmod ipvsadm libipset-dev libnetfilter-conntrack-dev libnftables-dev nftables python3 openssl
 BIN = .build/debug/sluice
 RELEASE_SCRATCH = .build-release
 RELEASE_BIN = $(RELEASE_SCRATCH)/release/sluice
