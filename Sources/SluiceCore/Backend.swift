@@ -11,6 +11,9 @@ public struct SyncReport: Sendable, Hashable {
     public var total: [String: Int]
     /// Bytes sent to the kernel tools.
     public var bytes: Int
+    /// Failed clean-up steps since the last report (the nftables mode's stale-chain deletion,
+    /// `kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total`).
+    public var cleanupFailures: Int = 0
 
     /// Creates a report.
     public init(full: Bool, written: [String: Int] = [:], total: [String: Int] = [:], bytes: Int = 0) {

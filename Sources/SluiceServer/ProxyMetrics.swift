@@ -34,6 +34,9 @@ public final class ProxyMetrics: Sendable {
     let partialRestoreFailures: Counter
     let noLocalEndpointsInternal: Gauge
     let noLocalEndpointsExternal: Gauge
+    /// nftables mode only: failed main transactions and failed stale-chain deletions.
+    let nftablesSyncFailures: Counter?
+    let nftablesCleanupFailures: Counter?
 
     /// `sync_proxy_rules_duration_seconds` and its full/partial variants:
     /// `0.001 × 2^k` seconds for k = 0…14 (Go's `ExponentialBuckets(0.001, 2, 15)`).
@@ -64,6 +67,8 @@ public final class ProxyMetrics: Sendable {
         public static let iptablesTotal = "kubeproxy_sync_proxy_rules_iptables_total"
         public static let iptablesLast = "kubeproxy_sync_proxy_rules_iptables_last"
         public static let noLocalEndpoints = "kubeproxy_sync_proxy_rules_no_local_endpoints_total"
+        public static let nftablesSyncFailures = "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"
+        public static let nftablesCleanupFailures = "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total"
         public static let healthzTotal = "kubeproxy_proxy_healthz_total"
         public static let livezTotal = "kubeproxy_proxy_livez_total"
     }
@@ -88,10 +93,12 @@ public final class ProxyMetrics: Sendable {
     ///   - nodeName: this node (for `no_local_endpoints_total`).
     ///   - tables: rule tables whose counts start at 0 before the first sync (`filter`, `nat` in
     ///     iptables mode); others appear when a backend reports them.
+    ///   - nftables: register the nftables mode's two failure counters; a failed sync then counts
+    ///     there instead of in the iptables restore failures (kube-proxy registers per mode).
     ///   - registry: where to register; a fresh one by default, so instances never collide.
     ///   - wallClock: time since the Unix epoch, for timestamps and programming latency
     ///     (`CLOCK_REALTIME` when nil).
-    public init(nodeName: String, tables: [String] = [], registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
+    public init(nodeName: String, tables: [String] = [], nftables: Bool = false, registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
                 wallClock: (@Sendable () -> Duration)? = nil) {
         let wallClock = wallClock ?? { wallClockNow() }
         self.registry = registry
@@ -122,6 +129,10 @@ public final class ProxyMetrics: Sendable {
         let noLocal = d(Name.noLocalEndpoints, "Number of services with a Local traffic policy and no endpoints")
         noLocalEndpointsInternal = registry.makeGauge(descriptor: noLocal, labels: [("traffic_policy", "internal")])
         noLocalEndpointsExternal = registry.makeGauge(descriptor: noLocal, labels: [("traffic_policy", "external")])
+        nftablesSyncFailures = nftables
+            ? registry.makeCounter(descriptor: d(Name.nftablesSyncFailures, "Cumulative proxy nftables sync failures")) : nil
+        nftablesCleanupFailures = nftables
+            ? registry.makeCounter(descriptor: d(Name.nftablesCleanupFailures, "Cumulative proxy nftables cleanup failures")) : nil
         for table in tables {
             _ = registry.makeGauge(descriptor: ProxyMetrics.iptablesTotalHelp, labels: [("table", table)])
             _ = registry.makeGauge(descriptor: ProxyMetrics.iptablesLastHelp, labels: [("table", table)])
@@ -175,6 +186,13 @@ extension ProxyMetrics: SyncRecorder {
         (attempt.full ? syncFullDuration : syncPartialDuration).record(attempt.duration)
         serviceChangesPending.set(to: Double(attempt.pendingServiceChanges))
         endpointChangesPending.set(to: Double(attempt.pendingEndpointChanges))
+        if let nftablesSyncFailures {
+            guard let report = attempt.report else {
+                nftablesSyncFailures.increment()
+                return
+            }
+            if report.cleanupFailures > 0 { nftablesCleanupFailures?.increment(by: Int64(report.cleanupFailures)) }
+        }
         guard let report = attempt.report else {
             // Every backend failure leaves the previous rules in place, as a failed
             // iptables-restore does: count it as one.
