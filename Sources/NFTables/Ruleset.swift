@@ -1,8 +1,367 @@
-// The desired nftables ruleset for one address family (kube-proxy's nftables layout).
-// The compiler that fills it lives in Compiler.swift.
+// Sluice: a per-node Kubernetes service proxy.
+// The desired nftables ruleset for one address family, in kube-proxy's nftables layout
+// (table `ip kube-proxy` / `ip6 kube-proxy`). Compiler.swift fills it from the model;
+// RulesetTransactions.swift renders it as `nft -f` transactions (full and partial).
+
+import SluiceCore
 
 /// The address family of one `kube-proxy` table: `ip` (IPv4) or `ip6` (IPv6).
 public enum NFTFamily: String, Sendable, Hashable, CaseIterable {
+    /// `table ip kube-proxy`.
     case ip
+    /// `table ip6 kube-proxy`.
     case ip6
+
+    /// The table family for an IP family.
+    public init(_ family: IPFamily) { self = family == .ipv4 ? .ip : .ip6 }
+
+    /// The IP family this table serves.
+    public var ipFamily: IPFamily { self == .ip ? .ipv4 : .ipv6 }
+
+    /// The address type of sets and map keys (`ipv4_addr`, `ipv6_addr`).
+    public var addressType: String { self == .ip ? "ipv4_addr" : "ipv6_addr" }
+
+    /// The payload keyword of address matches (`ip daddr`, `ip6 saddr`).
+    public var addressKeyword: String { rawValue }
+}
+
+/// The table every kube-proxy-compatible ruleset lives in.
+public let kubeProxyTableName = "kube-proxy"
+
+/// A base chain's hook: `{ type T hook H priority P ; }`.
+public struct NFTHook: Sendable, Hashable {
+    /// `filter` or `nat`.
+    public var type: String
+    /// `prerouting`, `input`, `forward`, `output` or `postrouting`.
+    public var hook: String
+    /// The numeric priority (kube-proxy's -110, -100, 0, 100).
+    public var priority: Int
+
+    /// Creates a hook.
+    public init(type: String, hook: String, priority: Int) {
+        self.type = type
+        self.hook = hook
+        self.priority = priority
+    }
+}
+
+/// One chain and its rules, in order. Rule text is what follows `add rule FAMILY kube-proxy CHAIN`.
+public struct NFTChain: Sendable, Hashable {
+    /// The chain name.
+    public var name: String
+    /// Set for base chains.
+    public var hook: NFTHook?
+    /// The chain comment (only `reject-chain` has one).
+    public var comment: String?
+    /// Rules in order.
+    public var rules: [String]
+
+    /// Creates a chain.
+    public init(name: String, hook: NFTHook? = nil, comment: String? = nil, rules: [String] = []) {
+        self.name = name
+        self.hook = hook
+        self.comment = comment
+        self.rules = rules
+    }
+
+    /// The `{ ... }` part of `add chain` ("" when the chain has neither hook nor comment).
+    public var declarationSuffix: String {
+        var parts: [String] = []
+        if let hook { parts.append("type \(hook.type) hook \(hook.hook) priority \(hook.priority) ;") }
+        if let comment { parts.append("comment \(nftQuoted(comment)) ;") }
+        return parts.isEmpty ? "" : " { " + parts.joined(separator: " ") + " }"
+    }
+}
+
+/// A set or verdict map declaration.
+public struct NFTContainer: Sendable, Hashable {
+    /// Set or map.
+    public enum Kind: String, Sendable, Hashable {
+        /// `add set`.
+        case set
+        /// `add map`.
+        case map
+    }
+
+    /// Set or map.
+    public var kind: Kind
+    /// The name.
+    public var name: String
+    /// The type (`ipv4_addr`, `ipv4_addr . inet_proto . inet_service : verdict`).
+    public var type: String
+    /// Flags (`dynamic`, `timeout`).
+    public var flags: [String]
+    /// The element timeout in seconds (affinity sets).
+    public var timeoutSeconds: Int?
+    /// The comment.
+    public var comment: String?
+
+    /// Creates a declaration.
+    public init(kind: Kind, name: String, type: String, flags: [String] = [], timeoutSeconds: Int? = nil, comment: String? = nil) {
+        self.kind = kind
+        self.name = name
+        self.type = type
+        self.flags = flags
+        self.timeoutSeconds = timeoutSeconds
+        self.comment = comment
+    }
+
+    /// The `{ type … ; flags … ; timeout …s ; comment "…" ; }` part of the declaration.
+    public var declarationSuffix: String {
+        var s = " { type \(type) ;"
+        if !flags.isEmpty { s += " flags " + flags.joined(separator: ",") + " ;" }
+        if let timeoutSeconds { s += " timeout \(timeoutSeconds)s ;" }
+        if let comment { s += " comment \(nftQuoted(comment)) ;" }
+        return s + " }"
+    }
+}
+
+/// Identifies one element: the set or map it belongs to and its key text
+/// (`172.30.0.41 . tcp . 80`).
+public struct NFTElementKey: Sendable, Hashable, Comparable {
+    /// The set or map name.
+    public var container: String
+    /// The key, components joined by ` . `.
+    public var key: String
+
+    /// Creates a key.
+    public init(container: String, key: String) {
+        self.container = container
+        self.key = key
+    }
+
+    public static func < (a: NFTElementKey, b: NFTElementKey) -> Bool {
+        a.container != b.container ? a.container < b.container : a.key < b.key
+    }
+}
+
+/// One element a service port wants: its key, optional comment and (for maps) verdict.
+public struct NFTElement: Sendable, Hashable {
+    /// Set or map and key.
+    public var id: NFTElementKey
+    /// The element comment (kube-proxy comments `no-endpoint-*` elements with the port name).
+    public var comment: String?
+    /// The verdict (`goto service-…`, `drop`); nil for set elements.
+    public var value: String?
+
+    /// Creates an element.
+    public init(_ container: String, key: String, comment: String? = nil, value: String? = nil) {
+        self.id = NFTElementKey(container: container, key: key)
+        self.comment = comment
+        self.value = value
+    }
+
+    /// The `{ … }` body of `add element` (`KEY comment "…" : VALUE`).
+    public var body: String {
+        var s = id.key
+        if let comment { s += " comment " + nftQuoted(comment) }
+        if let value { s += " : " + value }
+        return s
+    }
+}
+
+/// Everything one service port contributes: its chains, affinity sets and elements.
+public struct NFTServiceFragment: Sendable, Hashable {
+    /// Per-service chains (`service-…`, `local-…`, `external-…`, `firewall-…`, `endpoint-…`), rules in order.
+    public var chains: [NFTChain]
+    /// Per-endpoint affinity sets (ClientIP affinity only).
+    public var affinitySets: [NFTContainer]
+    /// Elements of the shared sets and maps.
+    public var elements: [NFTElement]
+    /// iTP=Local with endpoints elsewhere but none here (kube-proxy's `no_local_endpoints` gauge).
+    public var noLocalInternal: Bool
+    /// eTP=Local with endpoints elsewhere but none here.
+    public var noLocalExternal: Bool
+
+    /// Creates a fragment.
+    public init(chains: [NFTChain] = [], affinitySets: [NFTContainer] = [], elements: [NFTElement] = [],
+                noLocalInternal: Bool = false, noLocalExternal: Bool = false) {
+        self.chains = chains
+        self.affinitySets = affinitySets
+        self.elements = elements
+        self.noLocalInternal = noLocalInternal
+        self.noLocalExternal = noLocalExternal
+    }
+}
+
+/// The part of the ruleset that does not depend on Services: base chains, fixed chains,
+/// set and map declarations and the `nodeport-ips` elements. A partial sync requires it to be
+/// unchanged.
+public struct NFTFixedPart: Sendable, Hashable {
+    /// Base chains, then regular fixed chains, with their rules, in emission order.
+    public var chains: [NFTChain]
+    /// Set and map declarations, in emission order.
+    public var containers: [NFTContainer]
+    /// The `nodeport-ips` elements; nil when NodePorts match every local address (the set is
+    /// then deleted, as kube-proxy does).
+    public var nodePortIPs: [String]?
+
+    /// Creates a fixed part.
+    public init(chains: [NFTChain], containers: [NFTContainer], nodePortIPs: [String]?) {
+        self.chains = chains
+        self.containers = containers
+        self.nodePortIPs = nodePortIPs
+    }
+}
+
+/// Which service port's element is in the table for one key, and how many service ports want
+/// the key. When service ports disagree on a map element's verdict (two Services claiming the
+/// same external IP and port), the smallest `ServicePortName` wins, in full and partial syncs
+/// alike.
+struct NFTClaim: Sendable, Hashable {
+    var element: NFTElement
+    var owner: ServicePortName
+    var count: Int
+    /// Every claim so far carried the same element (the common case: a ClusterIP shared by
+    /// the ports of one Service), so the owner does not matter.
+    var uniform = true
+    /// The owner left while others still claim the key; found again only if a conflict arises.
+    var ownerStale = false
+}
+
+/// The whole desired ruleset of one family: the fixed part plus one fragment per service port.
+///
+/// Built by ``NFTablesCompiler``; rendered by ``fullTransaction(recreateBaseChains:existing:)``
+/// and ``partialTransaction(from:changedPorts:)``. It is also the backend's record of what the
+/// kernel holds after a successful transaction.
+public struct NFTRuleset: Sendable {
+    /// The table family.
+    public let family: NFTFamily
+    /// Base chains, fixed chains, declarations and `nodeport-ips`.
+    public internal(set) var fixed: NFTFixedPart
+    /// Per-service-port fragments.
+    public internal(set) var services: [ServicePortName: NFTServiceFragment]
+    /// Elements by key, with the winning claim.
+    var claims: [NFTElementKey: NFTClaim] = [:]
+    /// Service ports of each Service (for incremental compiles).
+    var portsByService: [NamespacedName: Set<ServicePortName>] = [:]
+    /// The node labels the fragments were compiled with (topology).
+    var nodeLabels: [String: String] = [:]
+
+    init(family: NFTFamily, fixed: NFTFixedPart) {
+        self.family = family
+        self.fixed = fixed
+        self.services = [:]
+    }
+
+    /// `FAMILY kube-proxy`, the object prefix of every command.
+    public var tableSpec: String { "\(family.rawValue) \(kubeProxyTableName)" }
+
+    /// The elements the table holds, sorted by container and key.
+    public var elements: [NFTElement] {
+        claims.keys.sorted().map { claims[$0]!.element }
+    }
+
+    /// Every per-service chain name (the chains a full sync keeps).
+    public var serviceChainNames: Set<String> {
+        var out = Set<String>()
+        for f in services.values { for c in f.chains { out.insert(c.name) } }
+        return out
+    }
+
+    /// Every affinity set name.
+    public var affinitySetNames: Set<String> {
+        var out = Set<String>()
+        for f in services.values { for s in f.affinitySets { out.insert(s.name) } }
+        return out
+    }
+
+    /// Service ports with a Local policy and no local endpoints, by `internal` / `external`.
+    public var noLocalEndpoints: [String: Int] {
+        var i = 0, e = 0
+        for f in services.values {
+            if f.noLocalInternal { i += 1 }
+            if f.noLocalExternal { e += 1 }
+        }
+        return ["internal": i, "external": e]
+    }
+
+    // MARK: fragments and claims
+
+    /// Replaces (or removes, with nil) one service port's fragment, keeping the claims current.
+    mutating func setFragment(_ name: ServicePortName, _ fragment: NFTServiceFragment?) {
+        if let old = services[name] {
+            for e in old.elements { unclaim(e.id, by: name) }
+        }
+        if let fragment {
+            services[name] = fragment
+            portsByService[name.service, default: []].insert(name)
+            for e in fragment.elements { claim(e, by: name) }
+        } else {
+            services[name] = nil
+            portsByService[name.service]?.remove(name)
+            if portsByService[name.service]?.isEmpty == true { portsByService[name.service] = nil }
+        }
+    }
+
+    private mutating func claim(_ e: NFTElement, by owner: ServicePortName) {
+        guard var c = claims[e.id] else {
+            claims[e.id] = NFTClaim(element: e, owner: owner, count: 1)
+            return
+        }
+        c.count += 1
+        if e != c.element { c.uniform = false }
+        if c.ownerStale && !c.uniform {
+            c = rescan(c, excluding: nil)
+        } else if !c.ownerStale && owner < c.owner {
+            c.owner = owner
+            c.element = e
+        }
+        claims[e.id] = c
+    }
+
+    private mutating func unclaim(_ id: NFTElementKey, by owner: ServicePortName) {
+        guard var c = claims[id] else { return }
+        c.count -= 1
+        if c.count <= 0 {
+            claims[id] = nil
+            return
+        }
+        if c.owner == owner && !c.ownerStale {
+            if c.uniform {
+                c.ownerStale = true
+            } else {
+                c = rescan(c, excluding: owner)
+            }
+        }
+        claims[id] = c
+    }
+
+    /// Finds the smallest current claimant of `c`'s key (a scan over every fragment: only
+    /// when service ports disagree on an element).
+    private func rescan(_ c: NFTClaim, excluding: ServicePortName?) -> NFTClaim {
+        var out = c
+        var best: (ServicePortName, NFTElement)?
+        for (n, f) in services where n != excluding {
+            for e in f.elements where e.id == c.element.id {
+                if best == nil || n < best!.0 { best = (n, e) }
+            }
+        }
+        if let best {
+            out.owner = best.0
+            out.element = best.1
+            out.ownerStale = false
+        }
+        return out
+    }
+}
+
+/// Go's `%q` for the strings kube-proxy puts in comments: printable ASCII as is, `"` and `\`
+/// escaped, everything else as `\u{…}`-free hex escapes. The model validates names to DNS
+/// labels, so in practice nothing is escaped; this keeps a bad name from ending the string.
+public func nftQuoted(_ s: String) -> String {
+    var out = "\""
+    for u in s.unicodeScalars {
+        switch u {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        case " "..."~": out.unicodeScalars.append(u)
+        default:
+            for b in String(u).utf8 {
+                let hex = String(b, radix: 16)
+                out += "\\x" + (hex.count == 1 ? "0" + hex : hex)
+            }
+        }
+    }
+    return out + "\""
 }

@@ -1,0 +1,462 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The nftables compiler: a pure function from the per-node model to kube-proxy v1.34/v1.35's
+// nftables ruleset (pkg/proxy/nftables syncProxyRules / setupNFTables), one family at a time.
+
+import SluiceCore
+
+/// Settings the nftables compiler needs beyond the model.
+public struct NFTablesOptions: Sendable, Hashable {
+    /// Node-level settings. In nftables mode an unset `--nodeport-addresses` means the node's
+    /// primary IPs (see ``defaultNodePortAddresses(nodeIPs:)``); `.all`, or a list with a /0 of
+    /// this family or with no CIDR of this family, matches every local address.
+    public var node: NodeConfig
+    /// The family this table serves.
+    public var family: IPFamily
+    /// The node's local addresses; `nodeport-ips` holds those inside `nodePortAddresses`
+    /// (loopback addresses never: kube-proxy's nftables mode has no localhost NodePorts).
+    public var localAddresses: [IPAddress]
+    /// ServiceCIDRs (any family; this family's are used): traffic to an address in them that
+    /// is no ClusterIP is dropped by `cluster-ips-check`. Empty leaves that rule out.
+    public var serviceCIDRs: [CIDR]
+
+    /// Creates options.
+    public init(node: NodeConfig, family: IPFamily = .ipv4, localAddresses: [IPAddress] = [], serviceCIDRs: [CIDR] = []) {
+        self.node = node
+        self.family = family
+        self.localAddresses = localAddresses
+        self.serviceCIDRs = serviceCIDRs
+    }
+
+    /// kube-proxy's nftables-mode default for an empty `--nodeport-addresses`: `primary`, the
+    /// node IPs' own /32 and /128.
+    public static func defaultNodePortAddresses(nodeIPs: [IPAddress]) -> NodePortAddresses {
+        .cidrs(nodeIPs.map(CIDR.init(host:)))
+    }
+
+    /// The addresses that accept NodePorts; nil when every local address does (MatchAll).
+    public var nodePortIPs: [IPAddress]? {
+        switch node.nodePortAddresses.forFamily(family) {
+        case .all:
+            return nil
+        case .cidrs(let cidrs):
+            if cidrs.isEmpty || cidrs.contains(where: { $0.prefixLength == 0 }) { return nil }
+            var out: [IPAddress] = []
+            for ip in localAddresses where ip.family == family && !ip.isLoopback && cidrs.contains(where: { $0.contains(ip) }) {
+                if !out.contains(ip) { out.append(ip) }
+            }
+            return out
+        }
+    }
+}
+
+/// What one compile produced.
+public struct NFTCompileResult: Sendable {
+    /// The desired ruleset.
+    public var ruleset: NFTRuleset
+    /// Service ports whose fragment differs from the previous ruleset's (added, removed or
+    /// changed); every port when there was no usable previous ruleset.
+    public var changedPorts: Set<ServicePortName>
+    /// Set when the previous ruleset was reused (only changed Services were compiled): what
+    /// the changed ports and their elements were before, for the partial transaction.
+    public var delta: NFTRulesetDelta?
+
+    /// True when the previous ruleset was reused.
+    public var incremental: Bool { delta != nil }
+}
+
+/// What an incremental compile replaced: the previous fragments of the changed service ports
+/// and the previous elements of the keys they touch. With the updated ruleset it is all a
+/// partial transaction needs (``NFTRuleset/partialTransaction(_:)``), so the backend need not
+/// keep the previous ruleset beside the new one.
+public struct NFTRulesetDelta: Sendable {
+    /// Previous fragments of the changed ports (nil: the port is new).
+    public internal(set) var oldFragments: [ServicePortName: NFTServiceFragment?] = [:]
+    /// Previous winning elements of the keys the changed ports touch (nil: no element).
+    public internal(set) var oldElements: [NFTElementKey: NFTElement?] = [:]
+    /// The changed ports.
+    public var changedPorts: Set<ServicePortName> { Set(oldFragments.keys) }
+
+    /// Creates an empty delta.
+    public init() {}
+}
+
+/// Compiles a `ProxyState` into the desired nftables ruleset of one family.
+public struct NFTablesCompiler: Sendable {
+    /// The options compiled with.
+    public let options: NFTablesOptions
+
+    /// Creates a compiler.
+    public init(options: NFTablesOptions) { self.options = options }
+
+    private var family: NFTFamily { NFTFamily(options.family) }
+    private var ipX: String { family.addressKeyword }
+    private var mark: String { options.node.masqueradeMark }
+
+    /// Compiles `state` from scratch.
+    public func compile(_ state: ProxyState) -> NFTRuleset {
+        compile(state, previous: nil, changed: nil).ruleset
+    }
+
+    /// Compiles `state`, reusing `previous` for the Services not in `changed` (see
+    /// ``update(_:to:changed:)``); from scratch when `previous` or `changed` is nil or cannot
+    /// be reused. Pass `previous` without keeping another reference to it, or its storage is
+    /// copied.
+    public func compile(_ state: ProxyState, previous: NFTRuleset?, changed: Set<NamespacedName>?) -> NFTCompileResult {
+        if var rs = previous, let changed, let delta = update(&rs, to: state, changed: changed) {
+            return NFTCompileResult(ruleset: rs, changedPorts: delta.changedPorts, delta: delta)
+        }
+        var rs = NFTRuleset(family: family, fixed: fixedPart())
+        rs.nodeLabels = state.nodeLabels
+        rs.services.reserveCapacity(state.servicePorts.count)
+        for name in state.sortedNames {
+            rs.setFragment(name, fragment(state.servicePorts[name]!, state: state))
+        }
+        var changedPorts = Set(state.servicePorts.keys)
+        if let previous { changedPorts.formUnion(previous.services.keys) }
+        return NFTCompileResult(ruleset: rs, changedPorts: changedPorts, delta: nil)
+    }
+
+    /// Updates `ruleset` in place to `state`, compiling only the service ports of the Services
+    /// in `changed` (and the ports that appeared or disappeared with them); the cost follows
+    /// the changed Services, not the table. The result equals a compile from scratch.
+    ///
+    /// `changed` must cover every Service whose Service or EndpointSlices differ from the
+    /// state `ruleset` was compiled from (the union of `ProxyState.changedServices` since).
+    /// - Returns: what was replaced, for ``NFTRuleset/partialTransaction(_:)``; nil (and
+    ///   `ruleset` untouched) when the ruleset cannot be reused: another family, another fixed
+    ///   part (node addresses, ServiceCIDRs, masquerade settings) or other node labels. Then
+    ///   compile from scratch and send a full transaction.
+    public func update(_ ruleset: inout NFTRuleset, to state: ProxyState, changed: Set<NamespacedName>) -> NFTRulesetDelta? {
+        guard ruleset.family == family, ruleset.nodeLabels == state.nodeLabels, ruleset.fixed == fixedPart() else { return nil }
+        var delta = NFTRulesetDelta()
+        var candidates = Set<ServicePortName>()
+        for svc in changed { candidates.formUnion(ruleset.portsByService[svc] ?? []) }
+        if !changed.isEmpty {
+            for n in state.servicePorts.keys where changed.contains(n.service) { candidates.insert(n) }
+        }
+        for name in candidates {
+            let new = state.servicePorts[name].map { fragment($0, state: state) }
+            let old = ruleset.services[name]
+            if old == new { continue }
+            delta.oldFragments[name] = .some(old)
+            for e in old?.elements ?? [] where delta.oldElements[e.id] == nil {
+                delta.oldElements[e.id] = .some(ruleset.claims[e.id]?.element)
+            }
+            for e in new?.elements ?? [] where delta.oldElements[e.id] == nil {
+                delta.oldElements[e.id] = .some(ruleset.claims[e.id]?.element)
+            }
+            ruleset.setFragment(name, new)
+        }
+        return delta
+    }
+
+    // MARK: fixed part (setupNFTables)
+
+    /// Names of kube-proxy's fixed chains, sets and maps.
+    public enum Names {
+        public static let filterPreroutingPreDNAT = "filter-prerouting-pre-dnat"
+        public static let filterOutputPreDNAT = "filter-output-pre-dnat"
+        public static let filterInput = "filter-input"
+        public static let filterForward = "filter-forward"
+        public static let filterOutput = "filter-output"
+        public static let natPrerouting = "nat-prerouting"
+        public static let natOutput = "nat-output"
+        public static let natPostrouting = "nat-postrouting"
+        public static let nodePortEndpointsCheck = "nodeport-endpoints-check"
+        public static let serviceEndpointsCheck = "service-endpoints-check"
+        public static let firewallCheck = "firewall-check"
+        public static let services = "services"
+        public static let masquerading = "masquerading"
+        public static let clusterIPsCheck = "cluster-ips-check"
+        public static let markMasq = "mark-for-masquerade"
+        public static let rejectChain = "reject-chain"
+        public static let clusterIPs = "cluster-ips"
+        public static let nodePortIPs = "nodeport-ips"
+        public static let serviceIPs = "service-ips"
+        public static let serviceNodePorts = "service-nodeports"
+        public static let noEndpointServices = "no-endpoint-services"
+        public static let noEndpointNodePorts = "no-endpoint-nodeports"
+        public static let firewallIPs = "firewall-ips"
+    }
+
+    /// kube-proxy v1.34's base chains, in order.
+    public static let baseChains: [(String, NFTHook)] = [
+        (Names.filterPreroutingPreDNAT, NFTHook(type: "filter", hook: "prerouting", priority: -110)),
+        (Names.filterOutputPreDNAT, NFTHook(type: "filter", hook: "output", priority: -110)),
+        (Names.filterInput, NFTHook(type: "filter", hook: "input", priority: 0)),
+        (Names.filterForward, NFTHook(type: "filter", hook: "forward", priority: 0)),
+        (Names.filterOutput, NFTHook(type: "filter", hook: "output", priority: 0)),
+        (Names.natPrerouting, NFTHook(type: "nat", hook: "prerouting", priority: -100)),
+        (Names.natOutput, NFTHook(type: "nat", hook: "output", priority: -100)),
+        (Names.natPostrouting, NFTHook(type: "nat", hook: "postrouting", priority: 100)),
+    ]
+
+    /// kube-proxy v1.34's jumps from base chains: (destination, source, extra match).
+    static let jumps: [(String, String, String)] = [
+        (Names.nodePortEndpointsCheck, Names.filterInput, "ct state new "),
+        (Names.serviceEndpointsCheck, Names.filterInput, "ct state new "),
+        (Names.serviceEndpointsCheck, Names.filterForward, "ct state new "),
+        (Names.serviceEndpointsCheck, Names.filterOutput, "ct state new "),
+        (Names.firewallCheck, Names.filterPreroutingPreDNAT, "ct state new "),
+        (Names.firewallCheck, Names.filterOutputPreDNAT, "ct state new "),
+        (Names.services, Names.natOutput, ""),
+        (Names.services, Names.natPrerouting, ""),
+        (Names.masquerading, Names.natPostrouting, ""),
+        (Names.clusterIPsCheck, Names.filterForward, "ct state new "),
+        (Names.clusterIPsCheck, Names.filterOutput, "ct state new "),
+    ]
+
+    /// The fixed part for these options.
+    public func fixedPart() -> NFTFixedPart {
+        var chains: [NFTChain] = []
+        var index: [String: Int] = [:]
+        func ensure(_ name: String, hook: NFTHook? = nil, comment: String? = nil) {
+            if index[name] != nil { return }
+            index[name] = chains.count
+            chains.append(NFTChain(name: name, hook: hook, comment: comment))
+        }
+        func rule(_ chain: String, _ text: String) {
+            chains[index[chain]!].rules.append(text)
+        }
+        for (name, hook) in Self.baseChains { ensure(name, hook: hook) }
+        for (dst, src, extra) in Self.jumps {
+            ensure(dst)
+            rule(src, "\(extra)jump \(dst)")
+        }
+        for c in [Names.services, Names.clusterIPsCheck, Names.masquerading, Names.markMasq] { ensure(c) }
+        rule(Names.markMasq, "mark set mark or \(mark)")
+        rule(Names.masquerading, "mark and \(mark) == 0 return")
+        rule(Names.masquerading, "mark set mark xor \(mark)")
+        rule(Names.masquerading, "masquerade fully-random")
+
+        let addr = family.addressType
+        var containers: [NFTContainer] = [
+            NFTContainer(kind: .set, name: Names.clusterIPs, type: addr, comment: "Active ClusterIPs"),
+        ]
+        rule(Names.clusterIPsCheck, "\(ipX) daddr @\(Names.clusterIPs) reject comment \(nftQuoted("Reject traffic to invalid ports of ClusterIPs"))")
+        let cidrs = options.serviceCIDRs.filter { $0.family == options.family }.map(\.description)
+        if !cidrs.isEmpty {
+            rule(Names.clusterIPsCheck, "\(ipX) daddr { \(cidrs.joined(separator: ",")) } drop comment \(nftQuoted("Drop traffic to unallocated ClusterIPs"))")
+        }
+        containers.append(NFTContainer(kind: .set, name: Names.nodePortIPs, type: addr, comment: "IPs that accept NodePort traffic"))
+        let npIPs = options.nodePortIPs
+        let noLocalhost = family == .ip ? "ip daddr != 127.0.0.0/8" : "ip6 daddr != ::1"
+
+        containers.append(NFTContainer(kind: .map, name: Names.noEndpointServices, type: "\(addr) . inet_proto . inet_service : verdict",
+                                       comment: "vmap to drop or reject packets to services with no endpoints"))
+        containers.append(NFTContainer(kind: .map, name: Names.noEndpointNodePorts, type: "inet_proto . inet_service : verdict",
+                                       comment: "vmap to drop or reject packets to service nodeports with no endpoints"))
+        ensure(Names.rejectChain, comment: "helper for @no-endpoint-services / @no-endpoint-nodeports")
+        rule(Names.rejectChain, "reject")
+        rule(Names.serviceEndpointsCheck, "\(ipX) daddr . meta l4proto . th dport vmap @\(Names.noEndpointServices)")
+        if npIPs == nil {
+            rule(Names.nodePortEndpointsCheck, "\(noLocalhost) meta l4proto . th dport vmap @\(Names.noEndpointNodePorts)")
+        } else {
+            rule(Names.nodePortEndpointsCheck, "\(ipX) daddr @\(Names.nodePortIPs) meta l4proto . th dport vmap @\(Names.noEndpointNodePorts)")
+        }
+        containers.append(NFTContainer(kind: .map, name: Names.firewallIPs, type: "\(addr) . inet_proto . inet_service : verdict",
+                                       comment: "destinations that are subject to LoadBalancerSourceRanges"))
+        ensure(Names.firewallCheck)
+        rule(Names.firewallCheck, "\(ipX) daddr . meta l4proto . th dport vmap @\(Names.firewallIPs)")
+        containers.append(NFTContainer(kind: .map, name: Names.serviceIPs, type: "\(addr) . inet_proto . inet_service : verdict",
+                                       comment: "ClusterIP, ExternalIP and LoadBalancer IP traffic"))
+        containers.append(NFTContainer(kind: .map, name: Names.serviceNodePorts, type: "inet_proto . inet_service : verdict",
+                                       comment: "NodePort traffic"))
+        rule(Names.services, "\(ipX) daddr . meta l4proto . th dport vmap @\(Names.serviceIPs)")
+        if npIPs == nil {
+            rule(Names.services, "fib daddr type local \(noLocalhost) meta l4proto . th dport vmap @\(Names.serviceNodePorts)")
+        } else {
+            rule(Names.services, "\(ipX) daddr @\(Names.nodePortIPs) meta l4proto . th dport vmap @\(Names.serviceNodePorts)")
+        }
+        return NFTFixedPart(chains: chains, containers: containers, nodePortIPs: npIPs?.map(\.description))
+    }
+
+    // MARK: per service port (syncProxyRules' loop body)
+
+    /// The local-traffic detector's match (`ip saddr 10.0.0.0/8`, negated with `!=`); nil when
+    /// no cluster CIDR of this family is configured.
+    private func localDetector(negated: Bool) -> String? {
+        guard let cidr = options.node.clusterCIDRs.first(where: { $0.family == options.family }) else { return nil }
+        return negated ? "\(ipX) saddr != \(cidr)" : "\(ipX) saddr \(cidr)"
+    }
+
+    // swiftlint:disable:next function_body_length cyclomatic_complexity
+    /// One service port's chains, affinity sets and elements.
+    public func fragment(_ svc: ServicePortInfo, state: ProxyState) -> NFTServiceFragment {
+        let proto = svc.proto.lowercased
+        let spn = svc.name.description
+        let base = NFTChainNames.servicePortBase(svc.name)
+        let clusterPolicyChain = "service-" + base
+        let localPolicyChain = "local-" + base
+        let externalTrafficChain = "external-" + base
+        let fwChain = "firewall-" + base
+        let markMasq = Names.markMasq
+
+        let cat = categorizeEndpoints(state.endpoints[svc.name] ?? [], info: svc, nodeName: options.node.nodeName,
+                                      nodeLabels: state.nodeLabels)
+        let hasEndpoints = cat.hasAnyEndpoints
+        var epBase: [String: String] = [:]
+        func endpointBase(_ ep: EndpointInfo) -> String {
+            let k = ep.description
+            if let b = epBase[k] { return b }
+            let b = NFTChainNames.endpointBase(svc.name, ip: ep.ip, port: ep.port)
+            epBase[k] = b
+            return b
+        }
+
+        let usesClusterPolicyChain = !cat.cluster.isEmpty && svc.usesClusterEndpoints
+        let usesLocalPolicyChain = !cat.local.isEmpty && svc.usesLocalEndpoints
+        var internalTrafficChain = clusterPolicyChain
+        var hasInternalEndpoints = hasEndpoints
+        if svc.internalPolicyLocal {
+            internalTrafficChain = localPolicyChain
+            if cat.local.isEmpty { hasInternalEndpoints = false }
+        }
+        var externalPolicyChain = clusterPolicyChain
+        var hasExternalEndpoints = hasEndpoints
+        if svc.externalPolicyLocal {
+            externalPolicyChain = localPolicyChain
+            if cat.local.isEmpty { hasExternalEndpoints = false }
+        }
+        let usesExternalTrafficChain = hasEndpoints && svc.externallyAccessible
+        let usesFWChain = !svc.loadBalancerVIPs.isEmpty && !svc.loadBalancerSourceRanges.isEmpty
+
+        var out = NFTServiceFragment()
+        var internalVerdict = "", externalVerdict = ""
+        if !hasEndpoints {
+            internalVerdict = "goto \(Names.rejectChain)"
+            externalVerdict = internalVerdict
+        } else {
+            if !hasInternalEndpoints {
+                internalVerdict = "drop"
+                out.noLocalInternal = true
+            }
+            if !hasExternalEndpoints {
+                externalVerdict = "drop"
+                out.noLocalExternal = true
+            }
+        }
+
+        // Elements, in kube-proxy's order.
+        let port = svc.port
+        func ipKey(_ ip: IPAddress) -> String { "\(ip) . \(proto) . \(port)" }
+        out.elements.append(NFTElement(Names.clusterIPs, key: svc.clusterIP.description))
+        if hasInternalEndpoints {
+            out.elements.append(NFTElement(Names.serviceIPs, key: ipKey(svc.clusterIP), value: "goto \(internalTrafficChain)"))
+        } else {
+            out.elements.append(NFTElement(Names.noEndpointServices, key: ipKey(svc.clusterIP), comment: spn, value: internalVerdict))
+        }
+        for ip in svc.externalIPs {
+            if hasEndpoints {
+                out.elements.append(NFTElement(Names.serviceIPs, key: ipKey(ip), value: "goto \(externalTrafficChain)"))
+            }
+            if !hasExternalEndpoints {
+                out.elements.append(NFTElement(Names.noEndpointServices, key: ipKey(ip), comment: spn, value: externalVerdict))
+            }
+        }
+        for ip in svc.loadBalancerVIPs {
+            if hasEndpoints {
+                out.elements.append(NFTElement(Names.serviceIPs, key: ipKey(ip), value: "goto \(externalTrafficChain)"))
+            }
+            if usesFWChain {
+                out.elements.append(NFTElement(Names.firewallIPs, key: ipKey(ip), value: "goto \(fwChain)"))
+            }
+        }
+        if !hasExternalEndpoints {
+            for ip in svc.loadBalancerVIPs {
+                out.elements.append(NFTElement(Names.noEndpointServices, key: ipKey(ip), comment: spn, value: externalVerdict))
+            }
+        }
+        if svc.nodePort != 0 {
+            let key = "\(proto) . \(svc.nodePort)"
+            if hasEndpoints {
+                out.elements.append(NFTElement(Names.serviceNodePorts, key: key, value: "goto \(externalTrafficChain)"))
+            }
+            if !hasExternalEndpoints {
+                out.elements.append(NFTElement(Names.noEndpointNodePorts, key: key, comment: spn, value: externalVerdict))
+            }
+        }
+
+        // Chains. Rules are collected per chain; the emission order below is the order the
+        // fragment lists its chains in (policy chains, external, firewall, endpoints).
+        var clusterRules: [String] = [], localRules: [String] = []
+        if hasInternalEndpoints {
+            var masq: String?
+            if options.node.masqueradeAll {
+                masq = "\(ipX) daddr \(svc.clusterIP) jump \(markMasq)"
+            } else if let notLocal = localDetector(negated: true) {
+                masq = "\(ipX) daddr \(svc.clusterIP) \(notLocal) jump \(markMasq)"
+            }
+            if let masq {
+                if internalTrafficChain == clusterPolicyChain { clusterRules.append(masq) } else { localRules.append(masq) }
+            }
+        }
+        var externalRules: [String] = []
+        if usesExternalTrafficChain {
+            if !svc.externalPolicyLocal {
+                externalRules.append("jump \(markMasq)")
+            } else {
+                if let local = localDetector(negated: false) {
+                    externalRules.append("\(local) goto \(clusterPolicyChain) comment \(nftQuoted("short-circuit pod traffic"))")
+                }
+                externalRules.append("fib saddr type local jump \(markMasq) comment \(nftQuoted("masquerade local traffic"))")
+                externalRules.append("fib saddr type local goto \(clusterPolicyChain) comment \(nftQuoted("short-circuit local traffic"))")
+            }
+            if hasExternalEndpoints {
+                externalRules.append("goto \(externalPolicyChain)")
+            }
+        }
+        var fwRules: [String] = []
+        if usesFWChain {
+            var sources = svc.loadBalancerSourceRanges.map(\.description)
+            let nodeIP = options.node.nodeIPs.first { $0.family == options.family }
+            if let nodeIP, svc.loadBalancerSourceRanges.contains(where: { $0.contains(nodeIP) }) {
+                sources += svc.loadBalancerVIPs.map(\.description)
+            }
+            fwRules.append("\(ipX) saddr != { \(sources.joined(separator: " , ")) } drop")
+        }
+        let affinity = svc.stickyTimeoutSeconds
+        if let timeout = affinity {
+            for ep in cat.allReachable {
+                out.affinitySets.append(NFTContainer(kind: .set, name: "affinity-" + endpointBase(ep), type: family.addressType,
+                                                     flags: ["dynamic", "timeout"], timeoutSeconds: timeout))
+            }
+        }
+        func serviceToEndpointRules(_ endpoints: [EndpointInfo], into rules: inout [String]) {
+            if affinity != nil {
+                for ep in endpoints {
+                    let b = endpointBase(ep)
+                    rules.append("\(ipX) saddr @affinity-\(b) goto endpoint-\(b)")
+                }
+            }
+            var vmap = "numgen random mod \(endpoints.count) vmap { "
+            for (i, ep) in endpoints.enumerated() {
+                if i > 0 { vmap += " , " }
+                vmap += "\(i) : goto endpoint-\(endpointBase(ep))"
+            }
+            rules.append(vmap + " }")
+        }
+        if usesClusterPolicyChain {
+            serviceToEndpointRules(cat.cluster, into: &clusterRules)
+            out.chains.append(NFTChain(name: clusterPolicyChain, rules: clusterRules))
+        }
+        if usesLocalPolicyChain {
+            serviceToEndpointRules(cat.local, into: &localRules)
+            out.chains.append(NFTChain(name: localPolicyChain, rules: localRules))
+        }
+        if usesExternalTrafficChain {
+            out.chains.append(NFTChain(name: externalTrafficChain, rules: externalRules))
+        }
+        if usesFWChain {
+            out.chains.append(NFTChain(name: fwChain, rules: fwRules))
+        }
+        for ep in cat.allReachable {
+            let b = endpointBase(ep)
+            var rules = ["\(ipX) saddr \(ep.ip) jump \(markMasq)"]
+            if affinity != nil { rules.append("update @affinity-\(b) { \(ipX) saddr }") }
+            rules.append("meta l4proto \(proto) dnat to \(ep.description)")
+            out.chains.append(NFTChain(name: "endpoint-" + b, rules: rules))
+        }
+        return out
+    }
+}
