@@ -69,7 +69,7 @@ let configBindings: [ConfigBinding] = [
     ConfigBinding(path: "mode", flags: ["--proxy-mode"], apply: { o, v throws(ConfigError) in
         let s = v as? String ?? ""
         if s.isEmpty { return }
-        guard let m = ProxyMode(rawValue: s) else { throw ConfigError(field: "mode", value: s, reason: "not iptables, ipvs or userspace") }
+        guard let m = ProxyMode(rawValue: s) else { throw ConfigError(field: "mode", value: s, reason: "not iptables, ipvs, userspace or nftables") }
         o.proxyMode = m
     }, current: { $0.proxyMode.rawValue }),
     ConfigBinding(path: "hostnameOverride", flags: ["--hostname-override"], apply: { o, v in

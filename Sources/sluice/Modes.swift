@@ -35,6 +35,8 @@ func makeMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger:
         // IPVS mode keeps net.ipv4.vs.conntrack=1, so its flows are in the conntrack table too.
         mode.observers.append(makeConntrackReconciler(node: node, logger: logger))
         return mode
+    case .nftables:
+        return try await makeNFTablesMode(options: options, node: node, family: family, logger: logger)
     case .userspace:
         let backend = try makeUserspaceBackend(options: options, node: node, logger: logger)
         // Redirected flows answer from the relay port, not an endpoint: the reconciler keeps them.

@@ -23,7 +23,8 @@ struct Observability {
 func makeObservability(options: ProxyOptions, node: NodeConfig, logger: Logger) throws -> Observability {
     let (healthzAddress, metricsAddress) = try options.bindAddresses()
     let health = ProxyHealth(syncPeriod: options.timing.syncPeriod)
-    let metrics = ProxyMetrics(nodeName: node.nodeName, tables: options.proxyMode == .iptables ? ["filter", "nat"] : [])
+    let metrics = ProxyMetrics(nodeName: node.nodeName, tables: options.proxyMode == .iptables ? ["filter", "nat"] : [],
+                               nftables: options.proxyMode == .nftables)
     metrics.bootstrapMetricsSystem()
     let serviceHealth = ServiceHealthServers(health: health, nodePortAddresses: node.nodePortAddresses,
                                              localAddresses: LocalAddresses.current(), logger: logger)

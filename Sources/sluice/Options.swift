@@ -11,14 +11,14 @@ import SluiceServer
 
 /// `--proxy-mode`.
 enum ProxyMode: String, ExpressibleByArgument, CaseIterable {
-    case iptables, ipvs, userspace
+    case iptables, ipvs, userspace, nftables
 }
 
 extension IPTablesVariant: ExpressibleByArgument {}
 
 /// Flags that describe the node and the proxy's behaviour (kube-proxy's names).
 struct ProxyOptions: ParsableArguments {
-    @Option(help: "Which proxy mode to use: iptables, ipvs or userspace.")
+    @Option(help: "Which proxy mode to use: iptables, ipvs, userspace or nftables.")
     var proxyMode: ProxyMode = .iptables
 
     @Option(help: ArgumentHelp("Read Services, EndpointSlices, Endpoints and Nodes from the YAML/JSON files in this directory, and watch it.", valueName: "dir"))

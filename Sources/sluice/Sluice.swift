@@ -47,11 +47,12 @@ struct Sluice: AsyncParsableCommand {
             return
         }
         let plan = try await makeSource(options: options, logger: logger)
-        let node = plan.node
+        let node = nftablesNodeConfig(plan.node, options: options)
         let source = plan.events
         logger.info("sluice \(sluiceVersion) starting: mode \(options.proxyMode.rawValue), node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
         let observability = try makeObservability(options: options, node: node, logger: logger)
         applyConntrackSysctls(options.conntrack, logger: logger)
+        await cleanupOtherModes(options: options, logger: logger)
         var runners: [SyncRunner<ContinuousClock>] = []
         var services: [any ServiceLifecycle.Service] = []
         // Userspace mode relays IPv4 only (its portal rules are iptables rules).
@@ -76,21 +77,8 @@ struct Sluice: AsyncParsableCommand {
         // IPVS mode first: it removes its services, sets, device and own chains, and empties the
         // chains it shares with iptables mode, which the iptables clean-up below then deletes.
         var failures = await runIPVSCleanup(options: options, logger: logger)
-        for family in IPFamily.allCases {
-            let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
-            guard ProcessRunner().resolve(tools.restore) != nil else {
-                logger.info("\(tools.restore) not installed; nothing to clean for \(family.rawValue)")
-                continue
-            }
-            let node = NodeConfig(nodeName: options.nodeName())
-            let backend = IPTablesBackend(options: IPTablesOptions(node: node, family: family), tools: tools,
-                                          runner: ProcessRunner(), logger: logger)
-            do {
-                try await backend.cleanup()
-            } catch {
-                failures.append("\(error)")
-            }
-        }
+        failures += await runIPTablesCleanup(options: options, logger: logger)
+        failures += runNFTablesCleanup(logger: logger)
         if !failures.isEmpty { throw SluiceExit("cleanup incomplete: " + failures.joined(separator: "; ")) }
         logger.info("cleanup done")
     }
@@ -99,7 +87,7 @@ struct Sluice: AsyncParsableCommand {
 /// `sluice compile`: prints the iptables-restore input of a full sync for the manifests.
 struct Compile: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Print what a full sync would program for a manifest directory (a dry run): the iptables-restore input, or with --proxy-mode ipvs the IPVS services, ipset members and iptables rules.",
+        abstract: "Print what a full sync would program for a manifest directory (a dry run): the iptables-restore input, with --proxy-mode ipvs the IPVS services, ipset members and iptables rules, or with --proxy-mode nftables the `nft -f` transaction.",
         discussion: "With --proxy-mode userspace it prints the portal rules; relay ports are assigned from 32768 in service-port order, as stand-ins for the ports a running proxy gets from the kernel.")
 
     @OptionGroup var options: ProxyOptions
@@ -140,6 +128,11 @@ struct Compile: AsyncParsableCommand {
             default:
                 let r = await ProcessRunner().run(IPTablesTools(variant: options.iptablesBackend, family: family).iptables, ["--version"], input: nil)
                 if case .success(let out) = r, let f = IPTablesFeatures.parse(out.stdout + out.stderr) { rf = f.randomFully } else { rf = true }
+            }
+            if options.proxyMode == .nftables {
+                let node = nftablesNodeConfig(node, options: options)
+                FileHandle.standardOutput.write(Data(nftablesDryRun(node: node, family: family, state: state).utf8))
+                continue
             }
             if options.proxyMode == .ipvs {
                 if family != node.families.first { FileHandle.standardOutput.write(Data("# \(family.rawValue)\n".utf8)) }

@@ -1,0 +1,200 @@
+// Sluice: a per-node Kubernetes service proxy.
+// The nftables backend: applies the compiler's transactions through libnftables, one
+// transaction per sync, keeps in memory what the kernel holds, deletes stale chains a sync
+// later (as kube-proxy does), and watches for a deleted or flushed table.
+
+import Foundation
+import Logging
+import SluiceCore
+
+/// The kernel side the backend talks to (libnftables and the netlink inventory in
+/// production; a fake in unit tests).
+public protocol NFTablesKernel: Sendable {
+    /// Applies one transaction (all or nothing).
+    func apply(_ text: String, operation: String) async throws
+    /// The table's chain and set names.
+    func inventory() async throws -> (chains: Set<String>, sets: Set<String>)
+    /// Whether the table exists and `chain` holds at least one rule.
+    func chainHasRules(_ chain: String) async throws -> Bool
+}
+
+/// libnftables for writes, nfnetlink for the inventory.
+public struct LibNFTablesKernel: NFTablesKernel {
+    /// The library context.
+    public let lib: LibNFTables
+    /// The netlink reader of the same table.
+    public let reader: NFTablesInventory
+
+    /// Creates a kernel interface for `table` in `family`.
+    public init(table: String = kubeProxyTableName, family: NFTFamily, lib: LibNFTables) throws {
+        self.lib = lib
+        self.reader = try NFTablesInventory(table: table, family: family)
+    }
+
+    public func apply(_ text: String, operation: String) async throws {
+        try lib.run(text, operation: operation)
+    }
+
+    public func inventory() async throws -> (chains: Set<String>, sets: Set<String>) {
+        guard try await reader.tableExists() else { return ([], []) }
+        return (try await reader.chainNames(), try await reader.setNames())
+    }
+
+    public func chainHasRules(_ chain: String) async throws -> Bool {
+        try await reader.ruleCount(chain: chain) > 0
+    }
+}
+
+/// The nftables backend for one IP family: table `ip kube-proxy` or `ip6 kube-proxy`.
+public actor NFTablesBackend: ProxyBackend {
+    public nonisolated let name = "nftables"
+    /// kube-proxy's table name.
+    public static let tableName = kubeProxyTableName
+    /// The chain the canary check reads: it always holds the `@service-ips` dispatch rule, so
+    /// a deleted table and a flushed one both leave it without rules.
+    public static let canaryChain = NFTablesCompiler.Names.services
+
+    /// The table family.
+    public nonisolated let family: NFTFamily
+    private let compiler: NFTablesCompiler
+    private let kernel: any NFTablesKernel
+    private let logger: Logger
+    /// The time, for the stale-chain delay (a settable clock in unit tests).
+    private let now: @Sendable () -> ContinuousClock.Instant
+
+    /// The ruleset the kernel holds after the last successful transaction (nil: unknown, so
+    /// the next sync is full).
+    private var applied: NFTRuleset?
+    /// Flushed chains waiting to be deleted.
+    private var stale = NFTStaleChains()
+    /// Whether the next full sync is the process's first (it recreates the base chains).
+    private var firstSync = true
+    /// The last transaction applied, for debugging and tests.
+    public private(set) var lastTransaction = ""
+    /// Failed main transactions (`…_nftables_sync_failures_total`).
+    public private(set) var syncFailures = 0
+    /// Failed stale-chain deletions (`…_nftables_cleanup_failures_total`).
+    public private(set) var cleanupFailures = 0
+    /// Cleanup failures not yet carried by a sync report.
+    private var unreportedCleanupFailures = 0
+
+    /// Creates a backend.
+    /// - Parameters:
+    ///   - compiler: the pure compiler of this family.
+    ///   - kernel: libnftables and the netlink reader (`LibNFTablesKernel`), or a fake.
+    ///   - now: the time (`ContinuousClock.now` unless a test passes its own).
+    public init(compiler: NFTablesCompiler, kernel: any NFTablesKernel, logger: Logger,
+                now: @escaping @Sendable () -> ContinuousClock.Instant = { ContinuousClock.now }) {
+        self.family = NFTFamily(compiler.options.family)
+        self.compiler = compiler
+        self.kernel = kernel
+        self.logger = logger
+        self.now = now
+    }
+
+    /// Chains flushed and waiting for deletion (tests).
+    public var pendingStaleChains: Set<String> { Set(stale.flushedAt.keys) }
+
+    /// Applies `state` in one transaction.
+    ///
+    /// A partial sync compiles only the changed Services into the ruleset the last transaction
+    /// left and sends the difference (their chains, the changed set and map elements). A full
+    /// one (asked for, the first, after a failure, or when the fixed part changed) sends the
+    /// whole ruleset and reads the table's chain and set names back first, so service chains
+    /// and affinity sets nobody wants any more are flushed (chains) or deleted (sets). Chains
+    /// flushed by an earlier sync are deleted first, in a transaction of their own, once they
+    /// have been flushed for a second. A failed transaction leaves the kernel as it was and
+    /// the next sync is full.
+    public func sync(_ state: ProxyState, full requested: Bool) async throws -> SyncReport {
+        let start = now()
+        var full = requested || applied == nil
+        if let deletion = stale.takeDeletionTransaction(family: family, now: start) {
+            do {
+                try await kernel.apply(deletion.text, operation: "deleting \(deletion.operationCount) stale chains")
+                logger.debug("deleted \(deletion.operationCount) stale chains")
+            } catch {
+                cleanupFailures += 1
+                unreportedCleanupFailures += 1
+                logger.error("deleting stale chains failed (\(error)); the full sync that follows finds them again")
+                full = true
+            }
+        }
+
+        // The previous ruleset is handed over, not shared, so an incremental compile updates
+        // it in place; until the transaction succeeds nothing is remembered.
+        let previous = full ? nil : applied
+        applied = nil
+        let result = compiler.compile(state, previous: consume previous, changed: full ? nil : state.changedServices)
+        let tx: NFTTransaction
+        if let delta = result.delta {
+            tx = result.ruleset.partialTransaction(delta)
+        } else {
+            full = true
+            let existing: (chains: Set<String>, sets: Set<String>)
+            do {
+                existing = try await kernel.inventory()
+            } catch {
+                syncFailures += 1
+                stale.reset()
+                throw NFTablesError(operation: "reading table \(family.rawValue) \(Self.tableName)", message: "\(error)")
+            }
+            tx = result.ruleset.fullTransaction(recreateBaseChains: firstSync,
+                                                existing: NFTExistingObjects(chains: existing.chains, sets: existing.sets))
+        }
+
+        if !tx.isEmpty {
+            do {
+                try await kernel.apply(tx.text, operation: full ? "full transaction" : "partial transaction")
+            } catch {
+                syncFailures += 1
+                // Nothing was flushed: forget the stale chains too (kube-proxy clears its list);
+                // the full sync that follows reads the table and finds them again.
+                stale.reset()
+                throw error
+            }
+        }
+        if full { firstSync = false }
+        stale.record(tx, at: start)
+        lastTransaction = tx.text
+        let bytes = tx.text.utf8.count
+        applied = result.ruleset
+        var report = SyncReport(full: full, bytes: bytes)
+        report.cleanupFailures = unreportedCleanupFailures
+        unreportedCleanupFailures = 0
+        return report
+    }
+
+    /// True when the table is gone or its `services` chain lost its rules (someone ran
+    /// `nft delete table` or `nft flush table`/`flush ruleset`): the next sync must be full.
+    /// One rule dump of one chain over netlink, whatever the size of the table.
+    public func externalChangeDetected() async -> Bool {
+        guard applied != nil else { return false }
+        do {
+            if try await kernel.chainHasRules(Self.canaryChain) { return false }
+        } catch {
+            logger.warning("checking table \(family.rawValue) \(Self.tableName): \(error); resyncing fully")
+            return true
+        }
+        logger.warning("table \(family.rawValue) \(Self.tableName) was deleted or flushed: resyncing fully")
+        applied = nil
+        return true
+    }
+
+    /// Deletes `table ip kube-proxy` and `table ip6 kube-proxy` (what kube-proxy's nftables
+    /// mode and this backend leave behind). A missing table is not an error.
+    /// - Returns: one message per table that could not be deleted.
+    public static func cleanup(lib: LibNFTables, logger: Logger) -> [String] {
+        var failures: [String] = []
+        for family in NFTFamily.allCases {
+            do {
+                try lib.run("delete table \(family.rawValue) \(tableName)\n", operation: "deleting table \(family.rawValue) \(tableName)")
+                logger.info("deleted table \(family.rawValue) \(tableName)")
+            } catch let e as NFTablesError where e.isNotFound {
+                continue
+            } catch {
+                failures.append("\(error)")
+            }
+        }
+        return failures
+    }
+}

@@ -1,0 +1,91 @@
+// Sluice: a per-node Kubernetes service proxy.
+// nftables mode in the executable: the start-up check, the backend, the clean-up of what the
+// other modes leave behind (and theirs of ours), `--cleanup` and `sluice compile`.
+
+import IPTables
+import Logging
+import NFTables
+import SluiceCore
+
+/// The node configuration as the nftables mode uses it: with no `--nodeport-addresses`
+/// (flag or config), NodePorts answer on the node's primary IPs only, as kube-proxy's
+/// nftables mode defaults to `primary`.
+func nftablesNodeConfig(_ node: NodeConfig, options: ProxyOptions) -> NodeConfig {
+    guard options.proxyMode == .nftables, options.nodeportAddresses == nil else { return node }
+    var node = node
+    node.nodePortAddresses = NFTablesOptions.defaultNodePortAddresses(nodeIPs: node.nodeIPs)
+    return node
+}
+
+/// Builds the nftables-mode runtime for one family, or fails with one line naming what the
+/// kernel or library lacks. It never falls back to another mode.
+func makeNFTablesMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger: Logger) async throws -> ModeRuntime {
+    let lib: LibNFTables
+    let kernel: LibNFTablesKernel
+    do {
+        lib = try LibNFTables()
+        try NFTablesSupport.check(lib, families: [NFTFamily(family)])
+        kernel = try LibNFTablesKernel(family: NFTFamily(family), lib: lib)
+    } catch {
+        throw SluiceExit("cannot use --proxy-mode nftables: \(error)")
+    }
+    let backend = NFTablesBackend(compiler: makeNFTablesCompiler(node: node, family: family), kernel: kernel, logger: logger)
+    return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger)]) { runner in
+        [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
+    }
+}
+
+/// What a mode removes at start-up, as kube-proxy does: the nftables mode removes the
+/// iptables and IPVS modes' chains, IPVS services, ipsets and `kube-ipvs0`; every other
+/// mode removes the nftables mode's tables. Failures are logged; start-up goes on.
+func cleanupOtherModes(options: ProxyOptions, logger: Logger) async {
+    if options.proxyMode == .nftables {
+        var failures = await runIPVSCleanup(options: options, logger: logger)
+        failures += await runIPTablesCleanup(options: options, logger: logger)
+        for f in failures { logger.warning("removing the iptables/IPVS modes' leftovers: \(f)") }
+        return
+    }
+    for f in runNFTablesCleanup(logger: logger) { logger.warning("removing the nftables mode's tables: \(f)") }
+}
+
+/// Deletes `table ip kube-proxy` and `table ip6 kube-proxy`; one message per failure.
+func runNFTablesCleanup(logger: Logger) -> [String] {
+    do {
+        return NFTablesBackend.cleanup(lib: try LibNFTables(), logger: logger)
+    } catch {
+        return ["\(error)"]
+    }
+}
+
+/// Removes the iptables and userspace modes' chains and jump rules of both families.
+func runIPTablesCleanup(options: ProxyOptions, logger: Logger) async -> [String] {
+    var failures: [String] = []
+    for family in IPFamily.allCases {
+        let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
+        guard ProcessRunner().resolve(tools.restore) != nil else {
+            logger.info("\(tools.restore) not installed; nothing to clean for \(family.rawValue)")
+            continue
+        }
+        let node = NodeConfig(nodeName: options.nodeName())
+        let backend = IPTablesBackend(options: IPTablesOptions(node: node, family: family), tools: tools,
+                                      runner: ProcessRunner(), logger: logger)
+        do {
+            try await backend.cleanup()
+        } catch {
+            failures.append("\(error)")
+        }
+    }
+    return failures
+}
+
+/// The compiler for one family: the node's own addresses of that family decide which
+/// accept NodePorts (`nodeport-ips`).
+func makeNFTablesCompiler(node: NodeConfig, family: IPFamily) -> NFTablesCompiler {
+    NFTablesCompiler(options: NFTablesOptions(node: node, family: family,
+                                              localAddresses: LocalAddresses.current().filter { $0.family == family }))
+}
+
+/// `sluice compile --proxy-mode nftables`: the transaction of a full sync (`nft -f` input).
+func nftablesDryRun(node: NodeConfig, family: IPFamily, state: ProxyState) -> String {
+    makeNFTablesCompiler(node: node, family: family).compile(state).fullTransaction().text
+}
