@@ -99,11 +99,19 @@ public struct NFTablesCompiler: Sendable {
 
     /// Compiles `state`, reusing `previous` for the Services not in `changed` (see
     /// ``update(_:to:changed:)``); from scratch when `previous` or `changed` is nil or cannot
-    /// be reused. Pass `previous` without keeping another reference to it, or its storage is
-    /// copied.
-    public func compile(_ state: ProxyState, previous: NFTRuleset?, changed: Set<NamespacedName>?) -> NFTCompileResult {
-        if var rs = previous, let changed, let delta = update(&rs, to: state, changed: changed) {
-            return NFTCompileResult(ruleset: rs, changedPorts: delta.changedPorts, delta: delta)
+    /// be reused. Hand `previous` over (`consume`) without keeping another reference to it, or
+    /// its storage is copied.
+    public func compile(_ state: ProxyState, previous: consuming NFTRuleset?, changed: Set<NamespacedName>?) -> NFTCompileResult {
+        var owned = consume previous
+        var previousPorts: Dictionary<ServicePortName, NFTServiceFragment>.Keys?
+        if let changed, var rs = owned {
+            owned = nil  // `rs` is now the only reference: the update below copies nothing
+            if let delta = update(&rs, to: state, changed: changed) {
+                return NFTCompileResult(ruleset: rs, changedPorts: delta.changedPorts, delta: delta)
+            }
+            previousPorts = rs.services.keys
+        } else if let rs = owned {
+            previousPorts = rs.services.keys
         }
         var rs = NFTRuleset(family: family, fixed: fixedPart())
         rs.nodeLabels = state.nodeLabels
@@ -112,7 +120,7 @@ public struct NFTablesCompiler: Sendable {
             rs.setFragment(name, fragment(state.servicePorts[name]!, state: state))
         }
         var changedPorts = Set(state.servicePorts.keys)
-        if let previous { changedPorts.formUnion(previous.services.keys) }
+        if let previousPorts { changedPorts.formUnion(previousPorts) }
         return NFTCompileResult(ruleset: rs, changedPorts: changedPorts, delta: nil)
     }
 
