@@ -69,6 +69,11 @@ public actor NFTablesBackend: ProxyBackend {
     private var stale = NFTStaleChains()
     /// Whether the next full sync is the process's first (it recreates the base chains).
     private var firstSync = true
+    /// When the last full transaction was applied.
+    private var lastFullSync: ContinuousClock.Instant?
+    /// How often a full sync the caller asks for is really sent (kube-proxy's
+    /// `FullSyncPeriod`, one hour); other requests are partial syncs of every Service.
+    public nonisolated let fullSyncPeriod: Duration
     /// The last transaction applied, for debugging and tests.
     public private(set) var lastTransaction = ""
     /// Failed main transactions (`…_nftables_sync_failures_total`).
@@ -82,10 +87,12 @@ public actor NFTablesBackend: ProxyBackend {
     /// - Parameters:
     ///   - compiler: the pure compiler of this family.
     ///   - kernel: libnftables and the netlink reader (`LibNFTablesKernel`), or a fake.
+    ///   - fullSyncPeriod: see ``fullSyncPeriod``; `.zero` makes every requested full sync full.
     ///   - now: the time (`ContinuousClock.now` unless a test passes its own).
-    public init(compiler: NFTablesCompiler, kernel: any NFTablesKernel, logger: Logger,
+    public init(compiler: NFTablesCompiler, kernel: any NFTablesKernel, logger: Logger, fullSyncPeriod: Duration = .seconds(3600),
                 now: @escaping @Sendable () -> ContinuousClock.Instant = { ContinuousClock.now }) {
         self.family = NFTFamily(compiler.options.family)
+        self.fullSyncPeriod = fullSyncPeriod
         self.compiler = compiler
         self.kernel = kernel
         self.logger = logger
@@ -105,9 +112,16 @@ public actor NFTablesBackend: ProxyBackend {
     /// flushed by an earlier sync are deleted first, in a transaction of their own, once they
     /// have been flushed for a second. A failed transaction leaves the kernel as it was and
     /// the next sync is full.
+    ///
+    /// As in kube-proxy's nftables mode, a full sync asked for while the kernel state is known
+    /// (the runner's periodic resync, every `--sync-period`) is sent only when the last one is
+    /// `fullSyncPeriod` old; otherwise every Service is compiled again and only differences go
+    /// to the kernel. A full sync at 10 000 Services costs the kernel tens of seconds
+    /// (anonymous sets); the canary, a failure and a changed fixed part still force one.
     public func sync(_ state: ProxyState, full requested: Bool) async throws -> SyncReport {
         let start = now()
-        var full = requested || applied == nil
+        let fullDue = lastFullSync.map { start - $0 >= fullSyncPeriod } ?? true
+        var full = (requested && fullDue) || applied == nil
         if let deletion = stale.takeDeletionTransaction(family: family, now: start) {
             do {
                 try await kernel.apply(deletion.text, operation: "deleting \(deletion.operationCount) stale chains")
@@ -153,7 +167,10 @@ public actor NFTablesBackend: ProxyBackend {
                 throw error
             }
         }
-        if full { firstSync = false }
+        if full {
+            firstSync = false
+            lastFullSync = start
+        }
         stale.record(tx, at: start)
         lastTransaction = tx.text
         let bytes = tx.text.utf8.count

@@ -60,7 +60,7 @@ private let header = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubePr
         ("bogus: 1\n", "bogus", "unknown field"),
         ("iptables:\n  masqueradeBit: 40\n", "iptables.masqueradeBit", "not in 0-31"),
         ("iptables:\n  syncPeriod: soon\n", "iptables.syncPeriod", "duration"),
-        ("mode: kernelspace\n", "mode", "not iptables, ipvs or userspace"),
+        ("mode: kernelspace\n", "mode", "not iptables, ipvs, userspace or nftables"),
         ("iptables:\n  masqueradeAll: maybe\n", "iptables.masqueradeAll", "true or false"),
         ("nodePortAddresses: 10.0.0.0/8\n", "nodePortAddresses", "list of strings"),
         ("iptables:\n  syncPeriod: 1s\n  minSyncPeriod: 5s\n", "--min-sync-period", "longer than"),

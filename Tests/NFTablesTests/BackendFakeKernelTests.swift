@@ -67,11 +67,12 @@ struct NFTablesBackendFakeKernelTests {
     let kernel = FakeNFTablesKernel()
     let time = TestTime()
 
-    func backend() -> NFTablesBackend {
+    func backend(fullSyncPeriod: Duration = .zero) -> NFTablesBackend {
         let time = self.time
         let compiler = NFTablesCompiler(options: NFTablesOptions(node: NodeConfig(nodeName: "node", nodeIPs: [IPAddress("192.168.0.2")!],
                                                                                   clusterCIDRs: [CIDR("10.244.0.0/16")!])))
-        return NFTablesBackend(compiler: compiler, kernel: kernel, logger: Logger(label: "test"), now: { time.now })
+        return NFTablesBackend(compiler: compiler, kernel: kernel, logger: Logger(label: "test"), fullSyncPeriod: fullSyncPeriod,
+                               now: { time.now })
     }
 
     @Test("The first sync is full and recreates the base chains; a partial sync sends only the changed Service; a later full one does not recreate")
@@ -164,5 +165,23 @@ struct NFTablesBackendFakeKernelTests {
         kernel.setServicesChainHasRules(true)
         let next = try await b.sync(state([("a", [1, 2])], changed: ["a"]), full: false)
         #expect(next.full)
+    }
+
+    @Test("A requested full sync within the full-sync period is a partial one of every Service; after it, a full one")
+    func fullSyncPeriod() async throws {
+        let b = backend(fullSyncPeriod: .seconds(3600))
+        _ = try await b.sync(state([("a", [1]), ("b", [2])]), full: true)
+        time.advance(.seconds(30))
+        let periodic = try await b.sync(state([("a", [1]), ("b", [2, 3])], changed: ["a", "b"]), full: true)
+        #expect(!periodic.full)
+        let sent = lines(kernel.applied.last)
+        #expect(!sent.contains { $0.hasPrefix("add table") } && sent.contains { $0.contains("10.244.0.3") }, "\(sent)")
+        time.advance(.seconds(3600))
+        let hourly = try await b.sync(state([("a", [1]), ("b", [2, 3])], changed: ["a", "b"]), full: true)
+        #expect(hourly.full)
+        kernel.setServicesChainHasRules(false)
+        #expect(await b.externalChangeDetected())
+        kernel.setServicesChainHasRules(true)
+        #expect(try await b.sync(state([("a", [1]), ("b", [2, 3])]), full: true).full, "after the canary fired the sync is full")
     }
 }
