@@ -247,6 +247,34 @@ struct NFTablesKernelTests {
         }
     }
 
+    @Test("Dual-stack: the ip6 kube-proxy table carries TCP and UDP to both IPv6 backends, beside the ip table")
+    func dualStack() async throws {
+        try await TestBed.with(.init(label: "nftds", dualStack: true)) { bed in
+            try bed.writeManifest("web.yaml", DualStackKernelTests.yaml)
+            try bed.startNFTablesSluice()
+            try await bed.waitForNFTablesServices(["kt/web:http", "kt/web:dns"])
+            var v6 = ""
+            for _ in 0..<100 {
+                v6 = try await bed.nftTable("ip6") ?? ""
+                if v6.contains("fd00:96::10 . tcp . 80") { break }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(v6.contains("fd00:96::10 . tcp . 80"), "the IPv6 ClusterIP in table ip6 kube-proxy:\n\(v6)")
+            #expect(v6.contains("dnat to [\(TestNet.backendIPv6(2))]:\(TestNet.backendTCPPort)"), "\(v6)")
+            #expect(!v6.contains("10.96.0.10"), "IPv4 addresses in the ip6 table:\n\(v6)")
+            let v4 = try await bed.nftTable("ip") ?? ""
+            #expect(!v4.contains("fd00:"), "IPv6 addresses in the ip table:\n\(v4)")
+
+            let tcp6 = try await bed.request(from: bed.clientNS, .tcp, "[fd00:96::10]:80", count: 30, showSource: true)
+            expectAnswered(tcp6, count: 30, backends: ["backend-1", "backend-2"], "30 TCP requests to [fd00:96::10]:80", bed)
+            #expect(Set(tcp6.sources.compactMap { $0 }) == [TestNet.clientIPv6], context("IPv6 TCP sources", tcp6, bed))
+            let udp6 = try await bed.request(from: bed.clientNS, .udp, "[fd00:96::10]:53", count: 30)
+            expectAnswered(udp6, count: 30, backends: ["backend-1", "backend-2"], "30 UDP requests to [fd00:96::10]:53", bed)
+            let tcp4 = try await bed.request(from: bed.clientNS, .tcp, "10.96.0.10:80", count: 10)
+            expectAnswered(tcp4, count: 10, "10 TCP requests to the IPv4 ClusterIP of the same Service", bed)
+        }
+    }
+
     @Test("--cleanup deletes the nftables tables")
     func cleanupRemovesTables() async throws {
         try await TestBed.with(.init(label: "nftcln")) { bed in
