@@ -1,0 +1,160 @@
+// kube-proxy's nftables packet-flow tests (pkg/proxy/nftables/proxier_test.go, v1.34):
+// the same Services and connections, traced through the table a full sync leaves.
+
+import NFTables
+import SluiceCore
+import Testing
+
+private let testNodeIPs: Set<String> = ["192.168.0.2", "192.168.1.2", "192.168.99.11", "2001:db8::1", "2001:db8:1::2"]
+private let externalClient = "203.0.113.2", blockedClient = "203.0.113.130"
+
+private struct Flow {
+    var name: String
+    var src: String
+    var dst: String
+    var port: Int
+    var proto = "tcp"
+    var output: String
+    var masq = false
+}
+
+private func run(_ ports: [(ServicePortInfo, [EndpointInfo])], _ flows: [Flow], options: NFTablesOptions = KubeProxyFake.options()) throws {
+    let model = try fullModel(makeState(ports, family: options.family), options: options)
+    let tracer = PacketTracer(model: model, nodeIPs: testNodeIPs)
+    for f in flows {
+        let got = try tracer.trace(src: f.src, dst: f.dst, port: f.port, proto: f.proto)
+        let want = TraceResult(output: f.output, masq: f.output.contains(":") ? f.masq : false)
+        #expect(got == want, "\(f.name)")
+    }
+}
+
+private let s1 = spn("ns1", "svc1")
+
+@Suite struct KubeProxyPacketFlowTests {
+    /// TestNoEndpointsReject.
+    @Test func noEndpointsReject() throws {
+        let svc1 = svc(s1, "172.30.0.41", nodePort: 3001, lb: ["1.2.3.4"], externalIPs: ["192.168.99.11"])
+        try run([(svc1, [])], [
+            Flow(name: "pod to cluster IP with no endpoints", src: "10.0.0.2", dst: "172.30.0.41", port: 80, output: "REJECT"),
+            Flow(name: "external to external IP with no endpoints", src: externalClient, dst: "192.168.99.11", port: 80, output: "REJECT"),
+            Flow(name: "pod to NodePort with no endpoints", src: "10.0.0.2", dst: "192.168.0.2", port: 3001, output: "REJECT"),
+            Flow(name: "external to NodePort with no endpoints", src: externalClient, dst: "192.168.0.2", port: 3001, output: "REJECT"),
+            Flow(name: "pod to LoadBalancer IP with no endpoints", src: "10.0.0.2", dst: "1.2.3.4", port: 80, output: "REJECT"),
+            Flow(name: "external to LoadBalancer IP with no endpoints", src: externalClient, dst: "1.2.3.4", port: 80, output: "REJECT"),
+        ])
+    }
+
+    /// TestClusterIPGeneral.
+    @Test func clusterIPGeneral() throws {
+        let s2 = ["http", "https", "dns-udp", "dns-tcp", "dns-sctp"]
+        let protos: [TransportProtocol] = [.tcp, .tcp, .udp, .tcp, .sctp]
+        let svcPorts = [80, 443, 53, 53, 53], epPorts = [80, 8443, 53, 5353, 53]
+        var ports: [(ServicePortInfo, [EndpointInfo])] = [
+            (svc(spn("ns1", "svc1", "http"), "172.30.0.41"), [ep("10.180.0.1", local: true)]),
+        ]
+        for i in 0..<5 {
+            let n = spn("ns2", "svc2", s2[i], protos[i])
+            ports.append((svc(n, "172.30.0.42", port: svcPorts[i]), [ep("10.180.0.1", epPorts[i], local: true), ep("10.180.2.1", epPorts[i])]))
+        }
+        try run(ports, [
+            Flow(name: "simple clusterIP", src: "10.180.0.2", dst: "172.30.0.41", port: 80, output: "10.180.0.1:80"),
+            Flow(name: "hairpin to cluster IP", src: "10.180.0.1", dst: "172.30.0.41", port: 80, output: "10.180.0.1:80", masq: true),
+            Flow(name: "clusterIP with multiple endpoints", src: "10.180.0.2", dst: "172.30.0.42", port: 80, output: "10.180.0.1:80, 10.180.2.1:80"),
+            Flow(name: "clusterIP with TargetPort", src: "10.180.0.2", dst: "172.30.0.42", port: 443, output: "10.180.0.1:8443, 10.180.2.1:8443"),
+            Flow(name: "TCP on a port shared with UDP and SCTP", src: "10.180.0.2", dst: "172.30.0.42", port: 53, output: "10.180.0.1:5353, 10.180.2.1:5353"),
+            Flow(name: "UDP on a port shared with TCP and SCTP", src: "10.180.0.2", dst: "172.30.0.42", port: 53, proto: "udp", output: "10.180.0.1:53, 10.180.2.1:53"),
+            Flow(name: "SCTP on a port shared with TCP and UDP", src: "10.180.0.2", dst: "172.30.0.42", port: 53, proto: "sctp", output: "10.180.0.1:53, 10.180.2.1:53"),
+            Flow(name: "TCP-only port does not match UDP traffic", src: "10.180.0.2", dst: "172.30.0.42", port: 80, proto: "udp", output: "REJECT"),
+            Flow(name: "svc1 does not accept svc2's ports", src: "10.180.0.2", dst: "172.30.0.41", port: 443, output: "REJECT"),
+            Flow(name: "packet to unallocated cluster ip", src: "10.180.0.2", dst: "172.30.0.50", port: 80, output: "DROP"),
+        ])
+    }
+
+    /// TestLoadBalancer.
+    @Test func loadBalancer() throws {
+        let svc1 = svc(s1, "172.30.0.41", nodePort: 3001, lb: ["1.2.3.4", "5.6.7.8"], sourceRanges: ["192.168.0.0/24", " 203.0.113.0/25"])
+        let out = "10.180.0.1:80"
+        try run([(svc1, [ep("10.180.0.1")])], [
+            Flow(name: "pod to cluster IP", src: "10.0.0.2", dst: "172.30.0.41", port: 80, output: out),
+            Flow(name: "external to nodePort", src: externalClient, dst: "192.168.0.2", port: 3001, output: out, masq: true),
+            Flow(name: "nodePort bypasses LoadBalancerSourceRanges", src: blockedClient, dst: "192.168.0.2", port: 3001, output: out, masq: true),
+            Flow(name: "accepted external to LB1", src: externalClient, dst: "1.2.3.4", port: 80, output: out, masq: true),
+            Flow(name: "accepted external to LB2", src: externalClient, dst: "5.6.7.8", port: 80, output: out, masq: true),
+            Flow(name: "blocked external to LB1", src: blockedClient, dst: "1.2.3.4", port: 80, output: "DROP"),
+            Flow(name: "blocked external to LB2", src: blockedClient, dst: "5.6.7.8", port: 80, output: "DROP"),
+            Flow(name: "pod to LB1 (blocked by LoadBalancerSourceRanges)", src: "10.0.0.2", dst: "1.2.3.4", port: 80, output: "DROP"),
+            Flow(name: "pod to LB2 (blocked by LoadBalancerSourceRanges)", src: "10.0.0.2", dst: "5.6.7.8", port: 80, output: "DROP"),
+            Flow(name: "node to LB1 (allowed by LoadBalancerSourceRanges)", src: "192.168.0.2", dst: "1.2.3.4", port: 80, output: out, masq: true),
+            Flow(name: "node to LB2 (allowed by LoadBalancerSourceRanges)", src: "192.168.0.2", dst: "5.6.7.8", port: 80, output: out, masq: true),
+            Flow(name: "same node to LB1, SNATted to LB1 (implicitly allowed)", src: "1.2.3.4", dst: "1.2.3.4", port: 80, output: out, masq: true),
+            Flow(name: "same node to LB2, SNATted to LB2 (implicitly allowed)", src: "5.6.7.8", dst: "5.6.7.8", port: 80, output: out, masq: true),
+        ])
+    }
+
+    /// TestNodePorts: nodePortAddresses unset (the fake's 192.168.0.2/32, 2001:db8::1/128) or
+    /// covering the alternate node IP too.
+    @Test(arguments: [
+        (IPFamily.ipv4, false), (IPFamily.ipv4, true), (IPFamily.ipv6, false), (IPFamily.ipv6, true),
+    ])
+    func nodePorts(family: IPFamily, multiple: Bool) throws {
+        let v4 = family == .ipv4
+        let svcIP = v4 ? "172.30.0.41" : "fd00:172:30::41"
+        let ep1 = v4 ? "10.180.0.1" : "fd00:10:180::1", ep2 = v4 ? "10.180.2.1" : "fd00:10:180::2:1"
+        let nodeIP = v4 ? "192.168.0.2" : "2001:db8::1", altNodeIP = v4 ? "192.168.1.2" : "2001:db8:1::2"
+        let pod = v4 ? "10.0.0.2" : "fd00:10::2", external = v4 ? externalClient : "2600:5200::1"
+        var npa: NodePortAddresses?
+        if multiple {
+            let list = v4 ? ["192.168.0.0/24", "192.168.1.0/24", "2001:db8::/64"]
+                : ["192.168.0.0/24", "192.168.1.0/24", "2001:db8::/64", "2001:db8:1::2/128"]
+            npa = .cidrs(list.map { CIDR($0)! })
+        }
+        let options = KubeProxyFake.options(family, nodePortAddresses: npa)
+        let output = [IPAddress(ep1)!.joined(port: 80), IPAddress(ep2)!.joined(port: 80)].sorted().joined(separator: ", ")
+        try run([(svc(s1, svcIP, nodePort: 3001), [ep(ep1), ep(ep2, local: true)])], [
+            Flow(name: "pod to cluster IP", src: pod, dst: svcIP, port: 80, output: output),
+            Flow(name: "external to nodePort", src: external, dst: nodeIP, port: 3001, output: output, masq: true),
+            Flow(name: "node to nodePort", src: nodeIP, dst: nodeIP, port: 3001, output: output, masq: true),
+            multiple
+                ? Flow(name: "external to nodePort on secondary IP", src: external, dst: altNodeIP, port: 3001, output: output, masq: true)
+                : Flow(name: "secondary nodeIP ignores NodePorts", src: external, dst: altNodeIP, port: 3001, output: ""),
+        ], options: options)
+    }
+
+    /// TestExternalTrafficPolicyLocal.
+    @Test func externalTrafficPolicyLocal() throws {
+        let svc1 = svc(s1, "172.30.0.41", nodePort: 3001, lb: ["1.2.3.4"], externalIPs: ["192.168.99.11"], eTPLocal: true,
+                       healthCheckNodePort: 30000)
+        let both = "10.180.0.1:80, 10.180.2.1:80", local = "10.180.2.1:80"
+        try run([(svc1, [ep("10.180.0.1"), ep("10.180.2.1", local: true)])], [
+            Flow(name: "pod to cluster IP hits both endpoints, unmasqueraded", src: "10.0.0.2", dst: "172.30.0.41", port: 80, output: both),
+            Flow(name: "pod to external IP hits both endpoints, unmasqueraded", src: "10.0.0.2", dst: "192.168.99.11", port: 80, output: both),
+            Flow(name: "external to external IP hits only local endpoint, unmasqueraded", src: externalClient, dst: "192.168.99.11", port: 80, output: local),
+            Flow(name: "pod to LB IP hits only both endpoints, unmasqueraded", src: "10.0.0.2", dst: "1.2.3.4", port: 80, output: both),
+            Flow(name: "external to LB IP hits only local endpoint, unmasqueraded", src: externalClient, dst: "1.2.3.4", port: 80, output: local),
+            Flow(name: "pod to NodePort hits both endpoints, unmasqueraded", src: "10.0.0.2", dst: "192.168.0.2", port: 3001, output: both),
+            Flow(name: "external to NodePort hits only local endpoint, unmasqueraded", src: externalClient, dst: "192.168.0.2", port: 3001, output: local),
+        ])
+    }
+
+    /// TestExternalTrafficPolicyCluster.
+    @Test func externalTrafficPolicyCluster() throws {
+        let svc1 = svc(s1, "172.30.0.41", nodePort: 3001, lb: ["1.2.3.4"], externalIPs: ["192.168.99.11"])
+        let both = "10.180.0.1:80, 10.180.2.1:80"
+        try run([(svc1, [ep("10.180.0.1"), ep("10.180.2.1", local: true)])], [
+            Flow(name: "pod to cluster IP hits both endpoints, unmasqueraded", src: "10.0.0.2", dst: "172.30.0.41", port: 80, output: both),
+            Flow(name: "pod to external IP hits both endpoints, masqueraded", src: "10.0.0.2", dst: "192.168.99.11", port: 80, output: both, masq: true),
+            Flow(name: "external to external IP hits both endpoints, masqueraded", src: externalClient, dst: "192.168.99.11", port: 80, output: both, masq: true),
+            Flow(name: "pod to LB IP hits both endpoints, masqueraded", src: "10.0.0.2", dst: "1.2.3.4", port: 80, output: both, masq: true),
+            Flow(name: "external to LB IP hits both endpoints, masqueraded", src: externalClient, dst: "1.2.3.4", port: 80, output: both, masq: true),
+            Flow(name: "pod to NodePort hits both endpoints, masqueraded", src: "10.0.0.2", dst: "192.168.0.2", port: 3001, output: both, masq: true),
+            Flow(name: "external to NodePort hits both endpoints, masqueraded", src: externalClient, dst: "192.168.0.2", port: 3001, output: both, masq: true),
+        ])
+    }
+
+    /// The tracer itself can fail: a table without the Service gives no DNAT.
+    @Test func tracerSeesMissingService() throws {
+        let model = try fullModel(makeState([]), options: KubeProxyFake.options())
+        let got = try PacketTracer(model: model, nodeIPs: testNodeIPs).trace(src: "10.0.0.2", dst: "172.30.0.41", port: 80)
+        #expect(got == TraceResult(output: "DROP", masq: false))
+    }
+}
