@@ -151,6 +151,79 @@ private let s1 = spn("ns1", "svc1")
         ])
     }
 
+    /// TestInternalExternalMasquerade: three LoadBalancers (plain, eTP=Local, iTP=Local) with a
+    /// local and a remote endpoint each, under the four combinations of masqueradeAll and the
+    /// local-traffic detector.
+    @Test(arguments: [(false, true), (false, false), (true, true), (true, false)])
+    func internalExternalMasquerade(masqueradeAll: Bool, detector: Bool) throws {
+        let n = "192.168.0.2", x = externalClient, pod = "10.0.0.2"
+        let ports: [(ServicePortInfo, [EndpointInfo])] = [
+            (svc(spn("ns1", "svc1"), "172.30.0.41", nodePort: 3001, lb: ["1.2.3.4"]), [ep("10.180.0.1", local: true), ep("10.180.1.1")]),
+            (svc(spn("ns2", "svc2"), "172.30.0.42", nodePort: 3002, lb: ["5.6.7.8"], eTPLocal: true, healthCheckNodePort: 30002),
+             [ep("10.180.0.2", local: true), ep("10.180.1.2")]),
+            (svc(spn("ns3", "svc3"), "172.30.0.43", nodePort: 3003, lb: ["9.10.11.12"], iTPLocal: true), [ep("10.180.0.3", local: true), ep("10.180.1.3")]),
+        ]
+        let all1 = "10.180.0.1:80, 10.180.1.1:80", all2 = "10.180.0.2:80, 10.180.1.2:80", all3 = "10.180.0.3:80, 10.180.1.3:80"
+        var flows: [Flow] = [
+            Flow(name: "pod to ClusterIP", src: pod, dst: "172.30.0.41", port: 80, output: all1, masq: false),
+            Flow(name: "pod to NodePort", src: pod, dst: n, port: 3001, output: all1, masq: true),
+            Flow(name: "pod to LB", src: pod, dst: "1.2.3.4", port: 80, output: all1, masq: true),
+            Flow(name: "node to ClusterIP", src: n, dst: "172.30.0.41", port: 80, output: all1, masq: true),
+            Flow(name: "node to NodePort", src: n, dst: n, port: 3001, output: all1, masq: true),
+            Flow(name: "node to LB", src: n, dst: "1.2.3.4", port: 80, output: all1, masq: true),
+            Flow(name: "external to ClusterIP", src: x, dst: "172.30.0.41", port: 80, output: all1, masq: true),
+            Flow(name: "external to NodePort", src: x, dst: n, port: 3001, output: all1, masq: true),
+            Flow(name: "external to LB", src: x, dst: "1.2.3.4", port: 80, output: all1, masq: true),
+            Flow(name: "pod to ClusterIP with eTP:Local", src: pod, dst: "172.30.0.42", port: 80, output: all2, masq: false),
+            Flow(name: "pod to NodePort with eTP:Local", src: pod, dst: n, port: 3002, output: all2, masq: false),
+            Flow(name: "pod to LB with eTP:Local", src: pod, dst: "5.6.7.8", port: 80, output: all2, masq: false),
+            Flow(name: "node to ClusterIP with eTP:Local", src: n, dst: "172.30.0.42", port: 80, output: all2, masq: true),
+            Flow(name: "node to NodePort with eTP:Local", src: n, dst: n, port: 3001, output: all1, masq: true),
+            Flow(name: "node to LB with eTP:Local", src: n, dst: "5.6.7.8", port: 80, output: all2, masq: true),
+            Flow(name: "external to ClusterIP with eTP:Local", src: x, dst: "172.30.0.42", port: 80, output: all2, masq: true),
+            Flow(name: "external to NodePort with eTP:Local", src: x, dst: n, port: 3002, output: "10.180.0.2:80", masq: false),
+            Flow(name: "external to LB with eTP:Local", src: x, dst: "5.6.7.8", port: 80, output: "10.180.0.2:80", masq: false),
+            Flow(name: "pod to ClusterIP with iTP:Local", src: pod, dst: "172.30.0.43", port: 80, output: "10.180.0.3:80", masq: false),
+            Flow(name: "pod to NodePort with iTP:Local", src: pod, dst: n, port: 3003, output: all3, masq: true),
+            Flow(name: "pod to LB with iTP:Local", src: pod, dst: "9.10.11.12", port: 80, output: all3, masq: true),
+            Flow(name: "node to ClusterIP with iTP:Local", src: n, dst: "172.30.0.43", port: 80, output: "10.180.0.3:80", masq: true),
+            Flow(name: "node to NodePort with iTP:Local", src: n, dst: n, port: 3003, output: all3, masq: true),
+            Flow(name: "node to LB with iTP:Local", src: n, dst: "9.10.11.12", port: 80, output: all3, masq: true),
+            Flow(name: "external to ClusterIP with iTP:Local", src: x, dst: "172.30.0.43", port: 80, output: "10.180.0.3:80", masq: true),
+            Flow(name: "external to NodePort with iTP:Local", src: x, dst: n, port: 3003, output: all3, masq: true),
+            Flow(name: "external to LB with iTP:Local", src: x, dst: "9.10.11.12", port: 80, output: all3, masq: true),
+        ]
+        var overrides: [String: (output: String?, masq: Bool?)] = [:]
+        if !detector {
+            // Without a detector all ClusterIP traffic is taken for pod traffic (no masquerade),
+            // and there is no pod short-circuit for eTP=Local.
+            for f in ["node to ClusterIP", "node to ClusterIP with eTP:Local", "node to ClusterIP with iTP:Local",
+                      "external to ClusterIP", "external to ClusterIP with eTP:Local", "external to ClusterIP with iTP:Local"] {
+                overrides[f] = (nil, false)
+            }
+            overrides["pod to NodePort with eTP:Local"] = ("10.180.0.2:80", nil)
+            overrides["pod to LB with eTP:Local"] = ("10.180.0.2:80", nil)
+        }
+        if masqueradeAll {
+            for f in ["pod to ClusterIP", "pod to ClusterIP with eTP:Local", "pod to ClusterIP with iTP:Local"] { overrides[f] = (nil, true) }
+            if !detector {
+                for f in ["node to ClusterIP", "node to ClusterIP with eTP:Local", "node to ClusterIP with iTP:Local",
+                          "external to ClusterIP", "external to ClusterIP with eTP:Local", "external to ClusterIP with iTP:Local"] {
+                    overrides[f] = nil
+                }
+            }
+        }
+        var applied = 0
+        for i in flows.indices {
+            guard let o = overrides[flows[i].name] else { continue }
+            applied += 1
+            if let out = o.output { flows[i].output = out }
+            if let m = o.masq { flows[i].masq = m }
+        }
+        #expect(applied == overrides.count)
+        try run(ports, flows, options: KubeProxyFake.options(masqueradeAll: masqueradeAll, detector: detector))
+    }
+
     /// The tracer itself can fail: a table without the Service gives no DNAT.
     @Test func tracerSeesMissingService() throws {
         let model = try fullModel(makeState([]), options: KubeProxyFake.options())
