@@ -224,6 +224,50 @@ private let s1 = spn("ns1", "svc1")
         try run(ports, flows, options: KubeProxyFake.options(masqueradeAll: masqueradeAll, detector: detector))
     }
 
+    /// TestTerminatingEndpointsTrafficPolicyLocal and ...Cluster: ready endpoints win over
+    /// serving-terminating ones, which serve when no ready one is left; then the endpoints
+    /// are deleted and both addresses reject.
+    @Test(arguments: [true, false])
+    func terminatingEndpoints(local eTPLocal: Bool) throws {
+        let name = spn("ns1", "svc1", "")
+        let info = svc(name, "172.30.1.1", lb: ["1.2.3.4"], eTPLocal: eTPLocal, healthCheckNodePort: eTPLocal ? 30000 : 0)
+        func term(_ ip: String, local: Bool, serving: Bool = true) -> EndpointInfo {
+            ep(ip, local: local, ready: false, serving: serving, terminating: true)
+        }
+        let x = externalClient, pod = "10.0.0.2"
+        struct Case { var endpoints: [EndpointInfo]; var cluster: String; var external: String }
+        let cases: [Case] = eTPLocal ? [
+            Case(endpoints: [ep("10.0.1.1", local: true), ep("10.0.1.2", local: true), term("10.0.1.3", local: true),
+                             term("10.0.1.4", local: true, serving: false), ep("10.0.1.5")],
+                 cluster: "10.0.1.1:80, 10.0.1.2:80, 10.0.1.5:80", external: "10.0.1.1:80, 10.0.1.2:80"),
+            Case(endpoints: [term("10.0.1.2", local: true), term("10.0.1.3", local: true), term("10.0.1.4", local: true, serving: false), ep("10.0.1.5")],
+                 cluster: "10.0.1.5:80", external: "10.0.1.2:80, 10.0.1.3:80"),
+            Case(endpoints: [term("10.0.1.5", local: false)], cluster: "10.0.1.5:80", external: "DROP"),
+            Case(endpoints: [term("10.0.1.5", local: true, serving: false), term("10.0.1.5", local: false, serving: false)],
+                 cluster: "REJECT", external: "REJECT"),
+        ] : [
+            Case(endpoints: [ep("10.0.1.1", local: true), ep("10.0.1.2", local: true), term("10.0.1.3", local: false),
+                             term("10.0.1.4", local: false, serving: false), ep("10.0.1.5")],
+                 cluster: "10.0.1.1:80, 10.0.1.2:80, 10.0.1.5:80", external: "10.0.1.1:80, 10.0.1.2:80, 10.0.1.5:80"),
+            Case(endpoints: [term("10.0.1.2", local: true), term("10.0.1.3", local: true), term("10.0.1.4", local: false, serving: false),
+                             term("10.0.1.5", local: false)],
+                 cluster: "10.0.1.2:80, 10.0.1.3:80, 10.0.1.5:80", external: "10.0.1.2:80, 10.0.1.3:80, 10.0.1.5:80"),
+            Case(endpoints: [term("10.0.1.5", local: false)], cluster: "10.0.1.5:80", external: "10.0.1.5:80"),
+            Case(endpoints: [term("10.0.1.5", local: true, serving: false), term("10.0.1.5", local: false, serving: false)],
+                 cluster: "REJECT", external: "REJECT"),
+        ]
+        for c in cases {
+            try run([(info, c.endpoints)], [
+                Flow(name: "pod to clusterIP", src: pod, dst: "172.30.1.1", port: 80, output: c.cluster, masq: false),
+                Flow(name: "external to LB", src: x, dst: "1.2.3.4", port: 80, output: c.external, masq: !eTPLocal),
+            ])
+        }
+        try run([(info, [])], [
+            Flow(name: "pod to clusterIP after endpoints deleted", src: pod, dst: "172.30.1.1", port: 80, output: "REJECT"),
+            Flow(name: "external to LB after endpoints deleted", src: x, dst: "1.2.3.4", port: 80, output: "REJECT"),
+        ])
+    }
+
     /// The tracer itself can fail: a table without the Service gives no DNAT.
     @Test func tracerSeesMissingService() throws {
         let model = try fullModel(makeState([]), options: KubeProxyFake.options())
