@@ -219,7 +219,7 @@ def main():
     ap.add_argument("--plan", help="smoke (S <= 100, a few minutes; the default) or full (about 30 minutes); with "
                     "--report-only, the run's own plan unless given")
     ap.add_argument("--sluice", default=os.path.join(REPO, ".build-release", "release", "sluice"), help="the sluice binary to measure")
-    ap.add_argument("--modes", default="iptables-nft,iptables-legacy,ipvs,userspace", help="modes to measure (comma-separated)")
+    ap.add_argument("--modes", default="iptables-nft,iptables-legacy,ipvs,userspace,nftables", help="modes to measure (comma-separated)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"), help="where the report goes")
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -14,11 +14,15 @@ import IPTables
 import IPVS
 import KubeAPI
 import Logging
+import NFTables
 import SluiceCore
 
 /// `sluice bench-compile`: compile a manifest directory, then one partial sync per `step`.
 /// With `--proxy-mode ipvs` every step compiles the whole desired IPVS state (the IPVS
 /// backend diffs that against the kernel), and the payload file holds its dry-run text.
+/// With `--proxy-mode nftables` a step compiles the changed Services into the previous
+/// step's ruleset and the payload is the partial `nft -f` transaction the backend would send
+/// (the full transaction for the first step).
 ///
 /// Protocol: after start-up it compiles a full sync and prints one JSON line. Then, for every
 /// line `step NAME` on standard input (the harness changes the directory in between), it rescans
@@ -46,14 +50,14 @@ struct BenchCompile: AsyncParsableCommand {
     func run() async throws {
         let options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
-        guard options.proxyMode == .iptables || options.proxyMode == .ipvs else {
+        guard options.proxyMode == .iptables || options.proxyMode == .ipvs || options.proxyMode == .nftables else {
             throw SluiceExit("bench-compile --proxy-mode \(options.proxyMode.rawValue) is not available")
         }
         guard let dir = options.manifests else { throw SluiceExit("bench-compile needs --manifests DIR") }
         guard repeatCount >= 1 else { throw SluiceExit("--repeat-count must be at least 1") }
         let node = try options.nodeConfig()
         let compilerOptions: IPTablesOptions
-        if compilerOptionsMode == "fixed" || options.proxyMode == .ipvs {
+        if compilerOptionsMode == "fixed" || options.proxyMode == .ipvs || options.proxyMode == .nftables {
             compilerOptions = IPTablesOptions(node: node, family: .ipv4, randomFully: true)
         } else {
             do {
@@ -71,6 +75,12 @@ struct BenchCompile: AsyncParsableCommand {
         ipvsOptions.localAddresses = Set(node.nodeIPs)
         let ipvsCompiler = IPVSCompiler(options: ipvsOptions)
         let ipvsMode = options.proxyMode == .ipvs
+        // nftables: the ruleset the backend keeps between syncs (partial transactions are
+        // computed against it); NodePorts on the node IPs as the proxy in the test network has.
+        let nftNode = nftablesNodeConfig(node, options: options)
+        let nftCompiler = NFTablesCompiler(options: NFTablesOptions(
+            node: nftNode, family: .ipv4, localAddresses: Array(Set(node.nodeIPs + LocalAddresses.current())).filter { $0.family == .ipv4 }))
+        var nftRuleset: NFTRuleset?
         let source = ManifestDirectorySource(directory: dir, logger: logger) { logger.error("\($0.description); skipped") }
         var tracker = ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName)
         var snapshot = ManifestDirectorySource.Snapshot()
@@ -106,6 +116,42 @@ struct BenchCompile: AsyncParsableCommand {
             let t3 = clock.now
             var compileTimes: [Double] = []
             var renderTimes: [Double] = []
+            if options.proxyMode == .nftables {
+                // Each run starts from the ruleset the previous step left, as the backend's sync
+                // would (the ruleset is copied per run: the compile updates it in place).
+                var text = ""
+                var next: NFTRuleset?
+                var operations = 0
+                for _ in 0..<repeatCount {
+                    let previous = full ? nil : nftRuleset
+                    let c0 = clock.now
+                    let result = nftCompiler.compile(state, previous: previous, changed: full ? nil : state.changedServices)
+                    let c1 = clock.now
+                    let tx = result.delta.map { result.ruleset.partialTransaction($0) } ?? result.ruleset.fullTransaction()
+                    let c2 = clock.now
+                    text = tx.text
+                    operations = tx.operationCount
+                    next = result.ruleset
+                    compileTimes.append(seconds(c0.duration(to: c1)))
+                    renderTimes.append(seconds(c1.duration(to: c2)))
+                }
+                nftRuleset = next
+                if let out {
+                    let path = out + "/" + name + ".txt"
+                    guard FileManager.default.createFile(atPath: path, contents: Data(text.utf8)) else { throw SluiceExit("cannot write \(path)") }
+                }
+                let report: [String: Any] = [
+                    "step": name, "full": full, "events": events.count, "applied": applied,
+                    "changed_services": state.changedServices.count, "service_ports": state.servicePorts.count,
+                    "endpoints": state.totalEndpoints,
+                    "scan_s": seconds(t0.duration(to: t1)), "apply_s": seconds(t1.duration(to: t2)),
+                    "snapshot_s": seconds(t2.duration(to: t3)), "compile_s": compileTimes, "render_s": renderTimes,
+                    "bytes": text.utf8.count, "operations": operations, "written_nat": operations, "written_filter": 0,
+                ]
+                let json = try JSONSerialization.data(withJSONObject: report, options: [.sortedKeys])
+                FileHandle.standardOutput.write(json + Data("\n".utf8))
+                return
+            }
             if ipvsMode {
                 var compileTimes: [Double] = []
                 var renderTimes: [Double] = []

@@ -43,7 +43,7 @@ def listed_modes(sluice_help):
     """Proxy modes `sluice --help` offers, e.g. {"iptables", "ipvs"}."""
     m = re.search(r"--proxy-mode[^\n]*\n?(.*?)(?:\n\s*--|\Z)", sluice_help, re.S)
     text = m.group(0) if m else sluice_help
-    return {w for w in ("iptables", "ipvs", "userspace") if w in text}
+    return {w for w in ("iptables", "ipvs", "userspace", "nftables") if w in text}
 
 
 class Mode:
@@ -181,9 +181,58 @@ class Userspace(Mode):
         return sum(1 for line in r.stdout.splitlines() if line.startswith("-A "))
 
 
+class NFTables(Mode):
+    """kube-proxy's nftables ruleset through libnftables. Its floors are `nft -f` of the same
+    transaction: the full one into an empty namespace, and each change's partial transaction
+    (Sluice's partial transaction is already the minimal one: only the changed chains and
+    elements) on the proxy's own state."""
+    key = "nftables"
+    label = "nftables"
+    proxy_mode = "nftables"
+    compile_supported = True
+    restore_baselines = True
+    minimal_is_payload = True
+    unit = "rules"
+
+    def unavailable(self, ctx):
+        if not shutil.which("nft"):
+            return "nft is not installed (Debian package nftables)"
+        return super().unavailable(ctx)
+
+    def restore_time(self, ns, path):
+        """`nft -f` of the transaction (one batch, as the proxy sends it through libnftables)."""
+        return timed(["nft", "-f", path], None, ns)
+
+    def restore_flush_time(self, ns, path):
+        """Never asked for (no flush baseline): a full transaction replaces the table's contents."""
+        return self.restore_time(ns, path)
+
+    def kernel_count(self, ns):
+        """Rules in table ip kube-proxy (statement lines of `nft list table`)."""
+        with netns.entered(ns):
+            r = subprocess.run(["nft", "list", "table", "ip", "kube-proxy"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        count, depth, in_chain = 0, 0, False
+        for line in r.stdout.splitlines():
+            t = line.strip()
+            if t.startswith("chain ") and t.endswith("{"):
+                in_chain = True
+                continue
+            if t == "}":
+                in_chain = False
+                continue
+            if in_chain and t and not t.startswith(("type ", "comment ")):
+                count += 1
+        return count
+
+    def version(self):
+        r = subprocess.run(["nft", "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return r.stdout.strip()
+
+
 ALL = {
     "iptables-nft": IPTables("nft"),
     "iptables-legacy": IPTables("legacy"),
     "ipvs": IPVS(),
     "userspace": Userspace(),
+    "nftables": NFTables(),
 }

@@ -8,7 +8,7 @@ from . import svg
 SEED = {1: ("50 µs", "30 µs"), 5000: ("11 min", "50 µs"), 20000: ("5 h", "70 µs")}
 GOAL_S, GOAL_RATIO = 10000, 1.2
 
-MODE_ORDER = ["iptables-nft", "iptables-legacy", "ipvs", "userspace"]
+MODE_ORDER = ["iptables-nft", "iptables-legacy", "ipvs", "userspace", "nftables"]
 
 
 def fmt_time(v):
