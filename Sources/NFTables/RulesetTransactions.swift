@@ -75,8 +75,9 @@ public struct NFTExistingObjects: Sendable, Hashable {
 extension NFTRuleset {
     /// The transaction of a full sync: it adds the table, (re)declares and flushes every base
     /// and fixed chain, declares and flushes every set and map, writes the fixed rules, every
-    /// service chain, affinity set and rule, adds every element, flushes the per-service
-    /// chains in `existing` that nothing uses any more (``NFTTransaction/flushedStaleChains``,
+    /// service chain, affinity set and rule, adds every element, deletes the fixed chains in
+    /// `existing` this layout does not have (an older kube-proxy's base chains), flushes the
+    /// per-service chains in `existing` that nothing uses any more (``NFTTransaction/flushedStaleChains``,
     /// to delete later) and deletes the unused affinity sets in `existing`.
     ///
     /// - Parameters:
@@ -137,6 +138,12 @@ extension NFTRuleset {
             }
         }
         for key in claims.keys.sorted() { tx.addElement(claims[key]!.element) }
+        // Fixed chains of other kube-proxy versions (v1.31-v1.33's `filter-prerouting` and
+        // `filter-output-post-dnat`): flushed, then deleted, so no old hook stays in the path.
+        let known = Set(fixed.chains.map(\.name))
+        let unknown = existing.chains.filter { !NFTChainNames.isServiceChain($0) && !known.contains($0) }.sorted()
+        for chain in unknown { tx.flushChain(chain) }
+        for chain in unknown { tx.deleteChain(chain) }
         for chain in existing.chains.sorted() where NFTChainNames.isServiceChain(chain) && !active.contains(chain) {
             tx.flushChain(chain)
             tx.flushedStaleChains.append(chain)

@@ -250,6 +250,31 @@ private let ns1 = spn("ns1", "svc1"), ns2 = spn("ns2", "svc2", "p8080"), ns3 = s
         #expect(try d.settled() == fullModel(state, options: d.options))
     }
 
+    /// A table left by kube-proxy v1.33 (base chains `filter-prerouting` at -110 and
+    /// `filter-output-post-dnat` at -90): a full sync removes the old hooks.
+    @Test func fullOverOlderKubeProxyLayout() throws {
+        var m = NFTModel()
+        try m.apply("""
+            add table ip kube-proxy { comment "rules for kube-proxy" ; }
+            add chain ip kube-proxy firewall-check
+            add chain ip kube-proxy cluster-ips-check
+            add chain ip kube-proxy filter-prerouting { type filter hook prerouting priority -110 ; }
+            add chain ip kube-proxy filter-output-post-dnat { type filter hook output priority -90 ; }
+            add rule ip kube-proxy filter-prerouting ct state new jump firewall-check
+            add rule ip kube-proxy filter-output-post-dnat ct state new jump cluster-ips-check
+            add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80
+            """)
+        let state = makeState([(svc(Self.a, "172.30.0.1"), [ep("10.0.0.2")])])
+        let rs = NFTablesCompiler(options: KubeProxyFake.options()).compile(state)
+        let tx = rs.fullTransaction(recreateBaseChains: true, existing: NFTExistingObjects(chains: Set(m.chains.keys), sets: []))
+        try m.apply(tx.text)
+        #expect(m.chains["filter-prerouting"] == nil)
+        #expect(m.chains["filter-output-post-dnat"] == nil)
+        #expect(tx.flushedStaleChains == ["service-ULMVA6XW-ns1/svc1/tcp/p80"])
+        m.chains["service-ULMVA6XW-ns1/svc1/tcp/p80"] = nil
+        #expect(m == (try fullModel(state, options: KubeProxyFake.options())))
+    }
+
     /// Changing the fixed part (the node's NodePort addresses) needs a full sync.
     @Test func fixedPartChangeRefusesPartial() {
         let state = makeState([(svc(Self.a, "172.30.0.1"), [ep("10.0.0.2")])])
