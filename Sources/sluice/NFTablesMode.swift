@@ -2,6 +2,8 @@
 // nftables mode in the executable: the start-up check, the backend, the clean-up of what the
 // other modes leave behind (and theirs of ours), `--cleanup` and `sluice compile`.
 
+import ArgumentParser
+import Foundation
 import IPTables
 import Logging
 import NFTables
@@ -25,13 +27,43 @@ func makeNFTablesMode(options: ProxyOptions, node: NodeConfig, family: IPFamily,
     do {
         lib = try LibNFTables()
         try NFTablesSupport.check(lib, families: [NFTFamily(family)])
-        kernel = try LibNFTablesKernel(family: NFTFamily(family), lib: lib)
+        kernel = try LibNFTablesKernel(family: NFTFamily(family), lib: lib, child: applyInChild)
     } catch {
         throw SluiceExit("cannot use --proxy-mode nftables: \(error)")
     }
     let backend = NFTablesBackend(compiler: makeNFTablesCompiler(node: node, family: family), kernel: kernel, logger: logger)
     return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger)]) { runner in
         [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
+    }
+}
+
+/// Applies a large transaction with `sluice nft-apply` in a child process (the same
+/// libnftables call), so the library's parse memory is not the proxy's.
+@Sendable func applyInChild(_ text: String, operation: String) async throws {
+    do {
+        _ = try await ProcessRunner().check("/proc/self/exe", ["nft-apply"], input: text)
+    } catch {
+        throw NFTablesError(operation: operation, message: error.message.trimmingCharacters(in: .whitespacesAndNewlines),
+                            status: error.status ?? -1)
+    }
+}
+
+/// `sluice nft-apply` (hidden): applies the `nft -f` text on standard input as one libnftables
+/// transaction; the library's error text goes to standard error and the status is 1.
+struct NFTApply: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "nft-apply",
+        abstract: "Apply an nft -f transaction from standard input with libnftables (used by the nftables mode).",
+        shouldDisplay: false)
+
+    func run() throws {
+        let text = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
+        do {
+            try LibNFTables().run(text, operation: "transaction")
+        } catch let e as NFTablesError {
+            FileHandle.standardError.write(Data((e.message.isEmpty ? "\(e)" : e.message).utf8 + [0x0A]))
+            throw ExitCode(1)
+        }
     }
 }
 

@@ -19,7 +19,7 @@ struct Sluice: AsyncParsableCommand {
         commandName: "sluice",
         abstract: "A per-node Kubernetes service proxy: a drop-in replacement for kube-proxy.",
         version: sluiceVersion,
-        subcommands: [Compile.self, BenchCompile.self])
+        subcommands: [Compile.self, BenchCompile.self, NFTApply.self])
 
     @OptionGroup var options: ProxyOptions
 

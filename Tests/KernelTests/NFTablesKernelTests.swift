@@ -275,6 +275,20 @@ struct NFTablesKernelTests {
         }
     }
 
+    @Test("sluice nft-apply (large transactions in a child) applies a transaction, and names the error of a bad one")
+    func nftApplyChild() async throws {
+        try await TestBed.with(.init(backends: 1, ext: false, label: "nftapp")) { bed in
+            let ok = await bed.exec(bed.nodeNS, [bed.sluiceBinary, "nft-apply"],
+                                    input: "add table ip kube-proxy { comment \"rules for kube-proxy\" ; }\nadd chain ip kube-proxy services\n")
+            #expect(ok.succeeded, "\(ok)")
+            let table = try await bed.nftTable() ?? ""
+            #expect(table.contains("chain services"), "\(table)")
+            let bad = await bed.exec(bed.nodeNS, [bed.sluiceBinary, "nft-apply"], input: "add rule ip kube-proxy nowhere accept\n")
+            #expect(bad.status == 1)
+            #expect(bad.stderr.contains("Error:") && bad.stderr.contains("nowhere"), "\(bad)")
+        }
+    }
+
     @Test("--cleanup deletes the nftables tables")
     func cleanupRemovesTables() async throws {
         try await TestBed.with(.init(label: "nftcln")) { bed in

@@ -68,15 +68,17 @@ class Proxy:
                 return {}
 
     FAILURES = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+    NFT_FAILURES = "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"
 
     def failure(self, m=None):
         """A message when Sluice has recorded a failed sync (its metrics count every failed
-        sync of any mode as a restore failure), else None."""
+        sync as a restore failure, or in nftables mode as an nftables sync failure), else None."""
         m = self.metrics() if m is None else m
-        if m.get(self.FAILURES, 0.0) <= 0:
+        failed = m.get(self.FAILURES, 0.0) + m.get(self.NFT_FAILURES, 0.0)
+        if failed <= 0:
             return None
         lines = [l for l in self.tail(200).splitlines() if "sync failed" in l]
-        return f"sluice reported {m[self.FAILURES]:.0f} failed sync(s): " + (lines[0].split("] ", 1)[-1] if lines else "see its log")
+        return f"sluice reported {failed:.0f} failed sync(s): " + (lines[0].split("] ", 1)[-1] if lines else "see its log")
 
     def sync_counters(self):
         m = self.metrics()
