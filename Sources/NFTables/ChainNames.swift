@@ -36,6 +36,11 @@ public enum NFTChainNames {
         return hashAndTruncate("\(name.service.namespace)/\(name.service.name)/\(name.proto.lowercased)/\(name.port)__\(ip)/\(port)")
     }
 
+    /// The 8 hash characters of an endpoint's names.
+    static func endpointHash(portPath: String, ipText: String, port: Int) -> String {
+        String(ChainHash.hash16("\(portPath)__\(ipText.replacingColons())/\(port)").prefix(8))
+    }
+
     /// Per-service chains contain a `/`; no fixed chain does (kube-proxy's `isServiceChainName`).
     public static func isServiceChain(_ name: String) -> Bool { name.utf8.contains(UInt8(ascii: "/")) }
 

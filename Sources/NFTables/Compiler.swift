@@ -303,15 +303,6 @@ public struct NFTablesCompiler: Sendable {
         let cat = categorizeEndpoints(state.endpoints[svc.name] ?? [], info: svc, nodeName: options.node.nodeName,
                                       nodeLabels: state.nodeLabels)
         let hasEndpoints = cat.hasAnyEndpoints
-        var epBase: [String: String] = [:]
-        func endpointBase(_ ep: EndpointInfo) -> String {
-            let k = ep.description
-            if let b = epBase[k] { return b }
-            let b = NFTChainNames.endpointBase(svc.name, ip: ep.ip, port: ep.port)
-            epBase[k] = b
-            return b
-        }
-
         let usesClusterPolicyChain = !cat.cluster.isEmpty && svc.usesClusterEndpoints
         let usesLocalPolicyChain = !cat.local.isEmpty && svc.usesLocalEndpoints
         var internalTrafficChain = clusterPolicyChain
@@ -329,7 +320,8 @@ public struct NFTablesCompiler: Sendable {
         let usesExternalTrafficChain = hasEndpoints && svc.externallyAccessible
         let usesFWChain = !svc.loadBalancerVIPs.isEmpty && !svc.loadBalancerSourceRanges.isEmpty
 
-        var out = NFTServiceFragment()
+        let portPath = "\(svc.name.service.namespace)/\(svc.name.service.name)/\(proto)/\(svc.name.port)"
+        var out = NFTServiceFragment(family: family, proto: proto, portPath: portPath, affinityTimeout: svc.stickyTimeoutSeconds)
         var internalVerdict = "", externalVerdict = ""
         if !hasEndpoints {
             internalVerdict = "goto \(Names.rejectChain)"
@@ -385,85 +377,54 @@ public struct NFTablesCompiler: Sendable {
             }
         }
 
-        // Chains. Rules are collected per chain; the emission order below is the order the
-        // fragment lists its chains in (policy chains, external, firewall, endpoints).
-        var clusterRules: [String] = [], localRules: [String] = []
+        // Endpoints (every one some traffic reaches), then the chains over them.
+        var index: [String: Int32] = [:]
+        for ep in cat.allReachable where index[ep.description] == nil {
+            index[ep.description] = Int32(out.endpoints.count)
+            let hash = NFTChainNames.endpointHash(portPath: portPath, ipText: ep.ip.description, port: ep.port)
+            out.endpoints.append(NFTEndpointRef(ip: ep.ip, port: ep.port, hash: hash))
+        }
+        var masq: String?
         if hasInternalEndpoints {
-            var masq: String?
             if options.node.masqueradeAll {
                 masq = "\(ipX) daddr \(svc.clusterIP) jump \(markMasq)"
             } else if let notLocal = localDetector(negated: true) {
                 masq = "\(ipX) daddr \(svc.clusterIP) \(notLocal) jump \(markMasq)"
             }
-            if let masq {
-                if internalTrafficChain == clusterPolicyChain { clusterRules.append(masq) } else { localRules.append(masq) }
-            }
         }
-        var externalRules: [String] = []
+        if usesClusterPolicyChain {
+            out.policyChains.append(NFTPolicyChain(name: clusterPolicyChain,
+                                                   masquerade: internalTrafficChain == clusterPolicyChain ? masq : nil,
+                                                   members: cat.cluster.compactMap { index[$0.description] }))
+        }
+        if usesLocalPolicyChain {
+            out.policyChains.append(NFTPolicyChain(name: localPolicyChain,
+                                                   masquerade: internalTrafficChain == localPolicyChain ? masq : nil,
+                                                   members: cat.local.compactMap { index[$0.description] }))
+        }
         if usesExternalTrafficChain {
+            var rules: [String] = []
             if !svc.externalPolicyLocal {
-                externalRules.append("jump \(markMasq)")
+                rules.append("jump \(markMasq)")
             } else {
                 if let local = localDetector(negated: false) {
-                    externalRules.append("\(local) goto \(clusterPolicyChain) comment \(nftQuoted("short-circuit pod traffic"))")
+                    rules.append("\(local) goto \(clusterPolicyChain) comment \(nftQuoted("short-circuit pod traffic"))")
                 }
-                externalRules.append("fib saddr type local jump \(markMasq) comment \(nftQuoted("masquerade local traffic"))")
-                externalRules.append("fib saddr type local goto \(clusterPolicyChain) comment \(nftQuoted("short-circuit local traffic"))")
+                rules.append("fib saddr type local jump \(markMasq) comment \(nftQuoted("masquerade local traffic"))")
+                rules.append("fib saddr type local goto \(clusterPolicyChain) comment \(nftQuoted("short-circuit local traffic"))")
             }
             if hasExternalEndpoints {
-                externalRules.append("goto \(externalPolicyChain)")
+                rules.append("goto \(externalPolicyChain)")
             }
+            out.otherChains.append(NFTChain(name: externalTrafficChain, rules: rules))
         }
-        var fwRules: [String] = []
         if usesFWChain {
             var sources = svc.loadBalancerSourceRanges.map(\.description)
             let nodeIP = options.node.nodeIPs.first { $0.family == options.family }
             if let nodeIP, svc.loadBalancerSourceRanges.contains(where: { $0.contains(nodeIP) }) {
                 sources += svc.loadBalancerVIPs.map(\.description)
             }
-            fwRules.append("\(ipX) saddr != { \(sources.joined(separator: " , ")) } drop")
-        }
-        let affinity = svc.stickyTimeoutSeconds
-        if let timeout = affinity {
-            for ep in cat.allReachable {
-                out.affinitySets.append(NFTContainer(kind: .set, name: "affinity-" + endpointBase(ep), type: family.addressType,
-                                                     flags: ["dynamic", "timeout"], timeoutSeconds: timeout))
-            }
-        }
-        func serviceToEndpointRules(_ endpoints: [EndpointInfo], into rules: inout [String]) {
-            if affinity != nil {
-                for ep in endpoints {
-                    let b = endpointBase(ep)
-                    rules.append("\(ipX) saddr @affinity-\(b) goto endpoint-\(b)")
-                }
-            }
-            var vmap = "numgen random mod \(endpoints.count) vmap { "
-            for (i, ep) in endpoints.enumerated() {
-                if i > 0 { vmap += " , " }
-                vmap += "\(i) : goto endpoint-\(endpointBase(ep))"
-            }
-            rules.append(vmap + " }")
-        }
-        if usesClusterPolicyChain {
-            serviceToEndpointRules(cat.cluster, into: &clusterRules)
-            out.chains.append(NFTChain(name: clusterPolicyChain, rules: clusterRules))
-        }
-        if usesLocalPolicyChain {
-            serviceToEndpointRules(cat.local, into: &localRules)
-            out.chains.append(NFTChain(name: localPolicyChain, rules: localRules))
-        }
-        if usesExternalTrafficChain {
-            out.chains.append(NFTChain(name: externalTrafficChain, rules: externalRules))
-        }
-        if usesFWChain {
-            out.chains.append(NFTChain(name: fwChain, rules: fwRules))
-        }
-        for ep in cat.allReachable {
-            let b = endpointBase(ep)
-            var rules = ["\(ipX) saddr \(ep.ip) jump \(markMasq)"]
-            if affinity != nil { rules.append("update @affinity-\(b) { \(ipX) saddr }") }
-            rules.append("meta l4proto \(proto) dnat to \(ep.description)")
-            out.chains.append(NFTChain(name: "endpoint-" + b, rules: rules))
+            out.otherChains.append(NFTChain(name: fwChain, rules: ["\(ipX) saddr != { \(sources.joined(separator: " , ")) } drop"]))
         }
         return out
     }

@@ -160,27 +160,122 @@ public struct NFTElement: Sendable, Hashable {
     }
 }
 
-/// Everything one service port contributes: its chains, affinity sets and elements.
-public struct NFTServiceFragment: Sendable, Hashable {
-    /// Per-service chains (`service-…`, `local-…`, `external-…`, `firewall-…`, `endpoint-…`), rules in order.
-    public var chains: [NFTChain]
-    /// Per-endpoint affinity sets (ClientIP affinity only).
-    public var affinitySets: [NFTContainer]
-    /// Elements of the shared sets and maps.
-    public var elements: [NFTElement]
-    /// iTP=Local with endpoints elsewhere but none here (kube-proxy's `no_local_endpoints` gauge).
-    public var noLocalInternal: Bool
-    /// eTP=Local with endpoints elsewhere but none here.
-    public var noLocalExternal: Bool
+/// One endpoint of a service port, kept compact: its chain and affinity set are derived.
+public struct NFTEndpointRef: Sendable, Hashable {
+    /// The endpoint address.
+    public var ip: IPAddress
+    /// The endpoint port.
+    public var port: Int
+    /// The 8 hash characters of the endpoint's names, packed.
+    var hash: UInt64
 
-    /// Creates a fragment.
-    public init(chains: [NFTChain] = [], affinitySets: [NFTContainer] = [], elements: [NFTElement] = [],
-                noLocalInternal: Bool = false, noLocalExternal: Bool = false) {
-        self.chains = chains
-        self.affinitySets = affinitySets
-        self.elements = elements
-        self.noLocalInternal = noLocalInternal
-        self.noLocalExternal = noLocalExternal
+    init(ip: IPAddress, port: Int, hash: String) {
+        self.ip = ip
+        self.port = port
+        var h: UInt64 = 0
+        for b in hash.utf8.prefix(8) { h = h << 8 | UInt64(b) }
+        self.hash = h
+    }
+
+    var hashText: String {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(8)
+        for i in (0..<8).reversed() { bytes.append(UInt8(truncatingIfNeeded: hash >> (UInt64(i) * 8))) }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+/// A Cluster- or Local-policy chain, kept compact: the masquerade rule and the endpoints it
+/// balances over (indices into the fragment's endpoints); the rules are derived.
+struct NFTPolicyChain: Sendable, Hashable {
+    var name: String
+    var masquerade: String?
+    var members: [Int32]
+}
+
+/// Everything one service port contributes: its chains, affinity sets and elements.
+///
+/// Stored compactly (a 10 000 × 10 ruleset is about a tenth of its text): endpoint chains,
+/// affinity sets and policy-chain rules are derived from the endpoints when rendered.
+public struct NFTServiceFragment: Sendable, Hashable {
+    var family: NFTFamily
+    var proto: String
+    /// `ns/name/proto/portName`, the hashed text of the port's names.
+    var portPath: String
+    var affinityTimeout: Int?
+    var policyChains: [NFTPolicyChain] = []
+    /// `external-…` and `firewall-…`, as written.
+    var otherChains: [NFTChain] = []
+    /// Every endpoint some traffic reaches, in order.
+    var endpoints: [NFTEndpointRef] = []
+    /// Elements of the shared sets and maps.
+    public internal(set) var elements: [NFTElement] = []
+    /// iTP=Local with endpoints elsewhere but none here (kube-proxy's `no_local_endpoints` gauge).
+    public internal(set) var noLocalInternal = false
+    /// eTP=Local with endpoints elsewhere but none here.
+    public internal(set) var noLocalExternal = false
+
+    init(family: NFTFamily, proto: String, portPath: String, affinityTimeout: Int?) {
+        self.family = family
+        self.proto = proto
+        self.portPath = portPath
+        self.affinityTimeout = affinityTimeout
+    }
+
+    /// The base of an endpoint's chain and affinity set names (`HASH8-ns/name/proto/port__ip/port`).
+    func endpointBase(_ e: NFTEndpointRef) -> String {
+        var ipText = e.ip.description
+        if family == .ip6 { ipText = String(decoding: ipText.utf8.map { $0 == UInt8(ascii: ":") ? UInt8(ascii: ".") : $0 }, as: UTF8.self) }
+        let full = e.hashText + "-" + portPath + "__" + ipText + "/" + String(e.port)
+        let bytes = full.utf8
+        guard bytes.count > NFTChainNames.baseLengthMax else { return full }
+        return String(decoding: bytes.prefix(NFTChainNames.baseLengthMax - 3), as: UTF8.self) + "..."
+    }
+
+    /// Per-service chains (`service-…`, `local-…`, `external-…`, `firewall-…`, `endpoint-…`),
+    /// rules in order.
+    public var chains: [NFTChain] {
+        var out: [NFTChain] = []
+        out.reserveCapacity(policyChains.count + otherChains.count + endpoints.count)
+        let bases = endpoints.map(endpointBase)
+        let ipX = family.addressKeyword
+        for p in policyChains {
+            var rules: [String] = []
+            if let m = p.masquerade { rules.append(m) }
+            if affinityTimeout != nil {
+                for i in p.members { rules.append("\(ipX) saddr @affinity-\(bases[Int(i)]) goto endpoint-\(bases[Int(i)])") }
+            }
+            var vmap = "numgen random mod \(p.members.count) vmap { "
+            for (n, i) in p.members.enumerated() {
+                if n > 0 { vmap += " , " }
+                vmap += "\(n) : goto endpoint-\(bases[Int(i)])"
+            }
+            rules.append(vmap + " }")
+            out.append(NFTChain(name: p.name, rules: rules))
+        }
+        out += otherChains
+        for (i, e) in endpoints.enumerated() {
+            let b = bases[i]
+            var rules = ["\(ipX) saddr \(e.ip) jump \(NFTablesCompiler.Names.markMasq)"]
+            if affinityTimeout != nil { rules.append("update @affinity-\(b) { \(ipX) saddr }") }
+            rules.append("meta l4proto \(proto) dnat to \(e.ip.joined(port: e.port))")
+            out.append(NFTChain(name: "endpoint-" + b, rules: rules))
+        }
+        return out
+    }
+
+    /// Names of the per-service chains, without their rules.
+    public var chainNames: [String] {
+        policyChains.map(\.name) + otherChains.map(\.name) + endpoints.map { "endpoint-" + endpointBase($0) }
+    }
+
+    /// Per-endpoint affinity sets (ClientIP affinity only).
+    public var affinitySets: [NFTContainer] {
+        guard let timeout = affinityTimeout else { return [] }
+        return endpoints.map {
+            NFTContainer(kind: .set, name: "affinity-" + endpointBase($0), type: family.addressType,
+                         flags: ["dynamic", "timeout"], timeoutSeconds: timeout)
+        }
     }
 }
 
@@ -255,7 +350,7 @@ public struct NFTRuleset: Sendable {
     /// Every per-service chain name (the chains a full sync keeps).
     public var serviceChainNames: Set<String> {
         var out = Set<String>()
-        for f in services.values { for c in f.chains { out.insert(c.name) } }
+        for f in services.values { out.formUnion(f.chainNames) }
         return out
     }
 

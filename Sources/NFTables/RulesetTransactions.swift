@@ -125,11 +125,11 @@ extension NFTRuleset {
                 tx.addContainer(s)
                 activeSets.insert(s.name)
             }
-            for c in f.chains {
-                tx.addChain(c)
-                tx.flushChain(c.name)
-                active.insert(c.name)
-                tx.writtenChains.append(c.name)
+            for name in f.chainNames {
+                tx.add("add", "chain", name)
+                tx.flushChain(name)
+                active.insert(name)
+                tx.writtenChains.append(name)
             }
         }
         for name in names {
