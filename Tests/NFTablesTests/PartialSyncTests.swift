@@ -307,3 +307,33 @@ private let ns1 = spn("ns1", "svc1"), ns2 = spn("ns2", "svc2", "p8080"), ns3 = s
         #expect(rs.fullTransaction().text == scratch.fullTransaction().text)
     }
 }
+
+/// kube-proxy's delayed deletion: a chain flushed at t is deleted by the first sync after
+/// t + 1 s, in its own transaction; a chain written again in between is forgotten.
+@Suite struct StaleChainTests {
+    @Test func graceAndRevival() throws {
+        let t0 = ContinuousClock.now
+        var stale = NFTStaleChains()
+        let rs = NFTablesCompiler(options: KubeProxyFake.options()).compile(makeState([(svc(spn("a", "b"), "172.30.0.1"), [ep("10.0.0.1")])]))
+        let old = NFTablesCompiler(options: KubeProxyFake.options()).compile(
+            makeState([(svc(spn("a", "b"), "172.30.0.1"), [ep("10.0.0.1"), ep("10.0.0.2")]),
+                       (svc(spn("c", "d"), "172.30.0.2"), [ep("10.0.0.3")])]))
+        let tx = rs.partialTransaction(from: old, changedPorts: [spn("a", "b"), spn("c", "d")])!
+        #expect(tx.flushedStaleChains.count == 3)  // endpoint 10.0.0.2, c/d's service and endpoint chains
+        stale.record(tx, at: t0)
+        let early = stale.takeDeletionTransaction(family: .ip, now: t0 + .milliseconds(900))
+        #expect(early == nil)
+        #expect(stale.count == 3)
+        // c/d comes back before the grace period is over: its chains are written again.
+        let back = old.partialTransaction(from: rs, changedPorts: [spn("c", "d")])!
+        stale.record(back, at: t0 + .milliseconds(950))
+        #expect(stale.count == 1)
+        let due = stale.takeDeletionTransaction(family: .ip, now: t0 + .milliseconds(1500))
+        let del = try #require(due)
+        #expect(del.commands == ["delete chain ip kube-proxy endpoint-\(NFTChainNames.endpointBase(spn("a", "b"), ip: IPAddress("10.0.0.2")!, port: 80))"])
+        #expect(stale.count == 0)
+        stale.record(tx, at: t0)
+        stale.reset()
+        #expect(stale.count == 0)
+    }
+}
