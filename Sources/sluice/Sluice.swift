@@ -19,9 +19,12 @@ struct Sluice: AsyncParsableCommand {
         commandName: "sluice",
         abstract: "A per-node Kubernetes service proxy: a drop-in replacement for kube-proxy.",
         version: sluiceVersion,
-        subcommands: [Compile.self, BenchCompile.self])
+        subcommands: [Compile.self, BenchCompile.self, Explain.self, Diff.self])
 
     @OptionGroup var options: ProxyOptions
+
+    /// `--drift-check-period` (ExplainDiff.swift).
+    @OptionGroup var drift: DriftCheckOptions
 
     @Flag(help: "Remove every chain and rule Sluice or kube-proxy created, then exit.")
     var cleanup = false
@@ -58,12 +61,13 @@ struct Sluice: AsyncParsableCommand {
         let families = options.proxyMode == .userspace ? [IPFamily.ipv4] : node.families
         for family in families {
             let mode = try await makeMode(options: options, node: node, family: family, logger: logger)
+            let driftWatch = await makeDriftWatch(drift, options: options, node: node, family: family, logger: logger)
             let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
                                     backend: mode.backend, family: family, timing: options.timing, clock: ContinuousClock(),
-                                    logger: logger, observers: mode.observers + observability.observers,
+                                    logger: logger, observers: mode.observers + observability.observers + driftWatch.observers,
                                     recorders: observability.recorders)
             runners.append(runner)
-            services += [RunnerService(runner: runner)] + mode.services(runner)
+            services += [RunnerService(runner: runner)] + mode.services(runner) + driftWatch.services
         }
         if families.count > 1 { logger.info("dual-stack: one proxier per family (\(node.families.map(\.rawValue).joined(separator: ", ")))") }
         services = [SourcePump(events: source, runners: runners)] + services + observability.services
