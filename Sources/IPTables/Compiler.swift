@@ -458,9 +458,12 @@ public struct IPTablesCompiler: Sendable {
         }
     }
 
-    /// The local-traffic detector's arguments (`-s <cidr>` / `! -s <cidr>`), nil when no
-    /// cluster CIDR of this family is configured.
+    /// The local-traffic detector's arguments (`-s <cidr>` / `! -s <cidr>`, or `-i <if>` /
+    /// `! -i <if>` when local pods are told by interface), nil when no detector is configured.
     private func localDetectorArgs(negated: Bool) -> String? {
+        if let iface = options.node.localInterface {
+            return negated ? "! -i \(iface.iptablesName)" : "-i \(iface.iptablesName)"
+        }
         guard let cidr = options.node.clusterCIDRs.first(where: { $0.family == options.family }) else { return nil }
         return negated ? "! -s \(cidr)" : "-s \(cidr)"
     }

@@ -33,12 +33,14 @@ struct Sluice: AsyncParsableCommand {
     var writeConfigTo: String?
 
     func run() async throws {
-        let options = try self.options.resolved()
+        let resolved = try self.options.resolvedConfiguration()
+        var options = resolved.options
         let logger = makeLogger(verbosity: options.v)
         signal(SIGPIPE, SIG_IGN)
+        reportUnhonouredFields(resolved.unhonoured, path: options.config, logger: logger)
         if let path = writeConfigTo {
             do {
-                try ConfigFile.render(options).write(toFile: path, atomically: true, encoding: .utf8)
+                try ConfigFile.render(options, document: resolved.document).write(toFile: path, atomically: true, encoding: .utf8)
             } catch {
                 throw SluiceExit("cannot write the configuration to \(path): \(error)")
             }
@@ -49,12 +51,17 @@ struct Sluice: AsyncParsableCommand {
             try await runCleanup(options: options, logger: logger)
             return
         }
+        runPrivilegedStartup(options: options, logger: logger)
+        if options.initOnly {
+            logger.info("--init-only: start-up settings applied; exiting")
+            return
+        }
+        options.iptablesBackend = await chooseIPTablesBackend(options.iptablesBackend, logger: logger)
         let plan = try await makeSource(options: options, logger: logger)
         let node = plan.node
         let source = plan.events
         logger.info("sluice \(sluiceVersion) starting: mode \(options.proxyMode.rawValue), node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
-        let observability = try makeObservability(options: options, node: node, logger: logger)
-        applyConntrackSysctls(options.conntrack, logger: logger)
+        let observability = try makeObservability(options: options, node: node, document: resolved.document, logger: logger)
         var runners: [SyncRunner<ContinuousClock>] = []
         var services: [any ServiceLifecycle.Service] = []
         // Userspace mode relays IPv4 only (its portal rules are iptables rules).
@@ -64,13 +71,14 @@ struct Sluice: AsyncParsableCommand {
             let driftWatch = await makeDriftWatch(drift, options: options, node: node, family: family, logger: logger)
             let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
                                     backend: mode.backend, family: family, timing: options.timing, clock: ContinuousClock(),
-                                    logger: logger, observers: mode.observers + observability.observers + driftWatch.observers,
+                                    logger: logger, observers: observability.instrument(mode.observers) + observability.observers + driftWatch.observers,
                                     recorders: observability.recorders)
             runners.append(runner)
             services += [RunnerService(runner: runner)] + mode.services(runner) + driftWatch.services
         }
         if families.count > 1 { logger.info("dual-stack: one proxier per family (\(node.families.map(\.rawValue).joined(separator: ", ")))") }
         services = [SourcePump(events: source, runners: runners)] + services + observability.services
+        if let path = options.config { services.append(ConfigFileWatch(path: path, logger: logger)) }
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
         logger.info("stopped; the rules stay in place")
