@@ -10,7 +10,8 @@ import SluiceCore
 
 /// What the host's rule sets show, per back end.
 public struct IPTablesBackendEvidence: Sendable, Hashable {
-    /// `iptables-nft-save -t mangle` plus `ip6tables-nft-save -t mangle` output.
+    /// `iptables-nft-save` plus `ip6tables-nft-save` output (the kubelet's chains are looked
+    /// for in it; they live in the mangle table, the canary in nat and filter too).
     public var nftMangle: String
     /// The same with the legacy tools.
     public var legacyMangle: String
@@ -52,25 +53,22 @@ public struct IPTablesBackendEvidence: Sendable, Hashable {
         save.split(separator: "\n").filter { $0.hasPrefix("-A ") }.count
     }
 
-    /// Reads the evidence from the host's tools. Nil when one of the two back ends is not
-    /// installed (then there is nothing to choose).
+    /// Reads the evidence from the host's tools: one `*-save` of every table per back end and
+    /// family (the kubelet's chains and the rules both come from it). Nil when one of the two
+    /// back ends is not installed (then there is nothing to choose).
     public static func read(runner: any CommandRunner) async -> IPTablesBackendEvidence? {
-        func save(_ tool: String, _ args: [String]) async -> String? {
-            switch await runner.run(tool, args, input: nil) {
+        func save(_ tool: String) async -> String? {
+            switch await runner.run(tool, [], input: nil) {
             case .success(let r) where r.status == 0: return r.stdout
             case .success: return ""
             case .failure(let e) where e.status == nil: return nil  // not installed
             case .failure: return ""
             }
         }
-        guard let nft4 = await save("iptables-nft-save", ["-t", "mangle"]),
-              let legacy4 = await save("iptables-legacy-save", ["-t", "mangle"]) else { return nil }
-        let nft6 = await save("ip6tables-nft-save", ["-t", "mangle"]) ?? ""
-        let legacy6 = await save("ip6tables-legacy-save", ["-t", "mangle"]) ?? ""
-        var nftRules = 0, legacyRules = 0
-        for tool in ["iptables-nft-save", "ip6tables-nft-save"] { nftRules += ruleCount(await save(tool, []) ?? "") }
-        for tool in ["iptables-legacy-save", "ip6tables-legacy-save"] { legacyRules += ruleCount(await save(tool, []) ?? "") }
+        guard let nft4 = await save("iptables-nft-save"), let legacy4 = await save("iptables-legacy-save") else { return nil }
+        let nft6 = await save("ip6tables-nft-save") ?? ""
+        let legacy6 = await save("ip6tables-legacy-save") ?? ""
         return IPTablesBackendEvidence(nftMangle: nft4 + nft6, legacyMangle: legacy4 + legacy6,
-                                       nftRules: nftRules, legacyRules: legacyRules)
+                                       nftRules: ruleCount(nft4) + ruleCount(nft6), legacyRules: ruleCount(legacy4) + ruleCount(legacy6))
     }
 }

@@ -11,6 +11,7 @@ import Foundation
 import Logging
 import ServiceLifecycle
 import SluiceCore
+import SluiceServer
 import Yams
 
 /// The shape of one configuration field.
@@ -623,18 +624,38 @@ extension ProxyOptions {
     /// does not act on (for the start-up log).
     func resolvedConfiguration(arguments: [String] = CommandLine.arguments) throws
         -> (options: ProxyOptions, document: ConfigDocument?, unhonoured: [String]) {
-        guard let path = config else { return (self, nil, []) }
         var out = self
-        let document: ConfigDocument
-        let notes: [String]
+        let explicit = ConfigFile.explicitFlags(arguments)
+        var document: ConfigDocument?
+        var notes: [String] = []
+        if let path = config {
+            do {
+                let loaded = try ConfigFile.load(path)
+                notes = try ConfigFile.apply(loaded, to: &out, explicit: explicit)
+                document = loaded
+            } catch let e as ConfigError {
+                throw SluiceExit("config \(path): \(e.description)")
+            } catch {
+                throw SluiceExit("config \(path): \(error)")
+            }
+        }
+        // An IPv6 bind address moves the default listeners to IPv6, as kube-proxy's defaulting
+        // does, unless the flag or the file names them.
+        if IPAddress(out.bindAddress)?.family == .ipv6 {
+            func named(_ flag: String, _ field: String) -> Bool {
+                explicit.contains(flag) || !((document?.raw[field] as? String) ?? "").isEmpty
+            }
+            if !named("--healthz-bind-address", "healthzBindAddress"), out.healthzBindAddress == HealthServer.defaultAddress {
+                out.healthzBindAddress = "[::]:\(proxyHealthzPort)"
+            }
+            if !named("--metrics-bind-address", "metricsBindAddress"), out.metricsBindAddress == MetricsServer.defaultAddress {
+                out.metricsBindAddress = "[::1]:\(proxyMetricsPort)"
+            }
+        }
         do {
-            document = try ConfigFile.load(path)
-            notes = try ConfigFile.apply(document, to: &out, explicit: ConfigFile.explicitFlags(arguments))
             try out.validate()
-        } catch let e as ConfigError {
-            throw SluiceExit("config \(path): \(e.description)")
         } catch {
-            throw SluiceExit("config \(path): \(error)")
+            throw SluiceExit(config.map { "config \($0): \(error)" } ?? "\(error)")
         }
         return (out, document, notes)
     }

@@ -51,13 +51,16 @@ struct Sluice: AsyncParsableCommand {
             try await runCleanup(options: options, logger: logger)
             return
         }
-        runPrivilegedStartup(options: options, logger: logger)
         if options.initOnly {
+            runPrivilegedStartup(options: options, logger: logger)
             logger.info("--init-only: start-up settings applied; exiting")
             return
         }
-        options.iptablesBackend = await chooseIPTablesBackend(options.iptablesBackend, logger: logger)
         let plan = try await makeSource(options: options, logger: logger)
+        // After the source is set up (a bad kubeconfig or directory ends the process before
+        // anything on the host is read or changed), as kube-proxy does.
+        runPrivilegedStartup(options: options, logger: logger)
+        options.iptablesBackend = await chooseIPTablesBackend(options.iptablesBackend, logger: logger)
         let node = plan.node
         let source = plan.events
         logger.info("sluice \(sluiceVersion) starting: mode \(options.proxyMode.rawValue), node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")

@@ -122,6 +122,21 @@ let kubeProxyDefaults: [(String, String)] = [
         #expect(field(eff, "metricsBindAddress") as? String == "[::1]:10249")
     }
 
+    @Test func anIPv6BindAddressFlagMovesTheDefaultListenersButNotNamedOnes() async throws {
+        let (dir, done) = try scratch()
+        defer { done() }
+        let r = await sluice(["--bind-address", "::", "--write-config-to", "\(dir)/out.yaml"])
+        #expect(r.succeeded, "\(r)")
+        let eff = try #require(try Yams.load(yaml: try String(contentsOfFile: "\(dir)/out.yaml", encoding: .utf8)) as? [String: Any])
+        #expect(field(eff, "healthzBindAddress") as? String == "[::]:10256")
+        #expect(field(eff, "metricsBindAddress") as? String == "[::1]:10249")
+        let named = await sluice(["--bind-address", "::", "--healthz-bind-address", "0.0.0.0:10256", "--write-config-to", "\(dir)/named.yaml"])
+        #expect(named.succeeded, "\(named)")
+        let eff2 = try #require(try Yams.load(yaml: try String(contentsOfFile: "\(dir)/named.yaml", encoding: .utf8)) as? [String: Any])
+        #expect(field(eff2, "healthzBindAddress") as? String == "0.0.0.0:10256")
+        #expect(field(eff2, "metricsBindAddress") as? String == "[::1]:10249")
+    }
+
     @Test func flagsStillOverrideTheDefaultedFile() async throws {
         let (eff, _) = try await effectiveConfig(try kubeProxyConfig(fixture: "kubeadm-v1.34-kube-proxy.yaml"),
                                                  extra: ["--hostname-override=node-a", "--sync-period", "45s", "--conntrack-max-per-core", "0"])

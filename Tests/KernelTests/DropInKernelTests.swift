@@ -154,4 +154,50 @@ struct DropInKernelTests {
     }
 
     private func parent(_ path: String) -> String { (path as NSString).deletingLastPathComponent }
+
+    /// Runs the binary inside `ns` and waits for it to exit (or kills it after `timeout`).
+    private func runToExit(_ ns: NetworkNamespace, _ args: [String], timeout: Duration = .seconds(20)) async -> CommandOutput {
+        await Subprocess.run(["ip", "netns", "exec", ns.name, Self.binary] + args, timeout: timeout)
+    }
+
+    @Test func initOnlyWritesTheOOMScoreAndTheSysctlsThenExits() async throws {
+        let ns = try NetworkNamespace(prefix: "sluice-init")
+        defer { ns.delete() }
+        let before = try ns.run(["cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait"]).stdout
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        let wanted = before == "1800" ? "1801" : "1800"
+        let r = await runToExit(ns, ["--init-only", "--oom-score-adj=500", "--conntrack-max-per-core", "0",
+                                     "--conntrack-tcp-timeout-close-wait", "\(wanted)s", "--conntrack-tcp-be-liberal"])
+        #expect(r.status == 0, "\(r)")
+        #expect(r.stderr.contains("set oom_score_adj to 500"), "\(r.stderr)")
+        #expect(r.stderr.contains("--init-only: start-up settings applied; exiting"), "\(r.stderr)")
+        #expect(!r.stderr.contains("nf_conntrack_max"), "maxPerCore 0 leaves the limit alone: \(r.stderr)")
+        // The namespace's own conntrack settings were written; nothing else was started.
+        #expect(try ns.run(["cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait"]).stdout
+            .trimmingCharacters(in: .whitespacesAndNewlines) == wanted)
+        #expect(try ns.run(["cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"]).stdout
+            .trimmingCharacters(in: .whitespacesAndNewlines) == "1")
+        #expect(!(try ns.run(["iptables-save", "-t", "nat"]).stdout.contains("KUBE-SERVICES")), "--init-only programs no rules")
+    }
+
+    @Test func bindAddressHardFailEndsTheProcessWhenThePortIsTaken() async throws {
+        let ns = try NetworkNamespace(prefix: "sluice-bind")
+        defer { ns.delete() }
+        let taken = try ns.listeningSocket(port: 0)
+        defer { close(taken) }
+        var address = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(taken, $0, &length) }
+        }
+        let port = Int(UInt16(bigEndian: address.sin_port))
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("sluice-bind-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let common = ["--manifests", dir, "--hostname-override", "n1", "--node-ip", "192.0.2.1", "--conntrack-max-per-core", "0",
+                      "--healthz-bind-address", "127.0.0.1:\(port)", "--metrics-bind-address", ""]
+        let r = await runToExit(ns, common + ["--bind-address-hard-fail"])
+        #expect(r.status != 0 && !r.timedOut, "\(r)")
+        #expect(r.stderr.contains("--bind-address-hard-fail"), "\(r.stderr)")
+    }
 }
