@@ -104,8 +104,10 @@ public struct ServiceHit: Sendable, Hashable, Codable {
     public var address: String
     /// The Service's own port (the ClusterIP port).
     public var servicePortNumber: Int
-    /// The protocol.
+    /// The protocol (`TCP`, `UDP`, `SCTP`).
     public var proto: String
+
+    private enum CodingKeys: String, CodingKey { case servicePort, kind, address, servicePortNumber, proto = "protocol" }
 }
 
 /// One endpoint of the matched Service port, and whether and why this packet may reach it.

@@ -158,7 +158,9 @@ struct ExplainReport: Codable {
     }
 
     mutating func attach(_ trace: TraceResult) {
-        paths = trace.paths
+        // Ten decimals: the statistic match keeps 31 bits, so further digits are noise.
+        func round(_ p: Double) -> Double { (p * 1e10).rounded() / 1e10 }
+        paths = trace.paths.map { var p = $0; p.probability = round(p.probability); return p }
         notes += trace.notes
         let verdicts = Set(trace.paths.map(\.verdict.rawValue))
         verdict = verdicts.count == 1 ? verdicts.first! : (verdicts.isEmpty ? "unknown" : "mixed")
@@ -166,11 +168,24 @@ struct ExplainReport: Codable {
         masquerade = masq.count == 1 ? masq.first : nil
         let probs = trace.endpointProbabilities
         for i in model.endpoints.indices {
-            model.endpoints[i].probability = probs[model.endpoints[i].address] ?? 0
+            model.endpoints[i].probability = round(probs[model.endpoints[i].address] ?? 0)
         }
         let known = Set(model.endpoints.map(\.address))
         for (ep, p) in probs.sorted(by: { $0.key < $1.key }) where !known.contains(ep) {
             notes.append("the rules send \(formatProbability(p)) of new connections to \(ep), which is not an endpoint of the matched Service port (the kernel differs from the desired state? see `sluice diff`)")
+        }
+        let expected: String
+        if model.hits.isEmpty {
+            expected = "unchanged"
+        } else if let a = model.noEndpointsAction {
+            expected = a.hasPrefix("REJECT") ? "rejected" : "dropped"
+        } else if model.sourceRange?.hasPrefix("denied") == true {
+            expected = "dropped"
+        } else {
+            expected = "forwarded"
+        }
+        if verdict != expected && verdict != "unknown" {
+            notes.append("the desired state has this packet \(expected), the \(rules) rules leave it \(verdict)" + (rules == "kernel" ? ": the kernel differs from the desired state (see `sluice diff`)" : ""))
         }
         for e in model.endpoints where e.selected && (probs[e.address] ?? 0) == 0 && verdict == "forwarded" {
             notes.append("the model selects \(e.address) but the rules never send a packet there")
