@@ -24,8 +24,25 @@ public enum IPTablesDrift {
         return set
     }
 
+    /// A desired rule set from a restore batch and the jump rules kept in the built-in chains
+    /// (another mode's: IPVS mode has its own batch and jumps).
+    public static func desired(restoreText: String, jumps: [JumpRule]) -> ParsedRuleSet {
+        var base = ""
+        for t in tables {
+            base += "*\(t)\n"
+            for b in t == "nat" ? ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"] : ["INPUT", "FORWARD", "OUTPUT"] { base += ":\(b) ACCEPT [0:0]\n" }
+            for rule in jumps where rule.table.rawValue == t {
+                base += "-A \(rule.source) " + rule.ruleArgs.map { $0.contains(" ") ? "\"\($0)\"" : $0 }.joined(separator: " ") + "\n"
+            }
+            base += "COMMIT\n"
+        }
+        return ParsedRuleSet.parse(restoreText, into: ParsedRuleSet.parse(base))
+    }
+
     /// The differences, per owned chain and jump rule.
-    public static func compare(desired: ParsedRuleSet, actual: ParsedRuleSet) -> [DriftItem] {
+    /// - Parameter owns: the chains compared (default: iptables mode's); other chains are not the proxy's.
+    public static func compare(desired: ParsedRuleSet, actual: ParsedRuleSet,
+                               owns: (String) -> Bool = IPTablesDrift.owns) -> [DriftItem] {
         var items: [DriftItem] = []
         let owners = chainOwners(desired).merging(chainOwners(actual)) { a, _ in a }
         func owner(_ r: ParsedRule) -> String {

@@ -6,6 +6,7 @@
 import ArgumentParser
 import Foundation
 import IPTables
+import IPVS
 import Logging
 import Metrics
 import ServiceLifecycle
@@ -34,7 +35,9 @@ struct Diff: AsyncParsableCommand {
         var reports: [DriftReport] = []
         for family in families {
             guard let checker = await makeDriftChecker(options: options, node: loaded.node, family: family) else {
-                throw SluiceExit("diff is not available for --proxy-mode \(options.proxyMode.rawValue) yet")
+                throw SluiceExit(options.proxyMode == .ipvs
+                    ? "diff: cannot open the IPVS, ipset or rtnetlink sockets (a kernel with IPVS and root are needed)"
+                    : "diff is not available for --proxy-mode \(options.proxyMode.rawValue) yet")
             }
             do {
                 reports.append(try await checker.check(tracker.snapshot(family)))
@@ -92,7 +95,16 @@ func makeDriftChecker(options: ProxyOptions, node: NodeConfig, family: IPFamily)
         let opts = await iptablesCompileOptions(options: options, node: node, family: family)
         return IPTablesDriftChecker(options: opts, tools: IPTablesTools(variant: options.iptablesBackend, family: family),
                                     runner: ProcessRunner())
-    case .ipvs, .userspace:
+    case .ipvs:
+        let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
+        guard let ipvs = try? await GenericNetlinkIPVSClient.connect(), let links = try? RouteNetlinkClient.connect(),
+              let ipsets = try? NetfilterIPSetClient.connect() else { return nil }
+        let opts = await iptablesCompileOptions(options: options, node: node, family: family)
+        let ipvsOptions = IPVSOptions(node: node, family: family, scheduler: options.ipvsScheduler,
+                                      excludeCIDRs: (try? options.ipvsExcludeCIDRList()) ?? [], randomFully: opts.randomFully)
+        let config = IPVSBackendConfig(options: ipvsOptions, gracefulPeriod: options.ipvsGracefulDuration, tools: tools)
+        return IPVSDriftChecker(config: config, ipvs: ipvs, links: links, ipsets: ipsets, runner: ProcessRunner())
+    case .userspace:
         return nil
     }
 }
@@ -145,7 +157,7 @@ func makeDriftWatch(_ drift: DriftCheckOptions, options: ProxyOptions, node: Nod
                     logger: Logger) async -> DriftWatch {
     guard let period = drift.period else { return DriftWatch() }
     guard let checker = await makeDriftChecker(options: options, node: node, family: family) else {
-        logger.info("drift check: not available in \(options.proxyMode.rawValue) mode yet")
+        logger.info("drift check: not available in \(options.proxyMode.rawValue) mode\(options.proxyMode == .ipvs ? " (IPVS, ipset or rtnetlink sockets cannot be opened)" : " yet")")
         return DriftWatch()
     }
     let last = LastSyncedState()
