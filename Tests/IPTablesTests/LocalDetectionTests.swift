@@ -34,6 +34,33 @@ import Testing
     }
 }
 
+@Suite struct NFAcctRuleTests {
+    private let nodePort = serviceYAML(type: "NodePort", ports: "[{name: p80, port: 80, protocol: TCP, nodePort: 30080}]")
+    private let eps = sliceYAML(endpoints: "[{addresses: [10.180.0.1]}]")
+
+    @Test func withNFAcctTheLocalhostNodePortAndInvalidDropRulesCount() throws {
+        var o = Fixtures.kubeProxyTestOptions
+        o.nfacctCounters = Set(NFAcctCounterName.all)
+        let (d, _) = try compileDump([nodePort, eps], options: o)
+        #expect(d.rules("nat", "KUBE-NODEPORTS") == [
+            "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp -d 127.0.0.0/8 --dport 30080 -m nfacct --nfacct-name localhost_nps_accepted_pkts -j \(ext1)",
+            "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 30080 -j \(ext1)",
+        ])
+        #expect(d.rules("filter", "KUBE-FORWARD").first == "-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP")
+    }
+
+    @Test func withoutNFAcctOrLocalhostNodePortsTheRulesAreKubeProxysPlainOnes() throws {
+        let (plain, _) = try compileDump([nodePort, eps])
+        #expect(plain.rules("nat", "KUBE-NODEPORTS") == ["-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 30080 -j \(ext1)"])
+        #expect(plain.rules("filter", "KUBE-FORWARD").first == "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP")
+        var o = Fixtures.kubeProxyTestOptions
+        o.nfacctCounters = Set(NFAcctCounterName.all)
+        o.node.localhostNodePorts = false
+        let (noLocalhost, _) = try compileDump([nodePort, eps], options: o)
+        #expect(noLocalhost.rules("nat", "KUBE-NODEPORTS").count == 1)
+    }
+}
+
 @Suite struct BackendDetectionTests {
     private let hint = "*mangle\n:PREROUTING ACCEPT [0:0]\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
     private let canary = "*mangle\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n"
