@@ -15,6 +15,39 @@ public struct IPTablesTracer: PacketTracer {
     /// The node's addresses (`-m addrtype --src-type/--dst-type LOCAL`, routing to INPUT).
     public let localAddresses: Set<IPAddress>
 
+    /// Evaluates `-m set --match-set NAME FLAGS` (IPVS mode's ipsets); nil: set matches are
+    /// not evaluated.
+    public var setMatcher: (@Sendable (_ set: String, _ flags: [String], _ packet: PacketFields) -> Bool?)?
+    /// A load balancer after the filter table (IPVS): the real servers for a destination, each
+    /// with its share of new connections and the step to print; nil when no virtual server has it.
+    public var virtualServers: (@Sendable (_ packet: PacketFields) -> VirtualServerHit?)?
+
+    /// The fields of the packet a set or virtual-server lookup reads.
+    public struct PacketFields: Sendable {
+        public var src: IPAddress
+        public var dst: IPAddress
+        public var dport: Int
+        /// `tcp`, `udp`, `sctp`.
+        public var proto: String
+    }
+
+    /// What a virtual-server lookup found.
+    public struct VirtualServerHit: Sendable {
+        /// Where the step is shown (`ipvs`).
+        public var location: String
+        /// The virtual server as the kernel states it.
+        public var server: String
+        /// Real servers with their share and how the step reads.
+        public var destinations: [(ip: IPAddress, port: Int, share: Double, text: String)]
+
+        /// Creates a hit.
+        public init(location: String, server: String, destinations: [(ip: IPAddress, port: Int, share: Double, text: String)]) {
+            self.location = location
+            self.server = server
+            self.destinations = destinations
+        }
+    }
+
     /// A tracer over `rules`.
     public init(rules: ParsedRuleSet, localAddresses: Set<IPAddress>) {
         self.rules = rules
@@ -89,9 +122,36 @@ public struct IPTablesTracer: PacketTracer {
                     after.append(f)
                 }
             }
+            // A load balancer behind the filter table (IPVS at LOCAL_IN / LOCAL_OUT).
+            if let lookup = virtualServers, filterHook != "FORWARD" {
+                var balanced: [Walk] = []
+                for f in after {
+                    guard f.dnat == nil, let hit = lookup(PacketFields(src: f.src, dst: f.dst, dport: f.dport, proto: f.proto)) else {
+                        balanced.append(f)
+                        continue
+                    }
+                    if hit.destinations.isEmpty {
+                        var r = f
+                        r.steps.append(TraceStep(location: hit.location, rule: hit.server, action: "no real servers: the node's own stack gets the packet (connection refused)"))
+                        r.verdict = .rejected
+                        results.append(r)
+                        continue
+                    }
+                    for d in hit.destinations {
+                        var b = f
+                        b.probability *= d.share
+                        b.steps.append(TraceStep(location: hit.location, rule: hit.server, action: d.text))
+                        b.dnat = (d.ip, d.port)
+                        b.dst = d.ip
+                        b.dport = d.port
+                        balanced.append(b)
+                    }
+                }
+                after = balanced
+            }
             // nat POSTROUTING for packets that leave the node.
             for f in after {
-                if filterHook == "INPUT" {
+                if filterHook == "INPUT" && f.dnat == nil {
                     var f = f
                     f.verdict = f.dnat != nil ? .forwarded : .unchanged
                     results.append(f)
@@ -350,6 +410,14 @@ public struct IPTablesTracer: PacketTracer {
                     continue
                 }
                 result = .random(p)
+            case "set":
+                guard let o = m.option("--match-set"), o.values.count >= 2, let matcher = setMatcher,
+                      let hit = matcher(o.values[0], o.values[1].split(separator: ",").map(String.init),
+                                        PacketFields(src: w.src, dst: w.dst, dport: w.dport, proto: w.proto)) else {
+                    note(&w, "set match in \"\(r.text)\" not evaluated; assumed not to match")
+                    return .no
+                }
+                if hit == o.negated { return .no }
             case "recent":
                 if m.option("--set") != nil { continue }
                 if m.option("--rcheck") != nil || m.option("--update") != nil {

@@ -138,12 +138,32 @@ public struct IPVSDriftChecker: DriftChecking {
         options.localAddresses = Set(elsewhere)
         options.nodePortAddresses = IPVSOptions.nodePortAddresses(from: elsewhere, node: options.node, family: family)
         let desired = IPVSCompiler(options: options).compile(state)
+        var actual = try await readKernel(setNames: Set(desired.sets.map(\.name)))
+        actual.boundAddresses = bound
+        return DriftReport(mode: mode, family: family,
+                           items: IPVSDrift.compare(desired: desired, actual: actual, family: family, excludeCIDRs: options.excludeCIDRs))
+    }
 
+    /// The compiled state of `state` with the node addresses read from the kernel, as a sync computes it.
+    public func desired(_ state: ProxyState) async throws -> IPVSDesiredState {
+        var options = config.options
+        let index = try await links.link(named: config.dummyDevice).map { UInt32(bitPattern: $0.index) }
+        let elsewhere = try await links.addresses().filter { $0.index != index }.map(\.address)
+        options.localAddresses = Set(elsewhere)
+        options.nodePortAddresses = IPVSOptions.nodePortAddresses(from: elsewhere, node: options.node, family: config.options.family)
+        return IPVSCompiler(options: options).compile(state)
+    }
+
+    /// Reads IPVS, the named sets, kube-ipvs0's addresses and the nat and filter tables.
+    public func readKernel(setNames: Set<String>) async throws -> IPVSKernelState {
+        let family = config.options.family
+        let index = try await links.link(named: config.dummyDevice).map { UInt32(bitPattern: $0.index) }
+        let bound = Set(try await links.addresses().filter { $0.index == index && $0.address.family == family }.map(\.address))
         var services: [(server: VirtualServer, destinations: [RealServer])] = []
         for vs in try await ipvs.services() {
             services.append((vs, try await ipvs.destinations(of: vs.key)))
         }
-        let sets = try await ipsets.list(Set(desired.sets.map(\.name)))
+        let sets = try await ipsets.list(setNames)
         var rules = ParsedRuleSet()
         for t in IPTablesDrift.tables {
             do {
@@ -152,8 +172,6 @@ public struct IPVSDriftChecker: DriftChecking {
                 throw IPVSToolError(operation: "reading the \(t) table", underlying: error)
             }
         }
-        let actual = IPVSKernelState(services: services, sets: sets, boundAddresses: bound, rules: rules)
-        return DriftReport(mode: mode, family: family,
-                           items: IPVSDrift.compare(desired: desired, actual: actual, family: family, excludeCIDRs: options.excludeCIDRs))
+        return IPVSKernelState(services: services, sets: sets, boundAddresses: bound, rules: rules)
     }
 }

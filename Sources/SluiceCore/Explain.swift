@@ -158,8 +158,10 @@ public struct ModelExplanation: Sendable, Hashable, Codable {
 ///   - state: the snapshot of the packet's family.
 ///   - node: the node settings.
 ///   - localAddresses: this node's addresses (NodePorts answer on them).
+///   - localFallsBackToCluster: a Local set without endpoints uses the cluster-wide set instead
+///     of dropping (IPVS mode, as kube-proxy's IPVS proxier does, #97081).
 public func explainModel(_ packet: ProbePacket, state: ProxyState, node: NodeConfig,
-                         localAddresses: Set<IPAddress>) -> ModelExplanation {
+                         localAddresses: Set<IPAddress>, localFallsBackToCluster: Bool = false) -> ModelExplanation {
     var out = ModelExplanation(hits: [], endpoints: [], masqueradeReasons: [])
     var matches: [(ServicePortInfo, ServiceAddressKind)] = []
     for name in state.sortedNames {
@@ -204,6 +206,10 @@ public func explainModel(_ packet: ProbePacket, state: ProxyState, node: NodeCon
     } else {
         useLocal = true
         out.trafficPolicyReason = "externalTrafficPolicy Local applies to \(kind.rawValue) traffic from outside the node"
+    }
+    if useLocal && localFallsBackToCluster && cat.local.isEmpty && !cat.cluster.isEmpty {
+        useLocal = false
+        out.trafficPolicyReason! += "; no local endpoint, so the virtual server holds the cluster-wide set (IPVS mode)"
     }
     out.trafficPolicy = useLocal ? "Local" : "Cluster"
     let chosen = Set((useLocal ? cat.local : cat.cluster).map(\.description))

@@ -6,6 +6,7 @@
 import ArgumentParser
 import Foundation
 import IPTables
+import IPVS
 import KubeAPI
 import Logging
 import SluiceCore
@@ -63,7 +64,8 @@ struct Explain: AsyncParsableCommand {
         let packet = ProbePacket(source: source ?? node.nodeIPs.first { $0.family == dst.family }, fromNode: fromNode,
                                  destination: dst, port: port, proto: proto)
         var report = ExplainReport(packet: packet, mode: options.proxyMode.rawValue, rules: kernel ? "kernel" : "compiled",
-                                   model: explainModel(packet, state: state, node: node, localAddresses: local))
+                                   model: explainModel(packet, state: state, node: node, localAddresses: local,
+                                                       localFallsBackToCluster: options.proxyMode == .ipvs))
         let tracer = try await makeTracer(options: options, node: node, family: dst.family, state: state, local: local)
         if let tracer {
             report.attach(tracer.trace(packet))
@@ -91,7 +93,23 @@ struct Explain: AsyncParsableCommand {
                 }
             }
             return IPTablesTracer(compiled: IPTablesCompiler(options: opts).compile(state), localAddresses: local)
-        case .ipvs, .userspace:
+        case .ipvs:
+            var o = IPVSOptions(node: node, family: family, scheduler: options.ipvsScheduler,
+                                excludeCIDRs: (try? options.ipvsExcludeCIDRList()) ?? [])
+            let candidates = Array(local.filter { $0.family == family })
+            o.nodePortAddresses = IPVSOptions.nodePortAddresses(from: candidates, node: node, family: family)
+            o.localAddresses = Set(candidates)
+            let desired = IPVSCompiler(options: o).compile(state)
+            guard kernel else { return IPVSTracer.compiled(desired, localAddresses: local) }
+            guard let checker = await makeIPVSDriftChecker(options: options, node: node, family: family) else {
+                throw SluiceExit("--kernel: cannot open the IPVS, ipset or rtnetlink sockets (a kernel with IPVS and root are needed)")
+            }
+            do {
+                return IPVSTracer.kernel(try await checker.readKernel(setNames: Set(desired.sets.map(\.name))), localAddresses: local)
+            } catch {
+                throw SluiceExit("\(error)")
+            }
+        case .userspace:
             return nil
         }
     }

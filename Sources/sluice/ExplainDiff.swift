@@ -90,12 +90,20 @@ func renderDrift(_ report: DriftReport) -> String {
 
 /// The drift checker of the selected mode and family (nil when the mode has none yet).
 func makeDriftChecker(options: ProxyOptions, node: NodeConfig, family: IPFamily) async -> (any DriftChecking)? {
+    if options.proxyMode == .ipvs { return await makeIPVSDriftChecker(options: options, node: node, family: family) }
     switch options.proxyMode {
     case .iptables:
         let opts = await iptablesCompileOptions(options: options, node: node, family: family)
         return IPTablesDriftChecker(options: opts, tools: IPTablesTools(variant: options.iptablesBackend, family: family),
                                     runner: ProcessRunner())
-    case .ipvs:
+    case .ipvs, .userspace:
+        return nil
+    }
+}
+
+/// The IPVS drift checker (nil when the IPVS, ipset or rtnetlink sockets cannot be opened).
+func makeIPVSDriftChecker(options: ProxyOptions, node: NodeConfig, family: IPFamily) async -> IPVSDriftChecker? {
+    do {
         let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
         guard let ipvs = try? await GenericNetlinkIPVSClient.connect(), let links = try? RouteNetlinkClient.connect(),
               let ipsets = try? NetfilterIPSetClient.connect() else { return nil }
@@ -104,8 +112,6 @@ func makeDriftChecker(options: ProxyOptions, node: NodeConfig, family: IPFamily)
                                       excludeCIDRs: (try? options.ipvsExcludeCIDRList()) ?? [], randomFully: opts.randomFully)
         let config = IPVSBackendConfig(options: ipvsOptions, gracefulPeriod: options.ipvsGracefulDuration, tools: tools)
         return IPVSDriftChecker(config: config, ipvs: ipvs, links: links, ipsets: ipsets, runner: ProcessRunner())
-    case .userspace:
-        return nil
     }
 }
 

@@ -99,3 +99,45 @@ import Testing
         #expect(items.map(\.kind) == [.extra] && items.first?.object == "ipvs virtual server", "\(items.map(\.description))")
     }
 }
+
+@Suite struct IPVSTracerTests {
+    /// Every address of every Service port of the golden fixture, through IPVS mode's compiled
+    /// rules, sets and virtual servers: the real servers reached are the endpoints the model
+    /// selects, each with 1/n, and REJECT/DROP where the model says so.
+    @Test func compiledIPVSAgreesWithTheModel() throws {
+        let state = try Fixtures.state(
+            Fixtures.read("../IPTablesTests/Fixtures/kube-proxy-overall/services.yaml", beside: #filePath) + "\n---\n"
+                + Fixtures.read("../IPTablesTests/Fixtures/kube-proxy-overall/endpointslices.yaml", beside: #filePath))
+        let nodeIP = IPAddress("192.168.0.2")!
+        let node = Fixtures.kubeProxyTestNode
+        var o = IPVSOptions(node: node, family: .ipv4, scheduler: "rr")
+        o.nodePortAddresses = [nodeIP]
+        o.localAddresses = [nodeIP]
+        let tracer = IPVSTracer.compiled(IPVSCompiler(options: o).compile(state), localAddresses: [nodeIP])
+        var checked = 0
+        for name in state.sortedNames {
+            let svc = state.servicePorts[name]!
+            var dsts = [(svc.clusterIP, svc.port)] + svc.externalIPs.map { ($0, svc.port) } + svc.loadBalancerVIPs.map { ($0, svc.port) }
+            if svc.nodePort != 0 { dsts.append((nodeIP, svc.nodePort)) }
+            for (ip, port) in dsts {
+                for src in ["10.0.0.5", "203.0.113.9", "198.51.100.7"] {
+                    let p = ProbePacket(source: IPAddress(src)!, fromNode: false, destination: ip, port: port, proto: .tcp)
+                    let model = explainModel(p, state: state, node: node, localAddresses: [nodeIP], localFallsBackToCluster: true)
+                    let trace = tracer.trace(p)
+                    let what = "\(src) -> \(ip):\(port) (\(name)): \(trace.paths.map { "\($0.verdict) \($0.endpoint ?? "")" }) notes \(trace.notes)"
+                    if model.noEndpointsAction != nil || model.sourceRange?.hasPrefix("denied") == true {
+                        #expect(trace.paths.allSatisfy { $0.verdict != .forwarded }, "\(what)")
+                        continue
+                    }
+                    let selected = Set(model.endpoints.filter(\.selected).map(\.address))
+                    let probs = trace.endpointProbabilities
+                    #expect(Set(probs.keys) == selected, "\(what): model \(selected)")
+                    for (_, pr) in probs { #expect(abs(pr - 1 / Double(selected.count)) < 1e-9, "\(what)") }
+                    #expect(trace.paths.allSatisfy { $0.masquerade == model.masquerade }, "\(what): model masquerade \(String(describing: model.masquerade))")
+                    checked += 1
+                }
+            }
+        }
+        #expect(checked >= 15)
+    }
+}
