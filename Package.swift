@@ -145,7 +145,7 @@ let package = Package(
             dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting"],
             resources: [.copy("Fixtures")]
         ),
-        .testTarget(name: "ExplainTests", dependencies: ["IPTables", "IPVS", "SluiceCore", "SluiceTesting"]),
+        .testTarget(name: "ExplainTests", dependencies: ["IPTables", "IPVS", "Userspace", "SluiceCore", "SluiceTesting"]),
         .testTarget(name: "CLITests", dependencies: ["SluiceTesting", .product(name: "Yams", package: "Yams")], exclude: ["Fixtures"]),
         .testTarget(name: "ConntrackTests", dependencies: ["Conntrack", "CConntrack", "SluiceCore", "SluiceTesting"]),
         .testTarget(

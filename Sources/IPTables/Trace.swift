@@ -39,12 +39,17 @@ public struct IPTablesTracer: PacketTracer {
         public var server: String
         /// Real servers with their share and how the step reads.
         public var destinations: [(ip: IPAddress, port: Int, share: Double, text: String)]
+        /// A proxy process takes the connection and opens its own to the destination (userspace
+        /// relay): the destination sees the node's address.
+        public var relay: Bool
 
         /// Creates a hit.
-        public init(location: String, server: String, destinations: [(ip: IPAddress, port: Int, share: Double, text: String)]) {
+        public init(location: String, server: String, destinations: [(ip: IPAddress, port: Int, share: Double, text: String)],
+                    relay: Bool = false) {
             self.location = location
             self.server = server
             self.destinations = destinations
+            self.relay = relay
         }
     }
 
@@ -126,7 +131,7 @@ public struct IPTablesTracer: PacketTracer {
             if let lookup = virtualServers, filterHook != "FORWARD" {
                 var balanced: [Walk] = []
                 for f in after {
-                    guard f.dnat == nil, let hit = lookup(PacketFields(src: f.src, dst: f.dst, dport: f.dport, proto: f.proto)) else {
+                    guard f.dnat == nil || isLocal(f.dst), let hit = lookup(PacketFields(src: f.src, dst: f.dst, dport: f.dport, proto: f.proto)) else {
                         balanced.append(f)
                         continue
                     }
@@ -144,6 +149,12 @@ public struct IPTablesTracer: PacketTracer {
                         b.dnat = (d.ip, d.port)
                         b.dst = d.ip
                         b.dport = d.port
+                        if hit.relay {
+                            b.relayed = true
+                            b.masquerade = true
+                            results.append(b)
+                            continue
+                        }
                         balanced.append(b)
                     }
                 }
@@ -169,6 +180,7 @@ public struct IPTablesTracer: PacketTracer {
                 }
             }
         }
+        for i in results.indices where results[i].relayed { results[i].verdict = .relayed }
         for r in results { for n in r.notes where !notes.contains(n) { notes.append(n) } }
         let paths = results.map { w in
             TracePath(probability: w.probability, verdict: w.verdict, endpoint: w.dnat.map { $0.ip.joined(port: $0.port) },
@@ -195,6 +207,7 @@ public struct IPTablesTracer: PacketTracer {
         var verdictNote = ""
         var hookNote = ""
         var depth = 0
+        var relayed = false
     }
 
     enum Outcome {
@@ -301,6 +314,13 @@ public struct IPTablesTracer: PacketTracer {
                 w.notes.append("DNAT target \(to) not understood")
                 step("DNAT to \(to)")
             }
+            return [(w, .accept)]
+        case "REDIRECT":
+            let port = r.targetOptions.first { $0.name == "--to-ports" }?.values.first.flatMap { Int($0.split(separator: "-").first ?? "") }
+            let node = w.dst.isLoopback ? w.dst : localAddresses.sorted().first { $0.family == w.dst.family && !$0.isLoopback } ?? w.dst
+            w.dst = node
+            w.dport = port ?? w.dport
+            step("REDIRECT to the node's port \(w.dport)")
             return [(w, .accept)]
         case "MASQUERADE", "SNAT":
             w.masquerade = true

@@ -401,10 +401,10 @@ public struct TraceResult: Sendable, Hashable, Codable {
         self.notes = notes
     }
 
-    /// Share of new connections per endpoint.
+    /// Share of new connections per endpoint (forwarded or relayed to it).
     public var endpointProbabilities: [String: Double] {
         var out: [String: Double] = [:]
-        for p in paths where p.verdict == .forwarded { if let e = p.endpoint { out[e, default: 0] += p.probability } }
+        for p in paths where p.verdict == .forwarded || p.verdict == .relayed { if let e = p.endpoint { out[e, default: 0] += p.probability } }
         return out
     }
 }

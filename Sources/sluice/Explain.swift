@@ -10,6 +10,7 @@ import IPVS
 import KubeAPI
 import Logging
 import SluiceCore
+import Userspace
 
 /// Output format of `explain` and `diff`.
 enum ReportFormat: String, ExpressibleByArgument, CaseIterable {
@@ -70,7 +71,13 @@ struct Explain: AsyncParsableCommand {
         if let tracer {
             report.attach(tracer.trace(packet))
         } else {
-            report.notes.append("no tracer for --proxy-mode \(options.proxyMode.rawValue) yet: the endpoints and masquerade shown are the model's")
+            report.notes.append("no tracer for --proxy-mode \(options.proxyMode.rawValue) and this family: the endpoints and masquerade shown are the model's")
+        }
+        if options.proxyMode == .userspace && !report.model.hits.isEmpty {
+            // The relay opens its own connection: the iptables-mode masquerade reasons do not apply.
+            report.model.masquerade = true
+            report.model.masqueradeReasons = ["userspace mode: the relay connects to the endpoint from the node, so the endpoint sees the node's address"]
+            report.notes.append("userspace mode: relay ports in compiled rules are the dry run's stand-ins (a running proxy gets them from the kernel; --kernel shows those)")
         }
         switch output {
         case .json: FileHandle.standardOutput.write(Data((try report.json() + "\n").utf8))
@@ -110,7 +117,17 @@ struct Explain: AsyncParsableCommand {
                 throw SluiceExit("\(error)")
             }
         case .userspace:
-            return nil
+            guard let nodeIP = node.nodeIPs.first(where: { $0.family == .ipv4 }), family == .ipv4 else { return nil }
+            guard kernel else { return UserspaceTracer.compiled(state: state, nodeName: node.nodeName, nodeIP: nodeIP, localAddresses: local) }
+            let opts = await iptablesCompileOptions(options: options, node: node, family: family)
+            let checker = IPTablesDriftChecker(options: opts, tools: IPTablesTools(variant: options.iptablesBackend, family: family),
+                                               runner: ProcessRunner())
+            do {
+                return UserspaceTracer.make(rules: try await checker.readKernel(), plan: UserspacePlan(state: state, nodeName: node.nodeName),
+                                            localAddresses: local)
+            } catch {
+                throw SluiceExit("\(error)")
+            }
         }
     }
 }
@@ -202,10 +219,10 @@ struct ExplainReport: Codable {
         } else {
             expected = "forwarded"
         }
-        if verdict != expected && verdict != "unknown" {
+        if verdict != expected && verdict != "unknown" && !(expected == "forwarded" && verdict == "relayed") {
             notes.append("the desired state has this packet \(expected), the \(rules) rules leave it \(verdict)" + (rules == "kernel" ? ": the kernel differs from the desired state (see `sluice diff`)" : ""))
         }
-        for e in model.endpoints where e.selected && (probs[e.address] ?? 0) == 0 && verdict == "forwarded" {
+        for e in model.endpoints where e.selected && (probs[e.address] ?? 0) == 0 && (verdict == "forwarded" || verdict == "relayed") {
             notes.append("the model selects \(e.address) but the rules never send a packet there")
         }
     }

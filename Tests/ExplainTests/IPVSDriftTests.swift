@@ -6,6 +6,7 @@
 import Foundation
 import IPTables
 import IPVS
+import Userspace
 import SluiceCore
 import SluiceTesting
 import Testing
@@ -139,5 +140,42 @@ import Testing
             }
         }
         #expect(checked >= 15)
+    }
+}
+
+@Suite struct UserspaceTracerTests {
+    /// Cluster IPs and NodePorts of the golden fixture through the portal rules and relays: the
+    /// relay reaches the endpoints the model selects, each 1/n, always from the node's address.
+    @Test func portalRulesReachTheRelayAndItsEndpoints() throws {
+        let state = try Fixtures.state(
+            Fixtures.read("../IPTablesTests/Fixtures/kube-proxy-overall/services.yaml", beside: #filePath) + "\n---\n"
+                + Fixtures.read("../IPTablesTests/Fixtures/kube-proxy-overall/endpointslices.yaml", beside: #filePath))
+        let nodeIP = IPAddress("192.168.0.2")!
+        let node = Fixtures.kubeProxyTestNode
+        let tracer = UserspaceTracer.compiled(state: state, nodeName: node.nodeName, nodeIP: nodeIP, localAddresses: [nodeIP])
+        var checked = 0
+        for name in state.sortedNames {
+            let svc = state.servicePorts[name]!
+            var dsts = [(svc.clusterIP, svc.port)]
+            if svc.nodePort != 0 { dsts.append((nodeIP, svc.nodePort)) }
+            for (ip, port) in dsts {
+                for (src, fromNode) in [(IPAddress("10.0.0.5")!, false), (nodeIP, true)] {
+                    let p = ProbePacket(source: src, fromNode: fromNode, destination: ip, port: port, proto: .tcp)
+                    let trace = tracer.trace(p)
+                    let what = "\(src) -> \(ip):\(port) (\(name)): \(trace.paths.map { "\($0.verdict) \($0.endpoint ?? "")" }) \(trace.notes)"
+                    let plan = UserspacePlan(state: state, nodeName: node.nodeName)
+                    let want = Set(plan.relays[name]!.endpoints.map(\.description))
+                    if want.isEmpty {
+                        #expect(trace.paths.allSatisfy { $0.verdict == .rejected }, "\(what)")
+                        continue
+                    }
+                    #expect(Set(trace.endpointProbabilities.keys) == want && trace.paths.allSatisfy { $0.verdict == .relayed && $0.masquerade }, "\(what)")
+                    #expect(trace.paths.allSatisfy { abs($0.probability - 1 / Double(want.count)) < 1e-9 }, "\(what)")
+                    #expect(trace.paths.first?.steps.contains { $0.location == "relay" } == true, "\(what)")
+                    checked += 1
+                }
+            }
+        }
+        #expect(checked >= 8)
     }
 }
