@@ -226,6 +226,34 @@ struct ExplainKernelTests {
         }
     }
 
+    @Test("userspace mode: explain --kernel follows the portal rule to the running relay, and real connections reach its endpoints from the node")
+    func explainUserspaceMatchesRealPackets() async throws {
+        try await TestBed.with(.init(label: "exus")) { bed in
+            let web = webService()
+            var np = webService(name: "np", clusterIP: "10.96.0.11")
+            np.type = "NodePort"
+            np.ports = [.http(nodePort: 30080)]
+            try bed.writeManifest("svc.yaml", web.yaml + "---\n" + np.yaml)
+            try bed.startUserspaceSluice()
+            let nat = try await bed.waitForPortals([web.portName("http"), np.portName("http")])
+            let relay = try #require(TestBed.relayPort(in: nat, for: web.portName("http")))
+            for (from, ns, dst) in [(TestNet.clientIP, bed.clientNS, web.clusterTarget("http")), (TestNet.extIP, bed.extNS, "\(TestNet.nodeIP):30080")] {
+                let args = ["explain"] + bed.sluiceArguments() + ["--proxy-mode", "userspace", "--kernel", "--output", "json", "--from", from, dst]
+                let out = await bed.runSluice(args)
+                #expect(out.succeeded, "\(out)")
+                let e = try JSONDecoder().decode(ExplainJSON.self, from: Data(out.stdout.utf8))
+                #expect(e.verdict == "relayed" && e.masquerade == true, "\(out.stdout)")
+                let backends = Set(e.paths.compactMap { p in (1...2).first { p.endpoint?.hasPrefix(TestNet.backendIP($0) + ":") == true }.map(TestNet.backendName) })
+                #expect(backends == ["backend-1", "backend-2"], "\(out.stdout)")
+                if dst == web.clusterTarget("http") { #expect(out.stdout.contains("port \(relay)"), "the running relay's port \(relay) in the path:\n\(out.stdout)") }
+                let r = try await bed.request(from: ns, .tcp, dst, count: 12, showSource: true)
+                expectAnswered(r, count: 12, backends: backends, "userspace \(from) -> \(dst): explain said \(backends)", bed)
+                // The relay connects from the node: backends see the node's address on their link.
+                #expect(r.sources.compactMap { $0 }.allSatisfy { $0 != from && $0.hasSuffix(".1") }, context("userspace: explain said the node's address", r, bed))
+            }
+        }
+    }
+
     @Test("The running proxy's drift check exports sluice_kernel_drift_objects and logs the difference")
     func daemonDriftCheck() async throws {
         try await TestBed.with(.init(label: "drift")) { bed in
