@@ -11,6 +11,7 @@ import Logging
 import Metrics
 import ServiceLifecycle
 import SluiceCore
+import Userspace
 
 /// `sluice diff`.
 struct Diff: AsyncParsableCommand {
@@ -37,7 +38,7 @@ struct Diff: AsyncParsableCommand {
             guard let checker = await makeDriftChecker(options: options, node: loaded.node, family: family) else {
                 throw SluiceExit(options.proxyMode == .ipvs
                     ? "diff: cannot open the IPVS, ipset or rtnetlink sockets (a kernel with IPVS and root are needed)"
-                    : "diff is not available for --proxy-mode \(options.proxyMode.rawValue) yet")
+                    : "diff in userspace mode needs an IPv4 --node-ip")
             }
             do {
                 reports.append(try await checker.check(tracker.snapshot(family)))
@@ -96,7 +97,11 @@ func makeDriftChecker(options: ProxyOptions, node: NodeConfig, family: IPFamily)
         let opts = await iptablesCompileOptions(options: options, node: node, family: family)
         return IPTablesDriftChecker(options: opts, tools: IPTablesTools(variant: options.iptablesBackend, family: family),
                                     runner: ProcessRunner())
-    case .ipvs, .userspace:
+    case .userspace:
+        guard family == .ipv4, let nodeIP = node.nodeIPs.first(where: { $0.family == .ipv4 }) else { return nil }
+        return UserspaceDriftChecker(nodeIP: nodeIP, nodeName: node.nodeName,
+                                     tools: IPTablesTools(variant: options.iptablesBackend, family: family), runner: ProcessRunner())
+    case .ipvs:
         return nil
     }
 }
@@ -163,7 +168,7 @@ func makeDriftWatch(_ drift: DriftCheckOptions, options: ProxyOptions, node: Nod
                     logger: Logger) async -> DriftWatch {
     guard let period = drift.period else { return DriftWatch() }
     guard let checker = await makeDriftChecker(options: options, node: node, family: family) else {
-        logger.info("drift check: not available in \(options.proxyMode.rawValue) mode\(options.proxyMode == .ipvs ? " (IPVS, ipset or rtnetlink sockets cannot be opened)" : " yet")")
+        logger.info("drift check: not available in \(options.proxyMode.rawValue) mode\(options.proxyMode == .ipvs ? " (IPVS, ipset or rtnetlink sockets cannot be opened)" : " without an IPv4 node IP")")
         return DriftWatch()
     }
     let last = LastSyncedState()

@@ -254,6 +254,27 @@ struct ExplainKernelTests {
         }
     }
 
+    @Test("userspace mode: diff is clean with the running relays' ports and reports a deleted portal rule and a foreign one")
+    func diffUserspace() async throws {
+        try await TestBed.with(.init(label: "dfus")) { bed in
+            let web = webService()
+            try bed.writeManifest("svc.yaml", web.yaml)
+            try bed.startUserspaceSluice()
+            let nat = try await bed.waitForPortals([web.portName("http"), web.portName("dns")])
+            func diff() async -> CommandOutput { await bed.runSluice(["diff"] + bed.sluiceArguments() + ["--proxy-mode", "userspace"]) }
+            var d = await diff()
+            #expect(d.status == 0 && d.stdout.contains("userspace IPv4: the kernel holds the desired state"), "\(d.stdout)\n\(nat)")
+            let portal = try #require(nat.split(separator: "\n").first { $0.hasPrefix("-A KUBE-PORTALS-CONTAINER") && $0.contains(web.portName("http")) })
+            var r = await bed.iptables(["-t", "nat", "-D"] + tokenize(portal.dropFirst(3)))
+            #expect(r.succeeded, "\(r)")
+            r = await bed.iptables(["-t", "nat", "-A", "KUBE-PORTALS-CONTAINER", "-d", "10.96.9.9/32", "-p", "tcp", "--dport", "9", "-j", "REDIRECT", "--to-ports", "9"])
+            #expect(r.succeeded, "\(r)")
+            d = await diff()
+            #expect(d.status == 1 && d.stdout.contains("2 differences") && d.stdout.contains("missing nat KUBE-PORTALS-CONTAINER rule")
+                    && d.stdout.contains("extra   nat KUBE-PORTALS-CONTAINER rule") && d.stdout.contains(web.portName("http")), "\(d.stdout)")
+        }
+    }
+
     @Test("The running proxy's drift check exports sluice_kernel_drift_objects and logs the difference")
     func daemonDriftCheck() async throws {
         try await TestBed.with(.init(label: "drift")) { bed in
