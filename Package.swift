@@ -99,6 +99,7 @@ let package = Package(
             dependencies: [
                 "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace", "NFTables",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
@@ -161,7 +162,8 @@ let package = Package(
             dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting"],
             resources: [.copy("Fixtures")]
         ),
-        .testTarget(name: "CLITests", dependencies: ["SluiceTesting", .product(name: "Yams", package: "Yams")]),
+        .testTarget(name: "ExplainTests", dependencies: ["IPTables", "IPVS", "Userspace", "SluiceCore", "SluiceTesting"]),
+        .testTarget(name: "CLITests", dependencies: ["SluiceTesting", .product(name: "Yams", package: "Yams")], exclude: ["Fixtures"]),
         .testTarget(name: "ConntrackTests", dependencies: ["Conntrack", "CConntrack", "SluiceCore", "SluiceTesting"]),
         .testTarget(
             name: "IPVSTests",
@@ -184,7 +186,8 @@ let package = Package(
         ),
         .testTarget(
             name: "KernelTests",
-            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice", "Conntrack", "conntrack-probe"]
+            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice", "Conntrack", "conntrack-probe",
+                           .product(name: "Yams", package: "Yams")]
         ),
     ],
     swiftLanguageModes: [.v6]

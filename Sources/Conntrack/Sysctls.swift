@@ -1,14 +1,14 @@
 // Sluice: a per-node Kubernetes service proxy.
 // The conntrack sysctls kube-proxy sets at startup (cmd/kube-proxy/app/conntrack.go and
-// server_linux.go): the table size, its hash size, and four timeouts. Sluice writes one
-// only when its flag is given and the kernel's value differs.
+// server_linux.go): the table size, its hash size, four timeouts and TCP liberal mode. Each
+// is written only when the kernel's value differs.
 
 #if canImport(Glibc)
 import Glibc
 #endif
 import SluiceCore
 
-/// The conntrack flags; nil means "not given: leave the kernel's value alone".
+/// The conntrack settings; nil (or false for `tcpBeLiberal`) means "leave the kernel's value".
 public struct ConntrackSysctlSettings: Sendable, Hashable {
     /// `--conntrack-max-per-core`: entries per CPU (0: leave the limit as it is).
     public var maxPerCore: Int?
@@ -18,6 +18,8 @@ public struct ConntrackSysctlSettings: Sendable, Hashable {
     public var tcpEstablishedTimeout: Duration?
     /// `--conntrack-tcp-timeout-close-wait`.
     public var tcpCloseWaitTimeout: Duration?
+    /// `--conntrack-tcp-be-liberal`: set `nf_conntrack_tcp_be_liberal` to 1 (false leaves it).
+    public var tcpBeLiberal: Bool
     /// `--conntrack-udp-timeout`.
     public var udpTimeout: Duration?
     /// `--conntrack-udp-timeout-stream`.
@@ -25,16 +27,18 @@ public struct ConntrackSysctlSettings: Sendable, Hashable {
 
     /// Creates settings.
     public init(maxPerCore: Int? = nil, min: Int? = nil, tcpEstablishedTimeout: Duration? = nil,
-                tcpCloseWaitTimeout: Duration? = nil, udpTimeout: Duration? = nil, udpStreamTimeout: Duration? = nil) {
+                tcpCloseWaitTimeout: Duration? = nil, tcpBeLiberal: Bool = false, udpTimeout: Duration? = nil,
+                udpStreamTimeout: Duration? = nil) {
         self.maxPerCore = maxPerCore
         self.min = min
         self.tcpEstablishedTimeout = tcpEstablishedTimeout
         self.tcpCloseWaitTimeout = tcpCloseWaitTimeout
+        self.tcpBeLiberal = tcpBeLiberal
         self.udpTimeout = udpTimeout
         self.udpStreamTimeout = udpStreamTimeout
     }
 
-    /// True when no flag was given.
+    /// True when nothing is to be set.
     public var isEmpty: Bool { self == ConntrackSysctlSettings() }
 }
 
@@ -90,7 +94,8 @@ public struct ConntrackSysctls: Sendable {
 
     /// Applies the settings that are given and differ from the kernel's values, in
     /// kube-proxy's order: the limit, the hash size (to a quarter of the limit, only when it
-    /// is smaller), then the timeouts. A failure is reported and the rest goes on.
+    /// is smaller), then the TCP timeouts, liberal mode, and the UDP timeouts. A failure is
+    /// reported and the rest goes on.
     public func apply(_ s: ConntrackSysctlSettings) -> [SysctlOutcome] {
         var out: [SysctlOutcome] = []
         if let max = desiredMax(s) {
@@ -101,17 +106,16 @@ public struct ConntrackSysctls: Sendable {
                 out.append(write(path: hashsizePath, name: "nf_conntrack hashsize", value: max / 4, current: hashsize))
             }
         }
-        let timeouts: [(String, Duration?)] = [
-            ("nf_conntrack_tcp_timeout_established", s.tcpEstablishedTimeout),
-            ("nf_conntrack_tcp_timeout_close_wait", s.tcpCloseWaitTimeout),
-            ("nf_conntrack_udp_timeout", s.udpTimeout),
-            ("nf_conntrack_udp_timeout_stream", s.udpStreamTimeout),
-        ]
-        for (name, d) in timeouts {
-            guard let d else { continue }
+        func timeout(_ name: String, _ d: Duration?) {
+            guard let d else { return }
             let seconds = Int(d.components.seconds)
             if seconds > 0 { out.append(set(name, seconds)) }
         }
+        timeout("nf_conntrack_tcp_timeout_established", s.tcpEstablishedTimeout)
+        timeout("nf_conntrack_tcp_timeout_close_wait", s.tcpCloseWaitTimeout)
+        if s.tcpBeLiberal { out.append(set("nf_conntrack_tcp_be_liberal", 1)) }
+        timeout("nf_conntrack_udp_timeout", s.udpTimeout)
+        timeout("nf_conntrack_udp_timeout_stream", s.udpStreamTimeout)
         return out
     }
 

@@ -96,7 +96,7 @@ public actor IPTablesBackend: ProxyBackend {
     /// Probes the host (iptables version and flavour, conntrack liberal mode), prepares the
     /// kernel settings localhost NodePorts need, and returns a backend.
     public static func create(node: NodeConfig, family: IPFamily, variant: IPTablesVariant, runner: any CommandRunner,
-                              logger: Logger) async throws -> IPTablesBackend {
+                              nfacctCounters: Set<String> = [], logger: Logger) async throws -> IPTablesBackend {
         let tools = IPTablesTools(variant: variant, family: family)
         let versionOut: CommandResult
         do {
@@ -122,8 +122,9 @@ public actor IPTablesBackend: ProxyBackend {
         }
         let local = family == .ipv4 ? LocalAddresses.current().filter { $0.family == .ipv4 } : LocalAddresses.current().filter { $0.family == .ipv6 }
         logger.info("iptables \(features.version) (\(features.mode)), random-fully \(features.randomFully), tcp_be_liberal \(liberal)")
-        let options = IPTablesOptions(node: node, family: family, randomFully: features.randomFully,
+        var options = IPTablesOptions(node: node, family: family, randomFully: features.randomFully,
                                       conntrackTCPLiberal: liberal, localAddresses: local)
+        options.nfacctCounters = nfacctCounters
         return IPTablesBackend(options: options, tools: tools, runner: runner, logger: logger)
     }
 

@@ -16,6 +16,9 @@ public struct IPTablesOptions: Sendable, Hashable {
     public var conntrackTCPLiberal: Bool
     /// Local addresses NodePorts are opened on when `nodePortAddresses` is not "all".
     public var localAddresses: [IPAddress]
+    /// The nfacct objects that exist (`NFAcctCounterName`): their rules count packets with
+    /// `-m nfacct`, as kube-proxy's do where nfacct is available. Empty: no nfacct matches.
+    public var nfacctCounters: Set<String> = []
 
     /// Creates options.
     public init(node: NodeConfig, family: IPFamily = .ipv4, randomFully: Bool = true,
@@ -26,6 +29,16 @@ public struct IPTablesOptions: Sendable, Hashable {
         self.conntrackTCPLiberal = conntrackTCPLiberal
         self.localAddresses = localAddresses
     }
+}
+
+/// kube-proxy's nfacct object names (pkg/proxy/metrics).
+public enum NFAcctCounterName {
+    /// Packets the INVALID-state rule of KUBE-FORWARD drops.
+    public static let ctStateInvalidDropped = "ct_state_invalid_dropped_pkts"
+    /// Packets accepted on NodePorts of 127.0.0.0/8.
+    public static let localhostNodePortsAccepted = "localhost_nps_accepted_pkts"
+    /// Both.
+    public static let all: [String] = [ctStateInvalidDropped, localhostNodePortsAccepted]
 }
 
 /// kube-proxy's threshold above which per-endpoint comments are dropped.
@@ -240,7 +253,9 @@ public struct IPTablesCompiler: Sendable {
         }
 
         if !options.conntrackTCPLiberal {
-            filterRules.write("-A \(Chain.forward) -m conntrack --ctstate INVALID -j DROP")
+            let count = options.nfacctCounters.contains(NFAcctCounterName.ctStateInvalidDropped)
+                ? " -m nfacct --nfacct-name \(NFAcctCounterName.ctStateInvalidDropped)" : ""
+            filterRules.write("-A \(Chain.forward) -m conntrack --ctstate INVALID\(count) -j DROP")
         }
         filterRules.write("-A \(Chain.forward) -m comment --comment \"kubernetes forwarding rules\" -m mark --mark \(mark)/\(mark) -j ACCEPT")
         filterRules.write("-A \(Chain.forward) -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
@@ -353,6 +368,12 @@ public struct IPTablesCompiler: Sendable {
         // Node ports.
         if svc.nodePort != 0 {
             if hasEndpoints {
+                // Where nfacct is available, localhost NodePort packets are counted first.
+                if options.family == .ipv4 && options.node.localhostNodePorts
+                    && options.nfacctCounters.contains(NFAcctCounterName.localhostNodePortsAccepted)
+                    && options.node.nodePortAddresses.containsLoopback(.ipv4) {
+                    emit.top("-A \(Chain.nodePorts) -m comment --comment \(spn) \(match) -d 127.0.0.0/8 --dport \(svc.nodePort) -m nfacct --nfacct-name \(NFAcctCounterName.localhostNodePortsAccepted) -j \(externalTrafficChain)")
+                }
                 emit.top("-A \(Chain.nodePorts) -m comment --comment \(spn) \(match) --dport \(svc.nodePort) -j \(externalTrafficChain)")
             }
             if !hasExternalEndpoints {
@@ -458,9 +479,12 @@ public struct IPTablesCompiler: Sendable {
         }
     }
 
-    /// The local-traffic detector's arguments (`-s <cidr>` / `! -s <cidr>`), nil when no
-    /// cluster CIDR of this family is configured.
+    /// The local-traffic detector's arguments (`-s <cidr>` / `! -s <cidr>`, or `-i <if>` /
+    /// `! -i <if>` when local pods are told by interface), nil when no detector is configured.
     private func localDetectorArgs(negated: Bool) -> String? {
+        if let iface = options.node.localInterface {
+            return negated ? "! -i \(iface.iptablesName)" : "-i \(iface.iptablesName)"
+        }
         guard let cidr = options.node.clusterCIDRs.first(where: { $0.family == options.family }) else { return nil }
         return negated ? "! -s \(cidr)" : "-s \(cidr)"
     }

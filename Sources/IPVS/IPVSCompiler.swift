@@ -361,6 +361,8 @@ public struct IPVSCompiler: Sendable {
             let head = "-A KUBE-SERVICES \(comment(KubeIPSet.clusterIP)) -m set --match-set \(def(KubeIPSet.clusterIP).name)"
             if options.node.masqueradeAll {
                 nat.append("\(head) dst,dst -j KUBE-MARK-MASQ")
+            } else if let iface = options.node.localInterface {
+                nat.append("\(head) dst,dst ! -i \(iface.iptablesName) -j KUBE-MARK-MASQ")
             } else if let cidr = options.node.clusterCIDRs.first(where: { $0.family == family }) {
                 nat.append("\(head) dst,dst ! -s \(cidr) -j KUBE-MARK-MASQ")
             } else {

@@ -303,6 +303,31 @@ public final class KubeClient: Sendable {
         return stream
     }
 
+    /// POSTs a JSON object to `path` (an object's collection, e.g. events); succeeds on 200,
+    /// 201 or 202, throws `KubeAPIError` for any other status.
+    public func create(path: String, json: [UInt8], what: String) async throws {
+        var request = HTTPClientRequest(url: config.server + path)
+        request.method = .POST
+        request.headers.add(name: "Accept", value: "application/json")
+        request.headers.add(name: "Content-Type", value: "application/json")
+        request.headers.add(name: "User-Agent", value: userAgent)
+        if let auth = tokens.authorization() { request.headers.add(name: "Authorization", value: auth) }
+        request.body = .bytes(ByteBuffer(bytes: json))
+        let response: HTTPClientResponse
+        do {
+            response = try await http.execute(request, timeout: .milliseconds(Int64(requestTimeout / .milliseconds(1))), logger: logger)
+        } catch let e as CancellationError {
+            throw e
+        } catch {
+            throw KubeTransportError(request: what, detail: "\(error)")
+        }
+        let code = Int(response.status.code)
+        let body = (try? await response.body.collect(upTo: 1 << 20)).map { Array($0.readableBytesView) } ?? []
+        guard (200...202).contains(code) else {
+            throw KubeAPIError.from(status: try? JSONTree.parseObject(body), code: code, request: what)
+        }
+    }
+
     // MARK: - plumbing
 
     /// Sends a GET; returns a 200 response, throws KubeAPIError for any other status. A 401 with

@@ -64,6 +64,23 @@ public struct ConfigError: Error, Sendable, Hashable, CustomStringConvertible {
     public var description: String { "invalid \(field) \"\(Validation.printable(value))\": \(reason)" }
 }
 
+/// Local-pod traffic told by the interface it arrives on (kube-proxy's `--detect-local-mode`
+/// BridgeInterface and InterfaceNamePrefix) instead of by source CIDR.
+public enum LocalInterfaceMatch: Sendable, Hashable {
+    /// Traffic from this bridge (`-i cbr0`).
+    case bridge(String)
+    /// Traffic from interfaces whose names start with this (`-i veth+`).
+    case namePrefix(String)
+
+    /// The iptables interface argument: the name, or the prefix with iptables' `+` wildcard.
+    public var iptablesName: String {
+        switch self {
+        case .bridge(let name): return name
+        case .namePrefix(let prefix): return prefix + "+"
+        }
+    }
+}
+
 /// Node-level settings shared by the compilers.
 public struct NodeConfig: Sendable, Hashable {
     /// This node's name; endpoints whose `nodeName` matches are local.
@@ -80,6 +97,8 @@ public struct NodeConfig: Sendable, Hashable {
     public var nodePortAddresses: NodePortAddresses
     /// `--iptables-localhost-nodeports` (default true; IPv4 only).
     public var localhostNodePorts: Bool
+    /// When set, local pods are told by their interface, not by `clusterCIDRs`.
+    public var localInterface: LocalInterfaceMatch? = nil
 
     /// Creates a configuration.
     public init(nodeName: String, nodeIPs: [IPAddress] = [], clusterCIDRs: [CIDR] = [], masqueradeAll: Bool = false,

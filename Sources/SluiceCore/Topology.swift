@@ -17,24 +17,36 @@ public struct CategorizedEndpoints: Sendable, Hashable {
 /// The label holding a node's zone.
 public let topologyZoneLabel = "topology.kubernetes.io/zone"
 
-/// Splits `endpoints` into cluster and local sets for `info`.
+/// Which topology hints restrict the cluster set (kube-proxy's topology mode).
+public enum TopologyMode: Sendable, Hashable {
+    /// No restriction: every ready endpoint.
+    case none
+    /// Endpoints hinted for this node (`hints.forNodes`).
+    case preferSameNode
+    /// Endpoints hinted for this node's zone (`hints.forZones`).
+    case preferSameZone
+}
+
+/// Splits `endpoints` into cluster and local sets for `info` (kube-proxy 1.34's
+/// CategorizeEndpoints).
 ///
-/// - Cluster set: ready endpoints (restricted by topology hints when usable); if there are none,
-///   serving-and-terminating endpoints.
+/// - Cluster set: ready endpoints, restricted by topology hints when usable (see
+///   `topologyMode`); if there are none, serving-and-terminating endpoints.
 /// - Local set: local ready endpoints; if there are none, local serving-and-terminating ones.
 public func categorizeEndpoints(_ endpoints: [EndpointInfo], info: ServicePortInfo, nodeName: String,
                                 nodeLabels: [String: String]) -> CategorizedEndpoints {
     var cluster: [EndpointInfo] = []
     var local: [EndpointInfo] = []
     var hasAny = false
-    var useTopology = false
+    var mode = TopologyMode.none
     var useServingTerminating = false
+    let zone = nodeLabels[topologyZoneLabel] ?? ""
 
     if info.usesClusterEndpoints {
-        useTopology = canUseTopology(endpoints, info: info, nodeName: nodeName, nodeLabels: nodeLabels)
-        cluster = endpoints.filter { ep in
-            ep.ready && (!useTopology || availableForTopology(ep, nodeName: nodeName, nodeLabels: nodeLabels))
-        }
+        mode = topologyMode(endpoints, nodeName: nodeName, zone: zone)
+        cluster = endpoints.filter { $0.ready && availableForTopology($0, mode: mode, nodeName: nodeName, zone: zone) }
+        // No ready endpoint for the chosen hints means none anywhere (the mode would have
+        // been .none otherwise): fall back to serving-and-terminating endpoints.
         if cluster.isEmpty { cluster = endpoints.filter { $0.serving && $0.terminating } }
         if !cluster.isEmpty { hasAny = true }
     }
@@ -62,7 +74,7 @@ public func categorizeEndpoints(_ endpoints: [EndpointInfo], info: ServicePortIn
     guard info.usesClusterEndpoints else {
         return CategorizedEndpoints(cluster: [], local: local, allReachable: local, hasAnyEndpoints: hasAny)
     }
-    if !useTopology && !useServingTerminating {
+    if mode == .none && !useServingTerminating {
         // The cluster set holds every ready endpoint, so it contains the local set.
         return CategorizedEndpoints(cluster: cluster, local: local, allReachable: cluster, hasAnyEndpoints: hasAny)
     }
@@ -71,22 +83,31 @@ public func categorizeEndpoints(_ endpoints: [EndpointInfo], info: ServicePortIn
     return CategorizedEndpoints(cluster: cluster, local: local, allReachable: merged.values.sorted(), hasAnyEndpoints: hasAny)
 }
 
-/// Hints are used only when the Service asks for them, every ready endpoint carries one, and
-/// at least one matches this node (by node hint or by zone).
-private func canUseTopology(_ endpoints: [EndpointInfo], info: ServicePortInfo, nodeName: String, nodeLabels: [String: String]) -> Bool {
-    guard info.usesTopologyHints else { return false }
-    let zone = nodeLabels[topologyZoneLabel]
-    var hasMatch = false
+/// The hints to follow, decided from the ready endpoints alone (whatever the Service's
+/// annotation or trafficDistribution: the EndpointSlice controller writes hints only when
+/// the Service asks for them):
+/// - every ready endpoint has a node hint and one is for this node: `.preferSameNode`;
+/// - else every ready endpoint has a zone hint and one is for this node's zone: `.preferSameZone`;
+/// - else `.none` (every ready endpoint).
+public func topologyMode(_ endpoints: [EndpointInfo], nodeName: String, zone: String) -> TopologyMode {
+    var hasReady = false
+    var allNodeHints = true, forNode = false
+    var allZoneHints = true, forZone = false
     for ep in endpoints where ep.ready {
-        if ep.zoneHints.isEmpty && ep.nodeHints.isEmpty { return false }
-        if ep.nodeHints.contains(nodeName) { hasMatch = true }
-        if let zone, ep.zoneHints.contains(zone) { hasMatch = true }
+        hasReady = true
+        if ep.nodeHints.isEmpty { allNodeHints = false } else if ep.nodeHints.contains(nodeName) { forNode = true }
+        if ep.zoneHints.isEmpty { allZoneHints = false } else if ep.zoneHints.contains(zone) { forZone = true }
     }
-    return hasMatch
+    guard hasReady else { return .none }
+    if allNodeHints && forNode { return .preferSameNode }
+    if allZoneHints && forZone { return .preferSameZone }
+    return .none
 }
 
-private func availableForTopology(_ ep: EndpointInfo, nodeName: String, nodeLabels: [String: String]) -> Bool {
-    if !ep.nodeHints.isEmpty { return ep.nodeHints.contains(nodeName) }
-    guard let zone = nodeLabels[topologyZoneLabel] else { return true }
-    return ep.zoneHints.contains(zone)
+private func availableForTopology(_ ep: EndpointInfo, mode: TopologyMode, nodeName: String, zone: String) -> Bool {
+    switch mode {
+    case .none: return true
+    case .preferSameNode: return ep.nodeHints.contains(nodeName)
+    case .preferSameZone: return ep.zoneHints.contains(zone)
+    }
 }

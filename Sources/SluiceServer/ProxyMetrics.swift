@@ -1,10 +1,9 @@
 // Sluice: a per-node Kubernetes service proxy.
-// kube-proxy's `kubeproxy_*` metrics (pkg/proxy/metrics/metrics.go, v1.31 names, types,
-// buckets and help texts) on a swift-prometheus registry, fed by the sync loop.
-//
-// No `ip_family` label: that label arrived in v1.33 (PR #129173); Sluice targets v1.31
-// compatibility, where dual-stack proxiers share the unlabelled series. `SyncEvent` carries the
-// family, so adding the label later is a change in this file only.
+// kube-proxy's `kubeproxy_*` metrics (pkg/proxy/metrics/metrics.go: names, types, buckets and
+// help texts) on a swift-prometheus registry, fed by the sync loop, with kube-proxy 1.33's
+// `ip_family` label (PR #129173) on the per-proxier series: each IP family's proxier of a
+// dual-stack node has its own series. The conntrack reconciler's two metrics (1.33, PRs
+// #130200 and #130204) and the process_* metrics of a Go program are here too.
 
 import Prometheus
 import SluiceCore
@@ -20,23 +19,31 @@ public final class ProxyMetrics: Sendable {
     /// Trigger times older than this (the process start) are not latencies of this process.
     private let startWallTime: Duration
 
-    let syncDuration: DurationHistogram
-    let syncFullDuration: DurationHistogram
-    let syncPartialDuration: DurationHistogram
-    let lastTimestamp: Gauge
-    let lastQueuedTimestamp: Gauge
-    let networkProgrammingDuration: DurationHistogram
     let endpointChangesPending: Gauge
     let endpointChangesTotal: Counter
     let serviceChangesPending: Gauge
     let serviceChangesTotal: Counter
-    let restoreFailures: Counter
-    let partialRestoreFailures: Counter
-    let noLocalEndpointsInternal: Gauge
-    let noLocalEndpointsExternal: Gauge
     /// nftables mode only: failed main transactions and failed stale-chain deletions.
     let nftablesSyncFailures: Counter?
     let nftablesCleanupFailures: Counter?
+    /// The process collector (`process_*`), refreshed at every render.
+    let process: ProcessMetrics
+
+    /// The series one IP family's proxier writes (labelled `ip_family`).
+    struct FamilySeries: Sendable {
+        let syncDuration: DurationHistogram
+        let syncFullDuration: DurationHistogram
+        let syncPartialDuration: DurationHistogram
+        let lastTimestamp: Gauge
+        let lastQueuedTimestamp: Gauge
+        let networkProgrammingDuration: DurationHistogram
+        let restoreFailures: Counter
+        let partialRestoreFailures: Counter
+        let noLocalEndpointsInternal: Gauge
+        let noLocalEndpointsExternal: Gauge
+        let conntrackDuration: DurationHistogram
+        let conntrackDeleted: Counter
+    }
 
     /// `sync_proxy_rules_duration_seconds` and its full/partial variants:
     /// `0.001 × 2^k` seconds for k = 0…14 (Go's `ExponentialBuckets(0.001, 2, 15)`).
@@ -71,6 +78,8 @@ public final class ProxyMetrics: Sendable {
         public static let nftablesCleanupFailures = "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total"
         public static let healthzTotal = "kubeproxy_proxy_healthz_total"
         public static let livezTotal = "kubeproxy_proxy_livez_total"
+        public static let conntrackDuration = "kubeproxy_conntrack_reconciler_sync_duration_seconds"
+        public static let conntrackDeleted = "kubeproxy_conntrack_reconciler_deleted_entries_total"
     }
 
     private static func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
@@ -93,12 +102,14 @@ public final class ProxyMetrics: Sendable {
     ///   - nodeName: this node (for `no_local_endpoints_total`).
     ///   - tables: rule tables whose counts start at 0 before the first sync (`filter`, `nat` in
     ///     iptables mode); others appear when a backend reports them.
+    ///   - families: the IP families whose series exist before their first sync (the node's).
     ///   - nftables: register the nftables mode's two failure counters; a failed sync then counts
     ///     there instead of in the iptables restore failures (kube-proxy registers per mode).
     ///   - registry: where to register; a fresh one by default, so instances never collide.
     ///   - wallClock: time since the Unix epoch, for timestamps and programming latency
     ///     (`CLOCK_REALTIME` when nil).
-    public init(nodeName: String, tables: [String] = [], nftables: Bool = false, registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
+    public init(nodeName: String, tables: [String] = [], families: [IPFamily] = [.ipv4], nftables: Bool = false,
+                registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
                 wallClock: (@Sendable () -> Duration)? = nil) {
         let wallClock = wallClock ?? { wallClockNow() }
         self.registry = registry
@@ -106,41 +117,70 @@ public final class ProxyMetrics: Sendable {
         self.wallClock = wallClock
         self.startWallTime = wallClock()
         let d = ProxyMetrics.descriptor
-        syncDuration = registry.makeDurationHistogram(
-            descriptor: d(Name.syncDuration, "SyncProxyRules latency in seconds"), buckets: ProxyMetrics.syncDurationBuckets)
-        syncFullDuration = registry.makeDurationHistogram(
-            descriptor: d(Name.syncFullDuration, "SyncProxyRules latency in seconds for full resyncs"), buckets: ProxyMetrics.syncDurationBuckets)
-        syncPartialDuration = registry.makeDurationHistogram(
-            descriptor: d(Name.syncPartialDuration, "SyncProxyRules latency in seconds for partial resyncs"),
-            buckets: ProxyMetrics.syncDurationBuckets)
-        lastTimestamp = registry.makeGauge(descriptor: d(Name.lastTimestamp, "The last time proxy rules were successfully synced"))
-        lastQueuedTimestamp = registry.makeGauge(
-            descriptor: d(Name.lastQueuedTimestamp, "The last time a sync of proxy rules was queued"))
-        networkProgrammingDuration = registry.makeDurationHistogram(
-            descriptor: d(Name.networkProgrammingDuration, "In Cluster Network Programming Latency in seconds"),
-            buckets: ProxyMetrics.networkProgrammingBuckets)
         endpointChangesPending = registry.makeGauge(descriptor: d(Name.endpointChangesPending, "Pending proxy rules Endpoint changes"))
         endpointChangesTotal = registry.makeCounter(descriptor: d(Name.endpointChangesTotal, "Cumulative proxy rules Endpoint changes"))
         serviceChangesPending = registry.makeGauge(descriptor: d(Name.serviceChangesPending, "Pending proxy rules Service changes"))
         serviceChangesTotal = registry.makeCounter(descriptor: d(Name.serviceChangesTotal, "Cumulative proxy rules Service changes"))
-        restoreFailures = registry.makeCounter(descriptor: d(Name.restoreFailures, "Cumulative proxy iptables restore failures"))
-        partialRestoreFailures = registry.makeCounter(
-            descriptor: d(Name.partialRestoreFailures, "Cumulative proxy iptables partial restore failures"))
-        let noLocal = d(Name.noLocalEndpoints, "Number of services with a Local traffic policy and no endpoints")
-        noLocalEndpointsInternal = registry.makeGauge(descriptor: noLocal, labels: [("traffic_policy", "internal")])
-        noLocalEndpointsExternal = registry.makeGauge(descriptor: noLocal, labels: [("traffic_policy", "external")])
         nftablesSyncFailures = nftables
             ? registry.makeCounter(descriptor: d(Name.nftablesSyncFailures, "Cumulative proxy nftables sync failures")) : nil
         nftablesCleanupFailures = nftables
             ? registry.makeCounter(descriptor: d(Name.nftablesCleanupFailures, "Cumulative proxy nftables cleanup failures")) : nil
-        for table in tables {
-            _ = registry.makeGauge(descriptor: ProxyMetrics.iptablesTotalHelp, labels: [("table", table)])
-            _ = registry.makeGauge(descriptor: ProxyMetrics.iptablesLastHelp, labels: [("table", table)])
+        process = ProcessMetrics(registry: registry)
+        for family in families {
+            _ = ProxyMetrics.series(family, in: registry)
+            for table in tables {
+                _ = registry.makeGauge(descriptor: ProxyMetrics.iptablesTotalHelp, labels: [("table", table), ("ip_family", family.rawValue)])
+                _ = registry.makeGauge(descriptor: ProxyMetrics.iptablesLastHelp, labels: [("table", table), ("ip_family", family.rawValue)])
+            }
         }
     }
 
-    /// The metrics in Prometheus text format (version 0.0.4).
-    public func render() -> String { registry.emitToString() }
+    /// The series of `family` (the registry hands back the same ones for the same labels).
+    static func series(_ family: IPFamily, in registry: PrometheusCollectorRegistry) -> FamilySeries {
+        let d = ProxyMetrics.descriptor
+        let f = [("ip_family", family.rawValue)]
+        let noLocal = d(Name.noLocalEndpoints, "Number of services with a Local traffic policy and no endpoints")
+        return FamilySeries(
+            syncDuration: registry.makeDurationHistogram(
+                descriptor: d(Name.syncDuration, "SyncProxyRules latency in seconds"), labels: f, buckets: syncDurationBuckets),
+            syncFullDuration: registry.makeDurationHistogram(
+                descriptor: d(Name.syncFullDuration, "SyncProxyRules latency in seconds for full resyncs"), labels: f,
+                buckets: syncDurationBuckets),
+            syncPartialDuration: registry.makeDurationHistogram(
+                descriptor: d(Name.syncPartialDuration, "SyncProxyRules latency in seconds for partial resyncs"), labels: f,
+                buckets: syncDurationBuckets),
+            lastTimestamp: registry.makeGauge(descriptor: d(Name.lastTimestamp, "The last time proxy rules were successfully synced"), labels: f),
+            lastQueuedTimestamp: registry.makeGauge(
+                descriptor: d(Name.lastQueuedTimestamp, "The last time a sync of proxy rules was queued"), labels: f),
+            networkProgrammingDuration: registry.makeDurationHistogram(
+                descriptor: d(Name.networkProgrammingDuration, "In Cluster Network Programming Latency in seconds"), labels: f,
+                buckets: networkProgrammingBuckets),
+            restoreFailures: registry.makeCounter(descriptor: d(Name.restoreFailures, "Cumulative proxy iptables restore failures"), labels: f),
+            partialRestoreFailures: registry.makeCounter(
+                descriptor: d(Name.partialRestoreFailures, "Cumulative proxy iptables partial restore failures"), labels: f),
+            noLocalEndpointsInternal: registry.makeGauge(descriptor: noLocal, labels: [("traffic_policy", "internal")] + f),
+            noLocalEndpointsExternal: registry.makeGauge(descriptor: noLocal, labels: [("traffic_policy", "external")] + f),
+            conntrackDuration: registry.makeDurationHistogram(
+                descriptor: d(Name.conntrackDuration, "ReconcileConntrackFlowsLatency latency in seconds"), labels: f,
+                buckets: syncDurationBuckets),
+            conntrackDeleted: registry.makeCounter(
+                descriptor: d(Name.conntrackDeleted, "Cumulative conntrack flows deleted by conntrack reconciler"), labels: f))
+    }
+
+    private func series(_ family: IPFamily) -> FamilySeries { ProxyMetrics.series(family, in: registry) }
+
+    /// Records one conntrack reconcile of `family`: how long it took and how many flows it deleted.
+    public func recordConntrackReconcile(family: IPFamily, duration: Duration, deleted: Int) {
+        let s = series(family)
+        s.conntrackDuration.record(duration)
+        if deleted > 0 { s.conntrackDeleted.increment(by: Int64(deleted)) }
+    }
+
+    /// The metrics in Prometheus text format (version 0.0.4), with fresh `process_*` values.
+    public func render() -> String {
+        process.refresh()
+        return registry.emitToString()
+    }
 
     /// Counts one `/healthz` answer.
     public func countHealthz(code: Int) {
@@ -163,9 +203,9 @@ extension ProxyMetrics: SyncRecorder {
     /// Records one event of the sync loop, as kube-proxy's proxier records it.
     public func record(_ event: SyncEvent) {
         switch event {
-        case .started, .queued:
+        case .started(let family), .queued(let family):
             // kube-proxy's SyncLoop synthesises the queued time; Sync() sets it on every request.
-            lastQueuedTimestamp.set(to: nowSeconds())
+            series(family).lastQueuedTimestamp.set(to: nowSeconds())
         case .changed(let kind, let pendingServices, let pendingEndpoints):
             switch kind {
             case .service: serviceChangesTotal.increment()
@@ -181,9 +221,11 @@ extension ProxyMetrics: SyncRecorder {
     }
 
     private func recordSync(_ attempt: SyncAttempt) {
+        let s = series(attempt.family)
+        let f = ("ip_family", attempt.family.rawValue)
         // Observed for failed syncs too (kube-proxy observes in a defer).
-        syncDuration.record(attempt.duration)
-        (attempt.full ? syncFullDuration : syncPartialDuration).record(attempt.duration)
+        s.syncDuration.record(attempt.duration)
+        (attempt.full ? s.syncFullDuration : s.syncPartialDuration).record(attempt.duration)
         serviceChangesPending.set(to: Double(attempt.pendingServiceChanges))
         endpointChangesPending.set(to: Double(attempt.pendingEndpointChanges))
         if let nftablesSyncFailures {
@@ -196,8 +238,8 @@ extension ProxyMetrics: SyncRecorder {
         guard let report = attempt.report else {
             // Every backend failure leaves the previous rules in place, as a failed
             // iptables-restore does: count it as one.
-            restoreFailures.increment()
-            if !attempt.full { partialRestoreFailures.increment() }
+            s.restoreFailures.increment()
+            if !attempt.full { s.partialRestoreFailures.increment() }
             return
         }
         let now = wallClock()
@@ -207,15 +249,15 @@ extension ProxyMetrics: SyncRecorder {
             // trigger times older than its change tracker). A trigger time ahead of this node's
             // clock (skew) counts as 0.
             guard trigger > startWallTime else { continue }
-            networkProgrammingDuration.record(max(.zero, now - trigger))
+            s.networkProgrammingDuration.record(max(.zero, now - trigger))
         }
         for (table, count) in report.total {
-            registry.makeGauge(descriptor: ProxyMetrics.iptablesTotalHelp, labels: [("table", table)]).set(to: Double(count))
+            registry.makeGauge(descriptor: ProxyMetrics.iptablesTotalHelp, labels: [("table", table), f]).set(to: Double(count))
         }
         for (table, count) in report.written {
-            registry.makeGauge(descriptor: ProxyMetrics.iptablesLastHelp, labels: [("table", table)]).set(to: Double(count))
+            registry.makeGauge(descriptor: ProxyMetrics.iptablesLastHelp, labels: [("table", table), f]).set(to: Double(count))
         }
-        lastTimestamp.set(to: seconds(now))
+        s.lastTimestamp.set(to: seconds(now))
     }
 }
 
@@ -231,7 +273,8 @@ extension ProxyMetrics: SyncObserver {
             if info.internalPolicyLocal { internalCount += 1 }
             if info.externalPolicyLocal { externalCount += 1 }
         }
-        noLocalEndpointsInternal.set(to: Double(internalCount))
-        noLocalEndpointsExternal.set(to: Double(externalCount))
+        let s = series(state.family)
+        s.noLocalEndpointsInternal.set(to: Double(internalCount))
+        s.noLocalEndpointsExternal.set(to: Double(externalCount))
     }
 }

@@ -413,7 +413,9 @@ public final class FakeAPIServer: Sendable {
         let token = head.headers.first(name: "authorization").flatMap { $0.hasPrefix("Bearer ") ? String($0.dropFirst(7)) : nil }
         let route = Self.route(path)
         let isWatch = query["watch"] == "true" || query["watch"] == "1"
-        let verb = route == nil ? "other" : (route!.name != nil ? "get" : (isWatch ? "watch" : "list"))
+        let isEventCreate = head.method == .POST && path.hasSuffix("/events")
+            && (path.hasPrefix("/apis/events.k8s.io/v1/namespaces/") || path.hasPrefix("/api/v1/namespaces/"))
+        let verb = isEventCreate ? "create" : (route == nil ? "other" : (route!.name != nil ? "get" : (isWatch ? "watch" : "list")))
         let keepAlive = head.isKeepAlive
         let kind: FakeRequestKind = verb == "get" ? .get : (verb == "watch" ? .watch : .list)
 
@@ -433,6 +435,11 @@ public final class FakeAPIServer: Sendable {
             }) {
                 let f = s.failures.remove(at: i)
                 reply = (f.status, Self.status(f.status, reason: Self.reason(f.status), message: "injected failure"))
+                return s.responseDelay
+            }
+            if isEventCreate {
+                // Events are accepted and not stored: `requests` shows the POST.
+                reply = (201, Array(#"{"apiVersion":"events.k8s.io/v1","kind":"Event"}"#.utf8))
                 return s.responseDelay
             }
             guard head.method == .GET else {

@@ -15,6 +15,10 @@ enum LocalMode: String, ExpressibleByArgument, CaseIterable {
     case clusterCIDR = "ClusterCIDR"
     /// Local pods are those inside this Node's `spec.podCIDRs`.
     case nodeCIDR = "NodeCIDR"
+    /// Local pods send from `--pod-bridge-interface`.
+    case bridgeInterface = "BridgeInterface"
+    /// Local pods send from interfaces named `--pod-interface-name-prefix`*.
+    case interfaceNamePrefix = "InterfaceNamePrefix"
 }
 
 /// An object source ready to run, and the node configuration to compile with.
@@ -71,6 +75,8 @@ func makeAPISourcePlan(options: ProxyOptions, logger: Logger) async throws -> So
     let dependency = NodeDependency(nodeName: nodeName, nodeIPs: fromNodeIPs, podCIDRs: needCIDRs ? nodeObject?.podCIDRs : nil)
     let source = APISource(client: client, nodeName: nodeName, serviceProxyName: options.serviceProxyName, logger: logger,
                            shutsDownClient: true)
+    let startupEvent = StartupEvent(nodeName: nodeName, mode: options.proxyMode.rawValue)
+    Task { await startupEvent.post(client: client, logger: logger) }
     return SourcePlan(events: { dependency.guarding(source.events()) }, node: node)
 }
 

@@ -9,54 +9,58 @@ import IPTables
 import Logging
 import SluiceCore
 
-/// `--conntrack-*`: kube-proxy's conntrack flags. Unlike kube-proxy, nothing is written
-/// unless its flag is given (kube-proxy's defaults are in each help text).
+/// `--conntrack-*`: kube-proxy's conntrack flags, with kube-proxy's defaults. A value of 0
+/// leaves that setting as the kernel has it; a setting is written only when it differs.
 struct ConntrackOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("Maximum conntrack entries per CPU core; 0 leaves the limit as it is and ignores --conntrack-min. Unset: not touched (kube-proxy's default is 32768).", valueName: "n"))
-    var conntrackMaxPerCore: Int?
+    @Option(help: ArgumentHelp("Maximum conntrack entries per CPU core; 0 leaves the limit as it is and ignores --conntrack-min.", valueName: "n"))
+    var conntrackMaxPerCore: Int = 32768
 
-    @Option(help: ArgumentHelp("Minimum conntrack entries, whatever --conntrack-max-per-core gives. Unset: not touched (kube-proxy's default is 131072).", valueName: "n"))
-    var conntrackMin: Int?
+    @Option(help: ArgumentHelp("Minimum conntrack entries, whatever --conntrack-max-per-core gives.", valueName: "n"))
+    var conntrackMin: Int = 131072
 
-    @Option(help: ArgumentHelp("Idle timeout of established TCP connections (Go duration; 0 leaves it). Unset: not touched (kube-proxy's default is 24h).", valueName: "duration"))
-    var conntrackTCPTimeoutEstablished: String?
+    @Option(help: ArgumentHelp("Idle timeout of established TCP connections (Go duration; 0 leaves it).", valueName: "duration"))
+    var conntrackTCPTimeoutEstablished: String = "24h0m0s"
 
-    @Option(help: ArgumentHelp("Timeout of TCP connections in CLOSE_WAIT (Go duration; 0 leaves it). Unset: not touched (kube-proxy's default is 1h).", valueName: "duration"))
-    var conntrackTCPTimeoutCloseWait: String?
+    @Option(help: ArgumentHelp("Timeout of TCP connections in CLOSE_WAIT (Go duration; 0 leaves it).", valueName: "duration"))
+    var conntrackTCPTimeoutCloseWait: String = "1h0m0s"
 
-    @Option(help: ArgumentHelp("Idle timeout of UDP flows without replies (Go duration; 0 leaves it). Unset: not touched.", valueName: "duration"))
-    var conntrackUDPTimeout: String?
+    @Flag(name: .customLong("conntrack-tcp-be-liberal"), help: "Set nf_conntrack_tcp_be_liberal=1: out-of-window TCP packets are not marked INVALID.")
+    var conntrackTCPBeLiberal = false
 
-    @Option(help: ArgumentHelp("Idle timeout of UDP flows with replies both ways (Go duration; 0 leaves it). Unset: not touched.", valueName: "duration"))
-    var conntrackUDPTimeoutStream: String?
+    @Option(help: ArgumentHelp("Idle timeout of UDP flows without replies (Go duration; 0 leaves it).", valueName: "duration"))
+    var conntrackUDPTimeout: String = "0s"
+
+    @Option(help: ArgumentHelp("Idle timeout of UDP flows with replies both ways (Go duration; 0 leaves it).", valueName: "duration"))
+    var conntrackUDPTimeoutStream: String = "0s"
 
     mutating func validate() throws {
         for (flag, value) in [("--conntrack-max-per-core", conntrackMaxPerCore), ("--conntrack-min", conntrackMin)] {
-            if let value, value < 0 { throw ValidationError("\(flag) \(value) is negative") }
+            if value < 0 { throw ValidationError("\(flag) \(value) is negative") }
         }
         _ = try settings()
     }
 
-    /// The flags as settings; durations parsed (Go syntax).
+    /// The flags as settings; durations parsed (Go syntax); zero means "leave it".
     func settings() throws -> ConntrackSysctlSettings {
-        func duration(_ flag: String, _ text: String?) throws -> Duration? {
-            guard let text else { return nil }
+        func duration(_ flag: String, _ text: String) throws -> Duration? {
             guard let d = GoDuration.parse(text), d >= .zero else {
                 throw ValidationError("\(flag) \"\(Validation.printable(text))\" is not a duration such as 30s or 1h")
             }
-            return d
+            return d > .zero ? d : nil
         }
         return ConntrackSysctlSettings(
             maxPerCore: conntrackMaxPerCore, min: conntrackMin,
             tcpEstablishedTimeout: try duration("--conntrack-tcp-timeout-established", conntrackTCPTimeoutEstablished),
             tcpCloseWaitTimeout: try duration("--conntrack-tcp-timeout-close-wait", conntrackTCPTimeoutCloseWait),
+            tcpBeLiberal: conntrackTCPBeLiberal,
             udpTimeout: try duration("--conntrack-udp-timeout", conntrackUDPTimeout),
             udpStreamTimeout: try duration("--conntrack-udp-timeout-stream", conntrackUDPTimeoutStream))
     }
 }
 
-/// Writes the conntrack sysctls whose flags are given and whose values differ. A setting the
-/// host does not allow is logged with the reason and what to do; startup goes on.
+/// Writes the conntrack sysctls whose values differ from the settings, as kube-proxy does at
+/// start-up. Each one the host does not allow is logged once, with the reason and what to
+/// do; start-up goes on.
 func applyConntrackSysctls(_ options: ConntrackOptions, logger: Logger) {
     guard let settings = try? options.settings(), !settings.isEmpty else { return }
     let sysctls = ConntrackSysctls(cpuCount: ProcessInfo.processInfo.activeProcessorCount)
@@ -78,4 +82,27 @@ func makeConntrackReconciler(node: NodeConfig, logger: Logger,
         configuration: .init(nodePortAddresses: node.nodePortAddresses, localhostNodePorts: node.localhostNodePorts,
                              localAddresses: { LocalAddresses.current() }, relayPort: relayPort),
         logger: logger)
+}
+
+/// kube-proxy's privileged start-up work (what `--init-only` does before it exits): the
+/// process's OOM score, then the conntrack sysctls.
+func runPrivilegedStartup(options: ProxyOptions, logger: Logger) {
+    writeOOMScoreAdj(options.oomScoreAdj, logger: logger)
+    applyConntrackSysctls(options.conntrack, logger: logger)
+}
+
+/// Writes `/proc/self/oom_score_adj` when it differs (kube-proxy's `--oom-score-adj`, default
+/// -999, so the kernel kills the proxy last). A failure is logged once; start-up goes on.
+func writeOOMScoreAdj(_ value: Int, path: String = "/proc/self/oom_score_adj", logger: Logger) {
+    let current = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { Int($0.trimmingASCIIWhitespace()) }
+    if current == value {
+        logger.debug("oom_score_adj is already \(value)")
+        return
+    }
+    do {
+        try "\(value)\n".write(toFile: path, atomically: false, encoding: .utf8)
+        logger.info("set oom_score_adj to \(value) (was \(current.map(String.init) ?? "unknown"))")
+    } catch {
+        logger.warning("cannot set oom_score_adj to \(value): \(error.localizedDescription); lowering it needs CAP_SYS_RESOURCE")
+    }
 }

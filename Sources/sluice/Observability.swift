@@ -2,7 +2,10 @@
 // Health and metrics as the executable runs them: the proxy health server, the per-service
 // health-check node ports, and the metrics server, fed by the sync loop.
 
+import Conntrack
+import Foundation
 import IPTables
+import KubeAPI
 import Logging
 import ServiceLifecycle
 import SluiceCore
@@ -16,21 +19,48 @@ struct Observability {
     var recorders: [any SyncRecorder]
     /// Long-running services: the HTTP servers and the health-check listeners' shutdown.
     var services: [any ServiceLifecycle.Service]
+    /// The metrics registry the observers feed.
+    var metrics: ProxyMetrics
+
+    /// A mode's observers with the conntrack reconciler's outcomes recorded as
+    /// kube-proxy's `kubeproxy_conntrack_reconciler_*` metrics.
+    func instrument(_ observers: [any SyncObserver]) -> [any SyncObserver] {
+        observers.map { observer in
+            guard let reconciler = observer as? ConntrackReconciler else { return observer }
+            return InstrumentedReconciler(reconciler: reconciler, metrics: metrics)
+        }
+    }
+}
+
+/// Runs the conntrack reconciler after each sync and records what it did (a reconcile the
+/// reconciler skips because no UDP/SCTP frontend changed is not recorded).
+struct InstrumentedReconciler: SyncObserver {
+    let reconciler: ConntrackReconciler
+    let metrics: ProxyMetrics
+
+    func didSync(state: ProxyState, previous: ProxyState?, report: SyncReport) async {
+        let r = await reconciler.reconcile(state)
+        guard r.trigger != .skipped else { return }
+        metrics.recordConntrackReconcile(family: state.family, duration: r.duration, deleted: r.deleted)
+    }
 }
 
 /// Builds health and metrics for the selected mode and flags. An empty bind address disables
 /// that server; the service health-check node ports are always served, as kube-proxy does.
-func makeObservability(options: ProxyOptions, node: NodeConfig, logger: Logger) throws -> Observability {
+func makeObservability(options: ProxyOptions, node: NodeConfig, document: ConfigDocument? = nil,
+                       logger: Logger) throws -> Observability {
     let (healthzAddress, metricsAddress) = try options.bindAddresses()
     let health = ProxyHealth(syncPeriod: options.timing.syncPeriod)
+    let families = options.proxyMode == .userspace ? [IPFamily.ipv4] : node.families
     let metrics = ProxyMetrics(nodeName: node.nodeName, tables: options.proxyMode == .iptables ? ["filter", "nat"] : [],
-                               nftables: options.proxyMode == .nftables)
+                               families: families, nftables: options.proxyMode == .nftables)
+    let configz = ConfigFile.json(options, document: document).map { MetricsServer.configzBody(configurationJSON: $0) }
     metrics.bootstrapMetricsSystem()
     let serviceHealth = ServiceHealthServers(health: health, nodePortAddresses: node.nodePortAddresses,
                                              localAddresses: LocalAddresses.current(), logger: logger)
     var services: [any ServiceLifecycle.Service] = [ServiceHealthService(servers: serviceHealth)]
     if let address = healthzAddress {
-        services.append(HTTPService(logger: logger) {
+        services.append(HTTPService(logger: logger, hardFail: options.bindAddressHardFail) {
             try await HealthServer.start(address: address, health: health, metrics: metrics, logger: logger)
         })
     } else {
@@ -38,19 +68,21 @@ func makeObservability(options: ProxyOptions, node: NodeConfig, logger: Logger) 
     }
     if let address = metricsAddress {
         let mode = options.proxyMode.rawValue
-        services.append(HTTPService(logger: logger) {
-            try await MetricsServer.start(address: address, metrics: metrics, proxyMode: mode, logger: logger)
+        services.append(HTTPService(logger: logger, hardFail: options.bindAddressHardFail) {
+            try await MetricsServer.start(address: address, metrics: metrics, proxyMode: mode, configz: configz, logger: logger)
         })
     } else {
         logger.info("--metrics-bind-address is empty: no /metrics server")
     }
-    return Observability(observers: [metrics, serviceHealth], recorders: [health, metrics], services: services)
+    return Observability(observers: [metrics, serviceHealth], recorders: [health, metrics], services: services, metrics: metrics)
 }
 
 /// Runs one HTTP server until shutdown. A failure to listen is logged and retried every 5 s
 /// (kube-proxy's behaviour without `--bind-address-hard-fail`); the proxy keeps running.
+/// With `hardFail` the failure ends the process instead.
 struct HTTPService: ServiceLifecycle.Service {
     let logger: Logger
+    var hardFail = false
     let start: @Sendable () async throws -> HTTPServer
 
     func run() async throws {
@@ -60,6 +92,10 @@ struct HTTPService: ServiceLifecycle.Service {
                 do {
                     server = try await start()
                 } catch {
+                    if hardFail {
+                        logger.error("\(error); exiting (--bind-address-hard-fail)")
+                        throw SluiceExit("\(error) (--bind-address-hard-fail)")
+                    }
                     logger.error("\(error); retrying in 5s")
                     try await Task.sleep(for: .seconds(5))
                     continue
@@ -82,5 +118,45 @@ struct ServiceHealthService: ServiceLifecycle.Service {
     func run() async throws {
         try? await gracefulShutdown()
         await servers.closeAll()
+    }
+}
+
+/// The Kubernetes Event kube-proxy records when it starts (reason `Starting`, action
+/// `StartKubeProxy`, regarding this Node), posted once to events.k8s.io/v1 in the `default`
+/// namespace, where events about cluster-scoped objects go. A failure is logged once.
+struct StartupEvent: Sendable {
+    var nodeName: String
+    var mode: String
+    var now: Date = Date()
+
+    /// The Event object as JSON.
+    func json() -> [UInt8] {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        // MicroTime: RFC 3339 with six fractional digits.
+        let millis = formatter.string(from: now)
+        let micro = millis.replacingOccurrences(of: "Z", with: "000Z")
+        let suffix = String(UInt64(now.timeIntervalSince1970 * 1e9), radix: 16)
+        let object: [String: Any] = [
+            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": ["name": "\(nodeName).\(suffix)", "namespace": "default"],
+            "eventTime": micro,
+            "reportingController": "sluice", "reportingInstance": "sluice-\(nodeName)",
+            "action": "StartKubeProxy", "reason": "Starting", "type": "Normal",
+            "regarding": ["kind": "Node", "name": nodeName, "uid": nodeName],
+            "note": "Starting sluice \(sluiceVersion) (\(mode) mode)",
+        ]
+        return Array((try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data())
+    }
+
+    func post(client: KubeClient, logger: Logger) async {
+        do {
+            try await client.create(path: "/apis/events.k8s.io/v1/namespaces/default/events", json: json(),
+                                    what: "POST start-up event")
+            logger.debug("recorded the start-up event for node \(nodeName)")
+        } catch {
+            logger.warning("cannot record the start-up event: \(error)")
+        }
     }
 }

@@ -6,6 +6,7 @@ import Foundation
 import IPTables
 import IPVS
 import KubeAPI
+import Logging
 import SluiceCore
 import SluiceServer
 
@@ -30,8 +31,26 @@ struct ProxyOptions: ParsableArguments {
     @Option(help: ArgumentHelp("The API server's address; overrides the kubeconfig's server.", valueName: "url"))
     var master: String?
 
-    @Option(help: ArgumentHelp("How to tell traffic from local pods: ClusterCIDR (--cluster-cidr) or NodeCIDR (the Node's spec.podCIDRs).", valueName: "mode"))
+    @Option(help: ArgumentHelp("How to tell traffic from local pods: ClusterCIDR (--cluster-cidr), NodeCIDR (the Node's spec.podCIDRs), BridgeInterface (--pod-bridge-interface) or InterfaceNamePrefix (--pod-interface-name-prefix).", valueName: "mode"))
     var detectLocalMode: LocalMode = .clusterCIDR
+
+    @Option(help: ArgumentHelp("With --detect-local-mode BridgeInterface: traffic arriving on this bridge is from local pods.", valueName: "name"))
+    var podBridgeInterface: String?
+
+    @Option(help: ArgumentHelp("With --detect-local-mode InterfaceNamePrefix: traffic arriving on interfaces whose names start with this is from local pods.", valueName: "prefix"))
+    var podInterfaceNamePrefix: String?
+
+    @Option(help: ArgumentHelp("This node's primary IP when it is not 0.0.0.0 or :: (used when --node-ip is not given); an IPv6 address makes the default health and metrics addresses IPv6.", valueName: "ip"))
+    var bindAddress: String = "0.0.0.0"
+
+    @Flag(help: "Exit when the health or metrics server cannot listen (by default Sluice logs it and retries).")
+    var bindAddressHardFail = false
+
+    @Flag(help: "Do the privileged start-up work (conntrack sysctls, the OOM score), then exit.")
+    var initOnly = false
+
+    @Option(help: ArgumentHelp("The oom_score_adj written for the process, in [-1000, 1000].", valueName: "n"))
+    var oomScoreAdj: Int = -999
 
     @Option(help: ArgumentHelp("The name of this node (endpoints with this nodeName are local). Defaults to the host name.", valueName: "name"))
     var hostnameOverride: String?
@@ -132,6 +151,23 @@ struct ProxyOptions: ParsableArguments {
         guard let udp = GoDuration.parse(udpTimeout), udp > .zero else {
             throw ValidationError("--udp-timeout \"\(udpTimeout)\" is not a positive duration such as 250ms")
         }
+        guard IPAddress(bindAddress) != nil else {
+            throw ValidationError("--bind-address \"\(Validation.printable(bindAddress))\" is not an IP address")
+        }
+        guard (-1000...1000).contains(oomScoreAdj) else {
+            throw ValidationError("--oom-score-adj \(oomScoreAdj) is not in [-1000, 1000]")
+        }
+        switch detectLocalMode {
+        case .bridgeInterface:
+            guard let name = podBridgeInterface, isInterfaceName(name) else {
+                throw ValidationError("--detect-local-mode BridgeInterface needs --pod-bridge-interface (detectLocal.bridgeInterface) set to an interface name")
+            }
+        case .interfaceNamePrefix:
+            guard let prefix = podInterfaceNamePrefix, isInterfaceName(prefix) else {
+                throw ValidationError("--detect-local-mode InterfaceNamePrefix needs --pod-interface-name-prefix (detectLocal.interfaceNamePrefix) set to an interface name prefix")
+            }
+        case .clusterCIDR, .nodeCIDR: break
+        }
         _ = try nodeIPs()
         _ = try clusterCIDRs()
         try validateIPVS()
@@ -141,8 +177,8 @@ struct ProxyOptions: ParsableArguments {
     /// The health and metrics listen addresses; nil disables a server.
     func bindAddresses() throws -> (healthz: BindAddress?, metrics: BindAddress?) {
         do {
-            return (try BindAddress.parse(healthzBindAddress, field: "--healthz-bind-address"),
-                    try BindAddress.parse(metricsBindAddress, field: "--metrics-bind-address"))
+            return (try BindAddress.parse(ConfigFile.appendPortIfNeeded(healthzBindAddress, port: proxyHealthzPort), field: "--healthz-bind-address"),
+                    try BindAddress.parse(ConfigFile.appendPortIfNeeded(metricsBindAddress, port: proxyMetricsPort), field: "--metrics-bind-address"))
         } catch {
             throw ValidationError(error.description)
         }
@@ -154,8 +190,12 @@ struct ProxyOptions: ParsableArguments {
         return ProcessInfo.processInfo.hostName.lowercased()
     }
 
+    /// `--node-ip`, else `--bind-address` when it names one address (kube-proxy's use of it).
     func nodeIPs() throws -> [IPAddress] {
-        guard let text = nodeIP, !text.isEmpty else { return [] }
+        guard let text = nodeIP, !text.isEmpty else {
+            if let ip = IPAddress(bindAddress), ip != IPAddress("0.0.0.0"), ip != IPAddress("::") { return [ip] }
+            return []
+        }
         return try text.split(separator: ",").map { part in
             guard let ip = IPAddress(String(part).trimmingASCIIWhitespace()) else {
                 throw ValidationError("--node-ip \"\(Validation.printable(String(part)))\" is not an IP address")
@@ -190,10 +230,23 @@ struct ProxyOptions: ParsableArguments {
         } catch {
             throw ValidationError(error.description)
         }
-        let localCIDRs = detectLocalMode == .nodeCIDR ? (nodeObject?.podCIDRValues ?? []) : try clusterCIDRs()
-        return NodeConfig(nodeName: nodeName(), nodeIPs: ips, clusterCIDRs: localCIDRs, masqueradeAll: masqueradeAll,
-                          masqueradeBit: iptablesMasqueradeBit, nodePortAddresses: npa,
-                          localhostNodePorts: iptablesLocalhostNodeports)
+        let localCIDRs: [CIDR]
+        var localInterface: LocalInterfaceMatch?
+        switch detectLocalMode {
+        case .nodeCIDR: localCIDRs = nodeObject?.podCIDRValues ?? []
+        case .clusterCIDR: localCIDRs = try clusterCIDRs()
+        case .bridgeInterface:
+            localCIDRs = []
+            localInterface = podBridgeInterface.map(LocalInterfaceMatch.bridge)
+        case .interfaceNamePrefix:
+            localCIDRs = []
+            localInterface = podInterfaceNamePrefix.map(LocalInterfaceMatch.namePrefix)
+        }
+        var config = NodeConfig(nodeName: nodeName(), nodeIPs: ips, clusterCIDRs: localCIDRs, masqueradeAll: masqueradeAll,
+                                masqueradeBit: iptablesMasqueradeBit, nodePortAddresses: npa,
+                                localhostNodePorts: iptablesLocalhostNodeports)
+        config.localInterface = localInterface
+        return config
     }
 
     var timing: SyncTiming {
@@ -247,4 +300,19 @@ extension ProxyOptions {
     }
 
     var ipvsGracefulDuration: Duration { GoDuration.parse(ipvsGracefulPeriod) ?? .seconds(30) }
+}
+
+/// A Linux interface name (or prefix): 1-15 bytes, no `/`, `:` or white space.
+func isInterfaceName(_ s: String) -> Bool {
+    !s.isEmpty && s.utf8.count <= 15 && s != "." && s != ".." && !s.contains { $0 == "/" || $0 == ":" || $0.isWhitespace }
+}
+
+/// `--iptables-backend auto` made concrete when both back ends are installed: the one the
+/// host already uses (kube-proxy's image's rule, `IPTablesBackendEvidence`); otherwise the
+/// variant as given.
+func chooseIPTablesBackend(_ variant: IPTablesVariant, logger: Logger) async -> IPTablesVariant {
+    guard variant == .auto, let evidence = await IPTablesBackendEvidence.read(runner: ProcessRunner()) else { return variant }
+    let (choice, reason) = evidence.decide()
+    logger.info("--iptables-backend auto: using \(IPTablesTools(variant: choice, family: .ipv4).iptables): \(reason)")
+    return choice
 }

@@ -19,9 +19,12 @@ struct Sluice: AsyncParsableCommand {
         commandName: "sluice",
         abstract: "A per-node Kubernetes service proxy: a drop-in replacement for kube-proxy.",
         version: sluiceVersion,
-        subcommands: [Compile.self, BenchCompile.self, NFTApply.self])
+        subcommands: [Compile.self, BenchCompile.self, NFTApply.self, Explain.self, Diff.self])
 
     @OptionGroup var options: ProxyOptions
+
+    /// `--drift-check-period` (ExplainDiff.swift).
+    @OptionGroup var drift: DriftCheckOptions
 
     @Flag(help: "Remove every chain and rule Sluice or kube-proxy created, then exit.")
     var cleanup = false
@@ -30,12 +33,14 @@ struct Sluice: AsyncParsableCommand {
     var writeConfigTo: String?
 
     func run() async throws {
-        let options = try self.options.resolved()
+        let resolved = try self.options.resolvedConfiguration()
+        var options = resolved.options
         let logger = makeLogger(verbosity: options.v)
         signal(SIGPIPE, SIG_IGN)
+        reportUnhonouredFields(resolved.unhonoured, path: options.config, logger: logger)
         if let path = writeConfigTo {
             do {
-                try ConfigFile.render(options).write(toFile: path, atomically: true, encoding: .utf8)
+                try ConfigFile.render(options, document: resolved.document).write(toFile: path, atomically: true, encoding: .utf8)
             } catch {
                 throw SluiceExit("cannot write the configuration to \(path): \(error)")
             }
@@ -46,12 +51,20 @@ struct Sluice: AsyncParsableCommand {
             try await runCleanup(options: options, logger: logger)
             return
         }
+        if options.initOnly {
+            runPrivilegedStartup(options: options, logger: logger)
+            logger.info("--init-only: start-up settings applied; exiting")
+            return
+        }
         let plan = try await makeSource(options: options, logger: logger)
+        // After the source is set up (a bad kubeconfig or directory ends the process before
+        // anything on the host is read or changed), as kube-proxy does.
+        runPrivilegedStartup(options: options, logger: logger)
+        options.iptablesBackend = await chooseIPTablesBackend(options.iptablesBackend, logger: logger)
         let node = nftablesNodeConfig(plan.node, options: options)
         let source = plan.events
         logger.info("sluice \(sluiceVersion) starting: mode \(options.proxyMode.rawValue), node \(node.nodeName), node IPs \(node.nodeIPs.map(\.description).joined(separator: ","))")
-        let observability = try makeObservability(options: options, node: node, logger: logger)
-        applyConntrackSysctls(options.conntrack, logger: logger)
+        let observability = try makeObservability(options: options, node: node, document: resolved.document, logger: logger)
         await cleanupOtherModes(options: options, logger: logger)
         var runners: [SyncRunner<ContinuousClock>] = []
         var services: [any ServiceLifecycle.Service] = []
@@ -59,15 +72,17 @@ struct Sluice: AsyncParsableCommand {
         let families = options.proxyMode == .userspace ? [IPFamily.ipv4] : node.families
         for family in families {
             let mode = try await makeMode(options: options, node: node, family: family, logger: logger)
+            let driftWatch = await makeDriftWatch(drift, options: options, node: node, family: family, logger: logger)
             let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
                                     backend: mode.backend, family: family, timing: options.timing, clock: ContinuousClock(),
-                                    logger: logger, observers: mode.observers + observability.observers,
+                                    logger: logger, observers: observability.instrument(mode.observers) + observability.observers + driftWatch.observers,
                                     recorders: observability.recorders)
             runners.append(runner)
-            services += [RunnerService(runner: runner)] + mode.services(runner)
+            services += [RunnerService(runner: runner)] + mode.services(runner) + driftWatch.services
         }
         if families.count > 1 { logger.info("dual-stack: one proxier per family (\(node.families.map(\.rawValue).joined(separator: ", ")))") }
         services = [SourcePump(events: source, runners: runners)] + services + observability.services
+        if let path = options.config { services.append(ConfigFileWatch(path: path, logger: logger)) }
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
         logger.info("stopped; the rules stay in place")

@@ -97,4 +97,28 @@ import Testing
         #expect(hint.contains("nf_conntrack module"))
         #expect(outcomes[1].description.hasPrefix("cannot set net.netfilter.nf_conntrack_udp_timeout_stream to 90: No such file or directory;"))
     }
+
+    @Test func kubeProxysDefaultsAndLiberalModeInKubeProxysOrder() throws {
+        let (s, dir) = try scratch(max: 65536, hashsize: 16384)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "0\n".write(toFile: "\(dir)/proc/nf_conntrack_tcp_be_liberal", atomically: false, encoding: .utf8)
+        // kube-proxy's defaults on 4 CPUs, with tcpBeLiberal: the limit, the hash size, the TCP
+        // timeouts, liberal mode; UDP timeouts of 0 are left alone.
+        let defaults = ConntrackSysctlSettings(maxPerCore: 32768, min: 131072, tcpEstablishedTimeout: .seconds(86400),
+                                               tcpCloseWaitTimeout: .seconds(3600), tcpBeLiberal: true)
+        #expect(s.apply(defaults) == [
+            .changed(name: "net.netfilter.nf_conntrack_max", from: 65536, to: 131072),
+            .changed(name: "nf_conntrack hashsize", from: 16384, to: 32768),
+            .changed(name: "net.netfilter.nf_conntrack_tcp_timeout_established", from: 432000, to: 86400),
+            .changed(name: "net.netfilter.nf_conntrack_tcp_timeout_close_wait", from: 60, to: 3600),
+            .changed(name: "net.netfilter.nf_conntrack_tcp_be_liberal", from: 0, to: 1),
+        ])
+        #expect(value(dir, "proc/nf_conntrack_tcp_be_liberal") == "1")
+        // The second start writes nothing.
+        #expect(s.apply(defaults).allSatisfy { if case .unchanged = $0 { return true } else { return false } })
+        // Without tcpBeLiberal the setting is left as it is (kube-proxy never writes 0).
+        #expect(!s.apply(ConntrackSysctlSettings(tcpEstablishedTimeout: .seconds(86400))).contains {
+            $0.description.contains("be_liberal")
+        })
+    }
 }

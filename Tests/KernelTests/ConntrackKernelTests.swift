@@ -296,7 +296,7 @@ struct ConntrackKernelTests {
             }
             let hostMax = try await read("nf_conntrack_max")
             try bed.startSluice(extra: ["--conntrack-udp-timeout", "45s", "--conntrack-tcp-timeout-close-wait", "2h",
-                                        "--conntrack-min", "\((Int(hostMax) ?? 0) + 1)"])
+                                        "--conntrack-max-per-core", "1", "--conntrack-min", "\((Int(hostMax) ?? 0) + 1)"])
             try await bed.waitForServices([svc.portName("dns")])
             #expect(try await read("nf_conntrack_udp_timeout") == "45")
             #expect(try await read("nf_conntrack_tcp_timeout_close_wait") == "7200")

@@ -2,6 +2,7 @@
 // histogram buckets, values that move with syncs, failures and changes, network programming
 // latency from the last-change-trigger-time annotation, and /proxyMode.
 
+import Foundation
 import Logging
 import SluiceCore
 import SluiceServer
@@ -27,6 +28,15 @@ private let expectedTypes: [String: String] = [
     "kubeproxy_sync_proxy_rules_no_local_endpoints_total": "gauge",
     "kubeproxy_proxy_healthz_total": "counter",
     "kubeproxy_proxy_livez_total": "counter",
+    "kubeproxy_conntrack_reconciler_sync_duration_seconds": "histogram",
+    "kubeproxy_conntrack_reconciler_deleted_entries_total": "counter",
+]
+
+/// client_golang's process collector, with its types.
+private let processTypes: [String: String] = [
+    "process_cpu_seconds_total": "counter", "process_resident_memory_bytes": "gauge",
+    "process_virtual_memory_bytes": "gauge", "process_start_time_seconds": "gauge",
+    "process_open_fds": "gauge", "process_max_fds": "gauge",
 ]
 
 private let syncHistograms = [
@@ -34,6 +44,8 @@ private let syncHistograms = [
     "kubeproxy_sync_partial_proxy_rules_duration_seconds",
 ]
 private let npl = "kubeproxy_network_programming_duration_seconds"
+/// The label every per-proxier series carries on a single-stack IPv4 node.
+private let v4 = ["ip_family": "IPv4"]
 
 private func service(_ name: String, internalLocal: Bool = false) -> ObjectEvent {
     .serviceUpserted(Service(namespace: "ns", name: name, clusterIPs: ["10.96.0.\(Int(name.unicodeScalars.first!.value) % 200 + 10)"], ports: [ServicePort(port: 80)],
@@ -93,7 +105,8 @@ private struct Rig {
             #expect(scrape.types[name] == type, "\(name)")
             #expect(scrape.help[name]?.hasPrefix("[ALPHA] ") == true, "\(name)")
         }
-        #expect(Set(scrape.types.keys) == Set(expectedTypes.keys))
+        #expect(Set(scrape.types.keys) == Set(expectedTypes.keys).union(processTypes.keys))
+        for (name, type) in processTypes { #expect(scrape.types[name] == type, "\(name)") }
         #expect(scrape.help["kubeproxy_sync_proxy_rules_duration_seconds"] == "[ALPHA] SyncProxyRules latency in seconds")
 
         // 0.001 × 2^k for k = 0…14, then +Inf.
@@ -112,14 +125,14 @@ private struct Rig {
         // The 3 ms full sync landed in the 0.004 bucket of the total and full histograms.
         #expect(scrape.bucket("kubeproxy_sync_proxy_rules_duration_seconds", le: 0.002) == 0)
         #expect(scrape.bucket("kubeproxy_sync_proxy_rules_duration_seconds", le: 0.004) == 1)
-        #expect(scrape.value("kubeproxy_sync_full_proxy_rules_duration_seconds_count") == 1)
-        #expect(scrape.value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count") == 0)
-        #expect(scrape.value("kubeproxy_sync_proxy_rules_duration_seconds_sum") == 0.003)
-        #expect(scrape.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") == 1_714_564_800)
-        #expect(scrape.value("kubeproxy_sync_proxy_rules_iptables_total", ["table": "nat"]) == 12)
-        #expect(scrape.value("kubeproxy_sync_proxy_rules_iptables_last", ["table": "filter"]) == 4)
-        #expect(scrape.value("kubeproxy_sync_proxy_rules_no_local_endpoints_total", ["traffic_policy": "internal"]) == 0)
-        #expect(scrape.value("kubeproxy_sync_proxy_rules_no_local_endpoints_total", ["traffic_policy": "external"]) == 0)
+        #expect(scrape.value("kubeproxy_sync_full_proxy_rules_duration_seconds_count", v4) == 1)
+        #expect(scrape.value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count", v4) == 0)
+        #expect(scrape.value("kubeproxy_sync_proxy_rules_duration_seconds_sum", v4) == 0.003)
+        #expect(scrape.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds", v4) == 1_714_564_800)
+        #expect(scrape.value("kubeproxy_sync_proxy_rules_iptables_total", ["table": "nat", "ip_family": "IPv4"]) == 12)
+        #expect(scrape.value("kubeproxy_sync_proxy_rules_iptables_last", ["table": "filter", "ip_family": "IPv4"]) == 4)
+        #expect(scrape.value("kubeproxy_sync_proxy_rules_no_local_endpoints_total", ["traffic_policy": "internal", "ip_family": "IPv4"]) == 0)
+        #expect(scrape.value("kubeproxy_sync_proxy_rules_no_local_endpoints_total", ["traffic_policy": "external", "ip_family": "IPv4"]) == 0)
 
         let mode = try await httpGet(port: server.port, path: "/proxyMode")
         #expect(mode.status == 200)
@@ -135,7 +148,7 @@ private struct Rig {
         await rig.runner.syncOnce()
         var s = rig.scrape()
         #expect(s.value("kubeproxy_sync_proxy_rules_service_changes_total") == 0)
-        #expect(s.value("kubeproxy_sync_proxy_rules_duration_seconds_count") == 1)
+        #expect(s.value("kubeproxy_sync_proxy_rules_duration_seconds_count", v4) == 1)
 
         rig.wall.advance(by: .seconds(5))
         await rig.runner.handle(service("a"))
@@ -147,18 +160,18 @@ private struct Rig {
         #expect(s.value("kubeproxy_sync_proxy_rules_service_changes_pending") == 2)
         #expect(s.value("kubeproxy_sync_proxy_rules_endpoint_changes_total") == 1)
         #expect(s.value("kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 1)
-        #expect(s.value("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") == 1_714_564_805)
-        #expect(s.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") == 1_714_564_800)
+        #expect(s.value("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", v4) == 1_714_564_805)
+        #expect(s.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds", v4) == 1_714_564_800)
 
         rig.wall.advance(by: .seconds(1))
         await rig.runner.syncOnce()
         s = rig.scrape()
         #expect(s.value("kubeproxy_sync_proxy_rules_service_changes_pending") == 0)
         #expect(s.value("kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 0)
-        #expect(s.value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count") == 1)
-        #expect(s.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") == 1_714_564_806)
+        #expect(s.value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count", v4) == 1)
+        #expect(s.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds", v4) == 1_714_564_806)
         // "a" has internalTrafficPolicy Local and its only endpoint is on node-b.
-        #expect(s.value("kubeproxy_sync_proxy_rules_no_local_endpoints_total", ["traffic_policy": "internal"]) == 1)
+        #expect(s.value("kubeproxy_sync_proxy_rules_no_local_endpoints_total", ["traffic_policy": "internal", "ip_family": "IPv4"]) == 1)
 
         // A failed partial sync, then a failed full retry.
         await rig.backend.failNext(2)
@@ -166,22 +179,22 @@ private struct Rig {
         await rig.runner.syncOnce()
         await rig.runner.syncOnce()
         s = rig.scrape()
-        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total") == 2)
-        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total") == 1)
-        #expect(s.value("kubeproxy_sync_proxy_rules_duration_seconds_count") == 4)  // failures are timed too
-        #expect(s.value("kubeproxy_sync_full_proxy_rules_duration_seconds_count") == 2)
-        #expect(s.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") == 1_714_564_806)  // success only
+        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", v4) == 2)
+        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", v4) == 1)
+        #expect(s.value("kubeproxy_sync_proxy_rules_duration_seconds_count", v4) == 4)  // failures are timed too
+        #expect(s.value("kubeproxy_sync_full_proxy_rules_duration_seconds_count", v4) == 2)
+        #expect(s.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds", v4) == 1_714_564_806)  // success only
 
         // The endpoint moves to this node: no Local service lacks local endpoints any more.
         await rig.runner.handle(slice("a", node: "node-a"))
         await rig.runner.syncOnce()
         s = rig.scrape()
-        #expect(s.value("kubeproxy_sync_proxy_rules_no_local_endpoints_total", ["traffic_policy": "internal"]) == 0)
+        #expect(s.value("kubeproxy_sync_proxy_rules_no_local_endpoints_total", ["traffic_policy": "internal", "ip_family": "IPv4"]) == 0)
         await rig.backend.setReport(SyncReport(full: true, written: ["filter": 1, "nat": 2], total: ["filter": 7, "nat": 40]))
         await rig.runner.syncOnce()
         s = rig.scrape()
-        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_total", ["table": "nat"]) == 40)
-        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_last", ["table": "nat"]) == 2)
+        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_total", ["table": "nat", "ip_family": "IPv4"]) == 40)
+        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_last", ["table": "nat", "ip_family": "IPv4"]) == 2)
     }
 
     @Test func networkProgrammingLatencyComesFromTheTriggerTimeAnnotation() async {
@@ -190,15 +203,15 @@ private struct Rig {
         await rig.runner.handle(service("a"))
         await rig.runner.handle(.synced)
         await rig.runner.syncOnce()  // the first snapshot: trigger times are tracked from here
-        #expect(rig.scrape().value(npl + "_count") == 0)
+        #expect(rig.scrape().value(npl + "_count", v4) == 0)
 
         // The controller saw the pod change 1 s after start; the rules land 2.5 s after that.
         rig.wall.advance(by: .milliseconds(3500))
         await rig.runner.handle(slice("a", triggeredAt: start + .seconds(1)))
         await rig.runner.syncOnce()
         var s = rig.scrape()
-        #expect(s.value(npl + "_count") == 1)
-        #expect(s.value(npl + "_sum") == 2.5)
+        #expect(s.value(npl + "_count", v4) == 1)
+        #expect(s.value(npl + "_sum", v4) == 2.5)
         #expect(s.bucket(npl, le: 2) == 0)
         #expect(s.bucket(npl, le: 3) == 1)
 
@@ -207,11 +220,11 @@ private struct Rig {
         await rig.runner.handle(slice("a", triggeredAt: start + .seconds(4), ip: "10.244.9.10"))
         rig.wall.advance(by: .seconds(1))  // now = start + 4.5
         await rig.runner.syncOnce()
-        #expect(rig.scrape().value(npl + "_count") == 1)
+        #expect(rig.scrape().value(npl + "_count", v4) == 1)
         rig.wall.advance(by: .seconds(10))  // now = start + 14.5
         await rig.runner.syncOnce()
         s = rig.scrape()
-        #expect(s.value(npl + "_count") == 2)
+        #expect(s.value(npl + "_count", v4) == 2)
         #expect(s.bucket(npl, le: 10) == 1)
         #expect(s.bucket(npl, le: 11) == 2)
 
@@ -219,6 +232,63 @@ private struct Rig {
         await rig.runner.handle(slice("a", ip: "10.244.9.11"))
         await rig.runner.handle(slice("b", triggeredAt: start - .seconds(60)))
         await rig.runner.syncOnce()
-        #expect(rig.scrape().value(npl + "_count") == 2)
+        #expect(rig.scrape().value(npl + "_count", v4) == 2)
+    }
+
+    @Test func eachFamilyHasItsOwnSeries() async {
+        let metrics = ProxyMetrics(nodeName: "n", tables: ["nat"], families: [.ipv4, .ipv6])
+        metrics.record(.synced(SyncAttempt(family: .ipv6, full: true, duration: .milliseconds(2),
+                                           report: SyncReport(full: true, written: ["nat": 3], total: ["nat": 7]))))
+        metrics.record(.synced(SyncAttempt(family: .ipv4, full: false, duration: .milliseconds(1), report: nil)))
+        let s = Scrape(metrics.render())
+        #expect(s.value("kubeproxy_sync_full_proxy_rules_duration_seconds_count", ["ip_family": "IPv6"]) == 1)
+        #expect(s.value("kubeproxy_sync_full_proxy_rules_duration_seconds_count", ["ip_family": "IPv4"]) == 0)
+        #expect(s.value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count", ["ip_family": "IPv4"]) == 1)
+        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", ["ip_family": "IPv4"]) == 1)
+        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", ["ip_family": "IPv6"]) == 0)
+        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_total", ["table": "nat", "ip_family": "IPv6"]) == 7)
+        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_total", ["table": "nat", "ip_family": "IPv4"]) == 0)
+        #expect(s.value("kubeproxy_sync_proxy_rules_last_timestamp_seconds", ["ip_family": "IPv4"]) == 0, "a failed sync sets no timestamp")
+        #expect(s.samples.allSatisfy { !$0.name.hasPrefix("kubeproxy_sync_proxy_rules_duration") || $0.labels["ip_family"] != nil })
+    }
+
+    @Test func conntrackReconcilesAreCountedPerFamily() {
+        let metrics = ProxyMetrics(nodeName: "n")
+        metrics.recordConntrackReconcile(family: .ipv4, duration: .milliseconds(3), deleted: 4)
+        metrics.recordConntrackReconcile(family: .ipv4, duration: .milliseconds(40), deleted: 0)
+        metrics.recordConntrackReconcile(family: .ipv6, duration: .milliseconds(1), deleted: 2)
+        let s = Scrape(metrics.render())
+        #expect(s.value("kubeproxy_conntrack_reconciler_deleted_entries_total", ["ip_family": "IPv4"]) == 4)
+        #expect(s.value("kubeproxy_conntrack_reconciler_deleted_entries_total", ["ip_family": "IPv6"]) == 2)
+        #expect(s.value("kubeproxy_conntrack_reconciler_sync_duration_seconds_count", ["ip_family": "IPv4"]) == 2)
+        #expect(s.value("kubeproxy_conntrack_reconciler_sync_duration_seconds_sum", ["ip_family": "IPv4"]) == 0.043)
+    }
+
+    @Test func processMetricsDescribeThisProcess() throws {
+        let s = Scrape(ProxyMetrics(nodeName: "n").render())
+        let start = try #require(s.value("process_start_time_seconds"))
+        let now = Date().timeIntervalSince1970
+        #expect(start > now - 86_400 * 30 && start <= now + 1, "started \(start), now \(now)")
+        #expect((s.value("process_resident_memory_bytes") ?? 0) > 1_048_576)
+        #expect((s.value("process_virtual_memory_bytes") ?? 0) >= (s.value("process_resident_memory_bytes") ?? 0))
+        #expect((s.value("process_open_fds") ?? 0) >= 3)
+        #expect((s.value("process_max_fds") ?? 0) >= (s.value("process_open_fds") ?? 0))
+        #expect(s.value("process_cpu_seconds_total") != nil)
+    }
+
+    @Test func configzServesTheConfiguration() async throws {
+        let metrics = ProxyMetrics(nodeName: "n")
+        let body = MetricsServer.configzBody(configurationJSON: #"{"mode":"iptables"}"#)
+        let server = try await MetricsServer.start(address: BindAddress(host: IPAddress("127.0.0.1")!, port: 0), metrics: metrics,
+                                                   proxyMode: "iptables", configz: body, logger: Logger(label: "test"))
+        defer { Task { await server.close() } }
+        let response = try await httpGet(port: server.port, path: "/configz")
+        #expect(response.status == 200)
+        #expect(response.headers["content-type"] == "application/json")
+        #expect(response.body == #"{"kubeproxy.config.k8s.io":{"mode":"iptables"}}"#)
+        let bare = try await MetricsServer.start(address: BindAddress(host: IPAddress("127.0.0.1")!, port: 0), metrics: metrics,
+                                                 proxyMode: "iptables", logger: Logger(label: "test"))
+        defer { Task { await bare.close() } }
+        #expect(try await httpGet(port: bare.port, path: "/configz").status == 404)
     }
 }

@@ -1,0 +1,308 @@
+// Real-kernel tests of `sluice explain` and `sluice diff` (iptables mode): explain's answer for
+// each Service kind of the golden fixture (ClusterIP, NodePort, external IP, load balancer
+// with source ranges and affinity, externalTrafficPolicy Local, no endpoints) is checked
+// against real packets: the backends that answer, the source address they see, and REFUSED
+// or TIMEOUT. `diff` is checked after hand edits of the kernel's rules.
+
+import Foundation
+import IPTables
+import SluiceTesting
+import Testing
+
+/// The part of `sluice explain --output json` these tests read.
+private struct ExplainJSON: Decodable {
+    struct Model: Decodable {
+        struct Endpoint: Decodable {
+            var address: String
+            var selected: Bool
+            var probability: Double?
+        }
+        var endpoints: [Endpoint]
+        var hits: [Hit]
+        var affinity: String?
+    }
+    struct Hit: Decodable {
+        var servicePort: String
+        var kind: String
+    }
+    struct Path: Decodable {
+        var verdict: String
+        var endpoint: String?
+        var masquerade: Bool
+        var probability: Double
+    }
+    var verdict: String
+    var masquerade: Bool?
+    var model: Model
+    var paths: [Path]
+
+    /// Backend names reached with a positive probability.
+    var backends: Set<String> {
+        Set(paths.filter { $0.verdict == "forwarded" && $0.probability > 0 }.compactMap { p in
+            (1...4).first { p.endpoint?.hasPrefix(TestNet.backendIP($0) + ":") == true }.map(TestNet.backendName)
+        })
+    }
+}
+
+private func explain(_ bed: TestBed, from: String?, _ dst: String, kernel: Bool) async throws -> ExplainJSON {
+    var args = ["explain"] + bed.sluiceArguments() + ["--output", "json"]
+    if kernel { args.append("--kernel") }
+    if let from { args += ["--from", from] }
+    args.append(dst)
+    let out = await bed.runSluice(args)
+    guard out.succeeded else { throw TestBedError("sluice explain failed: \(out)") }
+    do {
+        return try JSONDecoder().decode(ExplainJSON.self, from: Data(out.stdout.utf8))
+    } catch {
+        throw TestBedError("explain printed unreadable JSON (\(error)):\n\(out.stdout)")
+    }
+}
+
+private func withPolicyLocal(_ yaml: String) -> String {
+    yaml.replacingOccurrences(of: "spec:\n  type: NodePort\n", with: "spec:\n  type: NodePort\n  externalTrafficPolicy: Local\n")
+}
+
+@Suite("Kernel (iptables): explain and diff", .serialized, .requiresRoot, .timeLimit(.minutes(4)))
+struct ExplainKernelTests {
+    /// One case: who sends, to where, and what explain must agree with.
+    struct Case: CustomStringConvertible {
+        var from: String
+        var ns: KeyPath<TestBed, String>
+        var dst: String
+        var proto: ClientProtocol = .tcp
+        var description: String { "\(from) -> \(dst)" }
+    }
+
+    @Test("explain predicts the endpoints, the NAT and the verdict real packets get, for every Service kind")
+    func explainMatchesRealPackets() async throws {
+        try await TestBed.with(.init(backends: 3, label: "expl")) { bed in
+            let web = webService()
+            var np = webService(name: "np", clusterIP: "10.96.0.11")
+            np.type = "NodePort"
+            np.ports = [.http(nodePort: 30080)]
+            var local = webService(name: "local", clusterIP: "10.96.0.12")
+            local.type = "NodePort"
+            local.ports = [.http(nodePort: 30081)]
+            local.endpoints = [3]
+            var eip = webService(name: "eip", clusterIP: "10.96.0.13")
+            eip.externalIPs = ["203.0.113.10"]
+            eip.ports = [.http()]
+            var lb = webService(name: "lb", clusterIP: "10.96.0.14")
+            lb.type = "LoadBalancer"
+            lb.ports = [.http(nodePort: 30090)]
+            lb.loadBalancerIP = "198.51.100.10"
+            lb.loadBalancerSourceRanges = ["192.168.50.0/28"]
+            lb.clientIPAffinitySeconds = 600
+            var empty = webService(name: "empty", clusterIP: "10.96.0.15")
+            empty.endpoints = []
+            try bed.writeManifest("svc.yaml", [web.yaml, np.yaml, withPolicyLocal(local.yaml), eip.yaml, lb.yaml, empty.yaml].joined(separator: "---\n"))
+            // Pods here route only the pod and service CIDRs; a real pod has a default route, which
+            // answers to sources kept by externalTrafficPolicy Local need.
+            _ = try await bed.exec(checked: bed.backendNS[2], ["ip", "route", "add", "192.168.50.0/24", "via", TestNet.backendGateway(3)])
+            try bed.startSluice()
+            try await bed.waitForServices([web.portName("http"), np.portName("http"), local.portName("http"), eip.portName("http"), lb.portName("http")])
+            try await bed.waitForRules(.filter, "REJECT rule of the Service without endpoints") { $0.contains(empty.portName("http")) }
+
+            let cases = [
+                Case(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.10:80"),
+                Case(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.10:53", proto: .udp),
+                Case(from: TestNet.extIP, ns: \.extNS, dst: "\(TestNet.nodeIP):30080"),
+                Case(from: TestNet.extIP, ns: \.extNS, dst: "\(TestNet.nodeIP):30081"),
+                // The node's address on the client's link (the client routes only pod and service CIDRs).
+                Case(from: TestNet.clientIP, ns: \.clientNS, dst: "\(TestNet.clientGateway):30081"),
+                Case(from: TestNet.extIP, ns: \.extNS, dst: "203.0.113.10:80"),
+                Case(from: TestNet.extIP, ns: \.extNS, dst: "198.51.100.10:80"),
+                Case(from: TestNet.extIP2, ns: \.extNS, dst: "198.51.100.10:80"),
+                Case(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.15:80"),
+            ]
+            var verdicts: Set<String> = []
+            for c in cases {
+                let compiled = try await explain(bed, from: c.from, c.dst + (c.proto == .udp ? "/udp" : ""), kernel: false)
+                let kernel = try await explain(bed, from: c.from, c.dst + (c.proto == .udp ? "/udp" : ""), kernel: true)
+                #expect(compiled.verdict == kernel.verdict && compiled.backends == kernel.backends && compiled.masquerade == kernel.masquerade,
+                        "\(c): compiled and kernel rules disagree: \(compiled.verdict) \(compiled.backends) vs \(kernel.verdict) \(kernel.backends)")
+                verdicts.insert(kernel.verdict)
+                let count = kernel.verdict == "forwarded" ? 24 : 2
+                let r = try await bed.request(from: bed[keyPath: c.ns], c.proto, c.dst, count: count, timeout: 1.5, showSource: true,
+                                              sourceIP: c.ns == \.extNS ? c.from : nil)
+                switch kernel.verdict {
+                case "forwarded":
+                    if kernel.model.affinity != nil {
+                        // ClientIP affinity: a new client gets one of the paths; then it sticks.
+                        expectAnswered(r, count: count, "\(c): explain said \(kernel.backends)", bed)
+                        #expect(r.backends.count == 1 && r.backends.isSubset(of: kernel.backends), context("\(c): affinity, explain said \(kernel.backends)", r, bed))
+                    } else {
+                        expectAnswered(r, count: count, backends: kernel.backends, "\(c): explain said \(kernel.backends)", bed)
+                    }
+                    let sources = Set(r.sources.compactMap { $0 })
+                    if kernel.masquerade == true {
+                        #expect(!sources.contains(c.from) && sources.allSatisfy { $0.hasSuffix(".1") }, context("\(c): explain said masqueraded", r, bed))
+                    } else {
+                        #expect(sources == [c.from], context("\(c): explain said the source is kept", r, bed))
+                    }
+                case "rejected":
+                    #expect(r.count("REFUSED") == count, context("\(c): explain said REJECT", r, bed))
+                case "dropped":
+                    #expect(r.count("TIMEOUT") == count, context("\(c): explain said DROP", r, bed))
+                default:
+                    Issue.record("\(c): unexpected verdict \(kernel.verdict)")
+                }
+            }
+            #expect(verdicts == ["forwarded", "rejected", "dropped"])
+            // The explanations name the expected things for a few cases.
+            let lbAllowed = try await explain(bed, from: TestNet.extIP, "198.51.100.10:80", kernel: true)
+            #expect(lbAllowed.model.hits.first?.kind == "LoadBalancerIP" && lbAllowed.model.hits.first?.servicePort == lb.portName("http"))
+            #expect(lbAllowed.model.endpoints.filter(\.selected).count == 2)
+            let localFromExt = try await explain(bed, from: TestNet.extIP, "\(TestNet.nodeIP):30081", kernel: false)
+            #expect(localFromExt.backends == ["backend-3"] && localFromExt.masquerade == false)
+        }
+    }
+
+    @Test("diff is clean after a sync and reports each hand edit with its Service; exit status 1")
+    func diffReportsHandEdits() async throws {
+        try await TestBed.with(.init(label: "diff")) { bed in
+            let web = webService()
+            var np = webService(name: "np", clusterIP: "10.96.0.11")
+            np.type = "NodePort"
+            np.ports = [.http(nodePort: 30080)]
+            try bed.writeManifest("svc.yaml", web.yaml + "---\n" + np.yaml)
+            try bed.startSluice()
+            let nat = try await bed.waitForServices([web.portName("http"), np.portName("http")])
+            func diff() async -> CommandOutput { await bed.runSluice(["diff"] + bed.sluiceArguments()) }
+
+            let clean = await diff()
+            #expect(clean.status == 0 && clean.stdout.contains("holds the desired state"), "\(clean)\n\(nat)")
+
+            // A deleted rule.
+            let rule = try #require(nat.split(separator: "\n").first { $0.hasPrefix("-A KUBE-SERVICES") && $0.contains("\(np.portName("http")) cluster IP") })
+            var r = await bed.iptables(["-t", "nat", "-D"] + tokenize(rule.dropFirst(3)))
+            #expect(r.succeeded, "\(r)")
+            var d = await diff()
+            #expect(d.status == 1 && d.stdout.contains("1 difference") && d.stdout.contains(np.portName("http"))
+                    && d.stdout.contains("missing nat KUBE-SERVICES rule"), "\(d)")
+            // Put back at the end of the chain: the same rules in another order.
+            r = await bed.iptables(["-t", "nat", "-A"] + tokenize(rule.dropFirst(3)))
+            #expect(r.succeeded, "\(r)")
+            d = await diff()
+            #expect(d.status == 1 && d.stdout.contains("changed nat chain KUBE-SERVICES rule order"), "\(d.stdout)")
+            // And where it was.
+            let rulePosition = try #require(nat.split(separator: "\n").filter { $0.hasPrefix("-A KUBE-SERVICES ") }.firstIndex(of: rule)).advanced(by: 1)
+            r = await bed.iptables(["-t", "nat", "-D"] + tokenize(rule.dropFirst(3)))
+            #expect(r.succeeded, "\(r)")
+            r = await bed.iptables(["-t", "nat", "-I", "KUBE-SERVICES", "\(rulePosition)"] + tokenize(rule.dropFirst(3)).dropFirst())
+            #expect(r.succeeded, "\(r)")
+            d = await diff()
+            #expect(d.status == 0, "\(d.stdout)")
+
+            // A changed weight.
+            let natLines = nat.split(separator: "\n")
+            let prob = try #require(natLines.first { $0.contains(web.portName("http") + " -> ") && $0.contains("--probability") })
+            let words = tokenize(prob.dropFirst(3))
+            let position = try #require(natLines.filter { $0.hasPrefix("-A \(words[0]) ") }.firstIndex(of: prob)).advanced(by: 1)
+            r = await bed.iptables(["-t", "nat", "-R", words[0], "\(position)"] + words.dropFirst().map { $0.hasPrefix("0.5") ? "0.9" : $0 })
+            #expect(r.succeeded, "\(r)")
+            d = await diff()
+            #expect(d.status == 1 && d.stdout.contains("changed nat \(words[0]) rule") && d.stdout.contains(web.portName("http")), "\(d)")
+            r = await bed.iptables(["-t", "nat", "-R", words[0], "\(position)"] + words.dropFirst())
+            #expect(r.succeeded, "\(r)")
+            let restored = await diff()
+            #expect(restored.status == 0, "\(restored.stdout)")
+
+            // A foreign rule at the top of KUBE-SERVICES.
+            r = await bed.iptables(["-t", "nat", "-I", "KUBE-SERVICES", "1", "-d", "10.9.9.9/32", "-p", "tcp", "--dport", "9", "-j", "RETURN"])
+            #expect(r.succeeded, "\(r)")
+            d = await diff()
+            #expect(d.status == 1 && d.stdout.contains("extra   nat KUBE-SERVICES rule") && d.stdout.contains("10.9.9.9"), "\(d)")
+            let json = await bed.runSluice(["diff"] + bed.sluiceArguments() + ["--output", "json"])
+            #expect(json.status == 1 && json.stdout.contains("\"clean\" : false") && json.stdout.contains("\"kind\" : \"extra\""), "\(json)")
+            r = await bed.iptables(["-t", "nat", "-D", "KUBE-SERVICES", "-d", "10.9.9.9/32", "-p", "tcp", "--dport", "9", "-j", "RETURN"])
+            #expect(r.succeeded, "\(r)")
+
+            // A deleted jump rule from a built-in chain.
+            r = await bed.iptables(["-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "kubernetes postrouting rules", "-j", "KUBE-POSTROUTING"])
+            #expect(r.succeeded, "\(r)")
+            d = await diff()
+            #expect(d.status == 1 && d.stdout.contains("missing nat POSTROUTING jump rule"), "\(d)")
+        }
+    }
+
+    @Test("userspace mode: explain --kernel follows the portal rule to the running relay, and real connections reach its endpoints from the node")
+    func explainUserspaceMatchesRealPackets() async throws {
+        try await TestBed.with(.init(label: "exus")) { bed in
+            let web = webService()
+            var np = webService(name: "np", clusterIP: "10.96.0.11")
+            np.type = "NodePort"
+            np.ports = [.http(nodePort: 30080)]
+            try bed.writeManifest("svc.yaml", web.yaml + "---\n" + np.yaml)
+            try bed.startUserspaceSluice()
+            let nat = try await bed.waitForPortals([web.portName("http"), np.portName("http")])
+            let relay = try #require(TestBed.relayPort(in: nat, for: web.portName("http")))
+            for (from, ns, dst) in [(TestNet.clientIP, bed.clientNS, web.clusterTarget("http")), (TestNet.extIP, bed.extNS, "\(TestNet.nodeIP):30080")] {
+                let args = ["explain"] + bed.sluiceArguments() + ["--proxy-mode", "userspace", "--kernel", "--output", "json", "--from", from, dst]
+                let out = await bed.runSluice(args)
+                #expect(out.succeeded, "\(out)")
+                let e = try JSONDecoder().decode(ExplainJSON.self, from: Data(out.stdout.utf8))
+                #expect(e.verdict == "relayed" && e.masquerade == true, "\(out.stdout)")
+                let backends = Set(e.paths.compactMap { p in (1...2).first { p.endpoint?.hasPrefix(TestNet.backendIP($0) + ":") == true }.map(TestNet.backendName) })
+                #expect(backends == ["backend-1", "backend-2"], "\(out.stdout)")
+                if dst == web.clusterTarget("http") { #expect(out.stdout.contains("port \(relay)"), "the running relay's port \(relay) in the path:\n\(out.stdout)") }
+                let r = try await bed.request(from: ns, .tcp, dst, count: 12, showSource: true)
+                expectAnswered(r, count: 12, backends: backends, "userspace \(from) -> \(dst): explain said \(backends)", bed)
+                // The relay connects from the node: backends see the node's address on their link.
+                #expect(r.sources.compactMap { $0 }.allSatisfy { $0 != from && $0.hasSuffix(".1") }, context("userspace: explain said the node's address", r, bed))
+            }
+        }
+    }
+
+    @Test("userspace mode: diff is clean with the running relays' ports and reports a deleted portal rule and a foreign one")
+    func diffUserspace() async throws {
+        try await TestBed.with(.init(label: "dfus")) { bed in
+            let web = webService()
+            try bed.writeManifest("svc.yaml", web.yaml)
+            try bed.startUserspaceSluice()
+            let nat = try await bed.waitForPortals([web.portName("http"), web.portName("dns")])
+            func diff() async -> CommandOutput { await bed.runSluice(["diff"] + bed.sluiceArguments() + ["--proxy-mode", "userspace"]) }
+            var d = await diff()
+            #expect(d.status == 0 && d.stdout.contains("userspace IPv4: the kernel holds the desired state"), "\(d.stdout)\n\(nat)")
+            let portal = try #require(nat.split(separator: "\n").first { $0.hasPrefix("-A KUBE-PORTALS-CONTAINER") && $0.contains(web.portName("http")) })
+            var r = await bed.iptables(["-t", "nat", "-D"] + tokenize(portal.dropFirst(3)))
+            #expect(r.succeeded, "\(r)")
+            r = await bed.iptables(["-t", "nat", "-A", "KUBE-PORTALS-CONTAINER", "-d", "10.96.9.9/32", "-p", "tcp", "--dport", "9", "-j", "REDIRECT", "--to-ports", "9"])
+            #expect(r.succeeded, "\(r)")
+            d = await diff()
+            #expect(d.status == 1 && d.stdout.contains("2 differences") && d.stdout.contains("missing nat KUBE-PORTALS-CONTAINER rule")
+                    && d.stdout.contains("extra   nat KUBE-PORTALS-CONTAINER rule") && d.stdout.contains(web.portName("http")), "\(d.stdout)")
+        }
+    }
+
+    @Test("The running proxy's drift check exports sluice_kernel_drift_objects and logs the difference")
+    func daemonDriftCheck() async throws {
+        try await TestBed.with(.init(label: "drift")) { bed in
+            let web = webService()
+            try bed.writeManifest("svc.yaml", web.yaml)
+            try bed.startSluice(extra: ["--drift-check-period", "1s", "--metrics-bind-address", "127.0.0.1:10249"])
+            _ = try await bed.waitForServices([web.portName("http")])
+            func gauge() async -> Int? {
+                let py = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:10249/metrics',timeout=2).read().decode())"
+                let out = await bed.exec(bed.nodeNS, [bed.python, "-c", py])
+                for line in out.stdout.split(separator: "\n") where line.hasPrefix("sluice_kernel_drift_objects") {
+                    return Int(Double(line.split(separator: " ").last ?? "") ?? -1)
+                }
+                return nil
+            }
+            func waitForGauge(_ want: Int) async throws -> Bool {
+                for _ in 0..<50 {
+                    if await gauge() == want { return true }
+                    try await Task.sleep(for: .milliseconds(200))
+                }
+                return false
+            }
+            #expect(try await waitForGauge(0), "gauge never 0; log:\n\(bed.sluiceLog)")
+            let r = await bed.iptables(["-t", "nat", "-I", "KUBE-SERVICES", "1", "-d", "10.9.9.9/32", "-p", "tcp", "--dport", "9", "-j", "RETURN"])
+            #expect(r.succeeded, "\(r)")
+            #expect(try await waitForGauge(1), "gauge never 1 after a foreign rule; log:\n\(bed.sluiceLog)")
+            #expect(bed.sluiceLog.contains("1 objects differ from the desired state"), "\(bed.sluiceLog)")
+            #expect(bed.sluiceLog.contains("10.9.9.9"))
+        }
+    }
+}
