@@ -42,8 +42,10 @@ struct Explain: AsyncParsableCommand {
     var destination: String
 
     func run() async throws {
-        let options = try self.options.resolved()
+        var options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
+        // The back end the proxy itself picks on this host (`auto`: the one holding the rules).
+        options.iptablesBackend = await chooseIPTablesBackend(options.iptablesBackend, logger: logger)
         let (dst, port, proto): (IPAddress, Int, TransportProtocol)
         do {
             (dst, port, proto) = try ProbePacket.parseDestination(destination)
