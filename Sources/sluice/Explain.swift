@@ -32,6 +32,9 @@ struct Explain: AsyncParsableCommand {
     @Option(help: ArgumentHelp("The packet's source address (default: the node itself).", valueName: "ip"))
     var from: String?
 
+    @Option(help: ArgumentHelp("The interface the packet arrives on (for --detect-local-mode BridgeInterface or InterfaceNamePrefix).", valueName: "name"))
+    var inInterface: String?
+
     @Flag(help: "Trace the rules the kernel holds now instead of the compiled ones.")
     var kernel = false
 
@@ -65,7 +68,7 @@ struct Explain: AsyncParsableCommand {
         let local = Set(LocalAddresses.current() + node.nodeIPs)
         let fromNode = source.map { local.contains($0) || $0.isLoopback } ?? true
         let packet = ProbePacket(source: source ?? node.nodeIPs.first { $0.family == dst.family }, fromNode: fromNode,
-                                 destination: dst, port: port, proto: proto)
+                                 destination: dst, port: port, proto: proto, inInterface: inInterface)
         var report = ExplainReport(packet: packet, mode: options.proxyMode.rawValue, rules: kernel ? "kernel" : "compiled",
                                    model: explainModel(packet, state: state, node: node, localAddresses: local,
                                                        localFallsBackToCluster: options.proxyMode == .ipvs))

@@ -287,3 +287,27 @@ private func splitEndpointIP(_ text: String) -> IPAddress? {
         #expect(items.count == 3)
     }
 }
+
+@Suite struct InterfaceDetectionTests {
+    /// With --detect-local-mode BridgeInterface the rules tell pods by `-i cbr0`: the tracer
+    /// evaluates it from --in-interface, and agrees with the model on masquerade.
+    @Test func bridgeInterfaceDecidesMasquerade() throws {
+        var node = Fixtures.kubeProxyTestNode
+        node.localInterface = .bridge("cbr0")
+        var o = options
+        o.node = node
+        let state = try Fixtures.state(overallYAML())
+        let tracer = IPTablesTracer(compiled: IPTablesCompiler(options: o).compile(state), localAddresses: local)
+        for (iface, masq) in [("cbr0", false), ("eth0", true)] {
+            let p = ProbePacket(source: IPAddress("10.0.0.5")!, fromNode: false, destination: IPAddress("172.30.0.41")!, port: 80,
+                                proto: .tcp, inInterface: iface)
+            let trace = tracer.trace(p)
+            let model = explainModel(p, state: state, node: node, localAddresses: local)
+            #expect(trace.paths.map(\.masquerade) == [masq], "\(iface): \(trace.paths) \(trace.notes)")
+            #expect(model.masquerade == masq, "\(iface): \(model.masqueradeReasons)")
+        }
+        // Unknown arrival interface: said, not guessed silently.
+        let p = ProbePacket(source: IPAddress("10.0.0.5")!, fromNode: false, destination: IPAddress("172.30.0.41")!, port: 80, proto: .tcp)
+        #expect(tracer.trace(p).notes.contains { $0.contains("--in-interface") })
+    }
+}
