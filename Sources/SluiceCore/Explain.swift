@@ -233,21 +233,19 @@ public func explainModel(_ packet: ProbePacket, state: ProxyState, node: NodeCon
     out.trafficPolicy = useLocal ? "Local" : "Cluster"
     let chosen = Set((useLocal ? cat.local : cat.cluster).map(\.description))
 
-    // Topology.
+    // Topology: hints are followed whenever every ready endpoint has them (kube-proxy 1.34);
+    // which endpoints are in comes from categorizeEndpoints, this only says why.
     let zone = state.nodeLabels[topologyZoneLabel]
-    if !svc.usesTopologyHints {
-        out.topology = "not requested"
+    let readyEPs = endpoints.filter(\.ready)
+    let usable = Set(cat.cluster.map(\.description))
+    if readyEPs.isEmpty {
+        out.topology = svc.usesTopologyHints ? "requested, not used: no ready endpoint" : "not requested"
+    } else if let unhinted = readyEPs.first(where: { $0.zoneHints.isEmpty && $0.nodeHints.isEmpty }) {
+        out.topology = svc.usesTopologyHints ? "requested, not used: ready endpoint \(unhinted) has no hints" : "not requested"
+    } else if readyEPs.contains(where: { !usable.contains($0.description) }) {
+        out.topology = "used: endpoints hinted for node \(node.nodeName)" + (zone.map { " or zone \($0)" } ?? "")
     } else {
-        let readyEPs = endpoints.filter(\.ready)
-        let usable = Set(cat.cluster.map(\.description))
-        let restricted = !readyEPs.isEmpty && readyEPs.contains { !usable.contains($0.description) }
-        if let unhinted = readyEPs.first(where: { $0.zoneHints.isEmpty && $0.nodeHints.isEmpty }) {
-            out.topology = "requested, not used: ready endpoint \(unhinted) has no hints"
-        } else if restricted {
-            out.topology = "used: endpoints hinted for node \(node.nodeName)" + (zone.map { " or zone \($0)" } ?? "")
-        } else {
-            out.topology = "requested; every ready endpoint is usable from node \(node.nodeName)" + (zone.map { " (zone \($0))" } ?? "")
-        }
+        out.topology = "hints on every ready endpoint; all of them are usable from node \(node.nodeName)" + (zone.map { " (zone \($0))" } ?? "")
     }
     if let t = svc.stickyTimeoutSeconds {
         out.affinity = "ClientIP for \(t) s: a client that connected within that time returns to the same endpoint"
@@ -267,7 +265,7 @@ public func explainModel(_ packet: ProbePacket, state: ProxyState, node: NodeCon
         }
         reasons.append(ep.isLocal ? "on this node" : "on another node")
         if useLocal && !ep.isLocal && (ep.ready || ep.serving) { reasons.append("left out: traffic policy Local uses only this node's endpoints") }
-        if svc.usesTopologyHints && !useLocal && ep.ready {
+        if out.topology?.hasPrefix("used") == true && !useLocal && ep.ready {
             let hints = (ep.nodeHints.isEmpty ? "" : "node hints \(ep.nodeHints.sorted())") + (ep.zoneHints.isEmpty ? "" : " zone hints \(ep.zoneHints.sorted())")
             if !selected && cat.cluster.contains(where: \.ready) {
                 reasons.append("left out by topology: \(hints.trimmingASCIIWhitespace()) do not include node \(node.nodeName)" + (zone.map { " / zone \($0)" } ?? ""))

@@ -187,6 +187,14 @@ private func splitEndpointIP(_ text: String) -> IPAddress? {
         #expect(model.topology?.hasPrefix("used") == true)
         let trace = IPTablesTracer(compiled: IPTablesCompiler(options: options).compile(state), localAddresses: local).trace(p)
         #expect(Set(trace.endpointProbabilities.keys) == ["10.1.0.1:8080"])
+
+        // kube-proxy 1.34 follows hints whatever the Service asks; the reason says so either way.
+        let unannotated = try Fixtures.state(yaml.replacingOccurrences(of: ", annotations: {service.kubernetes.io/topology-mode: Auto}", with: ""))
+        let m2 = explainModel(p, state: unannotated, node: options.node, localAddresses: local)
+        let selected2 = Set(m2.endpoints.filter(\.selected).map(\.address))
+        let traced2 = Set(IPTablesTracer(compiled: IPTablesCompiler(options: options).compile(unannotated), localAddresses: local).trace(p).endpointProbabilities.keys)
+        #expect(selected2 == traced2)
+        #expect((m2.topology?.hasPrefix("used") == true) == (selected2.count == 1), "\(String(describing: m2.topology)) \(selected2)")
     }
 }
 
