@@ -7,7 +7,7 @@ RELEASE_SCRATCH = .build-release
 RELEASE_BIN = $(RELEASE_SCRATCH)/release/sluice
 PYTHON = /usr/bin/python3
 # Test suites that need IPVS and dummy devices: they run inside user-mode Linux.
-UML_TESTS = IPVSKernelTests|IPVSClientKernelTests
+UML_TESTS = IPVSKernelTests|IPVSClientKernelTests|ExplainIPVSKernelTests
 
 .PHONY: deps build demo test uml-test unit-test kernel-test compile-example clean release bench bench-smoke
 

@@ -87,7 +87,7 @@ public struct IPTablesTracer: PacketTracer {
     public func trace(_ packet: ProbePacket) -> TraceResult {
         let src = packet.source ?? localAddresses.sorted().first { $0.family == packet.destination.family && !$0.isLoopback }
             ?? packet.destination
-        var start = Walk(src: src, dst: packet.destination, dport: packet.port, proto: packet.proto.lowercased)
+        var start = Walk(src: src, dst: packet.destination, dport: packet.port, proto: packet.proto.lowercased, packet: packet)
         var notes: [String] = []
         let natHook = packet.fromNode ? "OUTPUT" : "PREROUTING"
         var results: [Walk] = []
@@ -196,6 +196,8 @@ public struct IPTablesTracer: PacketTracer {
         var dst: IPAddress
         var dport: Int
         var proto: String
+        /// The packet as given (arrival interface).
+        var packet: ProbePacket
         var mark: UInt32 = 0
         var probability = 1.0
         var steps: [TraceStep] = []
@@ -372,9 +374,16 @@ public struct IPTablesTracer: PacketTracer {
         if let s = r.source, s.cidr.contains(w.src) == s.negated { return .no }
         if let d = r.destination, d.cidr.contains(w.dst) == d.negated { return .no }
         if let p = r.proto, p != "all", (p == w.proto) == r.protoNegated { return .no }
-        if !r.interfaces.isEmpty {
-            note(&w, "rule \"\(r.text)\" matches on an interface (\(r.interfaces.joined(separator: ", "))); assumed not to match")
-            return .no
+        for i in r.interfaces {
+            let words = i.split(separator: " ").map(String.init)
+            let negated = words.first == "!"
+            let flag = words.dropFirst(negated ? 1 : 0).first ?? ""
+            let pattern = words.last ?? ""
+            guard flag == "-i" || flag == "--in-interface", let arrives = w.packet.arrives(on: pattern) else {
+                note(&w, "rule \"\(r.text)\" matches on an interface (\(i)) the tracer does not know (pass --in-interface); assumed not to match")
+                return .no
+            }
+            if arrives == negated { return .no }
         }
         if !r.unparsed.isEmpty {
             note(&w, "rule \"\(r.text)\" has words the tracer does not understand; assumed not to match")

@@ -15,17 +15,28 @@ public struct ProbePacket: Sendable, Hashable, Codable {
     public var port: Int
     /// The transport protocol.
     public var proto: TransportProtocol
+    /// The interface the packet arrives on (for interface-based local-traffic detection); nil: unknown.
+    public var inInterface: String?
 
     /// Creates a packet.
-    public init(source: IPAddress?, fromNode: Bool, destination: IPAddress, port: Int, proto: TransportProtocol) {
+    public init(source: IPAddress?, fromNode: Bool, destination: IPAddress, port: Int, proto: TransportProtocol,
+                inInterface: String? = nil) {
         self.source = source
         self.fromNode = fromNode
         self.destination = destination
         self.port = port
         self.proto = proto
+        self.inInterface = inInterface
     }
 
-    private enum CodingKeys: String, CodingKey { case source, fromNode, destination, port, proto = "protocol" }
+    /// Whether an iptables interface argument (`cbr0`, `veth+`) matches the arrival interface
+    /// (nil when it is not known).
+    public func arrives(on pattern: String) -> Bool? {
+        guard let name = inInterface, !fromNode else { return fromNode ? false : nil }
+        return pattern.hasSuffix("+") ? name.hasPrefix(String(pattern.dropLast())) : name == pattern
+    }
+
+    private enum CodingKeys: String, CodingKey { case source, fromNode, destination, port, proto = "protocol", inInterface }
 
     /// Encodes addresses as text and the protocol as `TCP`/`UDP`/`SCTP`.
     public func encode(to encoder: any Encoder) throws {
@@ -35,6 +46,7 @@ public struct ProbePacket: Sendable, Hashable, Codable {
         try c.encode(destination.description, forKey: .destination)
         try c.encode(port, forKey: .port)
         try c.encode(proto.rawValue, forKey: .proto)
+        try c.encodeIfPresent(inInterface, forKey: .inInterface)
     }
 
     /// Decodes what `encode(to:)` writes.
@@ -51,6 +63,7 @@ public struct ProbePacket: Sendable, Hashable, Codable {
         port = try c.decode(Int.self, forKey: .port)
         guard let p = TransportProtocol(rawValue: try c.decode(String.self, forKey: .proto)) else { throw bad(.proto) }
         proto = p
+        inInterface = try c.decodeIfPresent(String.self, forKey: .inInterface)
     }
 
     /// `ADDR:PORT/proto` as the command line takes it.
@@ -187,7 +200,13 @@ public func explainModel(_ packet: ProbePacket, state: ProxyState, node: NodeCon
     let cat = categorizeEndpoints(endpoints, info: svc, nodeName: node.nodeName, nodeLabels: state.nodeLabels)
     let source = packet.source
     let detector = node.clusterCIDRs.first { $0.family == state.family }
-    let fromPod = source.map { s in detector?.contains(s) ?? false } ?? false
+    var fromPod = source.map { s in detector?.contains(s) ?? false } ?? false
+    var detectorText = detector.map { "source in \($0)" } ?? ""
+    if let iface = node.localInterface {
+        // Local pods are told by the arrival interface (BridgeInterface / InterfaceNamePrefix).
+        fromPod = packet.arrives(on: iface.iptablesName) ?? false
+        detectorText = "arriving on \(iface.iptablesName)"
+    }
 
     // Which set.
     var useLocal: Bool
@@ -199,7 +218,7 @@ public func explainModel(_ packet: ProbePacket, state: ProxyState, node: NodeCon
         out.trafficPolicyReason = "externalTrafficPolicy Cluster applies to \(kind.rawValue) traffic"
     } else if fromPod {
         useLocal = false
-        out.trafficPolicyReason = "externalTrafficPolicy Local, but traffic from a pod (source in \(detector!)) uses the cluster-wide set"
+        out.trafficPolicyReason = "externalTrafficPolicy Local, but traffic from a pod (\(detectorText)) uses the cluster-wide set"
     } else if packet.fromNode {
         useLocal = false
         out.trafficPolicyReason = "externalTrafficPolicy Local, but traffic from the node itself uses the cluster-wide set"
@@ -214,21 +233,19 @@ public func explainModel(_ packet: ProbePacket, state: ProxyState, node: NodeCon
     out.trafficPolicy = useLocal ? "Local" : "Cluster"
     let chosen = Set((useLocal ? cat.local : cat.cluster).map(\.description))
 
-    // Topology.
+    // Topology: hints are followed whenever every ready endpoint has them (kube-proxy 1.34);
+    // which endpoints are in comes from categorizeEndpoints, this only says why.
     let zone = state.nodeLabels[topologyZoneLabel]
-    if !svc.usesTopologyHints {
-        out.topology = "not requested"
+    let readyEPs = endpoints.filter(\.ready)
+    let usable = Set(cat.cluster.map(\.description))
+    if readyEPs.isEmpty {
+        out.topology = svc.usesTopologyHints ? "requested, not used: no ready endpoint" : "not requested"
+    } else if let unhinted = readyEPs.first(where: { $0.zoneHints.isEmpty && $0.nodeHints.isEmpty }) {
+        out.topology = svc.usesTopologyHints ? "requested, not used: ready endpoint \(unhinted) has no hints" : "not requested"
+    } else if readyEPs.contains(where: { !usable.contains($0.description) }) {
+        out.topology = "used: endpoints hinted for node \(node.nodeName)" + (zone.map { " or zone \($0)" } ?? "")
     } else {
-        let readyEPs = endpoints.filter(\.ready)
-        let usable = Set(cat.cluster.map(\.description))
-        let restricted = !readyEPs.isEmpty && readyEPs.contains { !usable.contains($0.description) }
-        if let unhinted = readyEPs.first(where: { $0.zoneHints.isEmpty && $0.nodeHints.isEmpty }) {
-            out.topology = "requested, not used: ready endpoint \(unhinted) has no hints"
-        } else if restricted {
-            out.topology = "used: endpoints hinted for node \(node.nodeName)" + (zone.map { " or zone \($0)" } ?? "")
-        } else {
-            out.topology = "requested; every ready endpoint is usable from node \(node.nodeName)" + (zone.map { " (zone \($0))" } ?? "")
-        }
+        out.topology = "hints on every ready endpoint; all of them are usable from node \(node.nodeName)" + (zone.map { " (zone \($0))" } ?? "")
     }
     if let t = svc.stickyTimeoutSeconds {
         out.affinity = "ClientIP for \(t) s: a client that connected within that time returns to the same endpoint"
@@ -248,7 +265,7 @@ public func explainModel(_ packet: ProbePacket, state: ProxyState, node: NodeCon
         }
         reasons.append(ep.isLocal ? "on this node" : "on another node")
         if useLocal && !ep.isLocal && (ep.ready || ep.serving) { reasons.append("left out: traffic policy Local uses only this node's endpoints") }
-        if svc.usesTopologyHints && !useLocal && ep.ready {
+        if out.topology?.hasPrefix("used") == true && !useLocal && ep.ready {
             let hints = (ep.nodeHints.isEmpty ? "" : "node hints \(ep.nodeHints.sorted())") + (ep.zoneHints.isEmpty ? "" : " zone hints \(ep.zoneHints.sorted())")
             if !selected && cat.cluster.contains(where: \.ready) {
                 reasons.append("left out by topology: \(hints.trimmingASCIIWhitespace()) do not include node \(node.nodeName)" + (zone.map { " / zone \($0)" } ?? ""))
@@ -285,6 +302,13 @@ public func explainModel(_ packet: ProbePacket, state: ProxyState, node: NodeCon
         if node.masqueradeAll {
             masq = true
             out.masqueradeReasons.append("--masquerade-all: every packet to a cluster IP is masqueraded")
+        } else if let iface = node.localInterface {
+            masq = !fromPod
+            if packet.inInterface == nil && !packet.fromNode {
+                out.masqueradeReasons.append("local pods are told by interface \(iface.iptablesName) and the arrival interface is unknown (--in-interface): assumed not from a pod, masqueraded")
+            } else {
+                out.masqueradeReasons.append(masq ? "not arriving on \(iface.iptablesName): masqueraded" : "arriving on \(iface.iptablesName), a local pod: not masqueraded")
+            }
         } else if let detector, let s = source {
             masq = !detector.contains(s)
             out.masqueradeReasons.append(masq ? "source \(s) is outside the cluster CIDR \(detector): masqueraded so replies come back through the node"

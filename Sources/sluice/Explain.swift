@@ -32,6 +32,9 @@ struct Explain: AsyncParsableCommand {
     @Option(help: ArgumentHelp("The packet's source address (default: the node itself).", valueName: "ip"))
     var from: String?
 
+    @Option(help: ArgumentHelp("The interface the packet arrives on (for --detect-local-mode BridgeInterface or InterfaceNamePrefix).", valueName: "name"))
+    var inInterface: String?
+
     @Flag(help: "Trace the rules the kernel holds now instead of the compiled ones.")
     var kernel = false
 
@@ -42,8 +45,10 @@ struct Explain: AsyncParsableCommand {
     var destination: String
 
     func run() async throws {
-        let options = try self.options.resolved()
+        var options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
+        // The back end the proxy itself picks on this host (`auto`: the one holding the rules).
+        options.iptablesBackend = await chooseIPTablesBackend(options.iptablesBackend, logger: logger)
         let (dst, port, proto): (IPAddress, Int, TransportProtocol)
         do {
             (dst, port, proto) = try ProbePacket.parseDestination(destination)
@@ -63,7 +68,7 @@ struct Explain: AsyncParsableCommand {
         let local = Set(LocalAddresses.current() + node.nodeIPs)
         let fromNode = source.map { local.contains($0) || $0.isLoopback } ?? true
         let packet = ProbePacket(source: source ?? node.nodeIPs.first { $0.family == dst.family }, fromNode: fromNode,
-                                 destination: dst, port: port, proto: proto)
+                                 destination: dst, port: port, proto: proto, inInterface: inInterface)
         var report = ExplainReport(packet: packet, mode: options.proxyMode.rawValue, rules: kernel ? "kernel" : "compiled",
                                    model: explainModel(packet, state: state, node: node, localAddresses: local,
                                                        localFallsBackToCluster: options.proxyMode == .ipvs))

@@ -28,8 +28,10 @@ struct Diff: AsyncParsableCommand {
     var output: ReportFormat = .text
 
     func run() async throws {
-        let options = try self.options.resolved()
+        var options = try self.options.resolved()
         let logger = makeLogger(verbosity: options.v)
+        // The back end the proxy itself picks on this host (`auto`: the one holding the rules).
+        options.iptablesBackend = await chooseIPTablesBackend(options.iptablesBackend, logger: logger)
         let loaded = try await loadDesiredState(options: options, logger: logger)
         var tracker = loaded.tracker
         let families = options.proxyMode == .userspace ? [IPFamily.ipv4] : loaded.node.families

@@ -187,6 +187,14 @@ private func splitEndpointIP(_ text: String) -> IPAddress? {
         #expect(model.topology?.hasPrefix("used") == true)
         let trace = IPTablesTracer(compiled: IPTablesCompiler(options: options).compile(state), localAddresses: local).trace(p)
         #expect(Set(trace.endpointProbabilities.keys) == ["10.1.0.1:8080"])
+
+        // kube-proxy 1.34 follows hints whatever the Service asks; the reason says so either way.
+        let unannotated = try Fixtures.state(yaml.replacingOccurrences(of: ", annotations: {service.kubernetes.io/topology-mode: Auto}", with: ""))
+        let m2 = explainModel(p, state: unannotated, node: options.node, localAddresses: local)
+        let selected2 = Set(m2.endpoints.filter(\.selected).map(\.address))
+        let traced2 = Set(IPTablesTracer(compiled: IPTablesCompiler(options: options).compile(unannotated), localAddresses: local).trace(p).endpointProbabilities.keys)
+        #expect(selected2 == traced2)
+        #expect((m2.topology?.hasPrefix("used") == true) == (selected2.count == 1), "\(String(describing: m2.topology)) \(selected2)")
     }
 }
 
@@ -285,5 +293,29 @@ private func splitEndpointIP(_ text: String) -> IPAddress? {
         #expect(items.contains { $0.kind == .extra && $0.object == "nat chain KUBE-SVC-STALE0000000000" })
         #expect(items.contains { $0.kind == .missing && $0.object == "nat POSTROUTING jump rule" })
         #expect(items.count == 3)
+    }
+}
+
+@Suite struct InterfaceDetectionTests {
+    /// With --detect-local-mode BridgeInterface the rules tell pods by `-i cbr0`: the tracer
+    /// evaluates it from --in-interface, and agrees with the model on masquerade.
+    @Test func bridgeInterfaceDecidesMasquerade() throws {
+        var node = Fixtures.kubeProxyTestNode
+        node.localInterface = .bridge("cbr0")
+        var o = options
+        o.node = node
+        let state = try Fixtures.state(overallYAML())
+        let tracer = IPTablesTracer(compiled: IPTablesCompiler(options: o).compile(state), localAddresses: local)
+        for (iface, masq) in [("cbr0", false), ("eth0", true)] {
+            let p = ProbePacket(source: IPAddress("10.0.0.5")!, fromNode: false, destination: IPAddress("172.30.0.41")!, port: 80,
+                                proto: .tcp, inInterface: iface)
+            let trace = tracer.trace(p)
+            let model = explainModel(p, state: state, node: node, localAddresses: local)
+            #expect(trace.paths.map(\.masquerade) == [masq], "\(iface): \(trace.paths) \(trace.notes)")
+            #expect(model.masquerade == masq, "\(iface): \(model.masqueradeReasons)")
+        }
+        // Unknown arrival interface: said, not guessed silently.
+        let p = ProbePacket(source: IPAddress("10.0.0.5")!, fromNode: false, destination: IPAddress("172.30.0.41")!, port: 80, proto: .tcp)
+        #expect(tracer.trace(p).notes.contains { $0.contains("--in-interface") })
     }
 }

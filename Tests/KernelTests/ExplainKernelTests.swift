@@ -306,3 +306,41 @@ struct ExplainKernelTests {
         }
     }
 }
+
+/// `sluice explain --output json` and `sluice diff --output json` keep the fields
+/// docs/explain-diff.md documents (a rename breaks this test, not a user's script).
+@Suite("explain and diff JSON")
+struct ExplainJSONFormatTests {
+    private var root: String { TestBed.findPackageRoot(from: #filePath) ?? "." }
+
+    private func sluice(_ args: [String]) async -> CommandOutput {
+        let bin = ProcessInfo.processInfo.environment["SLUICE_BIN"].flatMap { $0.isEmpty ? nil : $0 } ?? "\(root)/.build/debug/sluice"
+        return await Subprocess.run([bin] + args)
+    }
+
+    @Test func explainJSONHasTheDocumentedFields() async throws {
+        let out = await sluice(["explain", "--manifests", "\(root)/examples", "--hostname-override", "demo-node", "--node-ip", "192.168.50.1",
+                                "--cluster-cidr", "10.244.0.0/16", "--output", "json", "--from", "10.244.1.10", "10.96.0.10:80"])
+        #expect(out.succeeded, "\(out)")
+        let doc = try #require(try JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [String: Any])
+        #expect(Set(doc.keys) == ["version", "packet", "mode", "rules", "model", "verdict", "masquerade", "paths", "notes"], "\(doc.keys)")
+        #expect(doc["version"] as? Int == 1 && doc["verdict"] as? String == "forwarded" && doc["rules"] as? String == "compiled")
+        let packet = try #require(doc["packet"] as? [String: Any])
+        #expect(Set(packet.keys) == ["source", "fromNode", "destination", "port", "protocol"])
+        let model = try #require(doc["model"] as? [String: Any])
+        let hit = try #require((model["hits"] as? [[String: Any]])?.first)
+        #expect(Set(hit.keys) == ["servicePort", "kind", "address", "servicePortNumber", "protocol"])
+        let endpoint = try #require((model["endpoints"] as? [[String: Any]])?.first)
+        #expect(Set(endpoint.keys) == ["address", "local", "ready", "serving", "terminating", "selected", "reasons", "probability"])
+        let path = try #require((doc["paths"] as? [[String: Any]])?.first)
+        #expect(Set(path.keys) == ["probability", "verdict", "endpoint", "masquerade", "steps"])
+        let step = try #require((path["steps"] as? [[String: Any]])?.first)
+        #expect(Set(step.keys) == ["location", "rule", "action"])
+
+        let docs = try String(contentsOfFile: "\(root)/docs/explain-diff.md", encoding: .utf8)
+        for key in Set(doc.keys).union(packet.keys).union(model.keys).union(hit.keys).union(endpoint.keys).union(path.keys).union(step.keys) {
+            let forms = ["`\(key)`", "`\(key)[]`", "`model.\(key)`", "`model.\(key)[]`", "`\(key).", "(`\(key)`"]
+            #expect(forms.contains { docs.contains($0) }, "docs/explain-diff.md does not document \(key)")
+        }
+    }
+}
