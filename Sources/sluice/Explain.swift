@@ -133,6 +133,9 @@ struct Explain: AsyncParsableCommand {
             } catch {
                 throw SluiceExit("\(error)")
             }
+        case .nftables:
+            // No nftables tracer yet: the model's answer (Service, endpoints, masquerade) stands alone.
+            return nil
         }
     }
 }

@@ -103,7 +103,8 @@ func makeDriftChecker(options: ProxyOptions, node: NodeConfig, family: IPFamily)
         guard family == .ipv4, let nodeIP = node.nodeIPs.first(where: { $0.family == .ipv4 }) else { return nil }
         return UserspaceDriftChecker(nodeIP: nodeIP, nodeName: node.nodeName,
                                      tools: IPTablesTools(variant: options.iptablesBackend, family: family), runner: ProcessRunner())
-    case .ipvs:
+    case .ipvs, .nftables:
+        // IPVS is handled above; nftables has no drift checker yet.
         return nil
     }
 }
