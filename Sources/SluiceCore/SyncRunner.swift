@@ -204,7 +204,12 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
         pendingServiceKeys = []
         pendingEndpointChanges = 0
         if full { state.changedServices = Set(state.servicePorts.keys.map(\.service)).union(state.changedServices) }
+        // Everything this sync consumes is taken before the await: the actor is reentrant, so a
+        // full-sync request or a node-label change that arrives while the backend works sets
+        // the flags again and is served by the next sync instead of being cleared afterwards.
         pendingChange = false
+        needFullSync = false
+        if full { tracker.acknowledgeNodeLabels() }
         lastSync = now
         do {
             let report = try await backend.sync(state, full: full)
@@ -213,12 +218,10 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
             if full {
                 counters.fullSyncs += 1
                 lastFullSync = now
-                tracker.acknowledgeNodeLabels()
             }
             counters.serviceChangesTotal += changes
             counters.lastReport = report
             counters.lastError = nil
-            needFullSync = false
             retryAt = nil
             consecutiveFailures = 0
             logger.info("\(full ? "full" : "partial") sync: \(state.servicePorts.count) service ports, \(changes) changed, \(report.bytes) bytes")
