@@ -100,4 +100,33 @@ private func yieldUntil(_ condition: () async -> Bool) async {
         let syncs = await backend.syncs
         #expect(syncs == [true, true])
     }
+
+    @Test func aSyncThatRunsLongLogsAWarningUntilItEnds() async {
+        let backend = GatedBackend()
+        let clock = ManualClock()
+        let capture = LogCapture()
+        let runner = SyncRunner(tracker: ChangeTracker(nodeName: "node-a"), backend: backend,
+                                timing: SyncTiming(slowSyncWarning: .seconds(10)), clock: clock, logger: capture.logger())
+        await runner.handle(.synced)
+        await backend.holdNext()
+        let inFlight = Task { await runner.syncOnce() }
+        await yieldUntil { await backend.inside == 1 }
+        await yieldUntil { clock.sleeperCount == 1 }
+        #expect(!capture.contains("still running"))
+        clock.advance(by: .seconds(10))
+        for _ in 0..<20_000 where !capture.contains("still running after 10s") { await Task.yield() }
+        #expect(capture.contains("full gated sync still running after 10s"))
+        await yieldUntil { clock.sleeperCount == 1 }
+        clock.advance(by: .seconds(10))
+        for _ in 0..<20_000 where !capture.contains("still running after 20s") { await Task.yield() }
+        #expect(capture.contains("still running after 20s"))
+        await backend.open()
+        await inFlight.value
+        // Ended: the watchdog is gone and says nothing more.
+        await yieldUntil { clock.sleeperCount == 0 }
+        #expect(clock.sleeperCount == 0)
+        clock.advance(by: .seconds(30))
+        for _ in 0..<300 { await Task.yield() }
+        #expect(!capture.contains("still running after 30s"))
+    }
 }
