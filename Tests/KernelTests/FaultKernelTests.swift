@@ -1,5 +1,5 @@
 // Faults against the real process in network namespaces: a flush of the nat rules (the
-// canary chains survive it).
+// canary chains survive it), hostile HTTP clients on the health port.
 
 import Foundation
 import IPTables
@@ -38,6 +38,74 @@ import Testing
             let nat = try await bed.save(.nat)
             #expect(nat.contains("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"), "\(nat)")
             expectAnswered(try await bed.request(from: bed.clientNS, .tcp, web.clusterTarget(), count: 10), count: 10, "after the repair", bed)
+        }
+    }
+
+    /// A hostile client: `count` connections to `target`, each sending a request line and then
+    /// one header line every second, reconnecting whatever the server closes. It prints how
+    /// many connections the server closed, every 5 s.
+    private static let tricklingClient = """
+        import socket, sys, time
+        host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        conns, closed, last = [], 0, time.time()
+        def connect():
+            s = socket.socket(); s.settimeout(2)
+            try:
+                s.connect((host, port)); s.sendall(b"GET /healthz HTTP/1.1\\r\\n"); return s
+            except OSError:
+                s.close(); return None
+        while True:
+            conns = [c for c in conns if c is not None]
+            while len(conns) < count:
+                c = connect()
+                if c is None: break
+                conns.append(c)
+            time.sleep(1)
+            alive = []
+            for c in conns:
+                try:
+                    c.sendall(b"X-Trickle: a\\r\\n"); alive.append(c)
+                except OSError:
+                    closed += 1; c.close()
+            conns = alive
+            if time.time() - last > 5:
+                print("closed", closed, "open", len(conns), flush=True); last = time.time()
+        """
+
+    @Test("200 trickling clients on the health port: /healthz still answers and changes still sync")
+    func hostileHealthClients() async throws {
+        try await TestBed.with(.init(label: "hc")) { bed in
+            let web = webService()
+            try bed.writeManifest("web.yaml", web.yaml)
+            let sluice = try bed.startSluice(syncPeriod: "10m")
+            try await bed.waitForServices([web.portName(), web.portName("dns")])
+            // An open-file limit low enough that 200 held connections would exhaust it.
+            let limit = await bed.exec(bed.nodeNS, ["prlimit", "--pid", "\(sluice.pid)", "--nofile=512:512"])
+            try #require(limit.succeeded, "\(limit)")
+
+            let hostile = try bed.startBackground(in: bed.clientNS, name: "trickle",
+                                                  [bed.python, "-c", Self.tricklingClient, TestNet.clientGateway, "10256", "200"])
+            defer { hostile.send(SIGKILL) }
+            // Long enough for the request timeout (10 s) to close the first wave.
+            try await Task.sleep(for: .seconds(14))
+            #expect(hostile.isRunning, "the hostile client died: \(hostile.logTail())")
+
+            // /healthz answers a well-behaved client (from the node, another address).
+            let probe = await bed.exec(bed.nodeNS, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+                                                    "http://127.0.0.1:10256/healthz"])
+            #expect(probe.stdout == "200", "healthz: \(probe)\n\(sluice.logTail())")
+            // A manifest change is still synced, and traffic follows it.
+            let web2 = webService(name: "web2", clusterIP: "10.96.0.20")
+            try bed.writeManifest("web2.yaml", web2.yaml)
+            try await bed.waitForServices([web2.portName()], timeout: .seconds(20))
+            expectAnswered(try await bed.request(from: bed.clientNS, .tcp, web2.clusterTarget(), count: 5), count: 5, "web2 after the flood", bed)
+            let log = sluice.log()
+            #expect(log.contains("healthz: closing new connections"), "no refusal logged:\n\(sluice.logTail())")
+            #expect(!log.contains("missing from the"), "a false canary alarm:\n\(sluice.logTail())")
+            #expect(!log.contains("Too many open files"), "\(sluice.logTail())")
+            let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(sluice.pid)/fd").count) ?? 0
+            #expect(fds > 0 && fds < 512 - 128, "sluice holds \(fds) descriptors")
+            print("hostile client: \(hostile.logTail(1)); sluice descriptors: \(fds)")
         }
     }
 }
