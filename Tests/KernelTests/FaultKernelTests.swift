@@ -1,5 +1,6 @@
 // Faults against the real process in network namespaces: a flush of the nat rules (the
-// canary chains survive it), hostile HTTP clients on the health port.
+// canary chains survive it), hostile HTTP clients on the health port, a manifest rewritten in
+// place.
 
 import Foundation
 import IPTables
@@ -106,6 +107,40 @@ import Testing
             let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(sluice.pid)/fd").count) ?? 0
             #expect(fds > 0 && fds < 512 - 128, "sluice holds \(fds) descriptors")
             print("hostile client: \(hostile.logTail(1)); sluice descriptors: \(fds)")
+        }
+    }
+
+    @Test("A manifest rewritten in place (truncate, then write) never deletes its Service")
+    func inPlaceRewriteKeepsTheService() async throws {
+        try await TestBed.with(.init(label: "rw")) { bed in
+            let web = webService()
+            try bed.writeManifest("web.yaml", web.yaml)
+            let sluice = try bed.startSluice(syncPeriod: "10m")
+            try await bed.waitForServices([web.portName(), web.portName("dns")])
+            let path = bed.manifestDir + "/web.yaml"
+            // Requests every 50 ms while the file is rewritten in place five times, each time
+            // empty for 150 ms (`: > web.yaml; ...; cat full > web.yaml`).
+            let client = try bed.startClient(from: bed.clientNS, .tcp, web.clusterTarget(), count: 80, interval: 0.05)
+            for _ in 0..<5 {
+                try Data().write(to: URL(fileURLWithPath: path))
+                try await Task.sleep(for: .milliseconds(150))
+                try Data(web.yaml.utf8).write(to: URL(fileURLWithPath: path))
+                try await Task.sleep(for: .milliseconds(600))
+            }
+            _ = await client.waitForExit(timeout: .seconds(60))
+            let result = ClientResult(log: client)
+            expectAnswered(result, count: 80, "requests during the in-place rewrites", bed)
+            let nat = try await bed.save(.nat)
+            #expect(nat.contains(web.portName()), "the Service's rules are gone:\n\(sluice.logTail())")
+
+            // An empty file that stays empty is a real deletion.
+            try Data().write(to: URL(fileURLWithPath: path))
+            var deleted = false
+            for _ in 0..<50 where !deleted {
+                try await Task.sleep(for: .milliseconds(200))
+                deleted = !(try await bed.save(.nat)).contains(web.portName())
+            }
+            #expect(deleted, "an empty file that settled did not delete the Service\n\(sluice.logTail())")
         }
     }
 }
