@@ -143,4 +143,45 @@ import Testing
             #expect(deleted, "an empty file that settled did not delete the Service\n\(sluice.logTail())")
         }
     }
+
+    @Test("SIGHUP resyncs and keeps running; SIGQUIT logs and exits 131 leaving the rules; an IPv6-only Service is logged")
+    func hupAndQuit() async throws {
+        try await TestBed.with(.init(label: "sg")) { bed in
+            let web = webService()
+            try bed.writeManifest("web.yaml", web.yaml)
+            // This node proxies IPv4 only.
+            try bed.writeManifest("v6.yaml", """
+                apiVersion: v1
+                kind: Service
+                metadata: {name: only-v6, namespace: kt}
+                spec:
+                  clusterIP: fd00:96::10
+                  clusterIPs: [fd00:96::10]
+                  ipFamilies: [IPv6]
+                  ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080}]
+                """)
+            let sluice = try bed.startSluice(syncPeriod: "10m")
+            try await bed.waitForServices([web.portName(), web.portName("dns")])
+            #expect(sluice.log().contains("service kt/only-v6 has only IPv6 cluster IPs (fd00:96::10) and this node proxies IPv4 only"),
+                    "\(sluice.logTail())")
+            let fullBefore = sluice.log().components(separatedBy: "full sync:").count
+            sluice.send(SIGHUP)
+            var resynced = false
+            for _ in 0..<50 where !resynced {
+                try await Task.sleep(for: .milliseconds(200))
+                resynced = sluice.log().components(separatedBy: "full sync:").count > fullBefore
+            }
+            #expect(sluice.log().contains("received SIGHUP"), "\(sluice.logTail())")
+            #expect(resynced, "no full sync after SIGHUP\n\(sluice.logTail())")
+            #expect(sluice.isRunning)
+            expectAnswered(try await bed.request(from: bed.clientNS, .tcp, web.clusterTarget(), count: 3), count: 3, "after SIGHUP", bed)
+
+            sluice.send(SIGQUIT)
+            let status = await sluice.waitForExit(timeout: .seconds(10))
+            #expect(status == 131, "exit status \(String(describing: status))\n\(sluice.logTail())")
+            #expect(sluice.log().contains("received SIGQUIT: exiting now"), "\(sluice.logTail())")
+            expectAnswered(try await bed.request(from: bed.clientNS, .tcp, web.clusterTarget(), count: 3), count: 3, "after SIGQUIT", bed)
+        }
+    }
 }
+
