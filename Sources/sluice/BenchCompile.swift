@@ -71,7 +71,8 @@ struct BenchCompile: AsyncParsableCommand {
         ipvsOptions.localAddresses = Set(node.nodeIPs)
         let ipvsCompiler = IPVSCompiler(options: ipvsOptions)
         let ipvsMode = options.proxyMode == .ipvs
-        let source = ManifestDirectorySource(directory: dir, logger: logger) { logger.error("\($0.description); skipped") }
+        // Each step's files are complete before the harness asks for the step: no settling.
+        let source = ManifestDirectorySource(directory: dir, settle: .zero, logger: logger) { logger.error("\($0.description); skipped") }
         var tracker = ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName)
         var snapshot = ManifestDirectorySource.Snapshot()
         var known: Set<String> = []

@@ -30,7 +30,7 @@ private struct FakeTools {
 
     func hang(_ on: Bool) {
         if on {
-            FileManager.default.createFile(atPath: dir + "/hang", contents: nil)
+            _ = FileManager.default.createFile(atPath: dir + "/hang", contents: nil)
         } else {
             try? FileManager.default.removeItem(atPath: dir + "/hang")
         }
