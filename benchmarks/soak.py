@@ -21,6 +21,7 @@ namespace it creates, which is deleted on exit or Ctrl-C.
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import sys
@@ -87,14 +88,18 @@ def slope_per_hour(points):
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den * 3600
 
 
-def panel(x0, y0, w, h, title, unit, points, color, fmt):
-    """One linear time-series panel: points [(minutes, value)]."""
+def panel(x0, y0, w, h, title, unit, points, color, fmt, clip=None):
+    """One linear time-series panel: points [(minutes, value)]; values above `clip` are
+    drawn at the top edge (their count is noted)."""
     out = [f'<text x="{x0}" y="{y0 - 8}" font-size="13" font-weight="bold">{escape(title)}</text>',
            f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#444"/>']
     pts = [(x, y) for x, y in points if y is not None]
     if not pts:
         return out + [f'<text x="{x0 + w / 2}" y="{y0 + h / 2}" text-anchor="middle">no data</text>']
     xmax = max(x for x, _ in pts) or 1
+    clipped = sum(1 for _, y in pts if clip is not None and y > clip)
+    if clip is not None:
+        pts = [(x, min(y, clip)) for x, y in pts]
     ymin, ymax = min(y for _, y in pts), max(y for _, y in pts)
     lo = 0 if ymin >= 0 else ymin
     hi = ymax * 1.1 if ymax > 0 else 1
@@ -111,6 +116,9 @@ def panel(x0, y0, w, h, title, unit, points, color, fmt):
                     for j, (x, y) in enumerate(pts))
     out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
     out.append(f'<text x="{x0 + w + 8}" y="{y0 + 14}" font-size="11" fill="#555">{escape(unit)}</text>')
+    if clipped:
+        out.append(f'<text x="{x0 + w + 8}" y="{y0 + 30}" font-size="10" fill="#555">{clipped} above,</text>')
+        out.append(f'<text x="{x0 + w + 8}" y="{y0 + 43}" font-size="10" fill="#555">drawn at top</text>')
     return out
 
 
@@ -125,8 +133,10 @@ def plot(rows, title):
                  list(zip(t, [r["rss_kib"] / 1024 if r["rss_kib"] else None for r in rows])), "#1f77b4", lambda v: f"{v:.0f}")
     out += panel(70, 270, 660, 160, "Open file descriptors", "count",
                  list(zip(t, [r["fds"] for r in rows])), "#2ca02c", lambda v: f"{v:.0f}")
+    lat = sorted(r["sync_mean_ms"] for r in rows if r["sync_mean_ms"] is not None)
+    clip = lat[int(len(lat) * 0.98)] if len(lat) >= 50 else None
     out += panel(70, 480, 660, 160, "Mean sync duration per sample window", "ms",
-                 list(zip(t, [r["sync_mean_ms"] for r in rows])), "#d62728", lambda v: f"{v:.1f}")
+                 list(zip(t, [r["sync_mean_ms"] for r in rows])), "#d62728", lambda v: f"{v:.0f}", clip=clip)
     out.append("</svg>")
     return "\n".join(out)
 
@@ -137,14 +147,21 @@ def service_file(i, endpoints, generation):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sluice", required=True)
+    ap.add_argument("--sluice", help="the sluice binary (required unless --report-only)")
     ap.add_argument("--duration", type=float, default=1800)
     ap.add_argument("--services", type=int, default=500)
     ap.add_argument("--endpoints", type=int, default=2)
     ap.add_argument("--churn-interval", type=float, default=0.1)
     ap.add_argument("--sample-interval", type=float, default=10)
     ap.add_argument("--out", default="benchmarks/results/soak")
+    ap.add_argument("--report-only", action="store_true", help="write report.md and soak.svg again from --out's samples.csv and meta.json")
     args = ap.parse_args()
+    if args.report_only:
+        with open(os.path.join(args.out, "meta.json")) as f:
+            write_report(args.out, read_rows(args.out), json.load(f))
+        return
+    if not args.sluice:
+        ap.error("--sluice is required")
     if os.geteuid() != 0:
         sys.exit("soak.py needs root (a network namespace and iptables)")
     sluice = os.path.abspath(args.sluice)
@@ -232,20 +249,42 @@ def main():
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
+    meta = {"sluice": sluice, "services": args.services, "churn_interval": args.churn_interval, "duration": args.duration,
+            "sample_interval": args.sample_interval, "churns": churns,
+            "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX")}
+    with open(os.path.join(args.out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    write_report(args.out, rows, meta)
+
+
+def read_rows(out):
+    def num(v):
+        if v in ("", "None", None):
+            return None
+        return float(v) if "." in v else int(v)
+    with open(os.path.join(out, "samples.csv")) as f:
+        return [{k: num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def write_report(out, rows, meta):
+    sluice, churns = meta["sluice"], meta["churns"]
     rss = [(r["elapsed_s"], r["rss_kib"] / 1024) for r in rows if r["rss_kib"]]
     half = len(rss) // 2
     first, second = slope_per_hour(rss[:half]), slope_per_hour(rss[half:])
     fds = [r["fds"] for r in rows if r["fds"] is not None]
     lat = [r["sync_mean_ms"] for r in rows if r["sync_mean_ms"] is not None]
     fmt = lambda v: "n/a" if v is None else f"{v:+.1f}"  # noqa: E731
-    span = f"{args.duration / 60:.0f} min" if args.duration >= 120 else f"{args.duration:.0f} s"
-    title = f"Soak: {args.services} Services, 1 endpoint change / {args.churn_interval:g} s, {span}"
-    with open(os.path.join(args.out, "soak.svg"), "w") as f:
+    span = f"{meta['duration'] / 60:.0f} min" if meta["duration"] >= 120 else f"{meta['duration']:.0f} s"
+    title = f"Soak: {meta['services']} Services, 1 endpoint change / {meta['churn_interval']:g} s, {span}"
+    with open(os.path.join(out, "soak.svg"), "w") as f:
         f.write(plot(rows, title))
     report = [
         f"# {title}",
         "",
-        f"sluice `{sluice}`; {churns} endpoint changes; {len(rows)} samples every {args.sample_interval:g} s.",
+        f"sluice `{sluice}`; {churns} endpoint changes; {len(rows)} samples every {meta['sample_interval']:g} s"
+        + (f"; MALLOC_ARENA_MAX={meta['malloc_arena_max']} in its environment" if meta.get("malloc_arena_max") else "") + ".",
+        "",
+        meta.get("note", ""),
         "",
         "| | first sample | last sample | peak |",
         "|---|---|---|---|",
@@ -260,7 +299,7 @@ def main():
         "![soak](soak.svg)",
         "",
     ]
-    with open(os.path.join(args.out, "report.md"), "w") as f:
+    with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(report))
     print("\n".join(report))
 
