@@ -95,8 +95,14 @@ public struct HTTPServerLimits: Sendable, Hashable {
     public var idleTimeout: Duration
     /// Open connections per server; further ones are closed on accept.
     public var maxConnections: Int
-    /// Open connections per server from one client address.
+    /// Open connections per server from one client address (loopback clients excepted, see
+    /// `capLoopbackClients`).
     public var maxConnectionsPerClient: Int
+    /// Whether the per-client cap applies to loopback clients too. Off by default: a local
+    /// scraper may open hundreds of connections at once (the metrics server listens on
+    /// 127.0.0.1), and a local process can exhaust descriptors by other means anyway; the
+    /// server cap and the descriptor reserve still apply.
+    public var capLoopbackClients: Bool
     /// Bytes one request (head and body) may take; a larger one closes the connection.
     public var maxRequestBytes: Int
     /// Descriptors kept free for everything else: a connection is closed on accept when the
@@ -108,11 +114,13 @@ public struct HTTPServerLimits: Sendable, Hashable {
 
     /// Creates limits.
     public init(requestTimeout: Duration = .seconds(10), idleTimeout: Duration = .seconds(60), maxConnections: Int = 512,
-                maxConnectionsPerClient: Int = 64, maxRequestBytes: Int = 16 * 1024, descriptorReserve: Int = 256, backlog: Int32 = 4096) {
+                maxConnectionsPerClient: Int = 64, capLoopbackClients: Bool = false, maxRequestBytes: Int = 16 * 1024,
+                descriptorReserve: Int = 256, backlog: Int32 = 4096) {
         self.requestTimeout = requestTimeout
         self.idleTimeout = idleTimeout
         self.maxConnections = maxConnections
         self.maxConnectionsPerClient = maxConnectionsPerClient
+        self.capLoopbackClients = capLoopbackClients
         self.maxRequestBytes = maxRequestBytes
         self.descriptorReserve = descriptorReserve
         self.backlog = backlog
@@ -168,7 +176,9 @@ final class ConnectionTable: Sendable {
         let refusal: ConnectionRefusal? = state.withLock { s in
             if s.total >= limits.maxConnections { return .serverFull(s.total) }
             let mine = s.byClient[client, default: 0]
-            if mine >= limits.maxConnectionsPerClient { return .clientFull(client, mine) }
+            if mine >= limits.maxConnectionsPerClient && (limits.capLoopbackClients || !ConnectionTable.isLoopback(client)) {
+                return .clientFull(client, mine)
+            }
             if !DescriptorBudget.hasRoom(reserve: limits.descriptorReserve) { return .descriptorReserve(limits.descriptorReserve) }
             s.total += 1
             s.byClient[client] = mine + 1
@@ -185,6 +195,11 @@ final class ConnectionTable: Sendable {
             if shouldLog { logger.warning("\(purpose): closing new connections (\(refusal)); \(refused) refused so far") }
         }
         return refusal
+    }
+
+    /// 127.0.0.0/8, ::1, and IPv4 loopback mapped into IPv6 (a dual-stack listener's view).
+    static func isLoopback(_ client: String) -> Bool {
+        client.hasPrefix("127.") || client == "::1" || client.lowercased().hasPrefix("::ffff:127.")
     }
 
     /// Frees `client`'s slot.

@@ -138,7 +138,9 @@ private func server(_ limits: HTTPServerLimits) async throws -> HTTPServer {
     }
 
     @Test func connectionsPastTheCapAreClosedAndTheServerStillAnswersOthers() async throws {
-        let s = try await server(HTTPServerLimits(requestTimeout: .seconds(60), maxConnections: 100, maxConnectionsPerClient: 4))
+        // The test's client is on loopback, which the per-client cap spares unless told otherwise.
+        let s = try await server(HTTPServerLimits(requestTimeout: .seconds(60), maxConnections: 100, maxConnectionsPerClient: 4,
+                                                  capLoopbackClients: true))
         defer { Task { await s.close() } }
         let port = s.port
         var held: [RawConnection?] = try (0..<4).map { _ in try RawConnection(port: port) }
@@ -174,5 +176,19 @@ private func server(_ limits: HTTPServerLimits) async throws -> HTTPServer {
         let t = try await server(HTTPServerLimits(descriptorReserve: 16))
         defer { Task { await t.close() } }
         #expect(try await httpGet(port: t.port, path: "/healthz").status == 200)
+    }
+
+    @Test func loopbackClientsAreSparedThePerClientCapButNotTheServerCap() async throws {
+        let s = try await server(HTTPServerLimits(requestTimeout: .seconds(60), maxConnections: 6, maxConnectionsPerClient: 2))
+        defer { Task { await s.close() } }
+        let port = s.port
+        let held = try (0..<6).map { _ in try RawConnection(port: port) }
+        for _ in 0..<200 where s.openConnections < 6 { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(s.openConnections == 6)
+        #expect(s.refusedConnections == 0)
+        let extra = try RawConnection(port: port)
+        #expect(await blocking { extra.closedByPeer(within: 10) })
+        #expect(s.refusedConnections == 1)
+        #expect(held.count == 6)
     }
 }
