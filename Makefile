@@ -9,7 +9,7 @@ PYTHON = /usr/bin/python3
 # Test suites that need IPVS and dummy devices: they run inside user-mode Linux.
 UML_TESTS = IPVSKernelTests|IPVSClientKernelTests|ExplainIPVSKernelTests
 
-.PHONY: deps build demo test uml-test unit-test kernel-test compile-example clean release bench bench-smoke
+.PHONY: deps build demo test uml-test unit-test kernel-test compile-example clean release bench bench-smoke soak
 
 # Install the Debian packages the build and the tests need (once per machine).
 deps:
@@ -60,6 +60,12 @@ bench: release
 # the report goes to benchmarks/results/smoke/ (not committed).
 bench-smoke: build
 	$(PYTHON) benchmarks/bench.py --plan smoke --sluice $(or $(SLUICE),$(BIN)) --out benchmarks/results/smoke $(BENCH_FLAGS)
+
+# Soak (as root; not part of `make test`): 30 minutes of endpoint churn against the release
+# build, sampling RSS, descriptors and sync latency; SOAK_SECONDS shortens it. Report and plot
+# in benchmarks/results/soak/.
+soak: release
+	$(PYTHON) benchmarks/soak.py --sluice $(RELEASE_BIN) --duration $(or $(SOAK_SECONDS),1800) --out benchmarks/results/soak
 
 clean:
 	rm -rf .build $(RELEASE_SCRATCH)

@@ -121,6 +121,10 @@ public actor IPVSBackend: ProxyBackend {
     }
 
     private var draining: [DrainKey: Drain] = [:]
+    /// A sync or a reap is running (from start to end, across its awaits).
+    private var turnHeld = false
+    /// Syncs and reaps waiting for the turn, first come first served.
+    private var turnWaiters: [CheckedContinuation<Void, Never>] = []
     private var lastRestore: String?
     /// Writes so far.
     public private(set) var counters = IPVSWriteCounters()
@@ -156,9 +160,35 @@ public actor IPVSBackend: ProxyBackend {
 
     public func externalChangeDetected() async -> Bool { false }
 
+    /// Waits until no sync or reap is running, then holds the turn. The actor releases its
+    /// isolation at every `await`; the turn keeps a second multi-step operation out until
+    /// the first ends.
+    private func acquireTurn() async {
+        if !turnHeld {
+            turnHeld = true
+            return
+        }
+        await withCheckedContinuation { turnWaiters.append($0) }
+    }
+
+    /// Passes the turn to the next waiter, or frees it.
+    private func releaseTurn() {
+        if turnWaiters.isEmpty {
+            turnHeld = false
+        } else {
+            turnWaiters.removeFirst().resume()
+        }
+    }
+
     // MARK: Sync
 
     public func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+        await acquireTurn()
+        defer { releaseTurn() }
+        return try await syncExclusively(state, full: full)
+    }
+
+    private func syncExclusively(_ state: ProxyState, full: Bool) async throws -> SyncReport {
         let before = counters
         var failures: [String] = []
         let family = config.options.family
@@ -198,7 +228,7 @@ public actor IPVSBackend: ProxyBackend {
         }
 
         // Drained real servers whose connections are gone.
-        try await reapDraining()
+        try await reapExclusively()
 
         lastSyncWrites = counters.since(before)
         syncs += 1
@@ -388,8 +418,18 @@ public actor IPVSBackend: ProxyBackend {
     /// Deletes draining real servers that have no established connection left, or whose
     /// graceful period is over. Called after every sync and periodically.
     /// - Returns: how many were deleted.
+    ///
+    /// It never interleaves with a sync: the actor is reentrant at every kernel call, so
+    /// both take the turn first; otherwise a reap could delete a real server that a sync
+    /// had just put back to weight 1.
     @discardableResult
     public func reapDraining() async throws -> Int {
+        await acquireTurn()
+        defer { releaseTurn() }
+        return try await reapExclusively()
+    }
+
+    private func reapExclusively() async throws -> Int {
         guard !draining.isEmpty else { return 0 }
         let t = now()
         var ops: [IPVSOperation] = []
@@ -627,3 +667,5 @@ public struct IPVSToolError: Error, Sendable, CustomStringConvertible {
 
     public var description: String { "\(operation): \(underlying)" }
 }
+
+

@@ -30,15 +30,21 @@ public struct CommandError: Error, Sendable, Hashable, CustomStringConvertible {
     public var status: Int32?
     /// The tool's own message (stderr, trimmed), or why it could not start.
     public var message: String
+    /// Set when the command ran past this limit and was killed.
+    public var timeout: Duration?
 
     /// Creates an error.
-    public init(command: String, status: Int32?, message: String) {
+    public init(command: String, status: Int32?, message: String, timeout: Duration? = nil) {
         self.command = command
         self.status = status
         self.message = message
+        self.timeout = timeout
     }
 
     public var description: String {
+        if let timeout {
+            return "\(command) timed out: still running after \(GoDuration.format(timeout)), killed" + (message.isEmpty ? "" : " (\(message))")
+        }
         if let status { return "\(command) exited \(status): \(message)" }
         return "\(command) could not run: \(message)"
     }
@@ -54,12 +60,26 @@ public protocol CommandRunner: Sendable {
 ///
 /// Input and output go through unlinked temporary files, so a payload of tens of megabytes
 /// never deadlocks on a pipe and a tool that exits early never raises SIGPIPE.
+///
+/// Every child gets a time limit: a kernel tool that hangs (a stuck `xtables` lock holder, a
+/// wedged netlink socket) is killed with SIGKILL once it has run `timeout`, and the result
+/// says so; `check` turns that into a `CommandError` naming the tool and the limit, so the
+/// sync fails, the previous rules stay, and the runner retries.
 public struct ProcessRunner: CommandRunner {
     /// Extra directories searched after `$PATH`.
     public var searchPath: [String]
+    /// How long one child may run before it is killed.
+    public var timeout: Duration
+
+    /// The default limit: far above what a restore of 10 000 Services takes (about 1 s) plus
+    /// the 5 s xtables lock wait, far below "every later sync blocked".
+    public static let defaultTimeout: Duration = .seconds(60)
 
     /// Creates a runner.
-    public init(searchPath: [String] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]) { self.searchPath = searchPath }
+    public init(searchPath: [String] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"], timeout: Duration = ProcessRunner.defaultTimeout) {
+        self.searchPath = searchPath
+        self.timeout = timeout
+    }
 
     /// Finds `name` on `$PATH` and the extra directories.
     public func resolve(_ name: String) -> String? {
@@ -78,11 +98,12 @@ public struct ProcessRunner: CommandRunner {
             return .failure(CommandError(command: commandLine, status: nil, message: "\(executable) not found in PATH"))
         }
         let inputBytes = input.map { Array($0.utf8) }
+        let timeout = self.timeout
         return await withCheckedContinuation { (cont: CheckedContinuation<Result<CommandResult, CommandError>, Never>) in
             // A thread of its own: neither the cooperative pool nor dispatch (which delivers
             // the child's termination) is ever blocked waiting for a child.
             Thread {
-                cont.resume(returning: ProcessRunner.runBlocking(path: path, arguments: arguments, input: inputBytes))
+                cont.resume(returning: ProcessRunner.runBlocking(path: path, arguments: arguments, input: inputBytes, timeout: timeout))
             }.start()
         }
     }
@@ -188,11 +209,14 @@ public struct ProcessRunner: CommandRunner {
                 reaped = signal == 0 ? (raw >> 8) & 0xff : 128 + signal
                 break
             }
-            if let deadline, ContinuousClock.now >= deadline {
+            if let deadline, ContinuousClock.now >= deadline, !timedOut {
                 timedOut = true
                 kill(pid, SIGKILL)
             }
         }
+        // A timed-out child is SIGKILLed, which it cannot ignore; its own children (a
+        // wrapper's `sleep`) may live on, but their output goes to unlinked files, so
+        // nothing here waits for them.
         func readAll(_ h: FileHandle) -> String {
             guard (try? h.seek(toOffset: 0)) != nil, let d = try? h.readToEnd() else { return "" }
             return String(decoding: d, as: UTF8.self)
@@ -209,6 +233,11 @@ extension CommandRunner {
         switch r {
         case .failure(let e): throw e
         case .success(let res):
+            if res.timedOut {
+                let cmd = ([executable] + arguments).joined(separator: " ")
+                throw CommandError(command: cmd, status: res.status, message: res.stderr.trimmingASCIIWhitespace(),
+                                   timeout: (self as? ProcessRunner)?.timeout ?? ProcessRunner.defaultTimeout)
+            }
             guard res.status == 0 else {
                 let cmd = ([executable] + arguments).joined(separator: " ")
                 throw CommandError(command: cmd, status: res.status, message: res.stderr.trimmingASCIIWhitespace())

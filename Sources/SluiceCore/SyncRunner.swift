@@ -13,12 +13,16 @@ public struct SyncTiming: Sendable, Hashable {
     public var syncPeriod: Duration
     /// First retry delay after a failure; doubles up to `syncPeriod`.
     public var retryBase: Duration
+    /// A sync still running after this long logs a warning, and again every further interval.
+    public var slowSyncWarning: Duration
 
     /// Creates a timing.
-    public init(minSyncPeriod: Duration = .seconds(1), syncPeriod: Duration = .seconds(30), retryBase: Duration = .seconds(1)) {
+    public init(minSyncPeriod: Duration = .seconds(1), syncPeriod: Duration = .seconds(30), retryBase: Duration = .seconds(1),
+                slowSyncWarning: Duration = .seconds(10)) {
         self.minSyncPeriod = minSyncPeriod
         self.syncPeriod = syncPeriod
         self.retryBase = retryBase
+        self.slowSyncWarning = slowSyncWarning
     }
 }
 
@@ -188,6 +192,26 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
 
     private func resumeForCancel() { resume() }
 
+    /// Logs a warning every `slowSyncWarning` while the sync started at `started` runs (a
+    /// kernel tool that hangs is killed by the process runner's time limit; until then this
+    /// says why no later change is applied). Cancelled when the sync ends.
+    private func slowSyncWatchdog(started: C.Instant, full: Bool) -> Task<Void, Never> {
+        let clock = self.clock, logger = self.logger, interval = timing.slowSyncWarning, backendName = backend.name
+        return Task {
+            var waited = Duration.zero
+            while !Task.isCancelled {
+                do {
+                    try await clock.sleep(until: started.advanced(by: waited + interval), tolerance: nil)
+                } catch {
+                    return
+                }
+                if Task.isCancelled { return }
+                waited += interval
+                logger.warning("\(full ? "full" : "partial") \(backendName) sync still running after \(GoDuration.format(waited)); later changes wait for it")
+            }
+        }
+    }
+
     /// Performs one sync now (tests call it directly).
     public func syncOnce() async {
         let now = clock.now
@@ -204,8 +228,15 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
         pendingServiceKeys = []
         pendingEndpointChanges = 0
         if full { state.changedServices = Set(state.servicePorts.keys.map(\.service)).union(state.changedServices) }
+        // Everything this sync consumes is taken before the await: the actor is reentrant, so a
+        // full-sync request or a node-label change that arrives while the backend works sets
+        // the flags again and is served by the next sync instead of being cleared afterwards.
         pendingChange = false
+        needFullSync = false
+        if full { tracker.acknowledgeNodeLabels() }
         lastSync = now
+        let watchdog = slowSyncWatchdog(started: now, full: full)
+        defer { watchdog.cancel() }
         do {
             let report = try await backend.sync(state, full: full)
             let duration = now.duration(to: clock.now)
@@ -213,12 +244,10 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
             if full {
                 counters.fullSyncs += 1
                 lastFullSync = now
-                tracker.acknowledgeNodeLabels()
             }
             counters.serviceChangesTotal += changes
             counters.lastReport = report
             counters.lastError = nil
-            needFullSync = false
             retryAt = nil
             consecutiveFailures = 0
             logger.info("\(full ? "full" : "partial") sync: \(state.servicePorts.count) service ports, \(changes) changed, \(report.bytes) bytes")

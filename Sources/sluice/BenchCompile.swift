@@ -81,7 +81,8 @@ struct BenchCompile: AsyncParsableCommand {
         let nftCompiler = NFTablesCompiler(options: NFTablesOptions(
             node: nftNode, family: .ipv4, localAddresses: Array(Set(node.nodeIPs + LocalAddresses.current())).filter { $0.family == .ipv4 }))
         var nftRuleset: NFTRuleset?
-        let source = ManifestDirectorySource(directory: dir, logger: logger) { logger.error("\($0.description); skipped") }
+        // Each step's files are complete before the harness asks for the step: no settling.
+        let source = ManifestDirectorySource(directory: dir, settle: .zero, logger: logger) { logger.error("\($0.description); skipped") }
         var tracker = ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName)
         var snapshot = ManifestDirectorySource.Snapshot()
         var known: Set<String> = []

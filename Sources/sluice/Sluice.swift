@@ -3,6 +3,7 @@
 // `sluice --cleanup` removes everything a proxy left behind.
 
 import ArgumentParser
+import Dispatch
 import Foundation
 import IPTables
 import KubeAPI
@@ -81,8 +82,10 @@ struct Sluice: AsyncParsableCommand {
             services += [RunnerService(runner: runner)] + mode.services(runner) + driftWatch.services
         }
         if families.count > 1 { logger.info("dual-stack: one proxier per family (\(node.families.map(\.rawValue).joined(separator: ", ")))") }
-        services = [SourcePump(events: source, runners: runners)] + services + observability.services
+        services = [SourcePump(events: source, runners: runners, families: families, logger: logger)] + services + observability.services
         if let path = options.config { services.append(ConfigFileWatch(path: path, logger: logger)) }
+        let signals = SignalHandlers(runners: runners, logger: logger)
+        defer { withExtendedLifetime(signals) {} }
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
         logger.info("stopped; the rules stay in place")
@@ -170,10 +173,11 @@ struct SluiceExit: Error, CustomStringConvertible {
     init(_ message: String) { description = message }
 }
 
-/// Logs to stderr, one line per event.
+/// Logs to stderr, one line per event. Control characters (from names in manifest files and
+/// API objects) are escaped, so no log line can be forged or split.
 func makeLogger(verbosity: Int) -> Logger {
     LoggingSystem.bootstrap { label in
-        var h = StreamLogHandler.standardError(label: label)
+        var h = EscapingLogHandler(StreamLogHandler.standardError(label: label))
         h.logLevel = verbosity >= 6 ? .trace : (verbosity >= 4 ? .debug : .info)
         return h
     }
@@ -185,14 +189,88 @@ struct SourcePump: ServiceLifecycle.Service {
     let events: @Sendable () -> AsyncThrowingStream<ObjectEvent, Error>
     /// One runner per IP family; every event goes to each.
     let runners: [SyncRunner<ContinuousClock>]
+    /// The families the runners proxy.
+    let families: [IPFamily]
+    let logger: Logger
 
     func run() async throws {
         try await untilShutdown {
+            var unproxied = UnproxiedFamilies(families: families)
             for try await event in events() {
+                if let line = unproxied.note(event) { logger.warning("\(line)") }
                 for runner in runners { await runner.handle(event) }
             }
         }
     }
+}
+
+/// Notices Services whose cluster IPs are all of a family this node does not proxy (an
+/// IPv6-only Service on an IPv4-only node): no runner programs them, so one log line says so,
+/// once per Service until it changes.
+struct UnproxiedFamilies {
+    let families: [IPFamily]
+    private var reported: [NamespacedName: [String]] = [:]
+
+    init(families: [IPFamily]) { self.families = families }
+
+    /// The line to log for `event`, if any.
+    mutating func note(_ event: ObjectEvent) -> String? {
+        switch event {
+        case .serviceUpserted(let svc):
+            let ips = svc.clusterIPs.compactMap(IPAddress.init)
+            guard !ips.isEmpty, !ips.contains(where: { families.contains($0.family) }) else {
+                reported[svc.key] = nil
+                return nil
+            }
+            if reported[svc.key] == svc.clusterIPs { return nil }
+            reported[svc.key] = svc.clusterIPs
+            let theirs = Set(ips.map(\.family.rawValue)).sorted().joined(separator: ", ")
+            return "service \(svc.key) has only \(theirs) cluster IPs (\(svc.clusterIPs.joined(separator: ", "))) and this node proxies \(families.map(\.rawValue).joined(separator: ", ")) only: it is not programmed"
+        case .serviceDeleted(let key):
+            reported[key] = nil
+            return nil
+        default:
+            return nil
+        }
+    }
+}
+
+/// SIGHUP and SIGQUIT, as docs/operations-signals.md describes: SIGHUP logs a line and asks
+/// every runner for a full resync; SIGQUIT logs a line with each runner's sync counters and
+/// exits at once with status 131, leaving the rules in place (SIGTERM and SIGINT stop
+/// gracefully through the service group).
+final class SignalHandlers: @unchecked Sendable {
+    private let sources: [any DispatchSourceSignal]
+
+    init(runners: [SyncRunner<ContinuousClock>], logger: Logger) {
+        signal(SIGHUP, SIG_IGN)
+        signal(SIGQUIT, SIG_IGN)
+        let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
+        hup.setEventHandler {
+            logger.info("received SIGHUP: resyncing every rule now (the manifest directory is rescanned continuously)")
+            Task { for r in runners { await r.requestFullSync() } }
+        }
+        let quit = DispatchSource.makeSignalSource(signal: SIGQUIT, queue: .global())
+        quit.setEventHandler {
+            let done = DispatchSemaphore(value: 0)
+            Task {
+                var parts: [String] = []
+                for r in runners {
+                    let c = await r.counters
+                    parts.append("\(c.syncs) syncs (\(c.fullSyncs) full), \(c.failures) failures" + (c.lastError.map { ", last error: \($0)" } ?? ""))
+                }
+                logger.warning("received SIGQUIT: exiting now without a graceful shutdown; the rules stay in place; \(parts.joined(separator: "; "))")
+                done.signal()
+            }
+            _ = done.wait(timeout: .now() + .seconds(2))
+            _exit(131)
+        }
+        hup.resume()
+        quit.resume()
+        sources = [hup, quit]
+    }
+
+    deinit { for s in sources { s.cancel() } }
 }
 
 /// Runs the sync loop.

@@ -148,7 +148,7 @@ private let logger = Logger(label: "test")
     @Test func addEditDeleteProduceEvents() throws {
         let dir = try tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let src = ManifestDirectorySource(directory: dir, logger: logger)
+        let src = ManifestDirectorySource(directory: dir, settle: .zero, logger: logger)
         var snap = ManifestDirectorySource.Snapshot()
         var events: [ObjectEvent]
 
@@ -175,7 +175,7 @@ private let logger = Logger(label: "test")
         let dir = try tempDir()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let rejected = RejectionLog()
-        let src = ManifestDirectorySource(directory: dir, logger: logger) { rejected.add($0) }
+        let src = ManifestDirectorySource(directory: dir, settle: .zero, logger: logger) { rejected.add($0) }
         var snap = ManifestDirectorySource.Snapshot()
         var events: [ObjectEvent]
         try svc.write(toFile: dir + "/web.yaml", atomically: true, encoding: .utf8)
