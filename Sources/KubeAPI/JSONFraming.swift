@@ -14,10 +14,9 @@ import Foundation
 enum JSONTree {
     private static let booleanType = type(of: NSNumber(value: true))
 
-    /// Parses one JSON document.
+    /// Parses one JSON document (with `JSONScanner`, which gives these types directly).
     static func parse(_ bytes: some Collection<UInt8>) throws -> Any {
-        let data = bytes as? Data ?? Data(bytes)
-        return normalise(try JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]))
+        try JSONScanner.parse(bytes)
     }
 
     /// Parses one JSON document that must be an object.

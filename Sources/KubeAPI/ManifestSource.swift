@@ -26,9 +26,7 @@ public enum ManifestParser {
         var out = Parsed()
         var index = 0
         // Parse every document before using any: a syntax error anywhere fails the whole file.
-        let parser = try Parser(yaml: text)
-        var docs: [Any] = []
-        while let node = try parser.nextRoot() { docs.append(node.any) }
+        let docs = try YAMLTrees.documents(text)
         for doc in docs {
             defer { index += 1 }
             if doc is NSNull { continue }
