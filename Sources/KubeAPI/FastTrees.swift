@@ -345,7 +345,9 @@ enum YAMLTrees {
             out.reserveCapacity(m.count)
             var merges: [Node] = []
             for (k, v) in m {
-                if case .scalar(let ks) = k, ks.string == "<<", ks.style == .plain || ks.style == .any, ks.tag.description.isEmpty {
+                // (Yams' duplicate-key check may already have resolved a key's tag.)
+                if case .scalar(let ks) = k, ks.string == "<<", ks.style == .plain || ks.style == .any,
+                   ks.tag.description.isEmpty || ks.tag.description == "tag:yaml.org,2002:merge" {
                     merges.append(v)
                     continue
                 }
