@@ -330,7 +330,10 @@ enum YAMLTrees {
            first == UInt8(ascii: "{"), let tree = try? JSONScanner.parse(text.utf8) {
             return [tree]
         }
-        let parser = try Parser(yaml: text)
+        // No resolver rules: Yams' duplicate-key check hashes every mapping key, which
+        // resolves its tag, and the default rules are seven regular expressions per key.
+        // Keys are strings here; values are resolved below.
+        let parser = try Parser(yaml: text, resolver: .basic)
         var docs: [Any] = []
         while let node = try parser.nextRoot() { docs.append(tree(node)) }
         return docs
@@ -347,7 +350,7 @@ enum YAMLTrees {
             for (k, v) in m {
                 // (Yams' duplicate-key check may already have resolved a key's tag.)
                 if case .scalar(let ks) = k, ks.string == "<<", ks.style == .plain || ks.style == .any,
-                   ks.tag.description.isEmpty || ks.tag.description == "tag:yaml.org,2002:merge" {
+                   ["", "tag:yaml.org,2002:merge", strTag].contains(ks.tag.description) {
                     merges.append(v)
                     continue
                 }
