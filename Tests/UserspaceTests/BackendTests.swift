@@ -138,7 +138,10 @@ struct BackendTests {
 
     @Test func flushedJumpsAreDetectedAndRestored() async throws {
         let fake = FakeIPTables()
-        let b = backend(fake)
+        let b = UserspaceBackend(nodeName: "node-a", nodeIP: IPAddress("10.0.0.5")!,
+                                 commands: IPTablesCommands(tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake),
+                                 relays: RelayManager(config: testConfig(), logger: testLogger), logger: testLogger,
+                                 jumpCheckValidity: .zero)
         #expect(await b.externalChangeDetected() == false)
         _ = try await b.sync(try state(web), full: true)
         #expect(await b.externalChangeDetected() == false)
@@ -147,6 +150,26 @@ struct BackendTests {
         _ = try await b.sync(try state(web), full: true)
         #expect(await b.externalChangeDetected() == false)
         #expect(fake.rules("nat", "KUBE-PORTALS-CONTAINER").count == 1)
+        await b.shutdown()
+    }
+
+    @Test func aRecentCheckIsTrustedAndAPartialSyncIntoFlushedChainsFailsSoTheRetryIsFull() async throws {
+        let fake = FakeIPTables()
+        let b = backend(fake)
+        var (tracker, _) = try Fixtures.tracker(web, nodeName: "node-a")
+        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        let commands = fake.commands.count
+        fake.externalFlush("nat")
+        // Within the validity of the full sync's own check: no iptables -C is run.
+        #expect(await b.externalChangeDetected() == false)
+        #expect(fake.commands.count == commands)
+        // The next partial sync deletes the old rule, which the flush removed: the batch fails,
+        // the memory is gone, and the runner's retry is full.
+        for e in try ModelEvents.upserts(web.replacingOccurrences(of: "port: 80,", with: "port: 81,")) { tracker.apply(e) }
+        await #expect(throws: IPTablesError.self) { try await b.sync(tracker.snapshot(.ipv4), full: false) }
+        #expect(await !b.holdsImage)
+        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        #expect(fake.rules("nat", "PREROUTING").count == 2)
         await b.shutdown()
     }
 
