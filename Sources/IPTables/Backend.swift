@@ -163,27 +163,37 @@ public actor IPTablesBackend: ProxyBackend {
         let compiler = IPTablesCompiler(options: options)
         var state = state
         if full && !requested { state.changedServices.formUnion(state.servicePorts.keys.map(\.service)) }
-        let compiled = compiler.compile(state, kind: full ? .full : .partial(changed: state.changedServices),
-                                        existingChains: existing, memory: &memory)
+        // A full sync cut into batches first compiles every service port without writing its
+        // chains (the memory forgotten, so that every port is walked), then each batch's chains.
+        let chunked = full && FullSyncPlan.isChunked(state, batching: batching)
+        if chunked { memory.invalidate() }
+        let kind: SyncKind = chunked ? .partial(changed: []) : full ? .full : .partial(changed: state.changedServices)
+        let compiled = compiler.compile(state, kind: kind, existingChains: existing, memory: &memory)
         existing = []
         let report: SyncReport
-        if full {
-            let plan = FullSyncPlan(compiled, batching: batching)
+        let total = ["filter": compiled.totalRules[.filter] ?? 0, "nat": compiled.totalRules[.nat] ?? 0]
+        if chunked {
+            let plan = FullSyncPlan(topLevel: compiled, state: state, compiler: compiler, memory: memory, batching: batching)
             var bytes = 0
             for (i, step) in plan.steps.enumerated() {
                 let text = plan.text(of: step)
                 bytes += text.utf8.count
-                let what = plan.steps.count == 1 ? "full restore" : "full restore, batch \(i + 1) of \(plan.steps.count)"
-                try await restore(text, operation: what)
-                if i == plan.steps.count - 1 { lastRestore = text }
+                try await restore(text, operation: "full restore, batch \(i + 1) of \(plan.steps.count)")
+                if step == .topLevel { lastRestore = text }
             }
             appliedTopLevel = compiled.topLevelRules()
-            if plan.steps.count > 1 { logger.debug("full sync in \(plan.steps.count) batches") }
+            logger.debug("full sync in \(plan.steps.count) batches")
+            // Every rule is written.
+            report = SyncReport(full: true, written: total, total: total, bytes: bytes)
+        } else if full {
+            let text = compiled.restoreText
+            try await restore(text, operation: "full restore")
+            lastRestore = text
+            appliedTopLevel = compiled.topLevelRules()
             report = SyncReport(
                 full: true,
                 written: ["filter": compiled.writtenRules(.filter), "nat": compiled.writtenRules(.nat)],
-                total: ["filter": compiled.totalRules[.filter] ?? 0, "nat": compiled.totalRules[.nat] ?? 0],
-                bytes: bytes)
+                total: total, bytes: text.utf8.count)
         } else {
             let (batch, _, topLevel) = compiled.omittingUnchangedTopLevelChains(appliedTopLevel)
             let text = batch.restoreText

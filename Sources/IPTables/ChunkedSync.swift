@@ -4,6 +4,8 @@
 // one batch's size (docs/iptables-sync.md). Every batch is atomic and leaves a consistent
 // ruleset: a top-level rule never jumps to a chain that is missing or half written.
 
+import SluiceCore
+
 /// How a full sync is cut into restore batches.
 public struct FullSyncBatching: Sendable, Hashable {
     /// Per-service nat chains per batch; 0 writes the whole sync as one batch.
@@ -23,14 +25,19 @@ public struct FullSyncBatching: Sendable, Hashable {
     public static let nft = FullSyncBatching(chainsPerBatch: 600)
 }
 
-/// The restore batches of one full sync, in the order they are applied, each rendered only
-/// when asked for (the whole payload is never one string).
+/// The restore batches of one full sync cut into batches, in the order they are applied, each
+/// compiled and rendered only when asked for: neither the whole payload nor all of its lines
+/// are in memory at once.
+///
+/// It starts from a compile of the full state that writes no per-service chain (`topLevel`: a
+/// `.partial(changed: [])` compile with the memory invalidated, which walks every service
+/// port, rebuilds the memory and keeps only the top-level lines and the stale chains). Then:
 ///
 /// 1. *Service batches*: the per-service chains of consecutive service ports, whole (a port's
 ///    chains never span two batches), without their KUBE-SERVICES / KUBE-NODEPORTS rules. A
 ///    chain that exists is replaced atomically by its new content; a new one is not yet
-///    reachable. The first batch also writes KUBE-MARK-MASQ and KUBE-POSTROUTING (constant), which
-///    the service chains jump to.
+///    reachable. The first batch also writes KUBE-MARK-MASQ and KUBE-POSTROUTING (constant),
+///    which the service chains jump to.
 /// 2. *The top-level batch*: the filter table and the top-level nat chains whole, exactly as a
 ///    single-batch full sync writes them, so every KUBE-SERVICES rule changes in one commit,
 ///    to chains that are complete; stale chains are deleted in it when they are few.
@@ -43,9 +50,7 @@ public struct FullSyncBatching: Sendable, Hashable {
 public struct FullSyncPlan: Sendable {
     /// One restore batch of the plan.
     public enum Step: Sendable, Hashable {
-        /// The whole sync in one batch (`CompiledRules.restoreText`).
-        case whole
-        /// The per-service chains of written service ports `range` (indices in compile order).
+        /// The per-service chains of service ports `range` (indices in sorted order).
         case services(Range<Int>)
         /// The filter table and the top-level nat chains (and the stale chains when inline).
         case topLevel
@@ -57,28 +62,44 @@ public struct FullSyncPlan: Sendable {
 
     /// The batches, in order.
     public let steps: [Step]
-    private let rules: CompiledRules
+    private let topLevel: CompiledRules
+    private let state: ProxyState
+    private let compiler: IPTablesCompiler
+    private let memory: IPTablesCompileMemory
     private let staleInline: Bool
 
-    /// Plans the batches of `rules`, a full compile.
-    public init(_ rules: CompiledRules, batching: FullSyncBatching) {
-        self.rules = rules
-        let starts = rules.natPortStarts
-        let limit = batching.chainsPerBatch
-        guard limit > 0, let first = starts.first, let last = starts.last, last.chains - first.chains > limit else {
-            steps = [.whole]
-            staleInline = true
-            return
-        }
+    /// Whether a full sync of `state` is cut into batches with `batching`: more chains than one
+    /// batch holds, counting one per service port and one per endpoint.
+    public static func isChunked(_ state: ProxyState, batching: FullSyncBatching) -> Bool {
+        batching.chainsPerBatch > 0 && state.servicePorts.count + state.totalEndpoints > batching.chainsPerBatch
+    }
+
+    /// Plans the batches of a full sync of `state`.
+    /// - Parameters:
+    ///   - topLevel: `compiler`'s compile of `state` with `kind: .partial(changed: [])` and an
+    ///     invalidated memory (every service port walked, no per-service chain written).
+    ///   - memory: the memory that compile left (valid: every service port's chains).
+    public init(topLevel: CompiledRules, state: ProxyState, compiler: IPTablesCompiler, memory: IPTablesCompileMemory,
+                batching: FullSyncBatching) {
+        self.topLevel = topLevel
+        self.state = state
+        self.compiler = compiler
+        self.memory = memory
+        let limit = max(1, batching.chainsPerBatch)
         var steps: [Step] = []
-        var begin = 0
-        for i in 0..<(starts.count - 1) where starts[i + 1].chains - starts[begin].chains >= limit {
-            steps.append(.services(begin..<(i + 1)))
-            begin = i + 1
+        var begin = 0, chains = 0
+        let names = memory.sortedNames
+        for (i, name) in names.enumerated() {
+            chains += memory.entries[name]?.chains.count ?? 0
+            if chains >= limit {
+                steps.append(.services(begin..<(i + 1)))
+                begin = i + 1
+                chains = 0
+            }
         }
-        if begin < starts.count - 1 { steps.append(.services(begin..<(starts.count - 1))) }
+        if begin < names.count { steps.append(.services(begin..<names.count)) }
         steps.append(.topLevel)
-        let stale = rules.deletedChains.count
+        let stale = topLevel.deletedChains.count
         staleInline = stale <= limit
         if !staleInline {
             let ranges = stride(from: 0, to: stale, by: limit).map { $0..<min($0 + limit, stale) }
@@ -91,67 +112,63 @@ public struct FullSyncPlan: Sendable {
     /// The restore input of `step`.
     public func text(of step: Step) -> String {
         switch step {
-        case .whole:
-            return rules.restoreText
         case .services(let range):
-            return servicesText(range)
+            return compiler.serviceChainsBatch(state, ports: memory.sortedNames[range], memory: memory,
+                                               largeCluster: topLevel.largeClusterMode,
+                                               constantLines: range.lowerBound == 0 ? constantNATLines : [])
         case .topLevel:
             return topLevelText()
         case .flushStale(let range):
             var out = "*nat\n"
-            for c in rules.deletedChains[range] { out += ":\(c) - [0:0]\n" }
+            for c in topLevel.deletedChains[range] { out += ":\(c) - [0:0]\n" }
             return out + "COMMIT\n"
         case .deleteStale(let range):
             var out = "*nat\n"
-            for c in rules.deletedChains[range] { out += ":\(c) - [0:0]\n" }
-            for c in rules.deletedChains[range] { out += "-X \(c)\n" }
+            for c in topLevel.deletedChains[range] { out += ":\(c) - [0:0]\n" }
+            for c in topLevel.deletedChains[range] { out += "-X \(c)\n" }
             return out + "COMMIT\n"
         }
     }
 
-    /// A line of a top-level nat chain a service port writes (KUBE-SERVICES, KUBE-NODEPORTS).
-    private static func isPortTopLevel(_ line: String) -> Bool {
-        line.hasPrefix("-A KUBE-SERVICES ") || line.hasPrefix("-A KUBE-NODEPORTS ")
-    }
-
-    private func servicesText(_ range: Range<Int>) -> String {
-        let starts = rules.natPortStarts
-        let chains = starts[range.lowerBound].chains..<starts[range.upperBound].chains
-        let lines = starts[range.lowerBound].rules..<starts[range.upperBound].rules
-        var out = "*nat\n"
+    /// KUBE-POSTROUTING and KUBE-MARK-MASQ, declared and filled: constant, and jumped to by the
+    /// service chains, so the first service batch writes them.
+    private var constantNATLines: [String] {
         let constant = [Chain.postrouting, Chain.markMasq]
-        if range.lowerBound == 0 {
-            for c in constant { out += ":\(c) - [0:0]\n" }
-        }
-        for line in rules.nat.chains[chains] { out += line; out += "\n" }
-        if range.lowerBound == 0 {
-            for line in rules.nat.rules[..<starts[0].rules] where constant.contains(where: { line.hasPrefix("-A \($0) ") }) {
-                out += line; out += "\n"
-            }
-        }
-        for line in rules.nat.rules[lines] where !FullSyncPlan.isPortTopLevel(line) { out += line; out += "\n" }
-        return out + "COMMIT\n"
+        return constant.map { ":\($0) - [0:0]" }
+            + topLevel.nat.rules.filter { line in constant.contains { line.hasPrefix("-A \($0) ") } }
     }
 
     private func topLevelText() -> String {
-        let starts = rules.natPortStarts
-        let chains = starts[0].chains..<starts[starts.count - 1].chains
-        let lines = starts[0].rules..<starts[starts.count - 1].rules
-        var out = ""
-        if !(rules.filter.chains.isEmpty && rules.filter.rules.isEmpty) {
-            out += "*filter\n"
-            for line in rules.filter.chains { out += line; out += "\n" }
-            for line in rules.filter.rules { out += line; out += "\n" }
-            out += "COMMIT\n"
+        if staleInline { return topLevel.restoreText }
+        var batch = topLevel
+        let stale = Set(topLevel.deletedChains)
+        batch.nat.chains = topLevel.nat.chains.filter { line in
+            !(line.hasPrefix(":") && stale.contains(String(line.dropFirst().prefix { $0 != " " })))
         }
-        out += "*nat\n"
-        for line in rules.nat.chains[..<chains.lowerBound] { out += line; out += "\n" }
-        if staleInline {
-            for line in rules.nat.chains[chains.upperBound...] { out += line; out += "\n" }
+        batch.nat.rules = topLevel.nat.rules.filter { !$0.hasPrefix("-X ") }
+        return batch.restoreText
+    }
+}
+
+extension IPTablesCompiler {
+    /// One service batch of a chunked full sync: the per-service nat chains of `ports`, declared
+    /// and filled, without their top-level rules, with the chain names in `memory`.
+    /// `constantLines` (the first batch's) go first: their declarations before the service
+    /// chains' declarations, their rules before the service chains' rules.
+    func serviceChainsBatch(_ state: ProxyState, ports: ArraySlice<ServicePortName>, memory: IPTablesCompileMemory,
+                            largeCluster: Bool, constantLines: [String]) -> String {
+        var emit = Emitter()
+        var scratch = CompiledRules()
+        for name in ports {
+            guard let svc = state.servicePorts[name] else { continue }
+            var names = memory.entries[name]?.names ?? ChainNameMemo(name)
+            _ = writeServicePort(svc, state: state, largeCluster: largeCluster, names: &names, emit: &emit, out: &scratch)
         }
-        for line in rules.nat.rules[..<lines.lowerBound] { out += line; out += "\n" }
-        for line in rules.nat.rules[lines] where FullSyncPlan.isPortTopLevel(line) { out += line; out += "\n" }
-        for line in rules.nat.rules[lines.upperBound...] where staleInline || !line.hasPrefix("-X ") {
+        var out = "*nat\n"
+        for line in constantLines where line.hasPrefix(":") { out += line; out += "\n" }
+        for line in emit.natChains.lines { out += line; out += "\n" }
+        for line in constantLines where !line.hasPrefix(":") { out += line; out += "\n" }
+        for line in emit.natRules.lines where !(line.hasPrefix("-A KUBE-SERVICES ") || line.hasPrefix("-A KUBE-NODEPORTS ")) {
             out += line; out += "\n"
         }
         return out + "COMMIT\n"

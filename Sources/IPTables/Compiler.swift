@@ -55,10 +55,6 @@ public struct CompiledRules: Sendable {
     public var noLocalEndpoints: [String: Int] = ["internal": 0, "external": 0]
     /// Per-service chains the batch deletes.
     public var deletedChains: [String] = []
-    /// Where each written service port's lines start in `nat.chains` and `nat.rules`, in
-    /// order, with one more entry for where the last one ends (empty when none was written):
-    /// what a chunked full sync cuts its batches along.
-    var natPortStarts: [(chains: Int, rules: Int)] = []
 
     /// The iptables-restore input: filter then nat, each closed by COMMIT. A table with
     /// nothing to write (possible only in a partial sync whose top-level chains were left
@@ -201,11 +197,6 @@ public struct IPTablesCompiler: Sendable {
             }
         }
         filterRules.append(emit.filterRules)
-        let chainOffset = natChains.count, ruleOffset = natRules.count
-        if !emit.portStarts.isEmpty {
-            out.natPortStarts = emit.portStarts.map { (chainOffset + $0.chains, ruleOffset + $0.rules) }
-            out.natPortStarts.append((chainOffset + emit.natChains.count, ruleOffset + emit.natRules.count))
-        }
         natChains.append(emit.natChains)
         natRules.append(emit.natRules)
 
@@ -263,7 +254,7 @@ public struct IPTablesCompiler: Sendable {
 
     // swiftlint:disable:next function_body_length
     /// Writes one service port's lines and returns what the memory keeps about it.
-    private func writeServicePort(_ svc: ServicePortInfo, state: ProxyState, largeCluster: Bool, names: inout ChainNameMemo,
+    func writeServicePort(_ svc: ServicePortInfo, state: ProxyState, largeCluster: Bool, names: inout ChainNameMemo,
                                   emit: inout Emitter, out: inout CompiledRules) -> ServicePortMemo {
         emit.begin()
         let proto = svc.proto.lowercased
@@ -532,15 +523,12 @@ struct Emitter {
 
     var noLocalInternal = false
     var noLocalExternal = false
-    /// Where each written (not skipped) service port's lines start in `natChains`/`natRules`.
-    var portStarts: [(chains: Int, rules: Int)] = []
     private var topNAT: [String] = []
     private var filterLines: [String] = []
     private var chains: [String] = []
     private var chainRules = 0
 
     mutating func begin() {
-        if !skipping { portStarts.append((natChains.count, natRules.count)) }
         noLocalInternal = false
         noLocalExternal = false
         topNAT = []
