@@ -127,11 +127,17 @@ public actor IPTablesBackend: ProxyBackend {
         }
         let local = family == .ipv4 ? LocalAddresses.current().filter { $0.family == .ipv4 } : LocalAddresses.current().filter { $0.family == .ipv6 }
         // Full syncs in batches on the nft back end only: a legacy commit rewrites the whole
-        // table, so there more batches cost more. SLUICE_IPTABLES_BATCH_CHAINS (chains per
-        // batch, 0 for one batch) overrides it, for measurements.
+        // table, so there more batches cost more. For measurements and tests,
+        // SLUICE_IPTABLES_BATCH_CHAINS (chains per batch, 0 for one batch) and
+        // SLUICE_IPTABLES_PIECE_CHAINS (one batch compiled in pieces above this many chains)
+        // override it.
         var batching: FullSyncBatching = features.mode == "nf_tables" ? .nft : .off
-        if let text = ProcessInfo.processInfo.environment["SLUICE_IPTABLES_BATCH_CHAINS"], let n = Int(text) {
-            batching = FullSyncBatching(chainsPerBatch: n)
+        let env = ProcessInfo.processInfo.environment
+        if let n = env["SLUICE_IPTABLES_BATCH_CHAINS"].flatMap({ Int($0) }) {
+            batching = FullSyncBatching(chainsPerBatch: n, compileInPiecesAbove: batching.compileInPiecesAbove)
+        }
+        if let n = env["SLUICE_IPTABLES_PIECE_CHAINS"].flatMap({ Int($0) }) {
+            batching = FullSyncBatching(chainsPerBatch: batching.chainsPerBatch, compileInPiecesAbove: n)
         }
         logger.info("iptables \(features.version) (\(features.mode)), random-fully \(features.randomFully), tcp_be_liberal \(liberal), full sync batches of \(batching.chainsPerBatch) chains")
         let options = IPTablesOptions(node: node, family: family, randomFully: features.randomFully,
@@ -165,7 +171,7 @@ public actor IPTablesBackend: ProxyBackend {
         if full && !requested { state.changedServices.formUnion(state.servicePorts.keys.map(\.service)) }
         // A full sync cut into batches first compiles every service port without writing its
         // chains (the memory forgotten, so that every port is walked), then each batch's chains.
-        let chunked = full && FullSyncPlan.isChunked(state, batching: batching)
+        let chunked = full && FullSyncPlan.compilesInPieces(state, batching: batching)
         if chunked { memory.invalidate() }
         let kind: SyncKind = chunked ? .partial(changed: []) : full ? .full : .partial(changed: state.changedServices)
         let compiled = compiler.compile(state, kind: kind, existingChains: existing, memory: &memory)
@@ -175,14 +181,20 @@ public actor IPTablesBackend: ProxyBackend {
         if chunked {
             let plan = FullSyncPlan(topLevel: compiled, state: state, compiler: compiler, memory: memory, batching: batching)
             var bytes = 0
-            for (i, step) in plan.steps.enumerated() {
-                let text = plan.text(of: step)
-                bytes += text.utf8.count
-                try await restore(text, operation: "full restore, batch \(i + 1) of \(plan.steps.count)")
-                if step == .topLevel { lastRestore = text }
+            if plan.isSingleRestore {
+                let text = plan.wholeText()
+                bytes = text.utf8.count
+                try await restore(text, operation: "full restore")
+            } else {
+                for (i, step) in plan.steps.enumerated() {
+                    let text = plan.text(of: step)
+                    bytes += text.utf8.count
+                    try await restore(text, operation: "full restore, batch \(i + 1) of \(plan.steps.count)")
+                    if step == .topLevel { lastRestore = text }
+                }
+                logger.debug("full sync in \(plan.steps.count) batches")
             }
             appliedTopLevel = compiled.topLevelRules()
-            logger.debug("full sync in \(plan.steps.count) batches")
             // Every rule is written.
             report = SyncReport(full: true, written: total, total: total, bytes: bytes)
         } else if full {

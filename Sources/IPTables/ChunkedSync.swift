@@ -10,9 +10,19 @@ import SluiceCore
 public struct FullSyncBatching: Sendable, Hashable {
     /// Per-service nat chains per batch; 0 writes the whole sync as one batch.
     public var chainsPerBatch: Int
+    /// With one batch: above this many chains the batch is still compiled and rendered a
+    /// piece at a time (`FullSyncPlan.wholeText()`), so that its lines are never all in memory.
+    public var compileInPiecesAbove: Int
 
     /// Creates a setting.
-    public init(chainsPerBatch: Int) { self.chainsPerBatch = max(0, chainsPerBatch) }
+    public init(chainsPerBatch: Int, compileInPiecesAbove: Int = 600) {
+        self.chainsPerBatch = max(0, chainsPerBatch)
+        self.compileInPiecesAbove = max(1, compileInPiecesAbove)
+    }
+
+    /// One batch compiled whole, whatever the size: the plain full compile (tests compare the
+    /// other forms with it).
+    public static let classic = FullSyncBatching(chainsPerBatch: 0, compileInPiecesAbove: .max)
 
     /// One batch, whatever the size (the legacy back end: every legacy commit rewrites the whole
     /// table, so more batches cost more).
@@ -68,11 +78,16 @@ public struct FullSyncPlan: Sendable {
     private let memory: IPTablesCompileMemory
     private let staleInline: Bool
 
-    /// Whether a full sync of `state` is cut into batches with `batching`: more chains than one
-    /// batch holds, counting one per service port and one per endpoint.
-    public static func isChunked(_ state: ProxyState, batching: FullSyncBatching) -> Bool {
-        batching.chainsPerBatch > 0 && state.servicePorts.count + state.totalEndpoints > batching.chainsPerBatch
+    /// Whether a full sync of `state` with `batching` is compiled a piece at a time (through a
+    /// plan): it has more chains than one batch holds (or, with one batch, more than
+    /// `compileInPiecesAbove`), counting one per service port and one per endpoint.
+    public static func compilesInPieces(_ state: ProxyState, batching: FullSyncBatching) -> Bool {
+        let chains = state.servicePorts.count + state.totalEndpoints
+        return chains > (batching.chainsPerBatch > 0 ? batching.chainsPerBatch : batching.compileInPiecesAbove)
     }
+
+    /// The whole sync goes in one restore (`wholeText()`), not in `steps`.
+    public let isSingleRestore: Bool
 
     /// Plans the batches of a full sync of `state`.
     /// - Parameters:
@@ -85,7 +100,8 @@ public struct FullSyncPlan: Sendable {
         self.state = state
         self.compiler = compiler
         self.memory = memory
-        let limit = max(1, batching.chainsPerBatch)
+        isSingleRestore = batching.chainsPerBatch == 0
+        let limit = isSingleRestore ? batching.compileInPiecesAbove : batching.chainsPerBatch
         var steps: [Step] = []
         var begin = 0, chains = 0
         let names = memory.sortedNames
@@ -100,7 +116,7 @@ public struct FullSyncPlan: Sendable {
         if begin < names.count { steps.append(.services(begin..<names.count)) }
         steps.append(.topLevel)
         let stale = topLevel.deletedChains.count
-        staleInline = stale <= limit
+        staleInline = isSingleRestore || stale <= limit
         if !staleInline {
             let ranges = stride(from: 0, to: stale, by: limit).map { $0..<min($0 + limit, stale) }
             steps += ranges.map { .flushStale($0) }
@@ -113,9 +129,7 @@ public struct FullSyncPlan: Sendable {
     public func text(of step: Step) -> String {
         switch step {
         case .services(let range):
-            return compiler.serviceChainsBatch(state, ports: memory.sortedNames[range], memory: memory,
-                                               largeCluster: topLevel.largeClusterMode,
-                                               constantLines: range.lowerBound == 0 ? constantNATLines : [])
+            return "*nat\n" + serviceBody(range) + "COMMIT\n"
         case .topLevel:
             return topLevelText()
         case .flushStale(let range):
@@ -128,6 +142,34 @@ public struct FullSyncPlan: Sendable {
             for c in topLevel.deletedChains[range] { out += "-X \(c)\n" }
             return out + "COMMIT\n"
         }
+    }
+
+    /// The whole sync as one restore input, rendered a batch at a time: the filter table, then
+    /// in one nat section every service batch's chains and the top-level nat chains. A chain is
+    /// declared before any rule jumps to it; KUBE-MARK-MASQ and KUBE-POSTROUTING, written with
+    /// the first service batch, are declared (emptied) and written again with the top-level
+    /// chains, in the same commit.
+    public func wholeText() -> String {
+        var out = ""
+        if !(topLevel.filter.chains.isEmpty && topLevel.filter.rules.isEmpty) {
+            out += "*filter\n"
+            for line in topLevel.filter.chains { out += line; out += "\n" }
+            for line in topLevel.filter.rules { out += line; out += "\n" }
+            out += "COMMIT\n"
+        }
+        out += "*nat\n"
+        for step in steps {
+            if case .services(let range) = step { out += serviceBody(range) }
+        }
+        for line in topLevel.nat.chains { out += line; out += "\n" }
+        for line in topLevel.nat.rules { out += line; out += "\n" }
+        return out + "COMMIT\n"
+    }
+
+    private func serviceBody(_ range: Range<Int>) -> String {
+        compiler.serviceChainsBatch(state, ports: memory.sortedNames[range], memory: memory,
+                                    largeCluster: topLevel.largeClusterMode,
+                                    constantLines: range.lowerBound == 0 ? constantNATLines : [])
     }
 
     /// KUBE-POSTROUTING and KUBE-MARK-MASQ, declared and filled: constant, and jumped to by the
@@ -151,8 +193,9 @@ public struct FullSyncPlan: Sendable {
 }
 
 extension IPTablesCompiler {
-    /// One service batch of a chunked full sync: the per-service nat chains of `ports`, declared
-    /// and filled, without their top-level rules, with the chain names in `memory`.
+    /// The body of one service batch of a full sync compiled in pieces (without the `*nat` and
+    /// `COMMIT` lines): the per-service nat chains of `ports`, declared and filled, without
+    /// their top-level rules, with the chain names in `memory`.
     /// `constantLines` (the first batch's) go first: their declarations before the service
     /// chains' declarations, their rules before the service chains' rules.
     func serviceChainsBatch(_ state: ProxyState, ports: ArraySlice<ServicePortName>, memory: IPTablesCompileMemory,
@@ -164,13 +207,13 @@ extension IPTablesCompiler {
             var names = memory.entries[name]?.names ?? ChainNameMemo(name)
             _ = writeServicePort(svc, state: state, largeCluster: largeCluster, names: &names, emit: &emit, out: &scratch)
         }
-        var out = "*nat\n"
+        var out = ""
         for line in constantLines where line.hasPrefix(":") { out += line; out += "\n" }
         for line in emit.natChains.lines { out += line; out += "\n" }
         for line in constantLines where !line.hasPrefix(":") { out += line; out += "\n" }
         for line in emit.natRules.lines where !(line.hasPrefix("-A KUBE-SERVICES ") || line.hasPrefix("-A KUBE-NODEPORTS ")) {
             out += line; out += "\n"
         }
-        return out + "COMMIT\n"
+        return out
     }
 }

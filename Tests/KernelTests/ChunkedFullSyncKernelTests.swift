@@ -47,7 +47,7 @@ struct ChunkedFullSyncKernelTests {
             let second = try bed.startBackground(in: bed.nodeNS, name: "sluice-chunked",
                                                  ["env", "SLUICE_IPTABLES_BATCH_CHAINS=3", bed.sluiceBinary]
                                                      + bed.sluiceArguments(variant: variant))
-            defer { second.send(SIGTERM) }
+            defer { if second.isRunning { second.send(SIGTERM) } }
             // Until its first sync is logged as done (TestBed.waitForRules watches the sluice it
             // started, which has exited; and the rules alone do not tell when the last batch is in).
             let deadline = ContinuousClock.now + .seconds(30)
@@ -110,6 +110,30 @@ struct ChunkedFullSyncKernelTests {
             let left: [String] = removed.split(separator: "\n").filter { $0.hasPrefix("-A KUBE-SERVICES ") }.map(String.init)
             let servicesBefore: [String] = services.map(String.init)
             #expect(left == servicesBefore)
+
+            // A third sluice writes its full sync as one batch compiled in pieces of 3 chains (the
+            // legacy back end's form at scale), onto the second one's rules, 5 fillers fewer.
+            second.send(SIGTERM)
+            #expect(await second.waitForExit(timeout: .seconds(10)) == 0)
+            try bed.writeManifest("fillers.yaml", fillers(15..<30))
+            let third = try bed.startBackground(in: bed.nodeNS, name: "sluice-pieces",
+                                                ["env", "SLUICE_IPTABLES_BATCH_CHAINS=0", "SLUICE_IPTABLES_PIECE_CHAINS=3",
+                                                 bed.sluiceBinary] + bed.sluiceArguments(variant: variant))
+            defer { third.send(SIGTERM) }
+            let thirdDeadline = ContinuousClock.now + .seconds(30)
+            while ContinuousClock.now < thirdDeadline && third.isRunning && !third.log().contains("full sync: ") {
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            let last = try await bed.save(.nat, variant: variant)
+            #expect(third.log().contains("full sync batches of 0 chains"), "\(third.logTail(20))")
+            let lastServices = last.split(separator: "\n").filter { $0.hasPrefix("-A KUBE-SERVICES ") }
+            #expect(lastServices.count == 2 * 16 + 1, "\(lastServices.count) KUBE-SERVICES rules")
+            #expect(last.split(separator: "\n").filter { $0.hasPrefix(":KUBE-SVC-") }.count == 2 * 16)
+            #expect(!last.contains("kt/filler-14:"))
+            let again = try await bed.request(from: bed.clientNS, .tcp, web.clusterTarget("http"), count: 10)
+            expectAnswered(again, count: 10, backends: ["backend-1", "backend-2"], "10 TCP requests after the third start (\(variant.rawValue))", bed)
+            #expect(await bed.iptables(["-t", "nat", "-S", "PREROUTING"], variant: variant).stdout == prerouting)
+            #expect(await bed.iptables(["-t", "nat", "-S", "FOREIGN-PRE"], variant: variant).stdout == foreign)
         }
     }
 }
