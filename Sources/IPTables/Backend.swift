@@ -82,15 +82,20 @@ public actor IPTablesBackend: ProxyBackend {
     private var appliedTopLevel = TopLevelRules()
     /// A restore failed: the next sync is full whatever the caller asks.
     private var fullSyncNeeded = false
-    /// The last batch applied, for `sluice` debugging and tests.
+    /// The last batch applied (of a full sync cut into batches, the top-level one), for
+    /// `sluice` debugging and tests.
     public private(set) var lastRestore: String = ""
+    /// How a full sync is cut into restore batches.
+    public let batching: FullSyncBatching
 
     /// Creates a backend without probing the host (tests, dry runs).
-    public init(options: IPTablesOptions, tools: IPTablesTools, runner: any CommandRunner, logger: Logger) {
+    public init(options: IPTablesOptions, tools: IPTablesTools, runner: any CommandRunner, logger: Logger,
+                batching: FullSyncBatching = .off) {
         self.options = options
         self.tools = tools
         self.runner = runner
         self.logger = logger
+        self.batching = batching
     }
 
     /// Probes the host (iptables version and flavour, conntrack liberal mode), prepares the
@@ -121,23 +126,40 @@ public actor IPTablesBackend: ProxyBackend {
             }
         }
         let local = family == .ipv4 ? LocalAddresses.current().filter { $0.family == .ipv4 } : LocalAddresses.current().filter { $0.family == .ipv6 }
-        logger.info("iptables \(features.version) (\(features.mode)), random-fully \(features.randomFully), tcp_be_liberal \(liberal)")
+        // Full syncs in batches on the nft back end only: a legacy commit rewrites the whole
+        // table, so there more batches cost more. For measurements and tests,
+        // SLUICE_IPTABLES_BATCH_CHAINS (chains per batch, 0 for one batch) and
+        // SLUICE_IPTABLES_PIECE_CHAINS (one batch compiled in pieces above this many chains)
+        // override it.
+        var batching: FullSyncBatching = features.mode == "nf_tables" ? .nft : .off
+        let env = ProcessInfo.processInfo.environment
+        if let n = env["SLUICE_IPTABLES_BATCH_CHAINS"].flatMap({ Int($0) }) {
+            batching = FullSyncBatching(chainsPerBatch: n, compileInPiecesAbove: batching.compileInPiecesAbove)
+        }
+        if let n = env["SLUICE_IPTABLES_PIECE_CHAINS"].flatMap({ Int($0) }) {
+            batching = FullSyncBatching(chainsPerBatch: batching.chainsPerBatch, compileInPiecesAbove: n)
+        }
+        logger.info("iptables \(features.version) (\(features.mode)), random-fully \(features.randomFully), tcp_be_liberal \(liberal), full sync batches of \(batching.chainsPerBatch) chains")
         var options = IPTablesOptions(node: node, family: family, randomFully: features.randomFully,
                                       conntrackTCPLiberal: liberal, localAddresses: local)
         options.nfacctCounters = nfacctCounters
-        return IPTablesBackend(options: options, tools: tools, runner: runner, logger: logger)
+        return IPTablesBackend(options: options, tools: tools, runner: runner, logger: logger, batching: batching)
     }
 
     /// Compiles and applies `state`.
     ///
     /// A partial sync writes the chains of `state.changedServices`, deletes their stale chains,
-    /// and writes a top-level chain (KUBE-SERVICES, KUBE-NODEPORTS, ...) only when its rules
-    /// differ from what the last successful restore wrote to it: with `--noflush` a `:CHAIN`
-    /// line flushes the chain, so an unchanged one is left out entirely. kube-proxy always
-    /// rewrites them; leaving them out is DESIGN.md's decision ("Performance facts measured
-    /// here": at 10 000 services that is 88 ms instead of 969 ms per change with nft). A full
-    /// sync writes everything and refreshes what is remembered. When a restore fails, the
-    /// memory is dropped and the next sync is full, even when asked for a partial one.
+    /// and touches a top-level chain (KUBE-SERVICES, KUBE-NODEPORTS, ...) only as far as its
+    /// rules differ from what the last successful restore wrote to it: an unchanged chain is
+    /// left out (with `--noflush` a `:CHAIN` line flushes the chain), a chain that gains or
+    /// loses a few rules (a Service added or deleted) gets `-D`/`-I` edits, and only a chain
+    /// that changed more is rewritten (`CompiledRules.omittingUnchangedTopLevelChains`).
+    /// kube-proxy always rewrites them; see docs/iptables-sync.md. A full sync writes
+    /// everything and refreshes what is remembered; with `batching` on (the nft back end) it
+    /// is cut into batches of service chains followed by the top-level chains
+    /// (`FullSyncPlan`), because one large `--noflush` restore costs the square of its size.
+    /// When a restore fails, the memory is dropped and the next sync is full, even when asked
+    /// for a partial one.
     public func sync(_ state: ProxyState, full requested: Bool) async throws -> SyncReport {
         let full = requested || fullSyncNeeded || !memory.isValid
         var existing: Set<String> = []
@@ -148,32 +170,73 @@ public actor IPTablesBackend: ProxyBackend {
         let compiler = IPTablesCompiler(options: options)
         var state = state
         if full && !requested { state.changedServices.formUnion(state.servicePorts.keys.map(\.service)) }
-        let compiled = compiler.compile(state, kind: full ? .full : .partial(changed: state.changedServices),
-                                        existingChains: existing, memory: &memory)
-        // A full batch is written whole; `TopLevelRules()` leaves nothing out.
-        let (batch, _, topLevel) = compiled.omittingUnchangedTopLevelChains(full ? TopLevelRules() : appliedTopLevel)
-        let text = batch.restoreText
-        if !text.isEmpty {
-            do {
-                _ = try await runner.check(tools.restore, ["-w", "5", "-W", "100000", "--noflush", "--counters"], input: text)
-            } catch {
-                memory.invalidate()
-                appliedTopLevel = TopLevelRules()
-                fullSyncNeeded = true
-                throw IPTablesError(operation: full ? "full restore" : "partial restore", underlying: error)
+        // A full sync cut into batches first compiles every service port without writing its
+        // chains (the memory forgotten, so that every port is walked), then each batch's chains.
+        let chunked = full && FullSyncPlan.compilesInPieces(state, batching: batching)
+        if chunked { memory.invalidate() }
+        let kind: SyncKind = chunked ? .partial(changed: []) : full ? .full : .partial(changed: state.changedServices)
+        let compiled = compiler.compile(state, kind: kind, existingChains: existing, memory: &memory)
+        existing = []
+        let report: SyncReport
+        let total = ["filter": compiled.totalRules[.filter] ?? 0, "nat": compiled.totalRules[.nat] ?? 0]
+        if chunked {
+            let plan = FullSyncPlan(topLevel: compiled, state: state, compiler: compiler, memory: memory, batching: batching)
+            var bytes = 0
+            if plan.isSingleRestore {
+                let text = plan.wholeText()
+                bytes = text.utf8.count
+                try await restore(text, operation: "full restore")
+            } else {
+                for (i, step) in plan.steps.enumerated() {
+                    let text = plan.text(of: step)
+                    bytes += text.utf8.count
+                    try await restore(text, operation: "full restore, batch \(i + 1) of \(plan.steps.count)")
+                    if step == .topLevel { lastRestore = text }
+                }
+                logger.debug("full sync in \(plan.steps.count) batches")
             }
+            appliedTopLevel = compiled.topLevelRules()
+            // Every rule is written.
+            report = SyncReport(full: true, written: total, total: total, bytes: bytes)
+        } else if full {
+            let text = compiled.restoreText
+            try await restore(text, operation: "full restore")
+            lastRestore = text
+            appliedTopLevel = compiled.topLevelRules()
+            report = SyncReport(
+                full: true,
+                written: ["filter": compiled.writtenRules(.filter), "nat": compiled.writtenRules(.nat)],
+                total: total, bytes: text.utf8.count)
+        } else {
+            let (batch, _, topLevel) = compiled.omittingUnchangedTopLevelChains(appliedTopLevel)
+            let text = batch.restoreText
+            if !text.isEmpty { try await restore(text, operation: "partial restore") }
+            appliedTopLevel = topLevel
+            lastRestore = text
+            report = SyncReport(
+                full: false,
+                written: ["filter": batch.writtenRules(.filter), "nat": batch.writtenRules(.nat)],
+                total: ["filter": compiled.totalRules[.filter] ?? 0, "nat": compiled.totalRules[.nat] ?? 0],
+                bytes: text.utf8.count)
         }
-        appliedTopLevel = topLevel
         fullSyncNeeded = false
-        lastRestore = text
         if !compiled.deletedChains.isEmpty {
             logger.debug("deleted \(compiled.deletedChains.count) stale chains")
         }
-        return SyncReport(
-            full: full,
-            written: ["filter": batch.writtenRules(.filter), "nat": batch.writtenRules(.nat)],
-            total: ["filter": compiled.totalRules[.filter] ?? 0, "nat": compiled.totalRules[.nat] ?? 0],
-            bytes: text.utf8.count)
+        return report
+    }
+
+    /// Applies one batch with `--noflush`; on failure forgets what was applied, so the next
+    /// sync is full.
+    private func restore(_ text: String, operation: String) async throws {
+        do {
+            _ = try await runner.check(tools.restore, ["-w", "5", "-W", "100000", "--noflush", "--counters"], input: text)
+        } catch {
+            memory.invalidate()
+            appliedTopLevel = TopLevelRules()
+            fullSyncNeeded = true
+            throw IPTablesError(operation: operation, underlying: error)
+        }
     }
 
     /// True when a canary chain is gone or a sentinel jump rule is gone: someone deleted our
@@ -284,8 +347,17 @@ public actor IPTablesBackend: ProxyBackend {
     /// Chain names declared in `iptables-save` output.
     public static func parseChains(_ save: String) -> Set<String> {
         var out = Set<String>()
-        for line in save.split(separator: "\n") where line.hasPrefix(":") {
-            if let name = line.dropFirst().split(separator: " ").first { out.insert(String(name)) }
+        let utf8 = save.utf8
+        var i = utf8.startIndex
+        // Only the `:CHAIN` lines, without splitting the (tens of megabytes of) rules into lines.
+        while i < utf8.endIndex {
+            let end = utf8[i...].firstIndex(of: UInt8(ascii: "\n")) ?? utf8.endIndex
+            if utf8[i] == UInt8(ascii: ":") {
+                let start = utf8.index(after: i)
+                let nameEnd = utf8[start..<end].firstIndex(of: UInt8(ascii: " ")) ?? end
+                out.insert(String(Substring(utf8[start..<nameEnd])))
+            }
+            i = end < utf8.endIndex ? utf8.index(after: end) : end
         }
         return out
     }

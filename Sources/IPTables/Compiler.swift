@@ -85,7 +85,7 @@ public struct CompiledRules: Sendable {
 
     /// Lines written for `table` (rules only, as kube-proxy's `_last` metric counts).
     public func writtenRules(_ table: Table) -> Int {
-        (table == .filter ? filter.rules : nat.rules).filter { $0.hasPrefix("-A ") }.count
+        (table == .filter ? filter.rules : nat.rules).reduce(0) { $0 + ($1.hasPrefix("-A ") || $1.hasPrefix("-I ") ? 1 : 0) }
     }
 }
 
@@ -269,7 +269,7 @@ public struct IPTablesCompiler: Sendable {
 
     // swiftlint:disable:next function_body_length
     /// Writes one service port's lines and returns what the memory keeps about it.
-    private func writeServicePort(_ svc: ServicePortInfo, state: ProxyState, largeCluster: Bool, names: inout ChainNameMemo,
+    func writeServicePort(_ svc: ServicePortInfo, state: ProxyState, largeCluster: Bool, names: inout ChainNameMemo,
                                   emit: inout Emitter, out: inout CompiledRules) -> ServicePortMemo {
         emit.begin()
         let proto = svc.proto.lowercased

@@ -159,14 +159,25 @@ extension CompiledRules {
         return out
     }
 
-    /// This batch without the top-level chains whose rules equal those in `applied` (what the
-    /// last successful restore left in them): neither their `:CHAIN` line, which with `--noflush`
-    /// would flush the chain, nor their rules. Per-service chains and deletions are kept.
+    /// This batch with the top-level chains written only as far as they differ from `applied`
+    /// (what the last successful restore left in them):
+    ///
+    /// - a chain whose rules equal those in `applied` is left out entirely: neither its
+    ///   `:CHAIN` line, which with `--noflush` would flush the chain, nor its rules;
+    /// - a chain that differs by a few rules (a Service added or deleted) is edited in place:
+    ///   `-D CHAIN <spec>` for each rule that goes, then `-I CHAIN <position>` (or `-A` at the
+    ///   end) for each rule that comes, at the position it has in the new rules, so the
+    ///   NodePort jump stays last in KUBE-SERVICES (see `TopLevelEdits`);
+    /// - any other chain is written whole, as a full sync writes it.
+    ///
+    /// Per-service chains and deletions are kept. The edits come first among the table's rule
+    /// lines, so a deleted rule is gone before its target chain is deleted (`-X`), and an
+    /// inserted rule's target chain is declared by the same batch's `:CHAIN` lines.
     ///
     /// This is a deliberate departure from kube-proxy, whose partial sync always rewrites every
-    /// top-level chain (KUBE-SERVICES alone is one rule per service port): see DESIGN.md,
-    /// "Performance facts measured here". With the nft back end a restore costs what it writes,
-    /// so an endpoint change at 10 000 services costs about a tenth as much without them.
+    /// top-level chain (KUBE-SERVICES alone is one rule per service port): see
+    /// docs/iptables-sync.md. With the nft back end a restore costs what it writes, so an
+    /// endpoint change at 10 000 services costs about a tenth as much without them.
     /// - Returns: the batch, the `table/chain` names left out, and `topLevelRules()` of `self`
     ///   (what the top-level chains hold once the batch is applied).
     public func omittingUnchangedTopLevelChains(_ applied: TopLevelRules)
@@ -179,12 +190,17 @@ extension CompiledRules {
             let names = TopLevelRules.names[table] ?? []
             let split = TopLevelSplit(batch, names: names)
             var drop = [Bool](repeating: false, count: names.count)
+            var edits: [String] = []
             var chains: [String: [String]] = [:]
             for (i, name) in names.enumerated() where split.declared[i] {
                 chains[name] = split.rules[i]
-                if let before = applied.chains[table]?[name], before == split.rules[i] {
+                guard let before = applied.chains[table]?[name] else { continue }
+                if before == split.rules[i] {
                     drop[i] = true
                     omitted.append("\(table.rawValue)/\(name)")
+                } else if let e = TopLevelEdits.edits(chain: name, from: before, to: split.rules[i]) {
+                    drop[i] = true
+                    edits += e
                 }
             }
             topLevel.chains[table] = chains
@@ -192,11 +208,64 @@ extension CompiledRules {
             var kept = TableBatch()
             kept.chains.reserveCapacity(batch.chains.count)
             for (line, tag) in zip(batch.chains, split.chainTags) where tag < 0 || !drop[tag] { kept.chains.append(line) }
-            kept.rules.reserveCapacity(batch.rules.count)
+            kept.rules.reserveCapacity(batch.rules.count + edits.count)
+            kept.rules += edits
             for (line, tag) in zip(batch.rules, split.ruleTags) where tag < 0 || !drop[tag] { kept.rules.append(line) }
             if table == .filter { out.filter = kept } else { out.nat = kept }
         }
         return (out, omitted, topLevel)
+    }
+}
+
+/// In-place edits of one top-level chain, from the rules the kernel holds to the new ones.
+enum TopLevelEdits {
+    /// The `-D`/`-I`/`-A` lines that turn `old` into `new`, or nil when writing the chain whole
+    /// is the better (or the only safe) choice: a rule appears twice in either list (a `-D` by
+    /// specification would be ambiguous), the rules both lists keep are not in the same order,
+    /// or more than a quarter of the rules change.
+    ///
+    /// Deletions go first, by rule specification; then each new rule is inserted, in the order
+    /// of `new`, at its final position: every rule before it in `new` is in the chain by then
+    /// (kept, or inserted just before), so `-I CHAIN <index + 1>` puts it exactly there.
+    static func edits(chain: String, from old: [String], to new: [String]) -> [String]? {
+        let limit = max(old.count, new.count) / 4
+        guard limit > 0 else { return nil }
+        var inOld = Set<String>(minimumCapacity: old.count)
+        for line in old where !inOld.insert(line).inserted { return nil }
+        var inNew = Set<String>(minimumCapacity: new.count)
+        for line in new where !inNew.insert(line).inserted { return nil }
+        var deleted: [String] = []
+        for line in old where !inNew.contains(line) {
+            deleted.append(line)
+            if deleted.count > limit { return nil }
+        }
+        var insertedCount = 0
+        for line in new where !inOld.contains(line) {
+            insertedCount += 1
+            if deleted.count + insertedCount > limit { return nil }
+        }
+        // The kept rules must keep their order.
+        var keptOld = old.lazy.filter { inNew.contains($0) }.makeIterator()
+        for line in new where inOld.contains(line) {
+            guard keptOld.next() == line else { return nil }
+        }
+        let head = "-A \(chain) "
+        func spec(_ line: String) -> Substring? {
+            line.hasPrefix(head) ? line.dropFirst(head.count) : nil
+        }
+        var out: [String] = []
+        out.reserveCapacity(deleted.count + insertedCount)
+        for line in deleted {
+            guard let s = spec(line) else { return nil }
+            out.append("-D \(chain) \(s)")
+        }
+        var length = old.count - deleted.count
+        for (i, line) in new.enumerated() where !inOld.contains(line) {
+            guard let s = spec(line) else { return nil }
+            out.append(i == length ? line : "-I \(chain) \(i + 1) \(s)")
+            length += 1
+        }
+        return out
     }
 }
 

@@ -130,8 +130,24 @@ public actor IPVSBackend: ProxyBackend {
     public private(set) var counters = IPVSWriteCounters()
     /// Writes made by the last sync.
     public private(set) var lastSyncWrites = IPVSWriteCounters()
-    /// The desired state of the last successful sync.
-    public private(set) var lastDesired: IPVSDesiredState?
+    /// What the kernel holds after the last successful full sync and every successful
+    /// partial sync since: the desired state written, the model and options it was compiled
+    /// from, and kube-ipvs0's index. A partial sync updates it for the changed Services and
+    /// writes the difference without reading the kernel; nil (the next sync reads the kernel)
+    /// before the first full sync and after any failed sync.
+    private struct KernelImage {
+        var desired: IPVSDesiredState
+        var state: ProxyState
+        var options: IPVSOptions
+        var dummyIndex: UInt32
+    }
+
+    private var image: KernelImage?
+    /// The desired state of the last successful sync (nil after a failed one).
+    public var lastDesired: IPVSDesiredState? { image?.desired }
+    /// Whether the next partial sync can work from memory (a full sync has succeeded, and no
+    /// sync has failed since).
+    public var holdsKernelImage: Bool { image != nil }
     /// Syncs completed.
     public private(set) var syncs = 0
 
@@ -190,11 +206,77 @@ public actor IPVSBackend: ProxyBackend {
 
     private func syncExclusively(_ state: ProxyState, full: Bool) async throws -> SyncReport {
         let before = counters
+        // Taken out: it is valid again only once this sync succeeds, and while it is out the
+        // update below mutates the only copy (no copy of a 20 000-Service state).
+        var memory = image
+        image = nil
+        let link = try await ensureDummy()
+        let index = UInt32(bitPattern: link.index)
+        if !full, var m = memory, m.dummyIndex == index, m.state.family == state.family,
+           m.state.nodeLabels == state.nodeLabels {
+            memory = nil
+            return try await partialSync(state, from: &m, before: before)
+        }
+        memory = nil
+        return try await readingSync(state, full: full, link: link, before: before)
+    }
+
+    /// A partial sync from memory: the compiled state is updated for the changed Services
+    /// only, and the IPVS messages, set members and addresses written are the difference
+    /// between what the kernel holds (the image) and the update. Nothing is read from the
+    /// kernel but the destinations of a TCP virtual server losing some (their connection
+    /// counts decide between deleting and draining).
+    private func partialSync(_ state: ProxyState, from memory: inout KernelImage, before: IPVSWriteCounters) async throws -> SyncReport {
+        var failures: [String] = []
+        let compiler = IPVSCompiler(options: memory.options)
+        let changes = compiler.update(&memory.desired, from: memory.state, to: state, changed: state.changedServices)
+        memory.state = state
+        let desired = memory.desired
+
+        // ipsets first: the iptables rules reference them.
+        var setChanges: [(set: String, add: [IPSetEntry], delete: [IPSetEntry])] = []
+        for d in desired.sets {
+            guard let touched = changes.entries[d.name] else { continue }
+            let now = desired.entries[d.name] ?? []
+            var add: [IPSetEntry] = []
+            var del: [IPSetEntry] = []
+            for (entry, was) in touched {
+                let isMember = now.contains(entry)
+                if isMember && !was { add.append(entry) } else if was && !isMember { del.append(entry) }
+            }
+            if !add.isEmpty || !del.isEmpty { setChanges.append((d.name, add.sorted(), del.sorted())) }
+        }
+        if !setChanges.isEmpty {
+            try await ipsets.update(setChanges)
+            counters.ipsetAdds += setChanges.reduce(0) { $0 + $1.add.count }
+            counters.ipsetDeletes += setChanges.reduce(0) { $0 + $1.delete.count }
+        }
+
+        // iptables: the constant-size rule set, rewritten when it changed.
+        let restoreBytes = try await syncIPTables(desired, full: false)
+
+        // IPVS services and destinations of the touched virtual servers.
+        failures += try await syncIPVS(desired, touched: changes.virtualServers)
+
+        // Addresses on kube-ipvs0.
+        let toBind = changes.addresses.filter { !$0.value && desired.boundAddresses.contains($0.key) }.map(\.key).sorted()
+        let toUnbind = changes.addresses.filter { $0.value && !desired.boundAddresses.contains($0.key) }.map(\.key).sorted()
+        failures += try await writeAddresses(bind: toBind, unbind: toUnbind, index: memory.dummyIndex)
+
+        try await reapExclusively()
+        let report = finishSync(desired, full: false, before: before, restoreBytes: restoreBytes)
+        guard failures.isEmpty else { throw IPVSSyncError(failures: failures) }
+        image = memory
+        return report
+    }
+
+    /// A sync that reads the kernel (virtual and real servers, sets, addresses) and writes
+    /// the difference: every full sync, and a partial one without a valid image.
+    private func readingSync(_ state: ProxyState, full: Bool, link: LinkInfo, before: IPVSWriteCounters) async throws -> SyncReport {
         var failures: [String] = []
         let family = config.options.family
 
-        // kube-ipvs0 and the node's addresses.
-        let link = try await ensureDummy()
+        // The node's addresses.
         let index = UInt32(bitPattern: link.index)
         var options = config.options
         let addresses = try await links.addresses()
@@ -216,6 +298,20 @@ public actor IPVSBackend: ProxyBackend {
         // Addresses on kube-ipvs0.
         let toBind = desired.boundAddresses.subtracting(bound).sorted()
         let toUnbind = bound.subtracting(desired.boundAddresses).sorted()
+        failures += try await writeAddresses(bind: toBind, unbind: toUnbind, index: index)
+
+        // Drained real servers whose connections are gone.
+        try await reapExclusively()
+
+        let report = finishSync(desired, full: full, before: before, restoreBytes: restoreBytes)
+        guard failures.isEmpty else { throw IPVSSyncError(failures: failures) }
+        // Only a full sync has checked every virtual server's destinations against the kernel.
+        if full { image = KernelImage(desired: desired, state: state, options: options, dummyIndex: index) }
+        return report
+    }
+
+    private func writeAddresses(bind toBind: [IPAddress], unbind toUnbind: [IPAddress], index: UInt32) async throws -> [String] {
+        var failures: [String] = []
         if !toBind.isEmpty {
             let failed = try await links.addAddresses(toBind, index: index)
             counters.addressAdds += toBind.count - failed.count
@@ -226,16 +322,15 @@ public actor IPVSBackend: ProxyBackend {
             counters.addressDeletes += toUnbind.count - failed.count
             failures += failed.map { "unbind \($0.0) from \(config.dummyDevice): \($0.1.errno)" }
         }
+        return failures
+    }
 
-        // Drained real servers whose connections are gone.
-        try await reapExclusively()
-
+    /// Counts, logs and reports one sync.
+    private func finishSync(_ desired: IPVSDesiredState, full: Bool, before: IPVSWriteCounters, restoreBytes: Int) -> SyncReport {
         lastSyncWrites = counters.since(before)
         syncs += 1
         let realServers = desired.virtualServers.values.reduce(0) { $0 + $1.destinations.count }
         logger.info("ipvs \(full ? "full" : "partial") sync: \(desired.virtualServers.count) virtual servers, \(realServers) real servers, \(desired.boundAddresses.count) addresses, \(draining.count) draining; wrote \(lastSyncWrites)")
-        guard failures.isEmpty else { throw IPVSSyncError(failures: failures) }
-        lastDesired = desired
         let w = lastSyncWrites
         return SyncReport(
             full: full,
@@ -392,6 +487,65 @@ public actor IPVSBackend: ProxyBackend {
             if inExcludedRange(vs.key.address) { continue }
             deletes.append(.deleteService(vs.key))
             draining = draining.filter { $0.key.service != vs.key }
+        }
+        return try await apply(ops + deletes)
+    }
+
+    /// Writes the difference between the image and the desired state for the virtual servers
+    /// an update touched (`touched`: the desired value before).
+    private func syncIPVS(_ desired: IPVSDesiredState, touched: [VirtualServerKey: DesiredVirtualServer?]) async throws -> [String] {
+        var ops: [IPVSOperation] = []
+        var deletes: [IPVSOperation] = []
+        let t = now()
+        for (key, was) in touched.sorted(by: { $0.key < $1.key }) {
+            switch (was, desired.virtualServers[key]) {
+            case (nil, nil):
+                continue
+            case (nil, let d?):
+                ops.append(.addService(d.server))
+                for rs in d.destinations { ops.append(.addDestination(key, rs)) }
+                draining = draining.filter { $0.key.service != key }
+            case (_?, nil):
+                draining = draining.filter { $0.key.service != key }
+                if inExcludedRange(key.address) { continue }
+                deletes.append(.deleteService(key))
+            case (let o?, let d?):
+                if !d.server.sameConfiguration(as: o.server) { ops.append(.updateService(d.server)) }
+                let had = Dictionary(o.destinations.map { ($0.endpoint, $0) }, uniquingKeysWith: { a, _ in a })
+                let want = Set(d.destinations.map(\.endpoint))
+                for rs in d.destinations {
+                    let dk = DrainKey(service: key, endpoint: rs.endpoint)
+                    if let h = had[rs.endpoint] {
+                        if h.weight != rs.weight || h.forwarding != rs.forwarding { ops.append(.updateDestination(key, rs)) }
+                    } else if draining[dk] != nil {
+                        // Draining at weight 0 and desired again: back in service.
+                        ops.append(.updateDestination(key, rs))
+                    } else {
+                        ops.append(.addDestination(key, rs))
+                    }
+                    draining[dk] = nil
+                }
+                let gone = o.destinations.filter { !want.contains($0.endpoint) }
+                guard !gone.isEmpty else { continue }
+                // TCP real servers with established connections drain (as kube-proxy): their
+                // counts are read for this one virtual server.
+                var inKernel: [RealServerEndpoint: RealServer] = [:]
+                if key.proto == .tcp {
+                    inKernel = Dictionary(try await ipvs.destinations(of: key).map { ($0.endpoint, $0) }, uniquingKeysWith: { a, _ in a })
+                }
+                for rs in gone {
+                    let h = inKernel[rs.endpoint] ?? rs
+                    if key.proto != .tcp || h.activeConnections == 0 {
+                        ops.append(.deleteDestination(key, h))
+                    } else {
+                        var zero = h
+                        zero.weight = 0
+                        ops.append(.updateDestination(key, zero))
+                        draining[DrainKey(service: key, endpoint: h.endpoint)] = Drain(server: h, deadline: t + config.gracefulPeriod)
+                        logger.info("draining \(key) -> \(h.endpoint): \(h.activeConnections) active connections, deleted when they end or in \(config.gracefulPeriod)")
+                    }
+                }
+            }
         }
         return try await apply(ops + deletes)
     }

@@ -75,6 +75,55 @@ public struct IPVSDesiredState: Sendable {
     /// Services with a Local policy and no local endpoints, by "internal"/"external".
     public var noLocalEndpoints: [String: Int] = ["internal": 0, "external": 0]
 
+    // The bookkeeping that lets `IPVSCompiler.update` add and remove one service port's
+    // share of the state: members and addresses more than one service port contributes are
+    // counted (beyond the first), so removing one port's share keeps the others'.
+    /// Extra contributions of set members, by set.
+    var extraEntries: [String: [IPSetEntry: Int]] = [:]
+    /// Extra contributions of bound addresses.
+    var extraBound: [IPAddress: Int] = [:]
+    /// Load-balancer addresses the node may not reach (source ranges without the node), by service port.
+    var noNodeAccess: [ServicePortName: [IPVSNoNodeAccess]] = [:]
+    /// Services counted in `noLocalEndpoints`.
+    var noLocalInternal: Set<NamespacedName> = []
+    var noLocalExternal: Set<NamespacedName> = []
+
+    /// Adds one contribution of `entry` to `set`.
+    mutating func insert(_ entry: IPSetEntry, into set: String, recording changes: inout IPVSDesiredChanges?) {
+        changes?.note(entry, in: set, wasMember: entries[set]?.contains(entry) ?? false)
+        if !entries[set, default: []].insert(entry).inserted { extraEntries[set, default: [:]][entry, default: 0] += 1 }
+    }
+
+    /// Removes one contribution of `entry` from `set`: the member goes with its last one.
+    mutating func remove(_ entry: IPSetEntry, from set: String, recording changes: inout IPVSDesiredChanges?) {
+        changes?.note(entry, in: set, wasMember: entries[set]?.contains(entry) ?? false)
+        if let n = extraEntries[set]?[entry] {
+            extraEntries[set]?[entry] = n > 1 ? n - 1 : nil
+        } else {
+            entries[set]?.remove(entry)
+        }
+    }
+
+    /// Adds one contribution of a bound address (and its `KUBE-IPVS-IPS` member).
+    mutating func bind(_ ip: IPAddress, ipvsIPs: String, recording changes: inout IPVSDesiredChanges?) {
+        changes?.note(ip, wasBound: boundAddresses.contains(ip))
+        if boundAddresses.insert(ip).inserted {
+            insert(.ip(ip), into: ipvsIPs, recording: &changes)
+        } else {
+            extraBound[ip, default: 0] += 1
+        }
+    }
+
+    /// Removes one contribution of a bound address.
+    mutating func unbind(_ ip: IPAddress, ipvsIPs: String, recording changes: inout IPVSDesiredChanges?) {
+        changes?.note(ip, wasBound: boundAddresses.contains(ip))
+        if let n = extraBound[ip] {
+            extraBound[ip] = n > 1 ? n - 1 : nil
+        } else if boundAddresses.remove(ip) != nil {
+            remove(.ip(ip), from: ipvsIPs, recording: &changes)
+        }
+    }
+
     /// The iptables-restore input: nat then filter, as kube-proxy's IPVS proxier writes it.
     public var restoreText: String {
         var out = "*nat\n"
@@ -121,6 +170,39 @@ public struct IPVSDesiredState: Sendable {
     /// The whole dry run: ipvsadm, ipset and iptables-restore sections.
     public var dryRunText: String {
         "# ipvsadm -Sn\n" + ipvsadmSave + "# ipset save\n" + ipsetSave + "# iptables-restore\n" + restoreText
+    }
+}
+
+/// A load-balancer address whose source ranges leave the node out.
+struct IPVSNoNodeAccess: Hashable, Sendable {
+    var ip: IPAddress
+    var proto: TransportProtocol
+    var port: Int
+}
+
+/// What `IPVSCompiler.update` may have changed, with the values before: the backend writes
+/// the kernel from this and the updated state, without reading the kernel.
+public struct IPVSDesiredChanges: Sendable {
+    /// Virtual servers touched, with their desired value before (nil: there was none).
+    public var virtualServers: [VirtualServerKey: DesiredVirtualServer?] = [:]
+    /// Set members touched, by set, with whether each was a member before.
+    public var entries: [String: [IPSetEntry: Bool]] = [:]
+    /// Addresses touched, with whether each was bound before.
+    public var addresses: [IPAddress: Bool] = [:]
+
+    /// Creates an empty record.
+    public init() {}
+
+    mutating func note(_ entry: IPSetEntry, in set: String, wasMember: Bool) {
+        if entries[set]?[entry] == nil { entries[set, default: [:]][entry] = wasMember }
+    }
+
+    mutating func note(_ ip: IPAddress, wasBound: Bool) {
+        if addresses[ip] == nil { addresses[ip] = wasBound }
+    }
+
+    mutating func note(_ key: VirtualServerKey, was: DesiredVirtualServer?) {
+        if virtualServers.index(forKey: key) == nil { virtualServers[key] = .some(was) }
     }
 }
 
@@ -200,126 +282,195 @@ public struct IPVSCompiler: Sendable {
 
     private func set(_ base: String) -> String { IPSetDefinition(baseName: base, type: .hashIP, family: family, comment: "").name }
 
+    /// One service port's share of the state.
+    private struct Contribution {
+        var servers: [DesiredVirtualServer] = []
+        var entries: [(set: String, entry: IPSetEntry)] = []
+        var bound: [IPAddress] = []
+        var noNodeAccess: [IPVSNoNodeAccess] = []
+        var noLocalInternal = false
+        var noLocalExternal = false
+    }
+
     /// Compiles `state`.
     public func compile(_ state: ProxyState) -> IPVSDesiredState {
         var out = IPVSDesiredState()
         out.sets = KubeIPSet.all(family)
         for d in out.sets { out.entries[d.name] = [] }
-        var noNodeAccess: [(IPAddress, TransportProtocol, Int)] = []
-        var noLocalInternal = Set<NamespacedName>()
-        var noLocalExternal = Set<NamespacedName>()
+        var none: IPVSDesiredChanges? = nil
+        for name in state.sortedNames {
+            guard let c = contribution(of: name, in: state) else { continue }
+            add(c, of: name, to: &out, recording: &none)
+        }
+        finish(&out)
+        return out
+    }
+
+    /// Brings `out`, compiled (with these options) from `old`, to `new`, re-deriving only the
+    /// Services in `changed`: the cost is that of the changes, not of the number of Services.
+    /// - Returns: what was touched, with the values before.
+    public func update(_ out: inout IPVSDesiredState, from old: ProxyState, to new: ProxyState,
+                       changed: Set<NamespacedName>) -> IPVSDesiredChanges {
+        var changes: IPVSDesiredChanges? = IPVSDesiredChanges()
+        let services = changed.sorted()
+        for service in services {
+            for name in old.portNames(of: service) {
+                guard let c = contribution(of: name, in: old) else { continue }
+                remove(c, of: name, from: &out, recording: &changes)
+            }
+        }
+        for service in services {
+            for name in new.portNames(of: service) {
+                guard let c = contribution(of: name, in: new) else { continue }
+                add(c, of: name, to: &out, recording: &changes)
+            }
+        }
+        finish(&out)
+        return changes ?? IPVSDesiredChanges()
+    }
+
+    private func add(_ c: Contribution, of name: ServicePortName, to out: inout IPVSDesiredState, recording changes: inout IPVSDesiredChanges?) {
+        let ipvsIPs = set(KubeIPSet.ipvsIPs)
+        for e in c.entries { out.insert(e.entry, into: e.set, recording: &changes) }
+        for vs in c.servers {
+            changes?.note(vs.server.key, was: out.virtualServers[vs.server.key])
+            out.virtualServers[vs.server.key] = vs
+        }
+        for ip in c.bound { out.bind(ip, ipvsIPs: ipvsIPs, recording: &changes) }
+        if !c.noNodeAccess.isEmpty { out.noNodeAccess[name] = c.noNodeAccess }
+        if c.noLocalInternal { out.noLocalInternal.insert(name.service) }
+        if c.noLocalExternal { out.noLocalExternal.insert(name.service) }
+    }
+
+    private func remove(_ c: Contribution, of name: ServicePortName, from out: inout IPVSDesiredState, recording changes: inout IPVSDesiredChanges?) {
+        let ipvsIPs = set(KubeIPSet.ipvsIPs)
+        for e in c.entries { out.remove(e.entry, from: e.set, recording: &changes) }
+        for vs in c.servers where out.virtualServers[vs.server.key]?.servicePort == name {
+            changes?.note(vs.server.key, was: out.virtualServers[vs.server.key])
+            out.virtualServers[vs.server.key] = nil
+        }
+        for ip in c.bound { out.unbind(ip, ipvsIPs: ipvsIPs, recording: &changes) }
+        out.noNodeAccess[name] = nil
+        out.noLocalInternal.remove(name.service)
+        out.noLocalExternal.remove(name.service)
+    }
+
+    /// The parts that depend on the whole state: the no-local-endpoints counts and the
+    /// constant-size rule set.
+    private func finish(_ out: inout IPVSDesiredState) {
+        out.noLocalEndpoints = ["internal": out.noLocalInternal.count, "external": out.noLocalExternal.count]
+        let noNodeAccess = out.noNodeAccess.keys.sorted().flatMap { out.noNodeAccess[$0] ?? [] }
+        writeRules(&out, noNodeAccess: noNodeAccess.map { ($0.ip, $0.proto, $0.port) })
+    }
+
+    /// What one service port adds to the state (nil when it is not of this family).
+    private func contribution(of name: ServicePortName, in state: ProxyState) -> Contribution? {
+        guard let svc = state.servicePorts[name], svc.clusterIP.family == family else { return nil }
+        var out = Contribution()
         let nodeIP = options.node.nodeIPs.first { $0.family == family }
         let nodePortIPs = options.nodePortAddresses.filter { $0.family == family }
+        func insert(_ base: String, _ e: IPSetEntry) { out.entries.append((set(base), e)) }
 
-        func insert(_ base: String, _ e: IPSetEntry) { out.entries[set(base), default: []].insert(e) }
+        let proto = svc.proto
+        let all = state.endpoints[name] ?? []
+        let cat = categorizeEndpoints(all, info: svc, nodeName: options.node.nodeName, nodeLabels: state.nodeLabels)
 
-        for name in state.sortedNames {
-            guard let svc = state.servicePorts[name], svc.clusterIP.family == family else { continue }
-            let proto = svc.proto
-            let all = state.endpoints[name] ?? []
-            let cat = categorizeEndpoints(all, info: svc, nodeName: options.node.nodeName, nodeLabels: state.nodeLabels)
+        // Hairpin: local endpoints masquerade traffic they send to themselves.
+        for ep in all where ep.isLocal && ep.ip.family == family {
+            insert(KubeIPSet.loopBack, .ipPortIP(ep.ip, proto, ep.port, ep.ip))
+        }
 
-            // Hairpin: local endpoints masquerade traffic they send to themselves.
-            for ep in all where ep.isLocal && ep.ip.family == family {
-                insert(KubeIPSet.loopBack, .ipPortIP(ep.ip, proto, ep.port, ep.ip))
+        func destinations(local: Bool) -> [RealServer] {
+            // Local policy: the local endpoints; with none, the cluster set, as kube-proxy
+            // does (#97081) so that pods on this node still reach the service.
+            let eps = local && !cat.local.isEmpty ? cat.local : cat.cluster
+            var seen = Set<RealServerEndpoint>()
+            var rs: [RealServer] = []
+            for ep in eps where ep.ip.family == family {
+                let r = RealServer(address: ep.ip, port: UInt16(clamping: ep.port), weight: 1)
+                if seen.insert(r.endpoint).inserted { rs.append(r) }
             }
+            return rs.sorted()
+        }
 
-            func destinations(local: Bool) -> [RealServer] {
-                // Local policy: the local endpoints; with none, the cluster set, as kube-proxy
-                // does (#97081) so that pods on this node still reach the service.
-                let eps = local && !cat.local.isEmpty ? cat.local : cat.cluster
-                var seen = Set<RealServerEndpoint>()
-                var rs: [RealServer] = []
-                for ep in eps where ep.ip.family == family {
-                    let r = RealServer(address: ep.ip, port: UInt16(clamping: ep.port), weight: 1)
-                    if seen.insert(r.endpoint).inserted { rs.append(r) }
+        func addVS(_ address: IPAddress, _ port: Int, local: Bool, bind: Bool) {
+            var flags: IPVSServiceFlags = []
+            var timeout: UInt32 = 0
+            if let sticky = svc.stickyTimeoutSeconds {
+                flags.insert(.persistent)
+                timeout = UInt32(clamping: sticky)
+            }
+            if options.scheduler == "mh" { flags.insert(.scheduler2) }
+            let key = VirtualServerKey(address: address, proto: proto, port: UInt16(clamping: port))
+            let vs = VirtualServer(key: key, scheduler: options.scheduler, flags: flags, timeout: timeout)
+            out.servers.append(DesiredVirtualServer(server: vs, destinations: destinations(local: local), servicePort: name))
+            if bind { out.bound.append(address) }
+        }
+
+        // Cluster IP.
+        insert(KubeIPSet.clusterIP, .ipPort(svc.clusterIP, proto, svc.port))
+        addVS(svc.clusterIP, svc.port, local: svc.internalPolicyLocal, bind: true)
+        if svc.internalPolicyLocal && cat.local.isEmpty && cat.hasAnyEndpoints {
+            out.noLocalInternal = true
+        }
+        if svc.externallyAccessible && svc.externalPolicyLocal && cat.local.isEmpty && cat.hasAnyEndpoints {
+            out.noLocalExternal = true
+        }
+
+        // External IPs.
+        for ip in svc.externalIPs where ip.family == family {
+            insert(svc.externalPolicyLocal ? KubeIPSet.externalIPLocal : KubeIPSet.externalIP, .ipPort(ip, proto, svc.port))
+            addVS(ip, svc.port, local: svc.externalPolicyLocal, bind: !options.localAddresses.contains(ip))
+        }
+
+        // Load-balancer IPs.
+        for ip in svc.loadBalancerVIPs where ip.family == family {
+            let entry = IPSetEntry.ipPort(ip, proto, svc.port)
+            insert(KubeIPSet.loadBalancer, entry)
+            if svc.externalPolicyLocal { insert(KubeIPSet.loadBalancerLocal, entry) }
+            if !svc.loadBalancerSourceRanges.isEmpty {
+                insert(KubeIPSet.loadBalancerFW, entry)
+                var allowFromNode = false
+                for cidr in svc.loadBalancerSourceRanges where cidr.family == family {
+                    insert(KubeIPSet.loadBalancerSourceCIDR, .ipPortNet(ip, proto, svc.port, cidr))
+                    if let nodeIP, cidr.contains(nodeIP) { allowFromNode = true }
                 }
-                return rs.sorted()
-            }
-
-            func addVS(_ address: IPAddress, _ port: Int, local: Bool, bind: Bool) {
-                var flags: IPVSServiceFlags = []
-                var timeout: UInt32 = 0
-                if let sticky = svc.stickyTimeoutSeconds {
-                    flags.insert(.persistent)
-                    timeout = UInt32(clamping: sticky)
-                }
-                if options.scheduler == "mh" { flags.insert(.scheduler2) }
-                let key = VirtualServerKey(address: address, proto: proto, port: UInt16(clamping: port))
-                let vs = VirtualServer(key: key, scheduler: options.scheduler, flags: flags, timeout: timeout)
-                out.virtualServers[key] = DesiredVirtualServer(server: vs, destinations: destinations(local: local), servicePort: name)
-                if bind { out.boundAddresses.insert(address) }
-            }
-
-            // Cluster IP.
-            insert(KubeIPSet.clusterIP, .ipPort(svc.clusterIP, proto, svc.port))
-            addVS(svc.clusterIP, svc.port, local: svc.internalPolicyLocal, bind: true)
-            if svc.internalPolicyLocal && cat.local.isEmpty && cat.hasAnyEndpoints {
-                noLocalInternal.insert(name.service)
-            }
-            if svc.externallyAccessible && svc.externalPolicyLocal && cat.local.isEmpty && cat.hasAnyEndpoints {
-                noLocalExternal.insert(name.service)
-            }
-
-            // External IPs.
-            for ip in svc.externalIPs where ip.family == family {
-                insert(svc.externalPolicyLocal ? KubeIPSet.externalIPLocal : KubeIPSet.externalIP, .ipPort(ip, proto, svc.port))
-                addVS(ip, svc.port, local: svc.externalPolicyLocal, bind: !options.localAddresses.contains(ip))
-            }
-
-            // Load-balancer IPs.
-            for ip in svc.loadBalancerVIPs where ip.family == family {
-                let entry = IPSetEntry.ipPort(ip, proto, svc.port)
-                insert(KubeIPSet.loadBalancer, entry)
-                if svc.externalPolicyLocal { insert(KubeIPSet.loadBalancerLocal, entry) }
-                if !svc.loadBalancerSourceRanges.isEmpty {
-                    insert(KubeIPSet.loadBalancerFW, entry)
-                    var allowFromNode = false
-                    for cidr in svc.loadBalancerSourceRanges where cidr.family == family {
-                        insert(KubeIPSet.loadBalancerSourceCIDR, .ipPortNet(ip, proto, svc.port, cidr))
-                        if let nodeIP, cidr.contains(nodeIP) { allowFromNode = true }
-                    }
-                    if allowFromNode {
-                        insert(KubeIPSet.loadBalancerSourceIP, .ipPortIP(ip, proto, svc.port, ip))
-                    } else {
-                        noNodeAccess.append((ip, proto, svc.port))
-                    }
-                }
-                addVS(ip, svc.port, local: svc.externalPolicyLocal, bind: !options.localAddresses.contains(ip))
-            }
-
-            // Node ports.
-            if svc.nodePort != 0 && !nodePortIPs.isEmpty {
-                let entries: [IPSetEntry]
-                let (setName, localSetName): (String, String)
-                switch proto {
-                case .tcp:
-                    (setName, localSetName) = (KubeIPSet.nodePortTCP, KubeIPSet.nodePortLocalTCP)
-                    entries = [.port(svc.nodePort)]
-                case .udp:
-                    (setName, localSetName) = (KubeIPSet.nodePortUDP, KubeIPSet.nodePortLocalUDP)
-                    entries = [.port(svc.nodePort)]
-                case .sctp:
-                    (setName, localSetName) = (KubeIPSet.nodePortSCTP, KubeIPSet.nodePortLocalSCTP)
-                    entries = nodePortIPs.map { .ipPort($0, .sctp, svc.nodePort) }
-                }
-                for e in entries {
-                    insert(setName, e)
-                    if svc.externalPolicyLocal { insert(localSetName, e) }
-                }
-                for ip in nodePortIPs {
-                    addVS(ip, svc.nodePort, local: svc.externalPolicyLocal, bind: false)
+                if allowFromNode {
+                    insert(KubeIPSet.loadBalancerSourceIP, .ipPortIP(ip, proto, svc.port, ip))
+                } else {
+                    out.noNodeAccess.append(IPVSNoNodeAccess(ip: ip, proto: proto, port: svc.port))
                 }
             }
+            addVS(ip, svc.port, local: svc.externalPolicyLocal, bind: !options.localAddresses.contains(ip))
+        }
 
-            if svc.healthCheckNodePort != 0 {
-                insert(KubeIPSet.healthCheckNodePort, .port(svc.healthCheckNodePort))
+        // Node ports.
+        if svc.nodePort != 0 && !nodePortIPs.isEmpty {
+            let entries: [IPSetEntry]
+            let (setName, localSetName): (String, String)
+            switch proto {
+            case .tcp:
+                (setName, localSetName) = (KubeIPSet.nodePortTCP, KubeIPSet.nodePortLocalTCP)
+                entries = [.port(svc.nodePort)]
+            case .udp:
+                (setName, localSetName) = (KubeIPSet.nodePortUDP, KubeIPSet.nodePortLocalUDP)
+                entries = [.port(svc.nodePort)]
+            case .sctp:
+                (setName, localSetName) = (KubeIPSet.nodePortSCTP, KubeIPSet.nodePortLocalSCTP)
+                entries = nodePortIPs.map { .ipPort($0, .sctp, svc.nodePort) }
+            }
+            for e in entries {
+                insert(setName, e)
+                if svc.externalPolicyLocal { insert(localSetName, e) }
+            }
+            for ip in nodePortIPs {
+                addVS(ip, svc.nodePort, local: svc.externalPolicyLocal, bind: false)
             }
         }
 
-        out.entries[set(KubeIPSet.ipvsIPs)] = Set(out.boundAddresses.map(IPSetEntry.ip))
-        out.noLocalEndpoints = ["internal": noLocalInternal.count, "external": noLocalExternal.count]
-        writeRules(&out, noNodeAccess: noNodeAccess)
+        if svc.healthCheckNodePort != 0 {
+            insert(KubeIPSet.healthCheckNodePort, .port(svc.healthCheckNodePort))
+        }
         return out
     }
 

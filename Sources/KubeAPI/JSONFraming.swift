@@ -14,37 +14,9 @@ import Foundation
 enum JSONTree {
     private static let booleanType = type(of: NSNumber(value: true))
 
-    /// Parses one JSON document.
+    /// Parses one JSON document (with `JSONScanner`, which gives these types directly).
     static func parse(_ bytes: some Collection<UInt8>) throws -> Any {
-        try checkNesting(bytes)
-        let data = bytes as? Data ?? Data(bytes)
-        return normalise(try JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]))
-    }
-
-    /// Deeper nesting than this is refused before parsing. A Kubernetes list of EndpointSlices
-    /// nests about 8 deep; the parser and `normalise` recurse once per level.
-    static let maximumDepth = 100
-
-    /// Scans `bytes` once (strings and escapes tracked) and throws when objects and arrays
-    /// nest deeper than `maximumDepth`, so a hostile document never reaches the recursive
-    /// parser. JSON has no aliases, so its size is bounded by the bytes (the watch framing's
-    /// `maximumFrameBytes`, the manifest file cap).
-    static func checkNesting(_ bytes: some Collection<UInt8>) throws {
-        var depth = 0, inString = false, escaped = false
-        for b in bytes {
-            if inString {
-                if escaped { escaped = false } else if b == UInt8(ascii: "\\") { escaped = true } else if b == UInt8(ascii: "\"") { inString = false }
-                continue
-            }
-            switch b {
-            case UInt8(ascii: "\""): inString = true
-            case UInt8(ascii: "{"), UInt8(ascii: "["):
-                depth += 1
-                if depth > maximumDepth { throw JSONShapeError(message: "nested more than \(maximumDepth) levels deep") }
-            case UInt8(ascii: "}"), UInt8(ascii: "]"): depth -= 1
-            default: break
-            }
-        }
+        try JSONScanner.parse(bytes)
     }
 
     /// Parses one JSON document that must be an object.

@@ -205,28 +205,30 @@ public final class KubeClient: Sendable {
         let what = "list \(resource.plural)"
         let response = try await send(path: resource.path, query: query, what: what)
         let body = try await collect(response, what: what)
+        var page = ListPage()
+        // Items are decoded into the model one at a time as the parser reaches them: the
+        // page's JSON is never held as a tree, only its bytes, until this returns.
         let tree: [String: Any]
         do {
-            tree = try JSONTree.parseObject(body)
+            tree = try JSONScanner.parseList(body) { item in
+                guard let item = item as? [String: Any] else { return }
+                let (key, result) = Self.decode(item, resource: resource)
+                guard let key else {
+                    page.rejections.append(ObjectRejection(kind: resource.kind, key: "?", reason: "list item has no metadata.name"))
+                    return
+                }
+                page.keys.append(key)
+                switch result {
+                case .success(let o): page.objects.append(o)
+                case .failure(let r): page.rejections.append(r)
+                }
+            }
         } catch {
             throw KubeAPIError(request: what, code: 200, reason: "BadResponse", message: "the list body is not a JSON object")
         }
         let meta = tree["metadata"] as? [String: Any] ?? [:]
-        var page = ListPage()
         page.resourceVersion = meta["resourceVersion"] as? String ?? ""
         if let c = meta["continue"] as? String, !c.isEmpty { page.continueToken = c }
-        for case let item as [String: Any] in tree["items"] as? [Any] ?? [] {
-            let (key, result) = Self.decode(item, resource: resource)
-            guard let key else {
-                page.rejections.append(ObjectRejection(kind: resource.kind, key: "?", reason: "list item has no metadata.name"))
-                continue
-            }
-            page.keys.append(key)
-            switch result {
-            case .success(let o): page.objects.append(o)
-            case .failure(let r): page.rejections.append(r)
-            }
-        }
         return page
     }
 

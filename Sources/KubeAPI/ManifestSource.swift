@@ -63,18 +63,14 @@ public enum ManifestParser {
         }
         // Parse every document before using any: a syntax error anywhere fails the whole file.
         // Each tree is measured before it is expanded into dictionaries.
-        let parser = try Parser(yaml: text)
-        var roots: [Yams.Node] = []
         var budget = text.utf8.count + limits.extraNodes
         let allowed = budget
-        while let node = try parser.nextRoot() {
-            try measure(node, depth: 0, budget: &budget, limits: limits, allowed: allowed)
-            roots.append(node)
+        let docs = try YAMLTrees.documents(text) { root in
+            try measure(root, depth: 0, budget: &budget, limits: limits, allowed: allowed)
         }
-        let docs = roots.map { $0.any }
         for doc in docs {
             defer { index += 1 }
-            if doc is NSNull { continue }
+            if isNull(doc) { continue }
             guard let tree = doc as? [String: Any] else {
                 out.rejections.append(ObjectRejection(kind: "document", key: "\(file)#\(index)", reason: "not a mapping"))
                 continue

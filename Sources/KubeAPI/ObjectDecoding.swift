@@ -53,7 +53,15 @@ public struct DecodeError: Error, Sendable, Hashable, CustomStringConvertible {
 /// endpoints; nothing legitimate comes near this for any list the proxy reads).
 public let maximumListLength = 10_000
 
-/// Reads typed fields out of a generic tree (`[String: Any]` from Yams or JSONSerialization).
+/// Whether `v` is JSON/YAML null. Compares the dynamic type: `v is NSNull` on a Swift
+/// dictionary or array makes the runtime bridge the whole subtree to NSDictionary / NSArray
+/// first (to test the class), which cost more than parsing.
+@inline(__always)
+func isNull(_ v: Any) -> Bool {
+    ObjectIdentifier(type(of: v)) == ObjectIdentifier(NSNull.self)
+}
+
+/// Reads typed fields out of a generic tree (`[String: Any]` from the manifest or JSON parsers).
 struct FieldReader {
     let object: [String: Any]
     let path: String
@@ -66,13 +74,13 @@ struct FieldReader {
     private func at(_ key: String) -> String { path.isEmpty ? key : "\(path).\(key)" }
 
     func string(_ key: String) throws(DecodeError) -> String? {
-        guard let v = object[key], !(v is NSNull) else { return nil }
+        guard let v = object[key], !isNull(v) else { return nil }
         if let s = v as? String { return s }
         throw DecodeError(path: at(key), reason: "expected a string, found \(Validation.printable(String(describing: v)))")
     }
 
     func int(_ key: String) throws(DecodeError) -> Int? {
-        guard let v = object[key], !(v is NSNull) else { return nil }
+        guard let v = object[key], !isNull(v) else { return nil }
         if let b = v as? Bool { throw DecodeError(path: at(key), reason: "expected an integer, found \(b)") }
         if let i = v as? Int { return i }
         if let d = v as? Double, d == d.rounded(), abs(d) < 1e15 { return Int(d) }
@@ -80,19 +88,19 @@ struct FieldReader {
     }
 
     func bool(_ key: String) throws(DecodeError) -> Bool? {
-        guard let v = object[key], !(v is NSNull) else { return nil }
+        guard let v = object[key], !isNull(v) else { return nil }
         if let b = v as? Bool { return b }
         throw DecodeError(path: at(key), reason: "expected true or false, found \(Validation.printable(String(describing: v)))")
     }
 
     func object(_ key: String) throws(DecodeError) -> FieldReader? {
-        guard let v = object[key], !(v is NSNull) else { return nil }
+        guard let v = object[key], !isNull(v) else { return nil }
         if let o = v as? [String: Any] { return FieldReader(o, path: at(key)) }
         throw DecodeError(path: at(key), reason: "expected a mapping")
     }
 
     func list(_ key: String) throws(DecodeError) -> [Any] {
-        guard let v = object[key], !(v is NSNull) else { return [] }
+        guard let v = object[key], !isNull(v) else { return [] }
         guard let l = v as? [Any] else { throw DecodeError(path: at(key), reason: "expected a list") }
         guard l.count <= maximumListLength else {
             throw DecodeError(path: at(key), reason: "\(l.count) entries is more than the \(maximumListLength) accepted")

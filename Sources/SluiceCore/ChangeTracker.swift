@@ -53,9 +53,12 @@ public struct ChangeTracker: Sendable {
     /// Set when the node's labels change (topology): the next sync must be full.
     public private(set) var nodeLabelsChanged = false
 
+    /// The derived model of one family, kept flat (as `ProxyState` holds it) and updated in
+    /// place for changed Services, so a snapshot costs the changes, not the number of Services.
     private struct FamilyCache: Sendable {
-        var ports: [NamespacedName: [ServicePortName: ServicePortInfo]] = [:]
-        var endpoints: [NamespacedName: [ServicePortName: [EndpointInfo]]] = [:]
+        var ports: [ServicePortName: ServicePortInfo] = [:]
+        var endpoints: [ServicePortName: [EndpointInfo]] = [:]
+        var portNames: [NamespacedName: [ServicePortName]] = [:]
     }
 
     /// Creates an empty tracker.
@@ -147,23 +150,28 @@ public struct ChangeTracker: Sendable {
     /// Builds the snapshot for one family, re-deriving only changed Services, and clears the
     /// family's pending set.
     public mutating func snapshot(_ family: IPFamily) -> ProxyState {
-        var c = cache[family] ?? FamilyCache()
+        // Taken out of the dictionary so the updates below mutate it in place (no copy unless
+        // a previous snapshot still shares its storage).
+        var c = cache.removeValue(forKey: family) ?? FamilyCache()
         let changed = pending[family] ?? []
         for key in changed {
+            for old in c.portNames.removeValue(forKey: key) ?? [] {
+                c.ports[old] = nil
+                c.endpoints[old] = nil
+            }
             if let svc = services[key], let ports = ChangeTracker.servicePorts(svc, family: family, proxyName: serviceProxyName) {
-                c.ports[key] = ports
-                c.endpoints[key] = endpointMap(for: key, ports: ports, family: family)
-            } else {
-                c.ports[key] = nil
-                c.endpoints[key] = nil
+                let eps = endpointMap(for: key, ports: ports, family: family)
+                for (name, info) in ports {
+                    c.ports[name] = info
+                    if let e = eps[name] { c.endpoints[name] = e }
+                }
+                c.portNames[key] = ports.keys.sorted()
             }
         }
         cache[family] = c
         pending[family] = []
-        var state = ProxyState(family: family, changedServices: changed, nodeLabels: node?.labels ?? [:])
-        for (_, ports) in c.ports { state.servicePorts.merge(ports) { a, _ in a } }
-        for (_, eps) in c.endpoints { state.endpoints.merge(eps) { a, _ in a } }
-        return state
+        return ProxyState(family: family, servicePorts: c.ports, endpoints: c.endpoints, changedServices: changed,
+                          nodeLabels: node?.labels ?? [:], portNamesByService: c.portNames)
     }
 
     /// Clears the node-label flag once a full sync has consumed it.

@@ -125,16 +125,29 @@ public struct ProxyState: Sendable {
     public var changedServices: Set<NamespacedName>
     /// Labels of this node (topology).
     public var nodeLabels: [String: String]
+    /// The service port names of each Service, when the producer of the snapshot keeps them
+    /// (the change tracker does); empty otherwise. Read it through `portNames(of:)`.
+    public var portNamesByService: [NamespacedName: [ServicePortName]]
 
     /// Creates a snapshot.
     public init(family: IPFamily = .ipv4, servicePorts: [ServicePortName: ServicePortInfo] = [:],
                 endpoints: [ServicePortName: [EndpointInfo]] = [:], changedServices: Set<NamespacedName> = [],
-                nodeLabels: [String: String] = [:]) {
+                nodeLabels: [String: String] = [:], portNamesByService: [NamespacedName: [ServicePortName]] = [:]) {
         self.family = family
         self.servicePorts = servicePorts
         self.endpoints = endpoints
         self.changedServices = changedServices
         self.nodeLabels = nodeLabels
+        self.portNamesByService = portNamesByService
+    }
+
+    /// The service ports of one Service, sorted: from the index when the snapshot has one
+    /// (constant time in the number of Services), else by a scan of every port.
+    public func portNames(of service: NamespacedName) -> [ServicePortName] {
+        if !portNamesByService.isEmpty {
+            return (portNamesByService[service] ?? []).filter { servicePorts[$0] != nil }.sorted()
+        }
+        return servicePorts.keys.filter { $0.service == service }.sorted()
     }
 
     /// Service port names in a stable order.

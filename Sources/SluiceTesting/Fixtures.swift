@@ -64,16 +64,27 @@ public final class FakeIPTables: CommandRunner, @unchecked Sendable {
     /// table -> chain -> rules (argument strings after `-A CHAIN `).
     private var tables: [String: [String: [String]]] = ["filter": [:], "nat": [:], "mangle": [:]]
     private var failNextRestores = 0
+    /// Restores to let through before failing one (nil: none planned).
+    private var failAfter: Int?
     /// Every restore input received, in order.
     public private(set) var restores: [String] = []
     /// Every command line received, in order.
     public private(set) var commands: [String] = []
+    /// When set, the tables after every restore applied (table -> chain -> rules), in order.
+    public private(set) var statesAfterRestores: [[String: [String: [String]]]] = []
+    private var recording = false
+
+    /// Starts keeping the tables after every restore in `statesAfterRestores`.
+    public func recordStatesAfterRestores() { lock.withLock { recording = true } }
 
     /// Creates an empty fake.
     public init() {}
 
     /// Makes the next `n` restores fail with exit status 1.
     public func failRestores(_ n: Int) { lock.withLock { failNextRestores = n } }
+
+    /// Lets the next `n` restores through and makes the one after them fail with exit status 1.
+    public func failRestore(after n: Int) { lock.withLock { failAfter = n } }
 
     /// The chains of `table`.
     public func chains(_ table: String) -> Set<String> { lock.withLock { Set(tables[table]?.keys ?? [:].keys) } }
@@ -96,6 +107,13 @@ public final class FakeIPTables: CommandRunner, @unchecked Sendable {
                 if failNextRestores > 0 {
                     failNextRestores -= 1
                     return fail("iptables-restore: line 1 failed (injected)")
+                }
+                if let n = failAfter {
+                    if n == 0 {
+                        failAfter = nil
+                        return fail("iptables-restore: line 1 failed (injected)")
+                    }
+                    failAfter = n - 1
                 }
                 return applyRestore(input ?? "") ? ok() : fail("iptables-restore: invalid batch")
             }
@@ -142,6 +160,9 @@ public final class FakeIPTables: CommandRunner, @unchecked Sendable {
     }
 
     /// Applies a batch atomically with --noflush semantics; false (and no change) when invalid.
+    /// Besides `:CHAIN`, `-A` and `-X` lines it takes `-I CHAIN [N] rule` (N from 1 to the
+    /// chain's length + 1, as iptables) and `-D CHAIN rule` (the first equal rule; an error
+    /// when there is none).
     private func applyRestore(_ text: String) -> Bool {
         var next = tables
         var current: String?
@@ -159,6 +180,23 @@ public final class FakeIPTables: CommandRunner, @unchecked Sendable {
                 let name = String(rest.prefix { $0 != " " })
                 guard next[t]?[name] != nil else { return false }
                 next[t]![name]!.append(String(rest.dropFirst(name.count + 1)))
+            } else if line.hasPrefix("-I "), let t = current {
+                var words = line.dropFirst(3).split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false).map(String.init)
+                let name = words.removeFirst()
+                guard next[t]?[name] != nil else { return false }
+                var position = 1
+                if let n = words.first.flatMap({ Int($0) }) {
+                    position = n
+                    words.removeFirst()
+                }
+                guard position >= 1, position <= next[t]![name]!.count + 1 else { return false }
+                next[t]![name]!.insert(words.joined(separator: " "), at: position - 1)
+            } else if line.hasPrefix("-D "), let t = current {
+                let rest = line.dropFirst(3)
+                let name = String(rest.prefix { $0 != " " })
+                let spec = String(rest.dropFirst(name.count + 1))
+                guard let i = next[t]?[name]?.firstIndex(of: spec) else { return false }
+                next[t]![name]!.remove(at: i)
             } else if line.hasPrefix("-X "), let t = current {
                 let name = String(line.dropFirst(3))
                 guard next[t]?[name]?.isEmpty == true else { return false }
@@ -179,6 +217,7 @@ public final class FakeIPTables: CommandRunner, @unchecked Sendable {
             }
         }
         tables = next
+        if recording { statesAfterRestores.append(next) }
         return true
     }
 }

@@ -17,6 +17,10 @@ public actor FakeIPVS: IPVSClient {
     /// Operations that fail with this errno.
     private var failing: [IPVSOperation: Errno] = [:]
     public private(set) var timeoutsSet: IPVSTimeouts?
+    /// Dumps of the whole service table (`services()`).
+    public private(set) var serviceDumps = 0
+    /// Reads of one service's destinations, by service.
+    public private(set) var destinationReads: [VirtualServerKey: Int] = [:]
 
     /// Creates an empty table.
     public init() {}
@@ -53,9 +57,13 @@ public actor FakeIPVS: IPVSClient {
 
     public func info() async throws -> IPVSInfo { IPVSInfo(version: 0x010201, connectionTableSize: 4096) }
 
-    public func services() async throws -> [VirtualServer] { table.values.map(\.server) }
+    public func services() async throws -> [VirtualServer] {
+        serviceDumps += 1
+        return table.values.map(\.server)
+    }
 
     public func destinations(of key: VirtualServerKey) async throws -> [RealServer] {
+        destinationReads[key, default: 0] += 1
         guard let entry = table[key] else {
             throw NetlinkError(errno: .noSuchProcess, operation: "IPVS_CMD_GET_DEST \(key)")
         }
@@ -168,8 +176,12 @@ public actor FakeLinks: LinkClient {
         return true
     }
 
+    /// Dumps of every address (`addresses()`).
+    public private(set) var addressDumps = 0
+
     public func addresses() async throws -> [InterfaceAddress] {
-        addressesByIndex.flatMap { index, ips in
+        addressDumps += 1
+        return addressesByIndex.flatMap { index, ips in
             ips.map { InterfaceAddress(index: index, address: $0, prefixLength: $0.family == .ipv4 ? 32 : 128) }
         }
     }
@@ -208,8 +220,12 @@ public actor FakeIPSets: IPSetClient {
     /// Clears the write log.
     public func clearLog() { log = [] }
 
+    /// Listings of sets with their members (`list(_:)`).
+    public private(set) var listings = 0
+
     public func list(_ names: Set<String>) async throws -> [IPSetInfo] {
-        sets.filter { names.contains($0.key) }.map {
+        listings += 1
+        return sets.filter { names.contains($0.key) }.map {
             IPSetInfo(name: $0.key, typeName: $0.value.definition.type.rawValue, revision: 1, family: 2, entries: Array($0.value.entries))
         }
     }

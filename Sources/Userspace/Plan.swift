@@ -51,19 +51,77 @@ public struct UserspacePlan: Sendable {
     ///   - nodeName: this node (which endpoints are local).
     public init(state: ProxyState, nodeName: String) {
         for name in state.sortedNames {
-            guard let svc = state.servicePorts[name] else { continue }
-            guard svc.proto == .tcp || svc.proto == .udp else {
+            switch UserspacePlan.derive(name, state: state, nodeName: nodeName) {
+            case .relayed(let spec, let svc):
+                relays[name] = spec
+                servicePorts[name] = svc
+                names.append(name)
+            case .skipped:
                 skipped.append(name)
-                continue
+            case .absent:
+                break
             }
-            let all = state.endpoints[name] ?? []
-            let cat = categorizeEndpoints(all, info: svc, nodeName: nodeName, nodeLabels: state.nodeLabels)
-            let chosen = svc.internalPolicyLocal ? cat.local : cat.cluster
-            let keep = Set(all.filter { $0.ready || $0.serving }.map(\.description)).union(chosen.map(\.description))
-            relays[name] = RelaySpec(name: name, proto: svc.proto, nodePort: svc.nodePort, endpoints: chosen, keep: keep,
-                                     affinityTimeout: svc.stickyTimeoutSeconds.map { .seconds($0) })
-            servicePorts[name] = svc
-            names.append(name)
         }
+    }
+
+    private enum Derived {
+        case relayed(RelaySpec, ServicePortInfo)
+        case skipped
+        case absent
+    }
+
+    private static func derive(_ name: ServicePortName, state: ProxyState, nodeName: String) -> Derived {
+        guard let svc = state.servicePorts[name] else { return .absent }
+        guard svc.proto == .tcp || svc.proto == .udp else { return .skipped }
+        let all = state.endpoints[name] ?? []
+        let cat = categorizeEndpoints(all, info: svc, nodeName: nodeName, nodeLabels: state.nodeLabels)
+        let chosen = svc.internalPolicyLocal ? cat.local : cat.cluster
+        let keep = Set(all.filter { $0.ready || $0.serving }.map(\.description)).union(chosen.map(\.description))
+        let spec = RelaySpec(name: name, proto: svc.proto, nodePort: svc.nodePort, endpoints: chosen, keep: keep,
+                             affinityTimeout: svc.stickyTimeoutSeconds.map { .seconds($0) })
+        return .relayed(spec, svc)
+    }
+
+    /// Re-derives the given service ports from `state` (a name `state` no longer has is
+    /// removed): after it, the plan is what `init(state:nodeName:)` gives when every other
+    /// service port is unchanged. Costs the names given, not the number of service ports.
+    public mutating func update(_ changed: some Sequence<ServicePortName>, state: ProxyState, nodeName: String) {
+        for name in changed {
+            let wasRelayed = relays.removeValue(forKey: name) != nil
+            servicePorts[name] = nil
+            if wasRelayed { UserspacePlan.remove(name, from: &names) }
+            UserspacePlan.remove(name, from: &skipped)
+            switch UserspacePlan.derive(name, state: state, nodeName: nodeName) {
+            case .relayed(let spec, let svc):
+                relays[name] = spec
+                servicePorts[name] = svc
+                UserspacePlan.insert(name, into: &names)
+            case .skipped:
+                UserspacePlan.insert(name, into: &skipped)
+            case .absent:
+                break
+            }
+        }
+    }
+
+    /// The index of the first element of sorted `list` not below `name`.
+    private static func lowerBound(_ name: ServicePortName, in list: [ServicePortName]) -> Int {
+        var (lo, hi) = (0, list.count)
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if list[mid] < name { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+
+    private static func insert(_ name: ServicePortName, into list: inout [ServicePortName]) {
+        let i = lowerBound(name, in: list)
+        if i < list.count && list[i] == name { return }
+        list.insert(name, at: i)
+    }
+
+    private static func remove(_ name: ServicePortName, from list: inout [ServicePortName]) {
+        let i = lowerBound(name, in: list)
+        if i < list.count && list[i] == name { list.remove(at: i) }
     }
 }

@@ -54,22 +54,32 @@ public struct PortalCompiler: Sendable {
         var byChain: [String: [String]] = [:]
         for name in plan.names {
             guard let svc = plan.servicePorts[name], let relay = relayPorts[name] else { continue }
-            let proto = svc.proto.lowercased
-            let comment = "-m comment --comment \"\(name.service):\(name.port)\""
-            let redirect = "-j REDIRECT --to-ports \(relay)"
-            let dnat = "-j DNAT --to-destination \(nodeIP.joined(port: relay))"
-            for ip in [svc.clusterIP] + svc.externalIPs + svc.loadBalancerVIPs where ip.family == nodeIP.family {
-                let match = "-d \(CIDR(host: ip)) -p \(proto) \(comment) -m \(proto) --dport \(svc.port)"
-                byChain[Chain.portalsContainer, default: []].append("-A \(Chain.portalsContainer) \(match) \(redirect)")
-                byChain[Chain.portalsHost, default: []].append("-A \(Chain.portalsHost) \(match) \(dnat)")
-            }
-            if svc.nodePort != 0 {
-                let match = "-p \(proto) \(comment) -m \(proto) --dport \(svc.nodePort)"
-                byChain[Chain.nodePortContainer, default: []].append("-A \(Chain.nodePortContainer) \(match) \(redirect)")
-                byChain[Chain.nodePortHost, default: []].append("-A \(Chain.nodePortHost) \(match) \(dnat)")
-            }
+            for (chain, rule) in rules(name, svc, relay: relay) { byChain[chain, default: []].append(rule) }
         }
         return PortalRules(rules: Chain.userspaceNAT.flatMap { byChain[$0] ?? [] })
+    }
+
+    /// The rules of one service port with relay port `relay`, with their chains, in chain order.
+    public func rules(_ name: ServicePortName, _ svc: ServicePortInfo, relay: Int) -> [(chain: String, rule: String)] {
+        var out: [(chain: String, rule: String)] = []
+        let proto = svc.proto.lowercased
+        let comment = "-m comment --comment \"\(name.service):\(name.port)\""
+        let redirect = "-j REDIRECT --to-ports \(relay)"
+        let dnat = "-j DNAT --to-destination \(nodeIP.joined(port: relay))"
+        var container: [String] = []
+        var host: [String] = []
+        for ip in [svc.clusterIP] + svc.externalIPs + svc.loadBalancerVIPs where ip.family == nodeIP.family {
+            let match = "-d \(CIDR(host: ip)) -p \(proto) \(comment) -m \(proto) --dport \(svc.port)"
+            container.append("-A \(Chain.portalsContainer) \(match) \(redirect)")
+            host.append("-A \(Chain.portalsHost) \(match) \(dnat)")
+        }
+        out += container.map { (Chain.portalsContainer, $0) } + host.map { (Chain.portalsHost, $0) }
+        if svc.nodePort != 0 {
+            let match = "-p \(proto) \(comment) -m \(proto) --dport \(svc.nodePort)"
+            out.append((Chain.nodePortContainer, "-A \(Chain.nodePortContainer) \(match) \(redirect)"))
+            out.append((Chain.nodePortHost, "-A \(Chain.nodePortHost) \(match) \(dnat)"))
+        }
+        return out
     }
 }
 

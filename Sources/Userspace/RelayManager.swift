@@ -105,24 +105,40 @@ public actor RelayManager {
             relays[name] = relay
             out.ports[name] = relay.port
         }
-        let ports = relays.mapValues(\.port)
-        portTable.withLock { $0 = ports }
+        // Only the names prepared can have changed (retire removes the others' entries).
+        let ports = out.ports
+        portTable.withLock { table in
+            for (name, port) in ports { table[name] = port }
+        }
         return out
+    }
+
+    /// Closes the listener, NodePort and every relay of each of `names` that has them (a
+    /// partial sync's retire: it costs the names given).
+    public func retire(_ names: some Sequence<ServicePortName>) async {
+        for name in names {
+            guard let relay = relays.removeValue(forKey: name) else { continue }
+            await close(name, relay)
+        }
     }
 
     /// Closes the listener, NodePort and every relay of each service port not in `names`.
     public func retire(keeping names: Set<ServicePortName>) async {
         for name in relays.keys.sorted() where !names.contains(name) {
             guard let relay = relays.removeValue(forKey: name) else { continue }
-            _ = portTable.withLock { $0.removeValue(forKey: name) }
-            for c in relay.state.closeAll() { c.close(promise: nil) }
-            await close(relay.listener)
-            if let np = relay.nodePortChannel {
-                await close(np)
-                logger.info("\(name.service):\(name.port): released NodePort \(relay.nodePort)")
-            }
-            logger.info("\(name.service):\(name.port): closed relay port \(relay.port)")
+            await close(name, relay)
         }
+    }
+
+    private func close(_ name: ServicePortName, _ relay: Relay) async {
+        _ = portTable.withLock { $0.removeValue(forKey: name) }
+        for c in relay.state.closeAll() { c.close(promise: nil) }
+        await close(relay.listener)
+        if let np = relay.nodePortChannel {
+            await close(np)
+            logger.info("\(name.service):\(name.port): released NodePort \(relay.nodePort)")
+        }
+        logger.info("\(name.service):\(name.port): closed relay port \(relay.port)")
     }
 
     /// Closes everything.

@@ -25,9 +25,12 @@ private func kernel(_ fake: FakeIPTables) -> KernelRules {
     return out
 }
 
-private func newBackend(_ fake: FakeIPTables) -> IPTablesBackend {
+/// A backend whose full syncs go in batches of `batching` chains; with 0, in one batch compiled
+/// in pieces of 25 chains (the legacy back end at scale); with nil, in one batch compiled whole.
+private func newBackend(_ fake: FakeIPTables, batching: Int? = 0) -> IPTablesBackend {
     IPTablesBackend(options: Fixtures.kubeProxyTestOptions, tools: IPTablesTools(variant: .auto, family: .ipv4),
-                    runner: fake, logger: logger)
+                    runner: fake, logger: logger,
+                    batching: batching.map { FullSyncBatching(chainsPerBatch: $0, compileInPiecesAbove: 25) } ?? .classic)
 }
 
 /// What a full sync of `state` leaves in an empty kernel.
@@ -35,7 +38,7 @@ private func fullSyncKernel(_ state: ProxyState) async throws -> KernelRules {
     let fake = FakeIPTables()
     var s = state
     s.changedServices = Set(state.servicePorts.keys.map(\.service))
-    _ = try await newBackend(fake).sync(s, full: true)
+    _ = try await newBackend(fake, batching: nil).sync(s, full: true)
     return kernel(fake)
 }
 
@@ -96,14 +99,49 @@ private func coldService(_ i: Int, e: Int, generation: Int) -> [String] {
 private let added = [benchService("svc-added", ip: "10.111.0.10", ports: [("dns", "UDP", 53, 5353)]),
                      benchSlice("svc-added", ports: [("dns", "UDP", 53, 5353)], addresses: ["10.244.18.10"])]
 
+/// Every per-service chain reachable from `chain`, with its rules.
+private func reachable(_ k: KernelRules, from chain: String) -> [String: [String]] {
+    var out: [String: [String]] = [:]
+    var todo = [chain]
+    while let c = todo.popLast() {
+        guard out[c] == nil, let rules = k["nat"]?[c] else { continue }
+        out[c] = rules
+        for r in rules {
+            if let t = r.split(separator: " ").last.map(String.init), Chain.isServiceChain(t) { todo.append(t) }
+        }
+    }
+    return out
+}
+
+/// For every KUBE-SERVICES and KUBE-NODEPORTS rule of `k`: the chains it leads to are exactly
+/// what they were in `before` or what they are in `after` (never missing, half written or
+/// mixed). Returns the rules for which that does not hold.
+private func halfWritten(_ k: KernelRules, before: KernelRules, after: KernelRules) -> [String] {
+    var bad: [String] = []
+    for top in [Chain.services, Chain.nodePorts] {
+        for r in k["nat"]?[top] ?? [] {
+            guard let t = r.split(separator: " ").last.map(String.init), Chain.isServiceChain(t) else { continue }
+            let now = reachable(k, from: t)
+            if now != reachable(before, from: t) && now != reachable(after, from: t) { bad.append("\(top): \(r)") }
+        }
+    }
+    return bad
+}
+
+/// The kernel tables recorded after each restore, as `KernelRules`.
+private func recorded(_ fake: FakeIPTables) -> [KernelRules] { fake.statesAfterRestores }
+
 @Suite struct PartialEqualsFullTests {
     /// The smoke run's sequence for S Services: after every partial sync the fake kernel equals
     /// a full sync of the same state, and the probe Service's cluster IP leads to its endpoint
-    /// of the current generation.
-    @Test(arguments: [1, 100])
-    func benchSequenceKeepsTheKernelEqualToAFullSync(services s: Int) async throws {
+    /// of the current generation. With `batching` > 0 the full syncs (the first and a periodic
+    /// one in the middle) are cut into batches of that many chains, as on the nft back end; with
+    /// 0 they are one batch, as on the legacy one. Adding and deleting a Service edit
+    /// KUBE-SERVICES (`-I`/`-D`) instead of rewriting it once it holds enough rules.
+    @Test(arguments: [1, 100], [nil, 0, 25])
+    func benchSequenceKeepsTheKernelEqualToAFullSync(services s: Int, batching: Int?) async throws {
         let fake = FakeIPTables()
-        let backend = newBackend(fake)
+        let backend = newBackend(fake, batching: batching)
         var tracker = ChangeTracker(nodeName: "test-node")
         func apply(_ docs: [String]) throws {
             for e in try ManifestEvents.events(docs.joined(separator: "\n---\n")) { tracker.apply(e) }
@@ -115,6 +153,9 @@ private let added = [benchService("svc-added", ip: "10.111.0.10", ports: [("dns"
         first.changedServices = Set(first.servicePorts.keys.map(\.service))
         _ = try await backend.sync(first, full: true)
         #expect(differences(kernel(fake), try await fullSyncKernel(first)).isEmpty)
+        // 99 Services of 11 chains and the probe's 4, in batches of at least 25 chains (3 Services):
+        // 34 batches of service chains and the top-level one. Otherwise one batch.
+        #expect(fake.restores.count == (s == 100 && (batching ?? 0) > 0 ? 35 : 1), "\(fake.restores.count) restores")
 
         var step = 0
         func partialSync(_ what: String) async throws {
@@ -134,14 +175,30 @@ private let added = [benchService("svc-added", ip: "10.111.0.10", ports: [("dns"
         }
 
         // smoke: change_reps = 2, full plan: 5.
-        for _ in 0..<5 {
+        for rep in 0..<5 {
             try apply(added)
             try await partialSync("add")
+            if s == 100 {
+                // One rule more in KUBE-SERVICES: inserted before the NodePort jump, not rewritten.
+                let payload = fake.restores.last!
+                #expect(!payload.contains(":KUBE-SERVICES "), "\(payload)")
+                #expect(payload.contains("-I KUBE-SERVICES "), "\(payload)")
+            }
             tracker.apply(.serviceDeleted(NamespacedName(namespace: "bench", name: "svc-added")))
             try await partialSync("delete")
+            if s == 100 {
+                let payload = fake.restores.last!
+                #expect(!payload.contains(":KUBE-SERVICES "), "\(payload)")
+                #expect(payload.contains("-D KUBE-SERVICES -m comment --comment \"bench/svc-added:dns cluster IP\""), "\(payload)")
+            }
             generation ^= 1
             try apply(probe(generation: generation))
             try await partialSync("change")
+            if rep == 2 {
+                // A periodic full sync over the rules in place, then partial syncs go on from it.
+                _ = try await backend.sync(tracker.snapshot(.ipv4), full: true)
+                #expect(differences(kernel(fake), try await fullSyncKernel(tracker.snapshot(.ipv4))).isEmpty)
+            }
         }
         // The churn storm: every single-file Service (up to 50), the probe last, in one sync.
         for _ in 0..<2 {
@@ -159,5 +216,71 @@ private let added = [benchService("svc-added", ip: "10.111.0.10", ports: [("dns"
         generation ^= 1
         try apply(probe(generation: generation))
         try await partialSync("churn, second half")
+    }
+}
+
+/// The full sync cut into batches, over the rules of another state (a restart with a changed
+/// cluster): it ends equal to a single-batch full sync, and at no point between two batches does
+/// a top-level rule lead to a chain that is neither its old nor its new version.
+@Suite struct ChunkedFullSyncTests {
+    /// Services `range`, the odd ones of `generation` 1 (their first endpoint moved).
+    private func state(_ range: Range<Int>, generation: Int) throws -> ProxyState {
+        var tracker = ChangeTracker(nodeName: "test-node")
+        var docs = probe(generation: 0)
+        for i in range where i > 0 { docs += coldService(i, e: 10, generation: i % 2 == 1 ? generation : 0) }
+        for e in try ManifestEvents.events(docs.joined(separator: "\n---\n")) { tracker.apply(e) }
+        var s = tracker.snapshot(.ipv4)
+        s.changedServices = Set(s.servicePorts.keys.map(\.service))
+        return s
+    }
+
+    @Test(arguments: [7, 25, 1000])
+    func restartOntoAnotherStateNeverExposesAHalfWrittenChain(batching: Int) async throws {
+        let fake = FakeIPTables()
+        let old = try state(0..<100, generation: 0)
+        _ = try await newBackend(fake).sync(old, full: true)
+        let before = kernel(fake)
+        fake.recordStatesAfterRestores()
+        // A new process: Services 0..<40 gone but the probe, 40..<140, the odd ones changed.
+        let new = try state(40..<140, generation: 1)
+        let restoresBefore = fake.restores.count
+        let report = try await newBackend(fake, batching: batching).sync(new, full: true)
+        #expect(report.full)
+        let after = try await fullSyncKernel(new)
+        #expect(differences(kernel(fake), after).isEmpty)
+        let batches = fake.restores.count - restoresBefore
+        // 1 104 chains in batches of 1 000: two of service chains and the top-level one, which
+        // deletes the 459 stale chains (Services 1..<40, and the moved endpoints of 30). Smaller
+        // batches: dozens of service batches, then the stale chains emptied and deleted in batches.
+        #expect(batching == 1000 ? batches == 3 : batches > 40, "\(batches) batches")
+        for (i, k) in recorded(fake).enumerated() {
+            let bad = halfWritten(k, before: before, after: after)
+            #expect(bad.isEmpty, "after batch \(i + 1): \(bad.prefix(3))")
+        }
+        // The foreign-free kernel holds no chain that a full sync would not.
+        #expect(Set(kernel(fake)["nat"]!.keys) == Set(after["nat"]!.keys))
+    }
+
+    /// A batch in the middle fails: the kernel is consistent (every top-level rule leads to the
+    /// old or the new version of its chains), the sync reports the failure, and the next sync,
+    /// asked for as partial, is full and ends equal to a full sync.
+    @Test(arguments: [0, 3, 20])
+    func failedMiddleBatchLeavesAConsistentKernelAndTheRetryIsFull(failAfter: Int) async throws {
+        let fake = FakeIPTables()
+        let old = try state(0..<60, generation: 0)
+        _ = try await newBackend(fake).sync(old, full: true)
+        let before = kernel(fake)
+        let backend = newBackend(fake, batching: 30)
+        let new = try state(0..<80, generation: 1)
+        fake.failRestore(after: failAfter)
+        await #expect(throws: IPTablesError.self) { _ = try await backend.sync(new, full: true) }
+        let after = try await fullSyncKernel(new)
+        let bad = halfWritten(kernel(fake), before: before, after: after)
+        #expect(bad.isEmpty, "\(bad.prefix(3))")
+        // The top-level chains are still the old ones: the failure came before their batch.
+        #expect(kernel(fake)["nat"]?[Chain.services] == before["nat"]?[Chain.services])
+        let report = try await backend.sync(new, full: false)
+        #expect(report.full)
+        #expect(differences(kernel(fake), after).isEmpty)
     }
 }

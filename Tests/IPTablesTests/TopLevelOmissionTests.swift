@@ -1,7 +1,7 @@
 // Partial syncs leave unchanged top-level chains out, and the compile memory replays unchanged
 // services: both against the stateful fake iptables and against the compiler without memory.
 
-import IPTables
+@testable import IPTables
 import Logging
 import SluiceCore
 import SluiceTesting
@@ -96,27 +96,61 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         #expect(!fake.chains("nat").contains { name in fake.rules("nat", name).contains { $0.contains("10.180.0.3:80") } })
     }
 
-    @Test func addingAndDeletingAServiceRewritesKubeServices() async throws {
+    /// Adding a Service inserts its KUBE-SERVICES rule at its place (before the NodePort
+    /// dispatch, which stays last) and deleting it deletes that rule: KUBE-SERVICES is edited,
+    /// not declared and rewritten.
+    @Test func addingAndDeletingAServiceEditsKubeServices() async throws {
         let (fake, b, started0) = try await started()
         var tracker = started0
+        let before = fake.rules("nat", "KUBE-SERVICES")
+        #expect(before.count == 3)  // a, b and the NodePort dispatch
         let svcC = serviceYAML("ns3", "c", ip: "172.30.0.3")
         for e in try events([svcC, sliceYAML("ns3", "c", endpoints: "[{addresses: [10.180.0.9]}]")]) { tracker.apply(e) }
         _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
-        var dump = try RestoreDump.parse(fake.restores.last!)
-        #expect(dump.rules("nat", "KUBE-SERVICES").count == 4)  // a, b, c and the NodePort dispatch
-        #expect(!dump.chains("nat").contains("KUBE-NODEPORTS"))  // c has no node port
+        var text = fake.restores.last!
+        let lines = text.split(separator: "\n")
+        #expect(!lines.contains { $0.hasPrefix(":KUBE-SERVICES ") || $0.hasPrefix(":KUBE-NODEPORTS ") }, "\(text)")
+        let inserts = lines.filter { $0.hasPrefix("-I KUBE-SERVICES ") }
+        #expect(inserts.count == 1 && inserts[0].hasPrefix("-I KUBE-SERVICES 3 -m comment --comment \"ns3/c:p80 cluster IP\""), "\(text)")
+        let after = fake.rules("nat", "KUBE-SERVICES")
+        #expect(after.count == 4)
+        #expect(Array(after[0..<2]) == Array(before[0..<2]) && after[3] == before[2])
+        #expect(after[2].contains("ns3/c:p80 cluster IP"))
         let cChains = fake.chains("nat").filter { name in Chain.isServiceChain(name) && fake.rules("nat", name).contains { $0.contains("ns3/c") } }
         #expect(cChains.count == 2)
 
         tracker.apply(.serviceDeleted(NamespacedName(namespace: "ns3", name: "c")))
         _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
-        dump = try RestoreDump.parse(fake.restores.last!)
-        #expect(dump.rules("nat", "KUBE-SERVICES").count == 3)
-        let nat = try #require(dump.tables.first { $0.name == "nat" })
-        #expect(Set(nat.chains.filter(\.deleted).map(\.name)) == cChains)
+        text = fake.restores.last!
+        #expect(!text.contains(":KUBE-SERVICES "), "\(text)")
+        let deletes = text.split(separator: "\n").filter { $0.hasPrefix("-D KUBE-SERVICES ") }.map(String.init)
+        #expect(deletes == ["-D KUBE-SERVICES " + after[2]], "\(text)")
+        // The rule goes before its chains: -D first, -X after.
+        let d = try #require(text.range(of: "-D KUBE-SERVICES ")), x = try #require(text.range(of: "-X "))
+        #expect(d.lowerBound < x.lowerBound)
+        #expect(fake.rules("nat", "KUBE-SERVICES") == before)
         #expect(fake.chains("nat").isDisjoint(with: cChains))
-        #expect(!fake.rules("nat", "KUBE-SERVICES").contains { $0.contains("ns3/c") })
-        for c in cChains { #expect(!fake.rules("nat", "KUBE-SERVICES").contains { $0.contains(c) }) }
+    }
+
+    /// A chain that changes too much for edits (here: its only rules replaced) is written whole.
+    @Test func editsOnlyForSmallChanges() throws {
+        let head = "-A KUBE-SERVICES -m comment --comment "
+        let old = (0..<8).map { "\(head)r\($0) -j KUBE-SVC-\($0)" } + ["\(head)last -j KUBE-NODEPORTS"]
+        var new = old
+        new.insert("\(head)r3a -j KUBE-SVC-3A", at: 4)
+        new.remove(at: 1)
+        let edits = try #require(TopLevelEdits.edits(chain: Chain.services, from: old, to: new))
+        #expect(edits == ["-D KUBE-SERVICES -m comment --comment r1 -j KUBE-SVC-1",
+                          "-I KUBE-SERVICES 4 -m comment --comment r3a -j KUBE-SVC-3A"])
+        // More than a quarter changed, a rule twice, or kept rules reordered: none.
+        #expect(TopLevelEdits.edits(chain: Chain.services, from: old, to: Array(old[4...])) == nil)
+        #expect(TopLevelEdits.edits(chain: Chain.services, from: old, to: old + [old[0]]) == nil)
+        var swapped = old
+        swapped.swapAt(0, 1)
+        #expect(TopLevelEdits.edits(chain: Chain.services, from: old, to: swapped) == nil)
+        // An insertion at the end is an append.
+        let appended = try #require(TopLevelEdits.edits(chain: Chain.services, from: Array(old[..<8]), to: Array(old[..<8]) + ["\(head)z -j KUBE-SVC-Z"]))
+        #expect(appended == ["\(head)z -j KUBE-SVC-Z"])
     }
 
     @Test func losingEveryEndpointWritesTheFilterChain() async throws {

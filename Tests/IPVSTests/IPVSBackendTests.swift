@@ -339,3 +339,174 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         #expect(try await bed.links.link(named: "kube-ipvs0") == nil)
     }
 }
+
+// MARK: Partial syncs from memory
+
+private func service(_ name: String, ip: String, proto: String = "TCP", port: Int = 80, nodePort: Int? = nil,
+                     externalIPs: [String] = [], endpoints: [String]) -> String {
+    """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: \(name), namespace: demo}
+    spec:
+      type: \(nodePort == nil ? "ClusterIP" : "NodePort")
+      clusterIP: \(ip)
+      externalIPs: [\(externalIPs.joined(separator: ", "))]
+      ports: [{name: p, port: \(port), protocol: \(proto)\(nodePort.map { ", nodePort: \($0)" } ?? "")}]
+    ---
+    apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata: {name: \(name)-1, namespace: demo, labels: {kubernetes.io/service-name: \(name)}}
+    addressType: IPv4
+    ports: [{name: p, port: 8080, protocol: \(proto)}]
+    endpoints: [\(endpoints.map { "{addresses: [\($0)], nodeName: node-b}" }.joined(separator: ", "))]
+
+    """
+}
+
+/// Everything the fake kernel holds, as text.
+private func kernelText(_ bed: Bed) async -> String {
+    var out = await bed.ipvs.save()
+    for name in await bed.ipsets.sets.keys.sorted() {
+        out += "set \(name): " + (await bed.ipsets.members(name)).joined(separator: " ") + "\n"
+    }
+    out += "kube-ipvs0: " + (await bed.links.addresses(of: "kube-ipvs0")).map(\.description).joined(separator: " ") + "\n"
+    // The last rule set written, without the jump rules a full sync inserts.
+    out += "restore: " + (bed.iptables.restores.last ?? "").split(separator: "\n").filter { !$0.hasPrefix("-I ") }.joined(separator: "\n") + "\n"
+    return out
+}
+
+/// Reads of the fake kernel so far: table dumps, destination reads, set listings, address dumps.
+private func reads(_ bed: Bed) async -> (dumps: Int, destinations: Int, listings: Int, addresses: Int) {
+    (await bed.ipvs.serviceDumps, await bed.ipvs.destinationReads.values.reduce(0, +), await bed.ipsets.listings,
+     await bed.links.addressDumps)
+}
+
+@Suite struct IPVSPartialSyncTests {
+    static let base = service("web", ip: "10.96.0.10", nodePort: 30080, endpoints: ["10.244.1.2", "10.244.2.2"])
+        + "---\n" + service("dns", ip: "10.96.0.53", proto: "UDP", port: 53, endpoints: ["10.244.1.3"])
+        + "---\n" + service("ext-a", ip: "10.96.0.20", externalIPs: ["203.0.113.7"], endpoints: ["10.244.1.4"])
+        + "---\n" + service("ext-b", ip: "10.96.0.21", port: 81, externalIPs: ["203.0.113.7"], endpoints: ["10.244.1.5"])
+
+    /// Each step's events; after each, a partial sync from memory must leave the kernel as a
+    /// full sync of the same state leaves an empty one.
+    static let steps: [(String, [ObjectEvent])] = {
+        func up(_ y: String) -> [ObjectEvent] { (try? ModelEvents.upserts(y)) ?? [] }
+        func down(_ y: String) -> [ObjectEvent] { (try? ModelEvents.deletes(y)) ?? [] }
+        return [
+            ("endpoint added", up(service("web", ip: "10.96.0.10", nodePort: 30080, endpoints: ["10.244.1.2", "10.244.2.2", "10.244.3.2"]))),
+            ("endpoint removed", up(service("web", ip: "10.96.0.10", nodePort: 30080, endpoints: ["10.244.2.2", "10.244.3.2"]))),
+            ("service added", up(service("new", ip: "10.96.0.30", endpoints: ["10.244.1.9"]))),
+            ("service deleted", down(service("dns", ip: "10.96.0.53", proto: "UDP", port: 53, endpoints: ["10.244.1.3"]))),
+            ("shared external IP dropped by one", up(service("ext-a", ip: "10.96.0.20", endpoints: ["10.244.1.4"]))),
+            ("port and node port changed", up(service("web", ip: "10.96.0.10", port: 8000, nodePort: 30081, endpoints: ["10.244.2.2"]))),
+            ("shared external IP dropped by the other", up(service("ext-b", ip: "10.96.0.21", port: 81, endpoints: ["10.244.1.5"]))),
+        ]
+    }()
+
+    @Test func aSequenceOfPartialSyncsLeavesTheKernelAsAFullSyncDoesAndReadsNothing() async throws {
+        var (tracker, rejections) = try Fixtures.tracker(Self.base, nodeName: "node-a")
+        #expect(rejections.isEmpty)
+        let bed = Bed()
+        let b = bed.backend()
+        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        #expect(await b.holdsKernelImage)
+        let start = await reads(bed)
+
+        for (step, events) in Self.steps {
+            #expect(!events.isEmpty, "\(step)")
+            for e in events { tracker.apply(e) }
+            let s = tracker.snapshot(.ipv4)
+            #expect(!s.changedServices.isEmpty, "\(step)")
+            _ = try await b.sync(s, full: false)
+
+            let fresh = Bed()
+            let f = fresh.backend()
+            _ = try await f.sync(s, full: true)
+            #expect(await kernelText(bed) == kernelText(fresh), "\(step)")
+            // The image is what a compile of the whole state gives.
+            #expect(await b.lastDesired?.dryRunText == f.lastDesired?.dryRunText, "\(step)")
+        }
+        let end = await reads(bed)
+        // No table dump, no set listing, no address dump. Destinations were read once: for
+        // the TCP virtual servers losing a real server (ClusterIP and NodePort of "web", in
+        // "endpoint removed"); "port and node port changed" replaces whole virtual servers.
+        #expect(end.dumps == start.dumps)
+        #expect(end.listings == start.listings)
+        #expect(end.addresses == start.addresses)
+        #expect(end.destinations - start.destinations == 2)
+    }
+
+    @Test func anEndpointChangeWritesOnlyItsMessages() async throws {
+        var (tracker, _) = try Fixtures.tracker(Self.base, nodeName: "node-a")
+        let bed = Bed()
+        let b = bed.backend()
+        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        await bed.ipvs.clearLog()
+        await bed.ipsets.clearLog()
+        await bed.links.clearLog()
+        let restores = bed.iptables.restores.count
+        for e in try ModelEvents.upserts(service("web", ip: "10.96.0.10", nodePort: 30080, endpoints: ["10.244.1.2", "10.244.2.7"])) {
+            tracker.apply(e)
+        }
+        _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        let old = RealServer(address: IPAddress("10.244.2.2")!, port: 8080)
+        let new = RealServer(address: IPAddress("10.244.2.7")!, port: 8080)
+        let nodePortKey = VirtualServerKey(address: IPAddress("192.168.0.2")!, proto: .tcp, port: 30080)
+        // One add and one delete per virtual server (ClusterIP, NodePort): four messages.
+        #expect(Set(await bed.ipvs.log) == [.addDestination(vipKey, new), .addDestination(nodePortKey, new),
+                                           .deleteDestination(vipKey, old), .deleteDestination(nodePortKey, old)])
+        #expect(await bed.ipsets.log.isEmpty)
+        #expect(await bed.links.log.isEmpty)
+        #expect(bed.iptables.restores.count == restores)
+    }
+
+    @Test func aFailedPartialSyncForgetsTheImageSoTheNextSyncReadsTheKernel() async throws {
+        var (tracker, _) = try Fixtures.tracker(Self.base, nodeName: "node-a")
+        let bed = Bed()
+        let b = bed.backend()
+        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        let added = RealServer(address: IPAddress("10.244.3.2")!, port: 8080)
+        await bed.ipvs.fail(.addDestination(vipKey, added), with: .invalidArgument)
+        for e in try ModelEvents.upserts(service("web", ip: "10.96.0.10", nodePort: 30080, endpoints: ["10.244.1.2", "10.244.2.2", "10.244.3.2"])) {
+            tracker.apply(e)
+        }
+        let s = tracker.snapshot(.ipv4)
+        await #expect(throws: IPVSSyncError.self) { try await b.sync(s, full: false) }
+        #expect(await !b.holdsKernelImage)
+        #expect(await b.lastDesired == nil)
+
+        // Even a partial sync now reads the kernel (the runner makes it full anyway).
+        let dumps = await bed.ipvs.serviceDumps
+        _ = try? await b.sync(s, full: false)
+        #expect(await bed.ipvs.serviceDumps == dumps + 1)
+    }
+
+    @Test func aRestartWithUnchangedStateWritesNothingAndThenSyncsPartiallyFromMemory() async throws {
+        var (tracker, _) = try Fixtures.tracker(Self.base, nodeName: "node-a")
+        let bed = Bed()
+        let s = tracker.snapshot(.ipv4)
+        _ = try await bed.backend().sync(s, full: true)
+        await bed.ipvs.clearLog()
+        await bed.ipsets.clearLog()
+        await bed.links.clearLog()
+
+        let restarted = bed.backend()
+        _ = try await restarted.sync(s, full: true)
+        #expect(await restarted.lastSyncWrites.ipvsMessages == 0)
+        #expect(await bed.ipvs.log.isEmpty)
+        #expect(await bed.ipsets.log.isEmpty)
+        #expect(await bed.links.log.isEmpty)
+
+        for e in try ModelEvents.deletes(service("ext-b", ip: "10.96.0.21", port: 81, externalIPs: ["203.0.113.7"], endpoints: ["10.244.1.5"])) {
+            tracker.apply(e)
+        }
+        let dumps = await bed.ipvs.serviceDumps
+        _ = try await restarted.sync(tracker.snapshot(.ipv4), full: false)
+        #expect(await bed.ipvs.serviceDumps == dumps)
+        // ext-b's ClusterIP and external-IP virtual servers go; the shared external IP stays bound for ext-a.
+        #expect(await bed.ipvs.log.count == 2)
+        #expect(await bed.links.log == ["-10.96.0.21"])
+        #expect(await bed.ipsets.members("KUBE-IPVS-IPS").contains("203.0.113.7"))
+    }
+}

@@ -88,7 +88,10 @@ struct BackendTests {
         let b = backend(fake)
         _ = try await b.sync(try state(web + "\n---\n" + sshService1), full: true)
         #expect(await b.relays.serviceCount == 2)
-        _ = try await b.sync(try state(web), full: false)
+        // A partial sync names the Services that changed: the removed one among them.
+        var s = try state(web)
+        s.changedServices.insert(sshName.service)
+        _ = try await b.sync(s, full: false)
         #expect(await b.relays.serviceCount == 1)
         #expect(await b.relays.relayPort(sshName) == nil)
         #expect(b.relayPort(of: sshName) == nil)
@@ -120,7 +123,10 @@ struct BackendTests {
         _ = try await b.sync(try state(web + "\n---\n" + sshService1), full: true)
         let sshPort = try #require(await b.relays.relayPort(sshName))
         fake.failRestores(1)
-        await #expect(throws: IPTablesError.self) { try await b.sync(try state(web), full: false) }
+        var s = try state(web)
+        s.changedServices.insert(sshName.service)
+        let partial = s
+        await #expect(throws: IPTablesError.self) { try await b.sync(partial, full: false) }
         // The rules still point at ssh-service1's relay, so its listener must still be open.
         #expect(await b.relays.relayPort(sshName) == sshPort)
         #expect(fake.rules("nat", "KUBE-NODEPORT-CONTAINER").count == 1)
@@ -132,7 +138,10 @@ struct BackendTests {
 
     @Test func flushedJumpsAreDetectedAndRestored() async throws {
         let fake = FakeIPTables()
-        let b = backend(fake)
+        let b = UserspaceBackend(nodeName: "node-a", nodeIP: IPAddress("10.0.0.5")!,
+                                 commands: IPTablesCommands(tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake),
+                                 relays: RelayManager(config: testConfig(), logger: testLogger), logger: testLogger,
+                                 jumpCheckValidity: .zero)
         #expect(await b.externalChangeDetected() == false)
         _ = try await b.sync(try state(web), full: true)
         #expect(await b.externalChangeDetected() == false)
@@ -141,6 +150,26 @@ struct BackendTests {
         _ = try await b.sync(try state(web), full: true)
         #expect(await b.externalChangeDetected() == false)
         #expect(fake.rules("nat", "KUBE-PORTALS-CONTAINER").count == 1)
+        await b.shutdown()
+    }
+
+    @Test func aRecentCheckIsTrustedAndAPartialSyncIntoFlushedChainsFailsSoTheRetryIsFull() async throws {
+        let fake = FakeIPTables()
+        let b = backend(fake)
+        var (tracker, _) = try Fixtures.tracker(web, nodeName: "node-a")
+        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        let commands = fake.commands.count
+        fake.externalFlush("nat")
+        // Within the validity of the full sync's own check: no iptables -C is run.
+        #expect(await b.externalChangeDetected() == false)
+        #expect(fake.commands.count == commands)
+        // The next partial sync deletes the old rule, which the flush removed: the batch fails,
+        // the memory is gone, and the runner's retry is full.
+        for e in try ModelEvents.upserts(web.replacingOccurrences(of: "port: 80,", with: "port: 81,")) { tracker.apply(e) }
+        await #expect(throws: IPTablesError.self) { try await b.sync(tracker.snapshot(.ipv4), full: false) }
+        #expect(await !b.holdsImage)
+        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        #expect(fake.rules("nat", "PREROUTING").count == 2)
         await b.shutdown()
     }
 
@@ -155,5 +184,66 @@ struct BackendTests {
         for chain in Chain.userspaceNAT { #expect(!fake.chains("nat").contains(chain)) }
         #expect(fake.rules("nat", "PREROUTING").isEmpty)
         #expect(fake.rules("nat", "OUTPUT").isEmpty)
+    }
+}
+
+private func svc(_ name: String, ip: String, port: Int = 80, nodePort: Int? = nil, endpoints: [String]) -> String {
+    """
+    apiVersion: v1
+    kind: Service
+    metadata: {name: \(name), namespace: ns}
+    spec: {type: \(nodePort == nil ? "ClusterIP" : "NodePort"), clusterIP: \(ip), ports: [{name: http, port: \(port)\(nodePort.map { ", nodePort: \($0)" } ?? "")}]}
+    ---
+    apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata: {name: \(name)-1, namespace: ns, labels: {kubernetes.io/service-name: \(name)}}
+    addressType: IPv4
+    ports: [{name: http, port: 8080, protocol: TCP}]
+    endpoints: [\(endpoints.map { "{addresses: [\($0)]}" }.joined(separator: ", "))]
+
+    """
+}
+
+@Suite("Userspace partial syncs from memory", .timeLimit(.minutes(1)))
+struct UserspacePartialSyncTests {
+    @Test func eachPartialSyncWritesOnlyTheChangedServicesRulesAndLeavesWhatAFullSyncWould() async throws {
+        let fake = FakeIPTables()
+        let b = backend(fake)
+        var (tracker, _) = try Fixtures.tracker(svc("a", ip: "10.96.0.1", endpoints: ["10.244.1.1"]) + "---\n"
+            + svc("b", ip: "10.96.0.2", nodePort: 30002, endpoints: ["10.244.1.2"]), nodeName: "node-a")
+        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        #expect(await b.holdsImage)
+        let steps: [(String, [ObjectEvent], Bool)] = [
+            ("endpoint changed", try ModelEvents.upserts(svc("a", ip: "10.96.0.1", endpoints: ["10.244.1.9"])), false),
+            ("service added", try ModelEvents.upserts(svc("c", ip: "10.96.0.3", endpoints: ["10.244.1.3"])), true),
+            ("port changed", try ModelEvents.upserts(svc("b", ip: "10.96.0.2", port: 81, nodePort: 30003, endpoints: ["10.244.1.2"])), true),
+            ("service deleted", try ModelEvents.deletes(svc("a", ip: "10.96.0.1", endpoints: [])), true),
+        ]
+        for (step, events, writes) in steps {
+            for e in events { tracker.apply(e) }
+            let s = tracker.snapshot(.ipv4)
+            let restores = fake.restores.count
+            _ = try await b.sync(s, full: false)
+            #expect(fake.restores.count == restores + (writes ? 1 : 0), "\(step)")
+            if writes, let text = fake.restores.last {
+                // No chain declared (so none flushed), and only the changed Service's rules.
+                #expect(!text.contains("\n:"), "\(step)")
+                let changed = s.changedServices.map { "\"\($0):http\"" }
+                for line in text.split(separator: "\n") where line.hasPrefix("-") {
+                    #expect(changed.contains { line.contains($0) }, "\(step): \(line)")
+                }
+            }
+            // The four chains hold what a full compile with the same relay ports gives.
+            let plan = UserspacePlan(state: s, nodeName: "node-a")
+            var ports: [ServicePortName: Int] = [:]
+            for name in plan.names { ports[name] = await b.relays.relayPort(name) }
+            #expect(ports.count == plan.names.count, "\(step)")
+            let expected = PortalCompiler(nodeIP: IPAddress("10.0.0.5")!).compile(plan, relayPorts: ports)
+            for chain in Chain.userspaceNAT {
+                #expect(Set(fake.rules("nat", chain).map { "-A \(chain) " + $0 }) == Set(expected.rules(in: chain)), "\(step) \(chain)")
+            }
+            #expect(await b.relays.serviceCount == plan.names.count, "\(step)")
+        }
+        await b.shutdown()
     }
 }

@@ -4,8 +4,10 @@ The "minimal" payload of a change is what an ideal incremental writer would send
 only the changed Service's own chains (declared, refilled, or deleted) and, for an added or
 deleted Service, one `-I`/`-D` of its KUBE-SERVICES rule, with `--noflush`. This is the
 "nft 1 svc" figure of DESIGN.md. Sluice's partial sync writes the changed Services' chains
-and only those top-level chains (KUBE-SERVICES and the rest) whose rules changed; a payload
-that leaves KUBE-SERVICES out left it as it was.
+and touches a top-level chain (KUBE-SERVICES and the rest) only where its rules changed: a
+payload that leaves KUBE-SERVICES out left it as it was; one that adds or deletes a Service edits
+it with `-I KUBE-SERVICES <position>` / `-D KUBE-SERVICES <rule>` lines; only a larger change
+declares it (`:KUBE-SERVICES`) and writes it whole.
 """
 
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
@@ -56,17 +58,28 @@ def declares(text, table, chain):
     return any(l.startswith(f":{chain} ") for l in tables(text).get(table, []))
 
 
+def _insert_spec(line):
+    """The rule of an `-A CHAIN rule` or `-I CHAIN [N] rule` line."""
+    words = line.split(" ", 3)
+    if words[0] == "-I" and len(words) > 3 and words[2].isdigit():
+        return words[3]
+    return line.split(" ", 2)[2]
+
+
 def minimal(new_text, prev_text, service):
     """The minimal payload for the change that turned `prev_text`'s state into `new_text`'s,
-    for Service `service` ("namespace/name"). Both are Sluice payloads; `prev_text` must hold
-    the complete KUBE-SERVICES chain as it was before the change (a full payload, or the last
-    one that rewrote KUBE-SERVICES). When `new_text` leaves KUBE-SERVICES out, the change left
-    it as it was: the minimal payload does not touch it either."""
+    for Service `service` ("namespace/name"). Both are Sluice payloads; when `new_text`
+    rewrites KUBE-SERVICES whole, `prev_text` must hold the complete KUBE-SERVICES chain as it
+    was before the change (a full payload, or the last one that rewrote KUBE-SERVICES). When
+    `new_text` edits KUBE-SERVICES (`-I`/`-D`), the edits of the Service's rules are the
+    change; when it leaves KUBE-SERVICES out, the change left it as it was: the minimal payload
+    does not touch it either."""
     new = tables(new_text).get("nat", [])
     prev = tables(prev_text).get("nat", [])
-    if not declares(prev_text, "nat", "KUBE-SERVICES"):
-        raise ValueError("minimal: the previous payload does not hold KUBE-SERVICES")
     prefix = service + ":"
+    rewrites = declares(new_text, "nat", "KUBE-SERVICES")
+    if rewrites and not declares(prev_text, "nat", "KUBE-SERVICES"):
+        raise ValueError("minimal: the previous payload does not hold KUBE-SERVICES")
     decls, rules, deletes = [], [], []
     for line in new:
         chain = _chain_of(line)
@@ -78,12 +91,15 @@ def minimal(new_text, prev_text, service):
             deletes.append(line)
         else:
             rules.append(line)
-    top_prev = [l for l in prev if l.startswith("-A KUBE-SERVICES ") and _mentions(l, prefix)]
-    if declares(new_text, "nat", "KUBE-SERVICES"):
+    if rewrites:
+        top_prev = [l for l in prev if l.startswith("-A KUBE-SERVICES ") and _mentions(l, prefix)]
         top_new = [l for l in new if l.startswith("-A KUBE-SERVICES ") and _mentions(l, prefix)]
+        removed = ["-D" + l[2:] for l in top_prev if l not in top_new]
+        added = ["-I KUBE-SERVICES 1" + l[len("-A KUBE-SERVICES"):] for l in top_new if l not in top_prev]
     else:
-        top_new = top_prev
-    removed = ["-D" + l[2:] for l in top_prev if l not in top_new]
-    added = ["-I KUBE-SERVICES 1" + l[len("-A KUBE-SERVICES"):] for l in top_new if l not in top_prev]
+        edits = [l for l in new if l.startswith(("-I KUBE-SERVICES ", "-D KUBE-SERVICES ", "-A KUBE-SERVICES "))
+                 and _mentions(l, prefix)]
+        removed = [l for l in edits if l.startswith("-D ")]
+        added = ["-I KUBE-SERVICES 1 " + _insert_spec(l) for l in edits if not l.startswith("-D ")]
     out = ["*nat"] + decls + removed + added + rules + deletes + ["COMMIT"]
     return "\n".join(out) + "\n"

@@ -262,8 +262,8 @@ def cold_table(v, w, out):
       "tables are flushed first); *end to end* runs from `exec` to the first packet DNATed to the probe Service's "
       "endpoint.")
     w("")
-    w("| mode | S × E | rules in kernel | parse | compile | Sluice sync | restore, same flags | restore, flushing | sync ÷ restore | end to end | payload |")
-    w("|---|---|---|---|---|---|---|---|---|---|---|")
+    w("| mode | S × E | rules in kernel | parse | compile | Sluice sync | restore, same flags | restore, flushing | sync ÷ restore | sync ÷ flushing | end to end | payload |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|")
     grown = []
     for m in v.modes():
         for (S, E, mix) in v.cases(m):
@@ -276,6 +276,7 @@ def cold_table(v, w, out):
             w(f"| {m} | {_case(S, E, mix)} | {fmt_int(v.med(*k, 'kernel_rules_sluice') or v.med(*k, 'kernel_rules'))} | "
               f"{v.cell(*k, 'source_s')} | {v.cell(*k, 'compile_s')} | {sync} | {v.cell(*k, 'restore_same_s') if v.get(*k, 'restore_same_s') else 'not run'} | "
               f"{v.cell(*k, 'restore_flush_s')} | {fmt_ratio(ratio(v.med(*k, 'sync_s'), v.med(*k, 'restore_same_s')))} | "
+              f"{fmt_ratio(ratio(v.med(*k, 'sync_s'), v.med(*k, 'restore_flush_s')))} | "
               f"{v.cell(*k, 'e2e_s')} | {fmt_bytes(v.med(*k, 'bytes'))} |")
     w("")
     if grown:

@@ -53,8 +53,25 @@ class MinimalTest(unittest.TestCase):
         self.assertEqual([l for l in deleted.splitlines() if "KUBE-SERVICES" in l], ["-D" + ADDED[2:]])
 
     def test_previous_payload_must_hold_kube_services(self):
+        add = _nat(*_services(PROBE_UDP, ADDED, DISPATCH), ":KUBE-SVC-ADDED - [0:0]")
         with self.assertRaises(ValueError):
-            payload.minimal(_change(0), _change(1), "bench/svc-00000")
+            payload.minimal(add, _change(1), "bench/svc-00000")
+        # Without a rewrite of KUBE-SERVICES the previous payload is not needed.
+        self.assertNotIn("KUBE-SERVICES", payload.minimal(_change(0), _change(1), "bench/svc-00000"))
+
+    def test_edited_kube_services(self):
+        """Sluice's own add and delete edit KUBE-SERVICES in place: the minimal payload takes the
+        edits of the Service's rules (an insertion moved to position 1, as elsewhere)."""
+        spec = ADDED[len("-A KUBE-SERVICES "):]
+        add = _nat(":KUBE-SVC-ADDED - [0:0]", f"-I KUBE-SERVICES 2 {spec}", "-A KUBE-SVC-ADDED -j ACCEPT")
+        delete = _nat(":KUBE-SVC-ADDED - [0:0]", f"-D KUBE-SERVICES {spec}", "-X KUBE-SVC-ADDED")
+        full = _nat(*_services(PROBE_UDP, DISPATCH), *_probe_chains(0))
+        added = payload.minimal(add, full, "bench/svc-added")
+        self.assertEqual([l for l in added.splitlines() if "KUBE-SERVICES" in l], [f"-I KUBE-SERVICES 1 {spec}"])
+        self.assertIn("-A KUBE-SVC-ADDED -j ACCEPT", added)
+        deleted = payload.minimal(delete, add, "bench/svc-added")
+        self.assertEqual([l for l in deleted.splitlines() if "KUBE-SERVICES" in l], [f"-D KUBE-SERVICES {spec}"])
+        self.assertIn("-X KUBE-SVC-ADDED", deleted)
 
     def test_declares(self):
         self.assertTrue(payload.declares(_nat(*_services(PROBE_UDP)), "nat", "KUBE-SERVICES"))
