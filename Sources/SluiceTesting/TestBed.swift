@@ -1,6 +1,6 @@
 // Sluice test support: a throw-away network of Linux network namespaces on this host, with
-// real backends, a real sluice process and a real client, for the kernel tests (tier 2 of
-// DESIGN.md "How it is tested"). Needs root, iproute2, iptables and /usr/bin/python3.
+// real backends, a real sluice process and a real client, for the kernel tests (the second tier
+// of tests described in docs/architecture.md and the README's Tests section). Needs root, iproute2, iptables and /usr/bin/python3.
 //
 // Address plan (each pod has its own /24 of the cluster CIDR 10.244.0.0/16; the node
 // namespace is the gateway of every link, and the only namespace that forwards):

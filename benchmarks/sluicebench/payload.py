@@ -3,7 +3,7 @@
 The "minimal" payload of a change is what an ideal incremental writer would send for it:
 only the changed Service's own chains (declared, refilled, or deleted) and, for an added or
 deleted Service, one `-I`/`-D` of its KUBE-SERVICES rule, with `--noflush`. This is the
-"nft 1 svc" figure of DESIGN.md. Sluice's partial sync writes the changed Services' chains
+"nft 1 svc" figure. Sluice's partial sync writes the changed Services' chains
 and touches a top-level chain (KUBE-SERVICES and the rest) only where its rules changed: a
 payload that leaves KUBE-SERVICES out left it as it was; one that adds or deletes a Service edits
 it with `-I KUBE-SERVICES <position>` / `-D KUBE-SERVICES <rule>` lines; only a larger change

@@ -220,7 +220,7 @@ def goal(v, w):
     if S != GOAL_S:
         w(f"This run's largest scale is S = {S} (the goal is stated at {GOAL_S}); the same comparison at that scale:")
         w("")
-    w(f"DESIGN.md: *within {GOAL_RATIO} × of \"nft 1 svc\"*, the cost of `iptables-nft-restore --noflush` of the changed "
+    w(f"The project's goal: *within {GOAL_RATIO} × of \"nft 1 svc\"*, the cost of `iptables-nft-restore --noflush` of the changed "
       "Service's chains alone.")
     w("")
     w("| at S = {} (iptables-nft) | time | ÷ nft 1 svc |".format(fmt_int(S)))
@@ -243,7 +243,7 @@ def goal(v, w):
         w(f"**Result: {fmt_ratio(r)} — Sluice {verdict} the {GOAL_RATIO} × goal.** The ratio splits into the payload, "
           f"{fmt_ratio(ratio(same, mini))} (what `iptables-restore` alone pays for Sluice's payload over the minimal one; a "
           "partial sync leaves KUBE-SERVICES and the other top-level chains out while they are unchanged, where kube-proxy "
-          "rewrites them on every sync, which grows with S: DESIGN.md's \"nft 1 svc +KUBE-SERVICES\"), times Sluice's own "
+          "rewrites them on every sync, which grows with S: \"nft 1 svc +KUBE-SERVICES\"), times Sluice's own "
           f"overhead, {fmt_ratio(ratio(sync, same))} (the canary check, process starts, compile).")
         w("")
     w("End to end includes the manifest source's 250 ms polling interval (on average half of it) and the "
