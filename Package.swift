@@ -97,7 +97,7 @@ let package = Package(
         .executableTarget(
             name: "sluice",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace",
+                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace", "Netlink",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),

@@ -275,6 +275,60 @@ struct ExplainKernelTests {
         }
     }
 
+    @Test("With nfacct on (kube-proxy's counting rules written), diff and the running proxy's drift check find no drift; a removed counting rule is reported")
+    func diffCleanWithNFAcct() async throws {
+        try await TestBed.with(.init(label: "nfacct-diff")) { bed in
+            var np = webService(name: "np", clusterIP: "10.96.0.11")
+            np.type = "NodePort"
+            np.ports = [.http(nodePort: 30080)]
+            try bed.writeManifest("svc.yaml", np.yaml)
+            try bed.startSluice(extra: ["--drift-check-period", "1s", "--metrics-bind-address", "127.0.0.1:10249"])
+            let nat = try await bed.waitForServices([np.portName("http")])
+            // nfacct is on: the localhost NodePort rule counts into kube-proxy's object, and so
+            // does the INVALID drop.
+            let counting = try #require(nat.split(separator: "\n").first { $0.hasPrefix("-A KUBE-NODEPORTS ") && $0.contains("localhost_nps_accepted_pkts") },
+                                        "no nfacct rule in\n\(nat)\nlog:\n\(bed.sluiceLog)")
+            let filter = await bed.iptables(["-S", "KUBE-FORWARD"])
+            #expect(filter.stdout.contains("--ctstate INVALID -m nfacct --nfacct-name"), "\(filter)")
+
+            let clean = await bed.runSluice(["diff"] + bed.sluiceArguments())
+            #expect(clean.status == 0 && clean.stdout.contains("holds the desired state"), "\(clean)\n\(nat)")
+
+            func metric(_ name: String) async -> Double? {
+                let py = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:10249/metrics',timeout=2).read().decode())"
+                let out = await bed.exec(bed.nodeNS, [bed.python, "-c", py])
+                for line in out.stdout.split(separator: "\n") where line.hasPrefix(name + " ") || line.hasPrefix(name + "{") {
+                    return Double(line.split(separator: " ").last ?? "")
+                }
+                return nil
+            }
+            func waitForDrift(_ want: Double) async throws -> Bool {
+                for _ in 0..<50 {
+                    if await metric("sluice_kernel_drift_objects") == want { return true }
+                    try await Task.sleep(for: .milliseconds(200))
+                }
+                return false
+            }
+            // The gauge reads 0 before the first check: a foreign rule first shows that the check
+            // runs (1, not 3 with the counting rules), and its removal brings it back to 0.
+            let foreign = ["KUBE-SERVICES", "-d", "10.9.9.9/32", "-p", "tcp", "--dport", "9", "-j", "RETURN"]
+            var r = await bed.iptables(["-t", "nat", "-I"] + foreign)
+            #expect(r.succeeded, "\(r)")
+            #expect(try await waitForDrift(1), "drift gauge never 1 after a foreign rule; log:\n\(bed.sluiceLog)")
+            r = await bed.iptables(["-t", "nat", "-D"] + foreign)
+            #expect(r.succeeded, "\(r)")
+            #expect(try await waitForDrift(0), "drift gauge never 0 with nfacct on; log:\n\(bed.sluiceLog)")
+            #expect(await metric("kubeproxy_iptables_localhost_nodeports_accepted_packets_total") != nil)
+
+            // The counting rule removed by hand: both report it.
+            r = await bed.iptables(["-t", "nat", "-D"] + tokenize(counting.dropFirst(3)))
+            #expect(r.succeeded, "\(r)")
+            let d = await bed.runSluice(["diff"] + bed.sluiceArguments())
+            #expect(d.status == 1 && d.stdout.contains("missing nat KUBE-NODEPORTS rule") && d.stdout.contains("localhost_nps_accepted_pkts"), "\(d)")
+            #expect(try await waitForDrift(1), "drift gauge never 1 after the counting rule was removed; log:\n\(bed.sluiceLog)")
+        }
+    }
+
     @Test("The running proxy's drift check exports sluice_kernel_drift_objects and logs the difference")
     func daemonDriftCheck() async throws {
         try await TestBed.with(.init(label: "drift")) { bed in
