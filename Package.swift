@@ -98,7 +98,7 @@ let package = Package(
         .executableTarget(
             name: "sluice",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace", "NFTables",
+                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace", "NFTables", "Netlink",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),

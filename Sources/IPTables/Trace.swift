@@ -392,7 +392,8 @@ public struct IPTablesTracer: PacketTracer {
         var result = MatchResult.yes
         for m in r.matches {
             switch m.module {
-            case "comment":
+            case "comment", "nfacct":
+                // nfacct only counts the packets it sees.
                 continue
             case "tcp", "udp", "sctp":
                 if m.module != w.proto { return .no }

@@ -49,9 +49,14 @@ public struct NFAcctCounters: Sendable {
         connection = try NetlinkConnection(protocol: NetlinkProtocol.netfilter)
     }
 
+    /// Whether `name` exists (read-only: one `NFNL_MSG_ACCT_GET`; any error counts as absent).
+    public func exists(_ name: String) async -> Bool {
+        (try? await connection.execute(NFAcct.getRequest(name))) != nil
+    }
+
     /// Makes sure `name` exists: reads it, and creates it when it does not.
     public func ensure(_ name: String) async throws {
-        if (try? await connection.execute(NFAcct.getRequest(name))) != nil { return }
+        if await exists(name) { return }
         _ = try await connection.execute(NFAcct.newRequest(name))
     }
 

@@ -80,6 +80,32 @@ public final class ProxyMetrics: Sendable {
         public static let livezTotal = "kubeproxy_proxy_livez_total"
         public static let conntrackDuration = "kubeproxy_conntrack_reconciler_sync_duration_seconds"
         public static let conntrackDeleted = "kubeproxy_conntrack_reconciler_deleted_entries_total"
+        public static let ctStateInvalidDropped = "kubeproxy_iptables_ct_state_invalid_dropped_packets_total"
+        public static let localhostNodePortsAccepted = "kubeproxy_iptables_localhost_nodeports_accepted_packets_total"
+    }
+
+    /// kube-proxy's nfacct-backed packet counters (iptables mode). They exist only where the
+    /// nfacct object they read exists: without nfacct, no series (as kube-proxy).
+    public enum NFAcctMetric: Sendable, CaseIterable {
+        /// Packets the INVALID-state rule of KUBE-FORWARD dropped.
+        case ctStateInvalidDropped
+        /// Packets accepted on NodePorts of 127.0.0.0/8.
+        case localhostNodePortsAccepted
+
+        /// The exported name.
+        public var name: String {
+            switch self {
+            case .ctStateInvalidDropped: Name.ctStateInvalidDropped
+            case .localhostNodePortsAccepted: Name.localhostNodePortsAccepted
+            }
+        }
+
+        var help: String {
+            switch self {
+            case .ctStateInvalidDropped: "packets dropped by iptables to work around conntrack problems"
+            case .localhostNodePortsAccepted: "Number of packets accepted on nodeports of loopback interface"
+            }
+        }
     }
 
     private static func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
@@ -174,6 +200,12 @@ public final class ProxyMetrics: Sendable {
         let s = series(family)
         s.conntrackDuration.record(duration)
         if deleted > 0 { s.conntrackDeleted.increment(by: Int64(deleted)) }
+    }
+
+    /// Adds `packets` to the nfacct-backed counter `metric` (0 registers the series).
+    public func addNFAcctPackets(_ metric: NFAcctMetric, _ packets: UInt64) {
+        let counter = registry.makeCounter(descriptor: ProxyMetrics.descriptor(metric.name, metric.help))
+        if packets > 0 { counter.increment(by: Int64(clamping: packets)) }
     }
 
     /// The metrics in Prometheus text format (version 0.0.4), with fresh `process_*` values.

@@ -162,7 +162,7 @@ func loadDesiredState(options: ProxyOptions, logger: Logger) async throws -> Loa
 }
 
 /// The iptables compiler options a running proxy would use on this host (random-fully from
-/// the installed iptables, be_liberal from /proc, the local addresses).
+/// the installed iptables, be_liberal from /proc, the local addresses, the nfacct objects that exist).
 func iptablesCompileOptions(options: ProxyOptions, node: NodeConfig, family: IPFamily) async -> IPTablesOptions {
     let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
     var randomFully = true
@@ -172,8 +172,12 @@ func iptablesCompileOptions(options: ProxyOptions, node: NodeConfig, family: IPF
     }
     let liberal = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", encoding: .utf8))?
         .trimmingASCIIWhitespace() == "1"
-    return IPTablesOptions(node: node, family: family, randomFully: randomFully, conntrackTCPLiberal: liberal,
-                           localAddresses: LocalAddresses.current().filter { $0.family == family })
+    var opts = IPTablesOptions(node: node, family: family, randomFully: randomFully, conntrackTCPLiberal: liberal,
+                               localAddresses: LocalAddresses.current().filter { $0.family == family })
+    // The nfacct objects the running proxy counts into (it makes sure they exist at start-up):
+    // their rules are part of the desired state.
+    opts.nfacctCounters = await existingNFAcctCounters()
+    return opts
 }
 
 /// What `sluice explain --output json` prints (docs/explain-diff.md).

@@ -6,6 +6,7 @@ import KubeAPI
 import Logging
 import ServiceLifecycle
 import SluiceCore
+import SluiceServer
 
 /// A proxy mode as the executable runs it: its backend, the observers that follow each
 /// sync, and any long-running services of its own.
@@ -17,18 +18,24 @@ struct ModeRuntime {
 
 /// Builds the runtime of the selected `--proxy-mode` for one IP family (a dual-stack node
 /// runs one per family over the same model, as kube-proxy's metaproxier does).
-func makeMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, logger: Logger) async throws -> ModeRuntime {
+/// - Parameter metrics: where the nfacct counters are exported (iptables mode).
+func makeMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, metrics: ProxyMetrics? = nil,
+              logger: Logger) async throws -> ModeRuntime {
     switch options.proxyMode {
     case .iptables:
         let backend: IPTablesBackend
+        // kube-proxy's nfacct counters; one poller (the first family's) reads the shared objects.
+        let first = family == node.families.first
+        let nfacct = await makeNFAcct(metrics: first ? metrics : nil, logger: logger)
+        let poller = nfacct.poller
         do {
             backend = try await IPTablesBackend.create(node: node, family: family, variant: options.iptablesBackend,
-                                                       runner: ProcessRunner(), logger: logger)
+                                                       runner: ProcessRunner(), nfacctCounters: nfacct.names, logger: logger)
         } catch {
             throw SluiceExit("cannot use \(family == .ipv4 ? "iptables" : "ip6tables"): \(error)")
         }
         return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger)]) { runner in
-            [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
+            [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))] + (poller.map { [$0] } ?? [])
         }
     case .ipvs:
         var mode = try await makeIPVSMode(options: options, node: node, family: family, logger: logger)

@@ -7,6 +7,7 @@ import Foundation
 import IPTables
 import KubeAPI
 import Logging
+import Netlink
 import ServiceLifecycle
 import SluiceCore
 import SluiceServer
@@ -157,6 +158,85 @@ struct StartupEvent: Sendable {
             logger.debug("recorded the start-up event for node \(nodeName)")
         } catch {
             logger.warning("cannot record the start-up event: \(error)")
+        }
+    }
+}
+
+/// kube-proxy's nfacct counters (iptables mode, where the kernel has nfnetlink_acct): the
+/// objects are made sure to exist so the rules can count into them, and a poller copies their
+/// packet counts to `kubeproxy_iptables_ct_state_invalid_dropped_packets_total` and
+/// `kubeproxy_iptables_localhost_nodeports_accepted_packets_total` every 2 s.
+/// - Returns: the objects that exist (empty when nfacct is unavailable: no nfacct rules and no
+///   series), and the poller to run.
+func makeNFAcct(metrics: ProxyMetrics?, logger: Logger) async -> (names: Set<String>, poller: NFAcctPoller?) {
+    let counters: NFAcctCounters
+    do {
+        counters = try NFAcctCounters()
+    } catch {
+        logger.info("nfacct is not available (\(error)): no nfacct counters")
+        return ([], nil)
+    }
+    var names = Set<String>()
+    for name in NFAcctCounterName.all {
+        do {
+            try await counters.ensure(name)
+            names.insert(name)
+        } catch {
+            logger.info("nfacct object \(name) is not available (\(error)): no rule counts into it")
+        }
+    }
+    guard let metrics, !names.isEmpty else { return (names, nil) }
+    return (names, NFAcctPoller(counters: counters, names: names, metrics: metrics, logger: logger))
+}
+
+/// The nfacct objects of kube-proxy's that exist in this network namespace (read-only; empty
+/// when nfnetlink_acct is unavailable). explain, diff, compile and the drift check compile
+/// with them, as the running proxy does after `makeNFAcct`.
+func existingNFAcctCounters() async -> Set<String> {
+    guard let counters = try? NFAcctCounters() else { return [] }
+    var names = Set<String>()
+    for name in NFAcctCounterName.all where await counters.exists(name) { names.insert(name) }
+    return names
+}
+
+/// Copies the nfacct packet counts to their metrics.
+struct NFAcctPoller: ServiceLifecycle.Service {
+    let counters: NFAcctCounters
+    let names: Set<String>
+    let metrics: ProxyMetrics
+    let logger: Logger
+    var interval: Duration = .seconds(2)
+
+    /// The metric of each nfacct object (kube-proxy's names).
+    static let metricOf: [String: ProxyMetrics.NFAcctMetric] = [
+        NFAcctCounterName.ctStateInvalidDropped: .ctStateInvalidDropped,
+        NFAcctCounterName.localhostNodePortsAccepted: .localhostNodePortsAccepted,
+    ]
+
+    func run() async throws {
+        let tracked = names.sorted().compactMap { name in Self.metricOf[name].map { (name, $0) } }
+        for (_, metric) in tracked { metrics.addNFAcctPackets(metric, 0) }
+        let (counters, interval, logger, metrics) = (self.counters, self.interval, self.logger, self.metrics)
+        try await untilShutdown {
+            // The objects outlive the process: the first read adds their whole count, so the
+            // series carries the object's value, as kube-proxy's collector does.
+            var seen: [String: UInt64] = [:]
+            var failing = Set<String>()
+            while !Task.isCancelled {
+                for (name, metric) in tracked {
+                    do {
+                        let packets = try await counters.packets(name)
+                        let last = seen[name, default: 0]
+                        // A smaller count: the object was deleted and made again.
+                        metrics.addNFAcctPackets(metric, packets >= last ? packets - last : packets)
+                        seen[name] = packets
+                        if failing.remove(name) != nil { logger.info("reading nfacct object \(name) works again") }
+                    } catch {
+                        if failing.insert(name).inserted { logger.warning("reading nfacct object \(name): \(error)") }
+                    }
+                }
+                try await Task.sleep(for: interval)
+            }
         }
     }
 }

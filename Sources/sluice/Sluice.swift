@@ -72,7 +72,7 @@ struct Sluice: AsyncParsableCommand {
         // Userspace mode relays IPv4 only (its portal rules are iptables rules).
         let families = options.proxyMode == .userspace ? [IPFamily.ipv4] : node.families
         for family in families {
-            let mode = try await makeMode(options: options, node: node, family: family, logger: logger)
+            let mode = try await makeMode(options: options, node: node, family: family, metrics: observability.metrics, logger: logger)
             let driftWatch = await makeDriftWatch(drift, options: options, node: node, family: family, logger: logger)
             let runner = SyncRunner(tracker: ChangeTracker(nodeName: node.nodeName, serviceProxyName: options.serviceProxyName),
                                     backend: mode.backend, family: family, timing: options.timing, clock: ContinuousClock(),
@@ -158,8 +158,10 @@ struct Compile: AsyncParsableCommand {
                 FileHandle.standardOutput.write(Data(text.utf8))
                 continue
             }
-            let opts = IPTablesOptions(node: node, family: family, randomFully: rf, conntrackTCPLiberal: liberal,
+            var opts = IPTablesOptions(node: node, family: family, randomFully: rf, conntrackTCPLiberal: liberal,
                                        localAddresses: LocalAddresses.current().filter { $0.family == family })
+            // As the running proxy: the nfacct objects that exist are counted into.
+            opts.nfacctCounters = await existingNFAcctCounters()
             let compiled = IPTablesCompiler(options: opts).compile(state)
             if family != node.families.first { FileHandle.standardOutput.write(Data("# \(IPTablesTools(variant: .auto, family: family).restore) input\n".utf8)) }
             FileHandle.standardOutput.write(Data(compiled.restoreText.utf8))

@@ -319,3 +319,54 @@ private func splitEndpointIP(_ text: String) -> IPAddress? {
         #expect(tracer.trace(p).notes.contains { $0.contains("--in-interface") })
     }
 }
+
+/// nfacct on: explain, diff and the drift check compile with the nfacct objects that exist,
+/// as the running proxy does, so its counting rules are part of the desired state.
+@Suite struct NFAcctDriftAndTraceTests {
+    let state: ProxyState
+    let plain: CompiledRules
+    let counted: CompiledRules
+
+    init() throws {
+        state = try Fixtures.state(overallYAML())
+        var o = options
+        o.nfacctCounters = Set(NFAcctCounterName.all)
+        plain = IPTablesCompiler(options: options).compile(state)
+        counted = IPTablesCompiler(options: o).compile(state)
+    }
+
+    /// What iptables-save prints for a kernel synced with `compiled` (the nfacct match's
+    /// option is printed with two spaces, as iptables 1.8 does).
+    private func saved(_ compiled: CompiledRules) -> String {
+        var s = ""
+        let d = IPTablesDrift.desired(compiled)
+        for t in ["filter", "nat"] {
+            let table = d.tables[t]!
+            s += "*\(t)\n"
+            for c in table.chainOrder { s += ":\(c) \(table.policies[c]!) [0:0]\n" }
+            for c in table.chainOrder { for r in table.rules[c]! { s += r.text.replacingOccurrences(of: "--nfacct-name ", with: "--nfacct-name  ") + "\n" } }
+            s += "COMMIT\n"
+        }
+        return s
+    }
+
+    @Test func aKernelWithTheCountingRulesHasNoDriftWhenTheSameObjectsAreCompiled() {
+        let kernel = ParsedRuleSet.parse(saved(counted))
+        #expect(saved(counted).contains("--nfacct-name  localhost_nps_accepted_pkts"))
+        #expect(IPTablesDrift.compare(desired: IPTablesDrift.desired(counted), actual: kernel) == [])
+        // Compiled without nfacct (what diff did before), the counting rules are drift.
+        let items = IPTablesDrift.compare(desired: IPTablesDrift.desired(plain), actual: kernel)
+        #expect(!items.isEmpty)
+        #expect(items.allSatisfy { ($0.have ?? "").contains("nfacct") || ($0.want ?? "").contains("INVALID") }, "\(items)")
+        #expect(items.contains { $0.kind == .extra && $0.object == "nat KUBE-NODEPORTS rule" }, "\(items)")
+    }
+
+    @Test func theTracerWalksThroughTheCountingRuleWithoutANote() throws {
+        let p = try packet(nil, "127.0.0.1:3003")
+        let withCounting = IPTablesTracer(compiled: counted, localAddresses: local).trace(p)
+        let without = IPTablesTracer(compiled: plain, localAddresses: local).trace(p)
+        #expect(!withCounting.endpointProbabilities.isEmpty)
+        #expect(withCounting.endpointProbabilities == without.endpointProbabilities)
+        #expect(!withCounting.notes.contains { $0.contains("nfacct") }, "\(withCounting.notes)")
+    }
+}

@@ -36,6 +36,36 @@ private func fakeMark(_ text: String) -> String { text.replacingOccurrences(of: 
         #expect(try checkRuleJumps(expected) == [])
     }
 
+    /// With both nfacct objects present (as kube-proxy's own test runs), the output is
+    /// kube-proxy's expected text with its nfacct parts: the INVALID drop counts into
+    /// ct_state_invalid_dropped_pkts and each NodePort with endpoints gets its localhost
+    /// counting rule first (the lines of proxier_test.go's expected output).
+    @Test func overallRulesWithNFAcctMatchKubeProxy() throws {
+        let yaml = try fixture("kube-proxy-overall/services.yaml") + "\n---\n" + fixture("kube-proxy-overall/endpointslices.yaml")
+        var options = Fixtures.kubeProxyTestOptions
+        options.nfacctCounters = Set(NFAcctCounterName.all)
+        let result = try sortRestoreText(fakeMark(compile(yaml, options: options)))
+        var expected = try fixture("kube-proxy-overall/expected.txt")
+        expected = expected.replacingOccurrences(
+            of: "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n",
+            with: "-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP\n")
+        for (svc, port, ext) in [("ns2/svc2:p80", 3001, "KUBE-EXT-GNZBNJ2PO5MGZ6GT"), ("ns3/svc3:p80", 3003, "KUBE-EXT-X27LE4BHSL4DOUIK"),
+                                 ("ns5/svc5:p80", 3002, "KUBE-EXT-NUKIZ6OKUXPJNT4C")] {
+            let plain = "-A KUBE-NODEPORTS -m comment --comment \(svc) -m tcp -p tcp --dport \(port) -j \(ext)\n"
+            let counting = "-A KUBE-NODEPORTS -m comment --comment \(svc) -m tcp -p tcp -d 127.0.0.0/8 --dport \(port) -m nfacct --nfacct-name localhost_nps_accepted_pkts -j \(ext)\n"
+            #expect(expected.contains(plain))
+            expected = expected.replacingOccurrences(of: plain, with: counting + plain)
+        }
+        #expect(result == expected)
+        if result != expected {
+            let r = result.split(separator: "\n"), e = expected.split(separator: "\n")
+            for (i, (a, b)) in zip(r, e).enumerated() where a != b {
+                Issue.record("first difference at line \(i + 1):\n got: \(a)\nwant: \(b)")
+                break
+            }
+        }
+    }
+
     @Test func productionMarkIsGoHashFormatted() throws {
         let yaml = try fixture("kube-proxy-overall/services.yaml")
         let text = try compile(yaml)

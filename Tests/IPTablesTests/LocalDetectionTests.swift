@@ -59,6 +59,27 @@ import Testing
         let (noLocalhost, _) = try compileDump([nodePort, eps], options: o)
         #expect(noLocalhost.rules("nat", "KUBE-NODEPORTS").count == 1)
     }
+
+    @Test func onlyTheObjectsThatExistAreCountedInto() throws {
+        var o = Fixtures.kubeProxyTestOptions
+        o.nfacctCounters = [NFAcctCounterName.ctStateInvalidDropped]
+        let (d, _) = try compileDump([nodePort, eps], options: o)
+        #expect(d.rules("nat", "KUBE-NODEPORTS") == ["-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 30080 -j \(ext1)"])
+        #expect(d.rules("filter", "KUBE-FORWARD").first == "-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP")
+        o.nfacctCounters = [NFAcctCounterName.localhostNodePortsAccepted]
+        let (l, _) = try compileDump([nodePort, eps], options: o)
+        #expect(l.rules("nat", "KUBE-NODEPORTS").count == 2)
+        #expect(l.rules("filter", "KUBE-FORWARD").first == "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP")
+    }
+
+    @Test func withBeLiberalThereIsNoInvalidDropToCount() throws {
+        var o = Fixtures.kubeProxyTestOptions
+        o.nfacctCounters = Set(NFAcctCounterName.all)
+        o.conntrackTCPLiberal = true
+        let (d, _) = try compileDump([nodePort, eps], options: o)
+        #expect(!d.rules("filter", "KUBE-FORWARD").contains { $0.contains("INVALID") })
+        #expect(d.rules("nat", "KUBE-NODEPORTS").contains { $0.contains("localhost_nps_accepted_pkts") })
+    }
 }
 
 @Suite struct BackendDetectionTests {

@@ -200,4 +200,62 @@ struct DropInKernelTests {
         #expect(r.status != 0 && !r.timedOut, "\(r)")
         #expect(r.stderr.contains("--bind-address-hard-fail"), "\(r.stderr)")
     }
+
+    @Test func nfacctCountsLocalhostNodePortPacketsAsKubeProxysMetric() async throws {
+        let ns = try NetworkNamespace(prefix: "sluice-nfacct")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("sluice-nfacct-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try """
+            apiVersion: v1
+            kind: Service
+            metadata: {name: np, namespace: default}
+            spec: {type: NodePort, clusterIP: 10.96.0.30, ports: [{name: http, port: 80, protocol: TCP, nodePort: 30080}]}
+            ---
+            apiVersion: discovery.k8s.io/v1
+            kind: EndpointSlice
+            metadata: {name: np-1, namespace: default, labels: {kubernetes.io/service-name: np}}
+            addressType: IPv4
+            ports: [{name: http, port: 8080, protocol: TCP}]
+            endpoints: [{addresses: [10.244.9.9]}]
+            """.write(toFile: dir + "/np.yaml", atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: ToolRunner.which("ip") ?? "/usr/sbin/ip")
+        p.arguments = ["netns", "exec", ns.name, Self.binary, "--manifests", dir, "--hostname-override", "n1", "--node-ip", "192.0.2.1",
+                       "--conntrack-max-per-core", "0", "--min-sync-period", "0s"]
+        let log = dir + ".log"
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        p.standardOutput = handle
+        p.standardError = handle
+        try p.run()
+        defer {
+            if p.isRunning { kill(p.processIdentifier, SIGTERM) }
+            p.waitUntilExit()
+            ns.delete()
+            try? FileManager.default.removeItem(atPath: dir)
+            try? FileManager.default.removeItem(atPath: log)
+        }
+        func logText() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        do {
+            try await Eventually.wait("the counting NodePort rule", timeout: .seconds(20), interval: .milliseconds(50)) {
+                (try ns.run(["iptables-save", "-t", "nat"]).stdout).contains("--nfacct-name  localhost_nps_accepted_pkts")
+            }
+        } catch {
+            Issue.record("no nfacct rule; sluice log:\n\(logText().suffix(3000))\n\((try? ns.run(["iptables-save"]).stdout) ?? "")")
+            throw error
+        }
+        let filter = try ns.run(["iptables-save", "-t", "filter"]).stdout
+        #expect(filter.contains("--ctstate INVALID -m nfacct --nfacct-name  ct_state_invalid_dropped_pkts -j DROP"), "\(filter)")
+        // Three connection attempts to the localhost NodePort (the endpoint does not exist: the
+        // first packet of each is counted by the rule all the same).
+        for _ in 0..<3 { _ = try ns.run(["curl", "-s", "--max-time", "1", "http://127.0.0.1:30080/"]) }
+        let name = "kubeproxy_iptables_localhost_nodeports_accepted_packets_total"
+        try await Eventually.wait("the counter on /metrics", timeout: .seconds(10), interval: .milliseconds(200)) {
+            let metrics = try ns.run(["curl", "-s", "http://127.0.0.1:10249/metrics"]).stdout
+            let value = metrics.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
+            return (value ?? 0) >= 3
+        }
+        let metrics = try ns.run(["curl", "-s", "http://127.0.0.1:10249/metrics"]).stdout
+        #expect(metrics.contains("kubeproxy_iptables_ct_state_invalid_dropped_packets_total"), "\(metrics)")
+    }
 }

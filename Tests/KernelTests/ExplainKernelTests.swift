@@ -275,6 +275,109 @@ struct ExplainKernelTests {
         }
     }
 
+    @Test("With nfacct on (kube-proxy's counting rules written), diff and the running proxy's drift check find no drift; a removed counting rule is reported")
+    func diffCleanWithNFAcct() async throws {
+        try await TestBed.with(.init(label: "nfacct-diff")) { bed in
+            var np = webService(name: "np", clusterIP: "10.96.0.11")
+            np.type = "NodePort"
+            np.ports = [.http(nodePort: 30080)]
+            try bed.writeManifest("svc.yaml", np.yaml)
+            try bed.startSluice(extra: ["--drift-check-period", "1s", "--metrics-bind-address", "127.0.0.1:10249"])
+            let nat = try await bed.waitForServices([np.portName("http")])
+            // nfacct is on: the localhost NodePort rule counts into kube-proxy's object, and so
+            // does the INVALID drop.
+            let counting = try #require(nat.split(separator: "\n").first { $0.hasPrefix("-A KUBE-NODEPORTS ") && $0.contains("localhost_nps_accepted_pkts") },
+                                        "no nfacct rule in\n\(nat)\nlog:\n\(bed.sluiceLog)")
+            let filter = await bed.iptables(["-S", "KUBE-FORWARD"])
+            #expect(filter.stdout.contains("--ctstate INVALID -m nfacct --nfacct-name"), "\(filter)")
+
+            let clean = await bed.runSluice(["diff"] + bed.sluiceArguments())
+            #expect(clean.status == 0 && clean.stdout.contains("holds the desired state"), "\(clean)\n\(nat)")
+
+            func metric(_ name: String) async -> Double? {
+                let py = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:10249/metrics',timeout=2).read().decode())"
+                let out = await bed.exec(bed.nodeNS, [bed.python, "-c", py])
+                for line in out.stdout.split(separator: "\n") where line.hasPrefix(name + " ") || line.hasPrefix(name + "{") {
+                    return Double(line.split(separator: " ").last ?? "")
+                }
+                return nil
+            }
+            func waitForDrift(_ want: Double) async throws -> Bool {
+                for _ in 0..<50 {
+                    if await metric("sluice_kernel_drift_objects") == want { return true }
+                    try await Task.sleep(for: .milliseconds(200))
+                }
+                return false
+            }
+            // The gauge reads 0 before the first check: a foreign rule first shows that the check
+            // runs (1, not 3 with the counting rules), and its removal brings it back to 0.
+            let foreign = ["KUBE-SERVICES", "-d", "10.9.9.9/32", "-p", "tcp", "--dport", "9", "-j", "RETURN"]
+            var r = await bed.iptables(["-t", "nat", "-I"] + foreign)
+            #expect(r.succeeded, "\(r)")
+            #expect(try await waitForDrift(1), "drift gauge never 1 after a foreign rule; log:\n\(bed.sluiceLog)")
+            r = await bed.iptables(["-t", "nat", "-D"] + foreign)
+            #expect(r.succeeded, "\(r)")
+            #expect(try await waitForDrift(0), "drift gauge never 0 with nfacct on; log:\n\(bed.sluiceLog)")
+            #expect(await metric("kubeproxy_iptables_localhost_nodeports_accepted_packets_total") != nil)
+
+            // The counting rule removed by hand: both report it.
+            r = await bed.iptables(["-t", "nat", "-D"] + tokenize(counting.dropFirst(3)))
+            #expect(r.succeeded, "\(r)")
+            let d = await bed.runSluice(["diff"] + bed.sluiceArguments())
+            #expect(d.status == 1 && d.stdout.contains("missing nat KUBE-NODEPORTS rule") && d.stdout.contains("localhost_nps_accepted_pkts"), "\(d)")
+            #expect(try await waitForDrift(1), "drift gauge never 1 after the counting rule was removed; log:\n\(bed.sluiceLog)")
+        }
+    }
+
+    @Test("nfacct: real conntrack-INVALID packets forwarded through the node are dropped and counted in kubeproxy_iptables_ct_state_invalid_dropped_packets_total")
+    func invalidDropsAreCounted() async throws {
+        try await TestBed.with(.init(label: "nfacct-invalid")) { bed in
+            let web = webService()
+            try bed.writeManifest("svc.yaml", web.yaml)
+            try bed.startSluice(extra: ["--metrics-bind-address", "127.0.0.1:10249"])
+            _ = try await bed.waitForServices([web.portName("http")])
+            let forward = await bed.iptables(["-S", "KUBE-FORWARD"])
+            #expect(forward.stdout.contains("--ctstate INVALID -m nfacct --nfacct-name"), "\(forward)")
+            func counted() async -> Double? {
+                let py = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:10249/metrics',timeout=2).read().decode())"
+                let out = await bed.exec(bed.nodeNS, [bed.python, "-c", py])
+                return out.stdout.split(separator: "\n").first { $0.hasPrefix("kubeproxy_iptables_ct_state_invalid_dropped_packets_total ") }
+                    .flatMap { Double($0.split(separator: " ").last ?? "") }
+            }
+            var before: Double?
+            for _ in 0..<50 where before == nil {
+                before = await counted()
+                if before == nil { try await Task.sleep(for: .milliseconds(200)) }
+            }
+            let start = try #require(before, "no ct_state_invalid series; log:\n\(bed.sluiceLog)")
+            // Five TCP segments with SYN and FIN both set (a flag combination conntrack marks
+            // INVALID) from the client pod to a backend pod: the node forwards them, and
+            // KUBE-FORWARD drops and counts each.
+            let py = """
+                import socket, struct
+                src, dst = socket.inet_aton('\(TestNet.clientIP)'), socket.inet_aton('\(TestNet.backendIP(1))')
+                def csum(b):
+                    if len(b) % 2: b += b'\\0'
+                    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+                    s = (s >> 16) + (s & 0xffff); s += s >> 16
+                    return ~s & 0xffff
+                s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+                for i in range(5):
+                    h = struct.pack('!HHIIBBHHH', 40000 + i, 8080, 1000, 0, 5 << 4, 0x03, 65535, 0, 0)
+                    c = csum(src + dst + struct.pack('!BBH', 0, 6, len(h)) + h)
+                    s.sendto(h[:16] + struct.pack('!H', c) + h[18:], ('\(TestNet.backendIP(1))', 0))
+                """
+            let sent = await bed.exec(bed.clientNS, [bed.python, "-c", py])
+            #expect(sent.succeeded, "\(sent)")
+            var last = start
+            for _ in 0..<50 where last < start + 5 {
+                try await Task.sleep(for: .milliseconds(200))
+                last = await counted() ?? last
+            }
+            #expect(last >= start + 5, "counter went from \(start) to \(last); log:\n\(bed.sluiceLog)")
+        }
+    }
+
     @Test("The running proxy's drift check exports sluice_kernel_drift_objects and logs the difference")
     func daemonDriftCheck() async throws {
         try await TestBed.with(.init(label: "drift")) { bed in

@@ -84,6 +84,21 @@ private struct Rig {
 }
 
 @Suite struct ProxyMetricsTests {
+    @Test func theNFAcctCountersExistOnlyOnceRegisteredAndAddUp() throws {
+        let metrics = ProxyMetrics(nodeName: "n", tables: ["filter", "nat"])
+        // Without nfacct nothing registers them: no series, as kube-proxy.
+        let before = Scrape(metrics.render())
+        #expect(!before.types.keys.contains { $0.hasPrefix("kubeproxy_iptables_") }, "\(before.types)")
+        metrics.addNFAcctPackets(.localhostNodePortsAccepted, 0)
+        metrics.addNFAcctPackets(.localhostNodePortsAccepted, 5)
+        metrics.addNFAcctPackets(.localhostNodePortsAccepted, 2)
+        let after = Scrape(metrics.render())
+        #expect(after.types[ProxyMetrics.Name.localhostNodePortsAccepted] == "counter")
+        #expect(after.help[ProxyMetrics.Name.localhostNodePortsAccepted] == "[ALPHA] Number of packets accepted on nodeports of loopback interface")
+        #expect(after.samples.first { $0.name == ProxyMetrics.Name.localhostNodePortsAccepted }?.value == 7)
+        #expect(after.types[ProxyMetrics.Name.ctStateInvalidDropped] == nil)
+    }
+
     @Test func everyNameHasKubeProxysTypeAndBuckets() async throws {
         let rig = Rig()
         let clock = rig.clock
