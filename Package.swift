@@ -70,6 +70,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -92,7 +93,7 @@ let package = Package(
         // its memory (the kernel tests run it under `ip netns exec`).
         .executableTarget(
             name: "conntrack-probe",
-            dependencies: ["Conntrack", "SluiceCore"],
+            dependencies: ["Conntrack", "SluiceCore", .product(name: "Logging", package: "swift-log")],
             path: "Sources/ConntrackProbe"
         ),
         .executableTarget(
@@ -103,6 +104,7 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Yams", package: "Yams"),
             ]
         ),
         // Header-only C module: the netlink, rtnetlink, IPVS and ipset UAPI headers (socket
@@ -140,7 +142,7 @@ let package = Package(
         .target(
             name: "SluiceTesting",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables", "IPVS",
+                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "Netlink",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -148,8 +150,8 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
-        .testTarget(name: "SluiceCoreTests", dependencies: ["SluiceCore", "SluiceTesting"]),
-        .testTarget(name: "SluiceServerTests", dependencies: ["SluiceServer", "SluiceCore", "SluiceTesting"]),
+        .testTarget(name: "SluiceCoreTests", dependencies: ["SluiceCore", "SluiceTesting", .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "SluiceServerTests", dependencies: ["SluiceServer", "SluiceCore", "SluiceTesting", .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "KubeAPITests",
             dependencies: [
@@ -160,15 +162,15 @@ let package = Package(
         ),
         .testTarget(
             name: "IPTablesTests",
-            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting"],
+            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
             resources: [.copy("Fixtures")]
         ),
         .testTarget(name: "ExplainTests", dependencies: ["IPTables", "IPVS", "Userspace", "SluiceCore", "SluiceTesting"]),
         .testTarget(name: "CLITests", dependencies: ["SluiceTesting", .product(name: "Yams", package: "Yams")], exclude: ["Fixtures"]),
-        .testTarget(name: "ConntrackTests", dependencies: ["Conntrack", "CConntrack", "SluiceCore", "SluiceTesting"]),
+        .testTarget(name: "ConntrackTests", dependencies: ["Conntrack", "CConntrack", "SluiceCore", "SluiceTesting", .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "IPVSTests",
-            dependencies: ["IPVS", "Netlink", "CNetlink", "IPTables", "SluiceCore", "SluiceTesting"],
+            dependencies: ["IPVS", "Netlink", "CNetlink", "IPTables", "SluiceCore", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
             exclude: ["Golden"]
         ),
         .testTarget(
@@ -182,7 +184,7 @@ let package = Package(
         ),
         .testTarget(
             name: "NFTablesTests",
-            dependencies: ["NFTables", "SluiceCore", "KubeAPI", "SluiceTesting"],
+            dependencies: ["NFTables", "SluiceCore", "KubeAPI", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
             resources: [.copy("Fixtures")]
         ),
         .testTarget(

@@ -74,7 +74,7 @@ struct ExplainIPVSKernelTests {
             r = await bed.iptables(["-t", "nat", "-I", "KUBE-SERVICES", "1", "-d", "10.9.9.9/32", "-p", "tcp", "--dport", "9", "-j", "RETURN"])
             #expect(r.succeeded, "\(r)")
             d = await diff()
-            #expect(d.status == 1 && d.stdout.contains("4 differences"), "\(d.stdout)")
+            #expect(d.status == 1 && d.stdout.contains("4 differences"), "\(d)")
             #expect(d.stdout.contains("changed ipvs real server of \(vip)/TCP") && d.stdout.contains("weight 5"), "\(d.stdout)")
             #expect(d.stdout.contains("missing ipset KUBE-CLUSTER-IP member: \(web.clusterIP),tcp:80"), "\(d.stdout)")
             #expect(d.stdout.contains("missing kube-ipvs0 address: \(np.clusterIP)"), "\(d.stdout)")
