@@ -179,7 +179,13 @@ func makeDriftWatch(_ drift: DriftCheckOptions, options: ProxyOptions, node: Nod
                     logger: Logger) async -> DriftWatch {
     guard let period = drift.period else { return DriftWatch() }
     guard let checker = await makeDriftChecker(options: options, node: node, family: family) else {
-        logger.info("drift check: not available in \(options.proxyMode.rawValue) mode\(options.proxyMode == .ipvs ? " (IPVS, ipset or rtnetlink sockets cannot be opened)" : " without an IPv4 node IP")")
+        let why: String
+        switch options.proxyMode {
+        case .ipvs: why = " (IPVS, ipset or rtnetlink sockets cannot be opened)"
+        case .nftables: why = " (libnftables cannot be opened)"
+        default: why = " without an IPv4 node IP"
+        }
+        logger.info("drift check: not available in \(options.proxyMode.rawValue) mode\(why)")
         return DriftWatch()
     }
     let last = LastSyncedState()
