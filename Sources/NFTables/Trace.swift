@@ -128,6 +128,9 @@ public struct NFTablesTracer: PacketTracer {
     private func call(_ verb: String, _ target: String, _ w: Walk, depth: Int, notes: inout [String]) -> [(Walk, Flow)] {
         run(target, w, depth: depth + 1, notes: &notes).map { r, flow in
             if flow == .final { return (r, .final) }
+            var r = r
+            // A jump to a chain where no rule matched changed nothing: its step is left out.
+            if verb == "jump" && r.steps.count == w.steps.count && r.steps.last?.action == "jump \(target)" { r.steps.removeLast() }
             return (r, verb == "goto" ? .returned : .next)
         }
     }
@@ -214,7 +217,7 @@ public struct NFTablesTracer: PacketTracer {
             q.steps.append(step(action))
             return call(verb, t[1], q, depth: depth, notes: &notes)
         case "return":
-            q.steps.append(step("return"))
+            q.steps.append(step(body.hasPrefix("mark and ") ? "return: the connection is not marked for masquerade" : "return"))
             return [(q, .returned)]
         case "accept":
             q.steps.append(step("accept"))
