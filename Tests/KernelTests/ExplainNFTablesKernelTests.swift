@@ -239,4 +239,82 @@ struct ExplainNFTablesKernelTests {
             #expect(bed.sluiceLog.contains("10.9.9.9"))
         }
     }
+
+    @Test("IPv6: the kernel's ip6 table reads back as the compiled one (diff clean, explain --kernel agrees); a flushed firewall chain is named and lets the blocked client through")
+    func ipv6TableReadsBack() async throws {
+        try await TestBed.with(.init(label: "ndiff6")) { bed in
+            try bed.writeManifest("svc.yaml", """
+                apiVersion: v1
+                kind: Service
+                metadata: {name: web, namespace: kt}
+                spec:
+                  type: LoadBalancer
+                  clusterIP: fd00:96::10
+                  clusterIPs: [fd00:96::10]
+                  ipFamilies: [IPv6]
+                  ipFamilyPolicy: SingleStack
+                  sessionAffinity: ClientIP
+                  loadBalancerSourceRanges: [fd00:50::/64, 2001:db8:9::/48]
+                  externalIPs: [fd00:203::10]
+                  ports:
+                    - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}
+                status:
+                  loadBalancer:
+                    ingress: [{ip: "fd00:198::10"}]
+                ---
+                apiVersion: discovery.k8s.io/v1
+                kind: EndpointSlice
+                metadata:
+                  name: web-1
+                  namespace: kt
+                  labels: {kubernetes.io/service-name: web}
+                addressType: IPv6
+                ports: [{name: http, port: 8080, protocol: TCP}]
+                endpoints:
+                  - addresses: ["fd00:244:2::10"]
+                    conditions: {ready: true}
+                    nodeName: n1
+                  - addresses: ["fd00:244:3::10"]
+                    conditions: {ready: true}
+                    nodeName: n2
+
+                """)
+            let scratch = bed.prefix + "n6"
+            _ = await Subprocess.run(["ip", "netns", "del", scratch])
+            try await Subprocess.check(["ip", "netns", "add", scratch])
+            defer { _ = Subprocess.runBlocking(["ip", "netns", "del", scratch], timeout: .seconds(20)) }
+            _ = try await bed.exec(checked: scratch, ["ip", "link", "set", "lo", "up"])
+            _ = try await bed.exec(checked: scratch, ["ip", "addr", "add", "fd00:1::2/128", "dev", "lo", "nodad"])
+            let flags = ["--proxy-mode", "nftables", "--manifests", bed.manifestDir, "--hostname-override", "n1",
+                         "--node-ip", "fd00:1::2", "--cluster-cidr", "fd00:244::/48"]
+            let compiled = try await bed.exec(checked: scratch, [bed.sluiceBinary, "compile"] + flags)
+            let path = bed.tempDir + "/ip6.nft"
+            try Data(compiled.stdout.utf8).write(to: URL(fileURLWithPath: path))
+            _ = try await bed.exec(checked: scratch, ["nft", "-f", path])
+            var d = await bed.exec(scratch, [bed.sluiceBinary, "diff"] + flags)
+            #expect(d.status == 0 && d.stdout.contains("nftables IPv6: the kernel holds the desired state"), "\(d)")
+
+            func explain(_ from: String, kernel: Bool) async throws -> ExplainJSON {
+                let out = try await bed.exec(checked: scratch, [bed.sluiceBinary, "explain"] + flags
+                                             + ["--output", "json", "--from", from] + (kernel ? ["--kernel"] : []) + ["[fd00:198::10]:80"])
+                return try JSONDecoder().decode(ExplainJSON.self, from: Data(out.stdout.utf8))
+            }
+            for from in ["fd00:50::7", "2001:db8:9::7", "fd00:99::7"] {
+                let k = try await explain(from, kernel: true), c = try await explain(from, kernel: false)
+                #expect(k.verdict == c.verdict && Set(k.paths.compactMap(\.endpoint)) == Set(c.paths.compactMap(\.endpoint)), "\(from)")
+                #expect(k.verdict == (from == "fd00:99::7" ? "dropped" : "forwarded"), "\(from): \(k.verdict)")
+            }
+            let allowed = try await explain("fd00:50::7", kernel: true)
+            #expect(Set(allowed.paths.compactMap(\.endpoint)) == ["[fd00:244:2::10]:8080", "[fd00:244:3::10]:8080"])
+
+            let listing = try await bed.exec(checked: scratch, ["nft", "list", "table", "ip6", "kube-proxy"]).stdout
+            let fw = try #require(listing.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+                .first { $0.hasPrefix("chain firewall-") && $0.contains("/") }).dropFirst(6).dropLast(2)
+            _ = try await bed.exec(checked: scratch, ["nft", "flush", "chain", "ip6", "kube-proxy", String(fw)])
+            d = await bed.exec(scratch, [bed.sluiceBinary, "diff"] + flags)
+            #expect(d.status == 1 && d.stdout.contains("kt/web:http") && d.stdout.contains("missing chain \(fw) rule: ip6 saddr != {"), "\(d)")
+            let blocked = try await explain("fd00:99::7", kernel: true)
+            #expect(blocked.verdict == "forwarded" && blocked.notes.contains { $0.contains("differs") }, "\(blocked.verdict) \(blocked.notes)")
+        }
+    }
 }
