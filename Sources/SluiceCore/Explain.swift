@@ -1,7 +1,7 @@
 // Sluice: a per-node Kubernetes service proxy.
 // `sluice explain` and `sluice diff`, the mode-neutral half: the packet to explain, which
 // Service port it hits and which endpoints serve it (and why), and the seams every mode's
-// tracer and drift checker plug into (iptables, ipvs, userspace today; nftables later).
+// tracer and drift checker plug into (iptables, ipvs, userspace, nftables).
 
 /// One packet to explain: the first packet of a new connection.
 public struct ProbePacket: Sendable, Hashable, Codable {
@@ -434,7 +434,7 @@ public struct TraceResult: Sendable, Hashable, Codable {
 }
 
 /// A mode's packet tracer: walks one rule set (compiled, or read back from the kernel) for a packet.
-/// A new mode (nftables) implements this and `DriftComparing`.
+/// Each mode implements this and `DriftChecking`.
 public protocol PacketTracer: Sendable {
     /// The mode's name.
     var mode: String { get }

@@ -9,6 +9,7 @@ import IPTables
 import IPVS
 import KubeAPI
 import Logging
+import NFTables
 import SluiceCore
 import Userspace
 
@@ -23,7 +24,7 @@ struct Explain: AsyncParsableCommand {
         abstract: "Explain where a packet to DST_IP:PORT goes: the Service port it hits, the endpoints and why, masquerade, and the rules it meets.",
         discussion: """
             Reads the same sources and node flags as the proxy (--manifests or --kubeconfig, --hostname-override, --config, --proxy-mode, ...). \
-            By default the rules walked are the ones a full sync would write; --kernel walks what the kernel holds now (iptables-save). \
+            By default the rules walked are the ones a full sync would write; --kernel walks what the kernel holds now (iptables-save, IPVS, or nft list table in nftables mode). \
             The JSON form (--output json) is described in docs/explain-diff.md.
             """)
 
@@ -63,7 +64,8 @@ struct Explain: AsyncParsableCommand {
             source = s
         }
         var loaded = try await loadDesiredState(options: options, logger: logger)
-        let node = loaded.node
+        // nftables mode: NodePorts answer on the primary node IPs unless --nodeport-addresses says otherwise.
+        let node = nftablesNodeConfig(loaded.node, options: options)
         let state = loaded.tracker.snapshot(dst.family)
         let local = Set(LocalAddresses.current() + node.nodeIPs)
         let fromNode = source.map { local.contains($0) || $0.isLoopback } ?? true
@@ -134,8 +136,19 @@ struct Explain: AsyncParsableCommand {
                 throw SluiceExit("\(error)")
             }
         case .nftables:
-            // No nftables tracer yet: the model's answer (Service, endpoints, masquerade) stands alone.
-            return nil
+            let opts = NFTablesOptions(node: node, family: family, localAddresses: LocalAddresses.current().filter { $0.family == family })
+            guard kernel else { return NFTablesTracer(compiled: NFTablesCompiler(options: opts).compile(state), localAddresses: local) }
+            do {
+                let reader = NFTablesKernelReader(family: NFTFamily(family), lib: try LibNFTables())
+                guard let table = try reader.read() else {
+                    throw SluiceExit("--kernel: the kernel holds no table \(NFTFamily(family).rawValue) \(kubeProxyTableName) (is sluice running in nftables mode?)")
+                }
+                return NFTablesTracer(table: table, localAddresses: local)
+            } catch let e as SluiceExit {
+                throw e
+            } catch {
+                throw SluiceExit("\(error)")
+            }
         }
     }
 }

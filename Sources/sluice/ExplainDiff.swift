@@ -9,6 +9,7 @@ import IPTables
 import IPVS
 import Logging
 import Metrics
+import NFTables
 import ServiceLifecycle
 import SluiceCore
 import Userspace
@@ -19,7 +20,7 @@ struct Diff: AsyncParsableCommand {
         abstract: "Compare the desired state (what `compile` would write) with what the kernel holds now; exit 1 when they differ.",
         discussion: """
             Takes the proxy's source and node flags. iptables mode compares the nat and filter chains Sluice owns, rule by rule, \
-            and the jump rules from the built-in chains. Read-only: one iptables-save per table.
+            and the jump rules from the built-in chains; nftables mode the kube-proxy table's chains, rules, sets, maps and elements. Read-only: one iptables-save per table (nftables: one nft list table).
             """)
 
     @OptionGroup var options: ProxyOptions
@@ -38,9 +39,11 @@ struct Diff: AsyncParsableCommand {
         var reports: [DriftReport] = []
         for family in families {
             guard let checker = await makeDriftChecker(options: options, node: loaded.node, family: family) else {
-                throw SluiceExit(options.proxyMode == .ipvs
-                    ? "diff: cannot open the IPVS, ipset or rtnetlink sockets (a kernel with IPVS and root are needed)"
-                    : "diff in userspace mode needs an IPv4 --node-ip")
+                switch options.proxyMode {
+                case .ipvs: throw SluiceExit("diff: cannot open the IPVS, ipset or rtnetlink sockets (a kernel with IPVS and root are needed)")
+                case .nftables: throw SluiceExit("diff: cannot open libnftables")
+                default: throw SluiceExit("diff in userspace mode needs an IPv4 --node-ip")
+                }
             }
             do {
                 reports.append(try await checker.check(tracker.snapshot(family)))
@@ -103,8 +106,13 @@ func makeDriftChecker(options: ProxyOptions, node: NodeConfig, family: IPFamily)
         guard family == .ipv4, let nodeIP = node.nodeIPs.first(where: { $0.family == .ipv4 }) else { return nil }
         return UserspaceDriftChecker(nodeIP: nodeIP, nodeName: node.nodeName,
                                      tools: IPTablesTools(variant: options.iptablesBackend, family: family), runner: ProcessRunner())
-    case .ipvs, .nftables:
-        // IPVS is handled above; nftables has no drift checker yet.
+    case .nftables:
+        guard let lib = try? LibNFTables() else { return nil }
+        let opts = NFTablesOptions(node: nftablesNodeConfig(node, options: options), family: family,
+                                   localAddresses: LocalAddresses.current().filter { $0.family == family })
+        return NFTablesDriftChecker(options: opts, reader: NFTablesKernelReader(family: NFTFamily(family), lib: lib))
+    case .ipvs:
+        // Handled above.
         return nil
     }
 }
@@ -171,7 +179,13 @@ func makeDriftWatch(_ drift: DriftCheckOptions, options: ProxyOptions, node: Nod
                     logger: Logger) async -> DriftWatch {
     guard let period = drift.period else { return DriftWatch() }
     guard let checker = await makeDriftChecker(options: options, node: node, family: family) else {
-        logger.info("drift check: not available in \(options.proxyMode.rawValue) mode\(options.proxyMode == .ipvs ? " (IPVS, ipset or rtnetlink sockets cannot be opened)" : " without an IPv4 node IP")")
+        let why: String
+        switch options.proxyMode {
+        case .ipvs: why = " (IPVS, ipset or rtnetlink sockets cannot be opened)"
+        case .nftables: why = " (libnftables cannot be opened)"
+        default: why = " without an IPv4 node IP"
+        }
+        logger.info("drift check: not available in \(options.proxyMode.rawValue) mode\(why)")
         return DriftWatch()
     }
     let last = LastSyncedState()
