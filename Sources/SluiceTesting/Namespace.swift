@@ -26,7 +26,7 @@ public final class TestNamespace: @unchecked Sendable {
     public static func create(label: String) async throws -> TestNamespace {
         _ = reapOnce
         let clean = label.filter { $0.isASCII && ($0.isLetter || $0.isNumber) }.prefix(12)
-        let name = "slt\(getpid())-x\(counter.next())-\(clean)"
+        let name = "\(TestBed.namePrefix)\(getpid())-x\(counter.next())-\(clean)"
         guard !FileManager.default.fileExists(atPath: "/run/netns/\(name)") else {
             throw TestBedError("network namespace \(name) already exists")
         }

@@ -248,7 +248,7 @@ public final class TestBed: @unchecked Sendable {
         }
         let n = TestBed.counter.next()
         let label = options.label.filter { $0.isASCII && ($0.isLetter || $0.isNumber) }.prefix(12)
-        let prefix = "slt\(getpid())-\(n)-" + (label.isEmpty ? "" : "\(label)-")
+        let prefix = "\(TestBed.namePrefix)\(getpid())-\(n)-" + (label.isEmpty ? "" : "\(label)-")
         self.prefix = prefix
         nodeNS = prefix + "node"
         clientNS = prefix + "cli"
@@ -634,14 +634,19 @@ public final class TestBed: @unchecked Sendable {
         }
     }
 
+    /// `slt`, or `sltu` inside user-mode Linux (`UML_RUN=1`): the guest shares the host's /tmp
+    /// but not its process IDs, so each side reaps only names of its own kind.
+    static let namePrefix = ProcessInfo.processInfo.environment["UML_RUN"] == "1" ? "sltu" : "slt"
+
     /// Deletes namespaces `slt<pid>-...` whose test process no longer exists (a test run
     /// killed before its teardown ran).
     static func reapStaleNamespaces() {
-        /// True for `slt<pid>-...` when process <pid> is gone.
+        /// True for `slt<pid>-...` (`sltu<pid>-...` in the guest) when process <pid> is gone.
         func stale(_ name: String) -> Bool {
-            guard name.hasPrefix("slt") else { return false }
-            let digits = name.dropFirst(3).prefix { $0.isNumber }
-            guard let pid = Int32(digits), name.dropFirst(3 + digits.count).hasPrefix("-"), pid != getpid() else { return false }
+            let tag = TestBed.namePrefix
+            guard name.hasPrefix(tag) else { return false }
+            let digits = name.dropFirst(tag.count).prefix { $0.isNumber }
+            guard let pid = Int32(digits), name.dropFirst(tag.count + digits.count).hasPrefix("-"), pid != getpid() else { return false }
             return kill(pid, 0) != 0 && errno == ESRCH
         }
         let names = (try? FileManager.default.contentsOfDirectory(atPath: "/run/netns")) ?? []
