@@ -289,43 +289,29 @@ public struct IPTablesCompiler: Sendable {
         let externalTrafficChain = "KUBE-EXT-" + hash
         let fwChain = "KUBE-FW-" + hash
 
-        let cat = categorizeEndpoints(state.endpoints[svc.name] ?? [], info: svc, nodeName: options.node.nodeName,
-                                      nodeLabels: state.nodeLabels)
-        let hasEndpoints = cat.hasAnyEndpoints
-        let usesClusterPolicyChain = !cat.cluster.isEmpty && svc.usesClusterEndpoints
-        let usesLocalPolicyChain = !cat.local.isEmpty && svc.usesLocalEndpoints
-
-        var internalTrafficChain = clusterPolicyChain
-        var hasInternalEndpoints = hasEndpoints
-        if svc.internalPolicyLocal {
-            internalTrafficChain = localPolicyChain
-            if cat.local.isEmpty { hasInternalEndpoints = false }
-        }
-        var externalPolicyChain = clusterPolicyChain
-        var hasExternalEndpoints = hasEndpoints
-        if svc.externalPolicyLocal {
-            externalPolicyChain = localPolicyChain
-            if cat.local.isEmpty { hasExternalEndpoints = false }
-        }
-        let usesExternalTrafficChain = hasEndpoints && svc.externallyAccessible
-        let usesFWChain = hasEndpoints && !svc.loadBalancerVIPs.isEmpty && !svc.loadBalancerSourceRanges.isEmpty
+        let routing = PolicyRouting(svc, endpoints: state.endpoints[svc.name] ?? [], nodeName: options.node.nodeName,
+                                    nodeLabels: state.nodeLabels)
+        let cat = routing.endpoints
+        let internalTrafficChain = routing.internalGoesLocal ? localPolicyChain : clusterPolicyChain
+        let externalPolicyChain = routing.externalGoesLocal ? localPolicyChain : clusterPolicyChain
+        let usesFWChain = routing.hasEndpoints && !svc.loadBalancerVIPs.isEmpty && !svc.loadBalancerSourceRanges.isEmpty
         let loadBalancerTrafficChain = usesFWChain ? fwChain : externalTrafficChain
 
         var internalFilterTarget = "", internalFilterComment = ""
         var externalFilterTarget = "", externalFilterComment = ""
-        if !hasEndpoints {
+        if !routing.hasEndpoints {
             internalFilterTarget = "REJECT"
             internalFilterComment = "\"\(spn) has no endpoints\""
             externalFilterTarget = "REJECT"
             externalFilterComment = internalFilterComment
         } else {
-            if !hasInternalEndpoints {
+            if !routing.hasInternalEndpoints {
                 internalFilterTarget = "DROP"
                 internalFilterComment = "\"\(spn) has no local endpoints\""
                 out.noLocalEndpoints["internal", default: 0] += 1
                 emit.noLocalInternal = true
             }
-            if !hasExternalEndpoints {
+            if !routing.hasExternalEndpoints {
                 externalFilterTarget = "DROP"
                 externalFilterComment = "\"\(spn) has no local endpoints\""
                 out.noLocalEndpoints["external", default: 0] += 1
@@ -337,37 +323,37 @@ public struct IPTablesCompiler: Sendable {
         let port = svc.port
 
         // Cluster IP.
-        if hasInternalEndpoints {
+        if routing.hasInternalEndpoints {
             emit.top("-A \(Chain.services) -m comment --comment \"\(spn) cluster IP\" \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalTrafficChain)")
         } else {
             emit.filter("-A \(Chain.services) -m comment --comment \(internalFilterComment) \(match) -d \(svc.clusterIP) --dport \(port) -j \(internalFilterTarget)")
         }
         // External IPs.
         for ip in svc.externalIPs {
-            if hasEndpoints {
+            if routing.hasEndpoints {
                 emit.top("-A \(Chain.services) -m comment --comment \"\(spn) external IP\" \(match) -d \(ip) --dport \(port) -j \(externalTrafficChain)")
             }
-            if !hasExternalEndpoints {
+            if !routing.hasExternalEndpoints {
                 emit.filter("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) \(match) -d \(ip) --dport \(port) -j \(externalFilterTarget)")
             }
         }
         // Load-balancer IPs.
         for ip in svc.loadBalancerVIPs {
-            if hasEndpoints {
+            if routing.hasEndpoints {
                 emit.top("-A \(Chain.services) -m comment --comment \"\(spn) loadbalancer IP\" \(match) -d \(ip) --dport \(port) -j \(loadBalancerTrafficChain)")
             }
             if usesFWChain {
                 emit.filter("-A \(Chain.proxyFirewall) -m comment --comment \"\(spn) traffic not accepted by \(fwChain)\" \(match) -d \(ip) --dport \(port) -j DROP")
             }
         }
-        if !hasExternalEndpoints {
+        if !routing.hasExternalEndpoints {
             for ip in svc.loadBalancerVIPs {
                 emit.filter("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) \(match) -d \(ip) --dport \(port) -j \(externalFilterTarget)")
             }
         }
         // Node ports.
         if svc.nodePort != 0 {
-            if hasEndpoints {
+            if routing.hasEndpoints {
                 // Where nfacct is available, localhost NodePort packets are counted first.
                 if options.family == .ipv4 && options.node.localhostNodePorts
                     && options.nfacctCounters.contains(NFAcctCounterName.localhostNodePortsAccepted)
@@ -376,7 +362,7 @@ public struct IPTablesCompiler: Sendable {
                 }
                 emit.top("-A \(Chain.nodePorts) -m comment --comment \(spn) \(match) --dport \(svc.nodePort) -j \(externalTrafficChain)")
             }
-            if !hasExternalEndpoints {
+            if !routing.hasExternalEndpoints {
                 emit.filter("-A \(Chain.externalServices) -m comment --comment \(externalFilterComment) -m addrtype --dst-type LOCAL \(match) --dport \(svc.nodePort) -j \(externalFilterTarget)")
             }
         }
@@ -386,7 +372,7 @@ public struct IPTablesCompiler: Sendable {
         }
 
         // Internal traffic masquerade.
-        if hasInternalEndpoints {
+        if routing.hasInternalEndpoints {
             let args = "-m comment --comment \"\(spn) cluster IP\" \(match) -d \(svc.clusterIP) --dport \(port)"
             if options.node.masqueradeAll {
                 emit.rule("-A \(internalTrafficChain) \(args) -j \(Chain.markMasq)")
@@ -396,7 +382,7 @@ public struct IPTablesCompiler: Sendable {
         }
 
         // External traffic.
-        if usesExternalTrafficChain {
+        if routing.usesExternalTrafficChain {
             emit.chain(":\(externalTrafficChain) - [0:0]")
             emit.uses(externalTrafficChain)
             if !svc.externalPolicyLocal {
@@ -408,7 +394,7 @@ public struct IPTablesCompiler: Sendable {
                 emit.rule("-A \(externalTrafficChain) -m comment --comment \"masquerade LOCAL traffic for \(spn) external destinations\" -m addrtype --src-type LOCAL -j \(Chain.markMasq)")
                 emit.rule("-A \(externalTrafficChain) -m comment --comment \"route LOCAL traffic for \(spn) external destinations\" -m addrtype --src-type LOCAL -j \(clusterPolicyChain)")
             }
-            if hasExternalEndpoints {
+            if routing.hasExternalEndpoints {
                 emit.rule("-A \(externalTrafficChain) -j \(externalPolicyChain)")
             }
         }
@@ -432,13 +418,13 @@ public struct IPTablesCompiler: Sendable {
             emit.rule("-A \(fwChain) -m comment --comment \"other traffic to \(spn) will be dropped by KUBE-PROXY-FIREWALL\"")
         }
 
-        if usesClusterPolicyChain {
+        if routing.usesClusterPolicyChain {
             emit.chain(":\(clusterPolicyChain) - [0:0]")
             emit.uses(clusterPolicyChain)
             writeServiceToEndpointRules(svc, chain: clusterPolicyChain, endpoints: cat.cluster, largeCluster: largeCluster,
                                         sepName: sepName, emit: &emit)
         }
-        if usesLocalPolicyChain {
+        if routing.usesLocalPolicyChain {
             emit.chain(":\(localPolicyChain) - [0:0]")
             emit.uses(localPolicyChain)
             writeServiceToEndpointRules(svc, chain: localPolicyChain, endpoints: cat.local, largeCluster: largeCluster,

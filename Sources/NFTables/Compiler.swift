@@ -300,38 +300,25 @@ public struct NFTablesCompiler: Sendable {
         let fwChain = "firewall-" + base
         let markMasq = Names.markMasq
 
-        let cat = categorizeEndpoints(state.endpoints[svc.name] ?? [], info: svc, nodeName: options.node.nodeName,
-                                      nodeLabels: state.nodeLabels)
-        let hasEndpoints = cat.hasAnyEndpoints
-        let usesClusterPolicyChain = !cat.cluster.isEmpty && svc.usesClusterEndpoints
-        let usesLocalPolicyChain = !cat.local.isEmpty && svc.usesLocalEndpoints
-        var internalTrafficChain = clusterPolicyChain
-        var hasInternalEndpoints = hasEndpoints
-        if svc.internalPolicyLocal {
-            internalTrafficChain = localPolicyChain
-            if cat.local.isEmpty { hasInternalEndpoints = false }
-        }
-        var externalPolicyChain = clusterPolicyChain
-        var hasExternalEndpoints = hasEndpoints
-        if svc.externalPolicyLocal {
-            externalPolicyChain = localPolicyChain
-            if cat.local.isEmpty { hasExternalEndpoints = false }
-        }
-        let usesExternalTrafficChain = hasEndpoints && svc.externallyAccessible
+        let routing = PolicyRouting(svc, endpoints: state.endpoints[svc.name] ?? [], nodeName: options.node.nodeName,
+                                    nodeLabels: state.nodeLabels)
+        let cat = routing.endpoints
+        let internalTrafficChain = routing.internalGoesLocal ? localPolicyChain : clusterPolicyChain
+        let externalPolicyChain = routing.externalGoesLocal ? localPolicyChain : clusterPolicyChain
         let usesFWChain = !svc.loadBalancerVIPs.isEmpty && !svc.loadBalancerSourceRanges.isEmpty
 
         let portPath = "\(svc.name.service.namespace)/\(svc.name.service.name)/\(proto)/\(svc.name.port)"
         var out = NFTServiceFragment(family: family, proto: proto, portPath: portPath, affinityTimeout: svc.stickyTimeoutSeconds)
         var internalVerdict = "", externalVerdict = ""
-        if !hasEndpoints {
+        if !routing.hasEndpoints {
             internalVerdict = "goto \(Names.rejectChain)"
             externalVerdict = internalVerdict
         } else {
-            if !hasInternalEndpoints {
+            if !routing.hasInternalEndpoints {
                 internalVerdict = "drop"
                 out.noLocalInternal = true
             }
-            if !hasExternalEndpoints {
+            if !routing.hasExternalEndpoints {
                 externalVerdict = "drop"
                 out.noLocalExternal = true
             }
@@ -341,38 +328,38 @@ public struct NFTablesCompiler: Sendable {
         let port = svc.port
         func ipKey(_ ip: IPAddress) -> String { "\(ip) . \(proto) . \(port)" }
         out.elements.append(NFTElement(Names.clusterIPs, key: svc.clusterIP.description))
-        if hasInternalEndpoints {
+        if routing.hasInternalEndpoints {
             out.elements.append(NFTElement(Names.serviceIPs, key: ipKey(svc.clusterIP), value: "goto \(internalTrafficChain)"))
         } else {
             out.elements.append(NFTElement(Names.noEndpointServices, key: ipKey(svc.clusterIP), comment: spn, value: internalVerdict))
         }
         for ip in svc.externalIPs {
-            if hasEndpoints {
+            if routing.hasEndpoints {
                 out.elements.append(NFTElement(Names.serviceIPs, key: ipKey(ip), value: "goto \(externalTrafficChain)"))
             }
-            if !hasExternalEndpoints {
+            if !routing.hasExternalEndpoints {
                 out.elements.append(NFTElement(Names.noEndpointServices, key: ipKey(ip), comment: spn, value: externalVerdict))
             }
         }
         for ip in svc.loadBalancerVIPs {
-            if hasEndpoints {
+            if routing.hasEndpoints {
                 out.elements.append(NFTElement(Names.serviceIPs, key: ipKey(ip), value: "goto \(externalTrafficChain)"))
             }
             if usesFWChain {
                 out.elements.append(NFTElement(Names.firewallIPs, key: ipKey(ip), value: "goto \(fwChain)"))
             }
         }
-        if !hasExternalEndpoints {
+        if !routing.hasExternalEndpoints {
             for ip in svc.loadBalancerVIPs {
                 out.elements.append(NFTElement(Names.noEndpointServices, key: ipKey(ip), comment: spn, value: externalVerdict))
             }
         }
         if svc.nodePort != 0 {
             let key = "\(proto) . \(svc.nodePort)"
-            if hasEndpoints {
+            if routing.hasEndpoints {
                 out.elements.append(NFTElement(Names.serviceNodePorts, key: key, value: "goto \(externalTrafficChain)"))
             }
-            if !hasExternalEndpoints {
+            if !routing.hasExternalEndpoints {
                 out.elements.append(NFTElement(Names.noEndpointNodePorts, key: key, comment: spn, value: externalVerdict))
             }
         }
@@ -385,24 +372,24 @@ public struct NFTablesCompiler: Sendable {
             out.endpoints.append(NFTEndpointRef(ip: ep.ip, port: ep.port, hash: hash))
         }
         var masq: String?
-        if hasInternalEndpoints {
+        if routing.hasInternalEndpoints {
             if options.node.masqueradeAll {
                 masq = "\(ipX) daddr \(svc.clusterIP) jump \(markMasq)"
             } else if let notLocal = localDetector(negated: true) {
                 masq = "\(ipX) daddr \(svc.clusterIP) \(notLocal) jump \(markMasq)"
             }
         }
-        if usesClusterPolicyChain {
+        if routing.usesClusterPolicyChain {
             out.policyChains.append(NFTPolicyChain(name: clusterPolicyChain,
                                                    masquerade: internalTrafficChain == clusterPolicyChain ? masq : nil,
                                                    members: cat.cluster.compactMap { index[$0.description] }))
         }
-        if usesLocalPolicyChain {
+        if routing.usesLocalPolicyChain {
             out.policyChains.append(NFTPolicyChain(name: localPolicyChain,
                                                    masquerade: internalTrafficChain == localPolicyChain ? masq : nil,
                                                    members: cat.local.compactMap { index[$0.description] }))
         }
-        if usesExternalTrafficChain {
+        if routing.usesExternalTrafficChain {
             var rules: [String] = []
             if !svc.externalPolicyLocal {
                 rules.append("jump \(markMasq)")
@@ -413,7 +400,7 @@ public struct NFTablesCompiler: Sendable {
                 rules.append("fib saddr type local jump \(markMasq) comment \(nftQuoted("masquerade local traffic"))")
                 rules.append("fib saddr type local goto \(clusterPolicyChain) comment \(nftQuoted("short-circuit local traffic"))")
             }
-            if hasExternalEndpoints {
+            if routing.hasExternalEndpoints {
                 rules.append("goto \(externalPolicyChain)")
             }
             out.otherChains.append(NFTChain(name: externalTrafficChain, rules: rules))

@@ -111,3 +111,40 @@ private func availableForTopology(_ ep: EndpointInfo, mode: TopologyMode, nodeNa
     case .preferSameZone: return ep.zoneHints.contains(zone)
     }
 }
+
+/// kube-proxy's routing decisions for one service port, shared by the iptables and nftables
+/// compilers: which traffic-policy chains it needs, where internal and external traffic go,
+/// and whether each kind of traffic has endpoints (else REJECT or DROP).
+public struct PolicyRouting: Sendable, Hashable {
+    /// The categorised endpoints.
+    public let endpoints: CategorizedEndpoints
+    /// Whether any usable endpoint exists anywhere.
+    public var hasEndpoints: Bool { endpoints.hasAnyEndpoints }
+    /// The Cluster policy chain (KUBE-SVC / `service-`) is written.
+    public let usesClusterPolicyChain: Bool
+    /// The Local policy chain (KUBE-SVL / `local-`) is written.
+    public let usesLocalPolicyChain: Bool
+    /// Internal traffic goes to the Local policy chain (`internalTrafficPolicy: Local`).
+    public let internalGoesLocal: Bool
+    /// Internal traffic has somewhere to go.
+    public let hasInternalEndpoints: Bool
+    /// External traffic goes to the Local policy chain (`externalTrafficPolicy: Local`).
+    public let externalGoesLocal: Bool
+    /// External traffic has somewhere to go.
+    public let hasExternalEndpoints: Bool
+    /// The external-traffic chain (KUBE-EXT / `external-`) is written.
+    public let usesExternalTrafficChain: Bool
+
+    /// Categorises `endpoints` for `info` on this node and derives the decisions.
+    public init(_ info: ServicePortInfo, endpoints: [EndpointInfo], nodeName: String, nodeLabels: [String: String]) {
+        let cat = categorizeEndpoints(endpoints, info: info, nodeName: nodeName, nodeLabels: nodeLabels)
+        self.endpoints = cat
+        usesClusterPolicyChain = !cat.cluster.isEmpty && info.usesClusterEndpoints
+        usesLocalPolicyChain = !cat.local.isEmpty && info.usesLocalEndpoints
+        internalGoesLocal = info.internalPolicyLocal
+        hasInternalEndpoints = cat.hasAnyEndpoints && !(info.internalPolicyLocal && cat.local.isEmpty)
+        externalGoesLocal = info.externalPolicyLocal
+        hasExternalEndpoints = cat.hasAnyEndpoints && !(info.externalPolicyLocal && cat.local.isEmpty)
+        usesExternalTrafficChain = cat.hasAnyEndpoints && info.externallyAccessible
+    }
+}
