@@ -20,17 +20,31 @@ HEALTHZ_PORT = 10256
 SYNC_LINE = re.compile(r"(full|partial) sync: (\d+) service ports, (\d+) changed, (\d+) bytes")
 
 
+IP_FAMILY_LABEL = re.compile(r'ip_family="[^"]*",?')
+
+
 def parse_metrics(text):
-    """Prometheus text -> {name or name{labels}: float}."""
+    """Prometheus text -> {name or name{labels}: float}.
+
+    Series labelled `ip_family` (the per-proxier series, as kube-proxy 1.33+ labels them) are
+    also summed under their key without that label (`name`, or `name{other labels}`), which
+    is what the harness reads: it runs one family at a time."""
     out = {}
+    summed = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         try:
             key, value = line.rsplit(" ", 1)
-            out[key.strip()] = float(value)
+            key, v = key.strip(), float(value)
         except ValueError:
             continue
+        out[key] = v
+        if 'ip_family="' in key:
+            bare = IP_FAMILY_LABEL.sub("", key).replace(",}", "}").replace("{}", "")
+            summed[bare] = summed.get(bare, 0.0) + v
+    for key, v in summed.items():
+        out.setdefault(key, v)
     return out
 
 
