@@ -1,6 +1,7 @@
 // The nftables mode's two failure counters: registered only in that mode, a failed sync
 // counts there (not in the iptables restore failures), and the stale-chain deletion failures
-// a backend reports with a successful sync are added up.
+// a backend reports with a successful sync are added up. The nftables counters carry no
+// ip_family label (one per process); the per-proxier series do.
 
 import SluiceCore
 import SluiceServer
@@ -28,8 +29,8 @@ import Testing
         s = Scrape(metrics.render())
         #expect(s.value("kubeproxy_sync_proxy_rules_nftables_sync_failures_total") == 2)
         #expect(s.value("kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total") == 2)
-        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total") == 0)
-        #expect(s.value("kubeproxy_sync_proxy_rules_duration_seconds_count") == 4)
+        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", ["ip_family": "IPv4"]) == 0)
+        #expect(s.value("kubeproxy_sync_proxy_rules_duration_seconds_count", ["ip_family": "IPv4"]) == 4)
     }
 
     @Test func otherModesDoNotRegisterThem() {
@@ -37,6 +38,6 @@ import Testing
         metrics.record(attempt(nil))
         let s = Scrape(metrics.render())
         #expect(s.types["kubeproxy_sync_proxy_rules_nftables_sync_failures_total"] == nil)
-        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total") == 1)
+        #expect(s.value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", ["ip_family": "IPv4"]) == 1)
     }
 }
