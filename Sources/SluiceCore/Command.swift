@@ -162,8 +162,9 @@ public struct ProcessRunner: CommandRunner {
         }
         // Closed explicitly: the Process object holding them may outlive this call (see the
         // `waitUntilExit()` below: when Foundation never notices the exit it is kept alive), so
-        // closing on dealloc could leak three descriptors per command; past ~1360 open descriptors Foundation's Process.run can
-        // crash reading /proc/self/fd (swift-corelibs-foundation PR #5472).
+        // closing on dealloc could leak three descriptors per command; past ~1360 open
+        // descriptors Foundation's Process.run can crash reading /proc/self/fd
+        // (swift-corelibs-foundation PR #5472).
         var inFile: FileHandle?
         defer {
             try? out.close()
