@@ -1,6 +1,6 @@
 // Faults against the real process in network namespaces: a flush of the nat rules (the
-// canary chains survive it), hostile HTTP clients on the health port, a manifest rewritten in
-// place.
+// canary chains survive it), hostile HTTP clients on the health port, a YAML alias bomb, a
+// manifest rewritten in place.
 
 import Foundation
 import IPTables
@@ -109,6 +109,33 @@ import Testing
             let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(sluice.pid)/fd").count) ?? 0
             #expect(fds > 0 && fds < 512 - 128, "sluice holds \(fds) descriptors")
             print("hostile client: \(hostile.log().split(separator: "\n").last.map(String.init) ?? "-"); sluice descriptors: \(fds)")
+        }
+    }
+
+    @Test("A YAML alias bomb dropped into the manifest directory is rejected by name; the other files keep being applied")
+    func aliasBombIsRejected() async throws {
+        try await TestBed.with(.init(label: "bomb")) { bed in
+            let web = webService()
+            try bed.writeManifest("web.yaml", web.yaml)
+            let sluice = try bed.startSluice(syncPeriod: "10m")
+            try await bed.waitForServices([web.portName(), web.portName("dns")])
+            // 9^9 (387 million) nodes once expanded: the file is measured before expansion.
+            var bomb = ["apiVersion: v1", "kind: ConfigMap", "metadata: {name: lol, namespace: ns}", "data:",
+                        "  l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+            for i in 1..<9 { bomb.append("  l\(i): &l\(i) [" + Array(repeating: "*l\(i - 1)", count: 9).joined(separator: ", ") + "]") }
+            try bed.writeManifest("bomb.yaml", bomb.joined(separator: "\n") + "\n")
+            // A file written after the bomb is still applied: the watcher is not stuck expanding it.
+            let other = webService(name: "other", clusterIP: "10.96.0.20")
+            try bed.writeManifest("other.yaml", other.yaml)
+            try await bed.waitForServices([web.portName(), other.portName()])
+            var logged = false
+            for _ in 0..<50 where !logged {
+                logged = sluice.log().contains("bomb.yaml") && sluice.log().contains("rejected")
+                if !logged { try await Task.sleep(for: .milliseconds(100)) }
+            }
+            #expect(logged, "no log line rejecting bomb.yaml:\n\(sluice.logTail())")
+            let r = try await bed.request(from: bed.clientNS, .tcp, web.clusterTarget(), count: 10)
+            expectAnswered(r, count: 10, "web after the bomb", bed)
         }
     }
 
