@@ -58,62 +58,31 @@ private func explain(_ bed: TestBed, from: String?, _ dst: String, kernel: Bool)
     }
 }
 
-private func withPolicyLocal(_ yaml: String) -> String {
-    yaml.replacingOccurrences(of: "spec:\n  type: NodePort\n", with: "spec:\n  type: NodePort\n  externalTrafficPolicy: Local\n")
-}
-
 @Suite("Kernel (iptables): explain and diff", .serialized, .requiresRoot, .timeLimit(.minutes(4)))
 struct ExplainKernelTests {
-    /// One case: who sends, to where, and what explain must agree with.
-    struct Case: CustomStringConvertible {
-        var from: String
-        var ns: KeyPath<TestBed, String>
-        var dst: String
-        var proto: ClientProtocol = .tcp
-        var description: String { "\(from) -> \(dst)" }
-    }
-
     @Test("explain predicts the endpoints, the NAT and the verdict real packets get, for every Service kind")
     func explainMatchesRealPackets() async throws {
         try await TestBed.with(.init(backends: 3, label: "expl")) { bed in
-            let web = webService()
-            var np = webService(name: "np", clusterIP: "10.96.0.11")
-            np.type = "NodePort"
-            np.ports = [.http(nodePort: 30080)]
-            var local = webService(name: "local", clusterIP: "10.96.0.12")
-            local.type = "NodePort"
-            local.ports = [.http(nodePort: 30081)]
-            local.endpoints = [3]
-            var eip = webService(name: "eip", clusterIP: "10.96.0.13")
-            eip.externalIPs = ["203.0.113.10"]
-            eip.ports = [.http()]
-            var lb = webService(name: "lb", clusterIP: "10.96.0.14")
-            lb.type = "LoadBalancer"
-            lb.ports = [.http(nodePort: 30090)]
-            lb.loadBalancerIP = "198.51.100.10"
-            lb.loadBalancerSourceRanges = ["192.168.50.0/28"]
-            lb.clientIPAffinitySeconds = 600
-            var empty = webService(name: "empty", clusterIP: "10.96.0.15")
-            empty.endpoints = []
-            try bed.writeManifest("svc.yaml", [web.yaml, np.yaml, withPolicyLocal(local.yaml), eip.yaml, lb.yaml, empty.yaml].joined(separator: "---\n"))
+            let fixture = ExplainFixture()
+            try bed.writeManifest("svc.yaml", fixture.yaml)
             // Pods here route only the pod and service CIDRs; a real pod has a default route, which
             // answers to sources kept by externalTrafficPolicy Local need.
             _ = try await bed.exec(checked: bed.backendNS[2], ["ip", "route", "add", "192.168.50.0/24", "via", TestNet.backendGateway(3)])
             try bed.startSluice()
-            try await bed.waitForServices([web.portName("http"), np.portName("http"), local.portName("http"), eip.portName("http"), lb.portName("http")])
-            try await bed.waitForRules(.filter, "REJECT rule of the Service without endpoints") { $0.contains(empty.portName("http")) }
+            try await bed.waitForServices(fixture.servedPorts)
+            try await bed.waitForRules(.filter, "REJECT rule of the Service without endpoints") { $0.contains(fixture.empty.portName("http")) }
 
             let cases = [
-                Case(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.10:80"),
-                Case(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.10:53", proto: .udp),
-                Case(from: TestNet.extIP, ns: \.extNS, dst: "\(TestNet.nodeIP):30080"),
-                Case(from: TestNet.extIP, ns: \.extNS, dst: "\(TestNet.nodeIP):30081"),
+                ExplainCase(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.10:80"),
+                ExplainCase(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.10:53", proto: .udp),
+                ExplainCase(from: TestNet.extIP, ns: \.extNS, dst: "\(TestNet.nodeIP):30080"),
+                ExplainCase(from: TestNet.extIP, ns: \.extNS, dst: "\(TestNet.nodeIP):30081"),
                 // The node's address on the client's link (the client routes only pod and service CIDRs).
-                Case(from: TestNet.clientIP, ns: \.clientNS, dst: "\(TestNet.clientGateway):30081"),
-                Case(from: TestNet.extIP, ns: \.extNS, dst: "203.0.113.10:80"),
-                Case(from: TestNet.extIP, ns: \.extNS, dst: "198.51.100.10:80"),
-                Case(from: TestNet.extIP2, ns: \.extNS, dst: "198.51.100.10:80"),
-                Case(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.15:80"),
+                ExplainCase(from: TestNet.clientIP, ns: \.clientNS, dst: "\(TestNet.clientGateway):30081"),
+                ExplainCase(from: TestNet.extIP, ns: \.extNS, dst: "203.0.113.10:80"),
+                ExplainCase(from: TestNet.extIP, ns: \.extNS, dst: "198.51.100.10:80"),
+                ExplainCase(from: TestNet.extIP2, ns: \.extNS, dst: "198.51.100.10:80"),
+                ExplainCase(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.15:80"),
             ]
             var verdicts: Set<String> = []
             for c in cases {
@@ -151,7 +120,7 @@ struct ExplainKernelTests {
             #expect(verdicts == ["forwarded", "rejected", "dropped"])
             // The explanations name the expected things for a few cases.
             let lbAllowed = try await explain(bed, from: TestNet.extIP, "198.51.100.10:80", kernel: true)
-            #expect(lbAllowed.model.hits.first?.kind == "LoadBalancerIP" && lbAllowed.model.hits.first?.servicePort == lb.portName("http"))
+            #expect(lbAllowed.model.hits.first?.kind == "LoadBalancerIP" && lbAllowed.model.hits.first?.servicePort == fixture.lb.portName("http"))
             #expect(lbAllowed.model.endpoints.filter(\.selected).count == 2)
             let localFromExt = try await explain(bed, from: TestNet.extIP, "\(TestNet.nodeIP):30081", kernel: false)
             #expect(localFromExt.backends == ["backend-3"] && localFromExt.masquerade == false)

@@ -59,3 +59,56 @@ func jumpTarget(in save: String, chain: String, comment: String) -> String? {
     }
     return nil
 }
+
+/// One explain kernel-test case: who sends, to where (explain must agree with what the packet gets).
+struct ExplainCase: CustomStringConvertible {
+    var from: String
+    var ns: KeyPath<TestBed, String>
+    var dst: String
+    var proto: ClientProtocol = .tcp
+    var description: String { "\(from) -> \(dst)" }
+}
+
+/// The Services the explain kernel tests of every mode run against: a ClusterIP, a NodePort,
+/// a NodePort with externalTrafficPolicy Local served by backend 3 only, an external IP, a
+/// LoadBalancer with source ranges and affinity, and a Service without endpoints.
+struct ExplainFixture {
+    let web = webService()
+    let np: TestService
+    let local: TestService
+    let eip: TestService
+    let lb: TestService
+    let empty: TestService
+
+    init() {
+        var np = webService(name: "np", clusterIP: "10.96.0.11")
+        np.type = "NodePort"
+        np.ports = [.http(nodePort: 30080)]
+        var local = webService(name: "local", clusterIP: "10.96.0.12")
+        local.type = "NodePort"
+        local.ports = [.http(nodePort: 30081)]
+        local.endpoints = [3]
+        var eip = webService(name: "eip", clusterIP: "10.96.0.13")
+        eip.externalIPs = ["203.0.113.10"]
+        eip.ports = [.http()]
+        var lb = webService(name: "lb", clusterIP: "10.96.0.14")
+        lb.type = "LoadBalancer"
+        lb.ports = [.http(nodePort: 30090)]
+        lb.loadBalancerIP = "198.51.100.10"
+        lb.loadBalancerSourceRanges = ["192.168.50.0/28"]
+        lb.clientIPAffinitySeconds = 600
+        var empty = webService(name: "empty", clusterIP: "10.96.0.15")
+        empty.endpoints = []
+        (self.np, self.local, self.eip, self.lb, self.empty) = (np, local, eip, lb, empty)
+    }
+
+    /// Every Service in one manifest (`local` with externalTrafficPolicy Local).
+    var yaml: String {
+        let localYAML = local.yaml.replacingOccurrences(of: "spec:\n  type: NodePort\n",
+                                                        with: "spec:\n  type: NodePort\n  externalTrafficPolicy: Local\n")
+        return [web.yaml, np.yaml, localYAML, eip.yaml, lb.yaml, empty.yaml].joined(separator: "---\n")
+    }
+
+    /// The service ports that have endpoints (the sync must show them before traffic is sent).
+    var servedPorts: [String] { [web, np, local, eip, lb].map { $0.portName("http") } }
+}
