@@ -1,7 +1,7 @@
 // Sluice: a per-node Kubernetes service proxy.
-// The Kubernetes API source: informers for Services, EndpointSlices and this node's Node,
-// merged into one event stream with the manifest source's contract: the full state, then
-// `.synced` once Services and EndpointSlices have both been listed, then changes.
+// The Kubernetes API source: informers for Services, EndpointSlices, this node's Node and
+// ServiceCIDRs, merged into one event stream with the manifest source's contract: the full
+// state, then `.synced` once Services and EndpointSlices have both been listed, then changes.
 
 import Logging
 import SluiceCore
@@ -76,6 +76,10 @@ public final class APISource: Sendable {
             Informer(client: client, resource: .nodes, labelSelector: nil, fieldSelector: nodeFieldSelector,
                      accept: { [nodeName] o in Informer.key(o)?.name == nodeName }, settings: settings, counters: counterBox,
                      logger: logger),
+            // ServiceCIDRs (the nftables mode's cluster-ips-check) do not hold the first sync
+            // back, and a server or role without them is not an error, as in kube-proxy.
+            Informer(client: client, resource: .serviceCIDRs, labelSelector: nil, fieldSelector: nil,
+                     accept: { _ in true }, settings: settings, counters: counterBox, logger: logger, optional: true),
         ]
         let logger = self.logger
         let client = self.client

@@ -112,6 +112,12 @@ struct Informer: Sendable {
     let settings: InformerSettings
     let counters: CounterBox
     let logger: Logger
+    /// For a resource the server may not serve or the proxy may not be allowed to read
+    /// (ServiceCIDRs before Kubernetes 1.33, or an older RBAC role): a 404 or 403 on LIST is
+    /// logged once and retried every `unavailableRetry`, without counting as a failure.
+    var optional = false
+    /// How long an optional informer waits after a 404 or 403.
+    static let unavailableRetry: Duration = .seconds(300)
 
     private enum Outcome {
         /// The stream ended normally (server timeout): watch again from the last version.
@@ -127,6 +133,7 @@ struct Informer: Sendable {
         var failures = 0
         var goneInARow = 0
         var firstList = true
+        var reportedUnavailable = false
         while !Task.isCancelled {
             if resourceVersion == nil {
                 do {
@@ -146,6 +153,14 @@ struct Informer: Sendable {
                     }
                 } catch {
                     if Task.isCancelled { return }
+                    if optional, let e = error as? KubeAPIError, e.code == 404 || e.code == 403 {
+                        if !reportedUnavailable {
+                            reportedUnavailable = true
+                            logger.warning("\(e): \(resource.apiVersion) \(resource.kind) objects are not available; going on without them and asking again every \(Self.unavailableRetry)")
+                        }
+                        try? await settings.sleep(Self.unavailableRetry)
+                        continue
+                    }
                     failures += 1
                     note(error, request: "list \(resource.plural)")
                     await pause(attempt: failures)
@@ -311,6 +326,7 @@ struct Informer: Sendable {
         case .service(let s): return s.key
         case .endpointSlice(let e): return e.key
         case .node(let n): return NamespacedName(namespace: "", name: n.name)
+        case .serviceCIDR(let c): return NamespacedName(namespace: "", name: c.name)
         }
     }
 }

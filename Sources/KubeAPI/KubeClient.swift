@@ -37,6 +37,9 @@ public struct KubeResource: Sendable, Hashable, CustomStringConvertible {
                                                     plural: "endpointslices", namespaced: true)
     /// v1 Nodes.
     public static let nodes = KubeResource(apiVersion: "v1", kind: "Node", plural: "nodes", namespaced: false)
+    /// networking.k8s.io/v1 ServiceCIDRs (cluster-scoped; served from Kubernetes 1.33).
+    public static let serviceCIDRs = KubeResource(apiVersion: "networking.k8s.io/v1", kind: "ServiceCIDR",
+                                                  plural: "servicecidrs", namespaced: false)
 
     /// The collection path across all namespaces.
     public var path: String { apiVersion.contains("/") ? "/apis/\(apiVersion)/\(plural)" : "/api/\(apiVersion)/\(plural)" }
@@ -48,6 +51,7 @@ public struct KubeResource: Sendable, Hashable, CustomStringConvertible {
         switch kind {
         case "Service": return .serviceDeleted(key)
         case "EndpointSlice": return .sliceDeleted(key)
+        case "ServiceCIDR": return .serviceCIDRDeleted(key.name)
         default: return .nodeDeleted(key.name)
         }
     }

@@ -10,6 +10,7 @@ public enum KubeObject: Sendable, Hashable {
     case service(Service)
     case endpointSlice(EndpointSlice)
     case node(Node)
+    case serviceCIDR(ServiceCIDR)
 
     /// `Kind namespace/name`, unique across kinds.
     public var identity: String {
@@ -17,6 +18,7 @@ public enum KubeObject: Sendable, Hashable {
         case .service(let s): return "Service \(s.namespace)/\(s.name)"
         case .endpointSlice(let e): return "EndpointSlice \(e.namespace)/\(e.name)"
         case .node(let n): return "Node \(n.name)"
+        case .serviceCIDR(let c): return "ServiceCIDR \(c.name)"
         }
     }
 
@@ -26,6 +28,7 @@ public enum KubeObject: Sendable, Hashable {
         case .service(let s): return .serviceUpserted(s)
         case .endpointSlice(let e): return .sliceUpserted(e)
         case .node(let n): return .nodeUpserted(n)
+        case .serviceCIDR(let c): return .serviceCIDRUpserted(c)
         }
     }
 
@@ -35,6 +38,7 @@ public enum KubeObject: Sendable, Hashable {
         case .service(let s): return .serviceDeleted(s.key)
         case .endpointSlice(let e): return .sliceDeleted(e.key)
         case .node(let n): return .nodeDeleted(n.name)
+        case .serviceCIDR(let c): return .serviceCIDRDeleted(c.name)
         }
     }
 }
@@ -160,6 +164,8 @@ public enum ObjectDecoder {
             return try decodeEndpoints(root, namespace: namespace, name: name).map { .endpointSlice($0) }
         case ("v1", "Node"):
             return [.node(try decodeNode(root, name: name, labels: labels))]
+        case ("networking.k8s.io/v1", "ServiceCIDR"), ("networking.k8s.io/v1beta1", "ServiceCIDR"):
+            return [.serviceCIDR(ServiceCIDR(name: name, cidrs: try root.object("spec")?.strings("cidrs") ?? []))]
         case ("v1", "List"):
             var out: [KubeObject] = []
             for item in try root.objects("items") {

@@ -113,7 +113,7 @@ public struct NFTablesCompiler: Sendable {
         } else if let rs = owned {
             previousPorts = rs.services.keys
         }
-        var rs = NFTRuleset(family: family, fixed: fixedPart())
+        var rs = NFTRuleset(family: family, fixed: fixedPart(serviceCIDRs: state.serviceCIDRs))
         rs.nodeLabels = state.nodeLabels
         rs.services.reserveCapacity(state.servicePorts.count)
         for name in state.sortedNames {
@@ -135,7 +135,7 @@ public struct NFTablesCompiler: Sendable {
     ///   part (node addresses, ServiceCIDRs, masquerade settings) or other node labels. Then
     ///   compile from scratch and send a full transaction.
     public func update(_ ruleset: inout NFTRuleset, to state: ProxyState, changed: Set<NamespacedName>) -> NFTRulesetDelta? {
-        guard ruleset.family == family, ruleset.nodeLabels == state.nodeLabels, ruleset.fixed == fixedPart() else { return nil }
+        guard ruleset.family == family, ruleset.nodeLabels == state.nodeLabels, ruleset.fixed == fixedPart(serviceCIDRs: state.serviceCIDRs) else { return nil }
         var delta = NFTRulesetDelta()
         var candidates = Set<ServicePortName>()
         for svc in changed { candidates.formUnion(ruleset.portsByService[svc] ?? []) }
@@ -214,8 +214,9 @@ public struct NFTablesCompiler: Sendable {
         (Names.clusterIPsCheck, Names.filterOutput, "ct state new "),
     ]
 
-    /// The fixed part for these options.
-    public func fixedPart() -> NFTFixedPart {
+    /// The fixed part for these options and the ServiceCIDR objects' ranges (`serviceCIDRs`,
+    /// any family, added to the options' own).
+    public func fixedPart(serviceCIDRs: [CIDR] = []) -> NFTFixedPart {
         var chains: [NFTChain] = []
         var index: [String: Int] = [:]
         func ensure(_ name: String, hook: NFTHook? = nil, comment: String? = nil) {
@@ -242,7 +243,10 @@ public struct NFTablesCompiler: Sendable {
             NFTContainer(kind: .set, name: Names.clusterIPs, type: addr, comment: "Active ClusterIPs"),
         ]
         rule(Names.clusterIPsCheck, "\(ipX) daddr @\(Names.clusterIPs) reject comment \(nftQuoted("Reject traffic to invalid ports of ClusterIPs"))")
-        let cidrs = options.serviceCIDRs.filter { $0.family == options.family }.map(\.description)
+        var cidrs: [String] = []
+        for c in options.serviceCIDRs + serviceCIDRs where c.family == options.family && !cidrs.contains(c.description) {
+            cidrs.append(c.description)
+        }
         if !cidrs.isEmpty {
             rule(Names.clusterIPsCheck, "\(ipX) daddr { \(cidrs.joined(separator: ",")) } drop comment \(nftQuoted("Drop traffic to unallocated ClusterIPs"))")
         }

@@ -52,6 +52,11 @@ public struct ChangeTracker: Sendable {
     public private(set) var synced = false
     /// Set when the node's labels change (topology): the next sync must be full.
     public private(set) var nodeLabelsChanged = false
+    /// The valid ServiceCIDR objects' ranges, by object name.
+    private var serviceCIDRObjects: [String: [CIDR]] = [:]
+    /// The ranges of every ServiceCIDR object, sorted and without duplicates (two objects may
+    /// name the same range; deleting one keeps it while the other exists).
+    public private(set) var serviceCIDRs: [CIDR] = []
 
     /// The derived model of one family, kept flat (as `ProxyState` holds it) and updated in
     /// place for changed Services, so a snapshot costs the changes, not the number of Services.
@@ -116,10 +121,29 @@ public struct ChangeTracker: Sendable {
             guard name == nodeName, node != nil else { return .ignored }
             node = nil
             nodeLabelsChanged = true
+        case .serviceCIDRUpserted(let sc):
+            do { try Validation.validate(sc) } catch { return .rejected(error) }
+            let ranges = sc.cidrs.compactMap(CIDR.init)
+            if serviceCIDRObjects[sc.name] == ranges { return .ignored }
+            serviceCIDRObjects[sc.name] = ranges
+            return updateServiceCIDRs()
+        case .serviceCIDRDeleted(let name):
+            guard serviceCIDRObjects.removeValue(forKey: name) != nil else { return .ignored }
+            return updateServiceCIDRs()
         case .synced:
             if synced { return .ignored }
             synced = true
         }
+        return .applied
+    }
+
+    /// Recomputes the union of the ServiceCIDR ranges; `.applied` when it changed.
+    private mutating func updateServiceCIDRs() -> ApplyOutcome {
+        let union = Set(serviceCIDRObjects.values.joined()).sorted {
+            ($0.address, $0.prefixLength) < ($1.address, $1.prefixLength)
+        }
+        if union == serviceCIDRs { return .ignored }
+        serviceCIDRs = union
         return .applied
     }
 
@@ -171,7 +195,8 @@ public struct ChangeTracker: Sendable {
         cache[family] = c
         pending[family] = []
         return ProxyState(family: family, servicePorts: c.ports, endpoints: c.endpoints, changedServices: changed,
-                          nodeLabels: node?.labels ?? [:], portNamesByService: c.portNames)
+                          nodeLabels: node?.labels ?? [:], portNamesByService: c.portNames,
+                          serviceCIDRs: serviceCIDRs)
     }
 
     /// Clears the node-label flag once a full sync has consumed it.

@@ -286,6 +286,22 @@ public struct Node: Sendable, Hashable {
     }
 }
 
+/// A networking.k8s.io/v1 ServiceCIDR, reduced to what a proxy reads: the ranges ClusterIPs
+/// are allocated from (`spec.cidrs`, at most one per family). kube-proxy's nftables mode drops
+/// traffic to an address of these ranges that is no ClusterIP.
+public struct ServiceCIDR: Sendable, Hashable {
+    /// The object's name (ServiceCIDRs are cluster-scoped).
+    public var name: String
+    /// `spec.cidrs` as given.
+    public var cidrs: [String]
+
+    /// Creates a ServiceCIDR.
+    public init(name: String, cidrs: [String]) {
+        self.name = name
+        self.cidrs = cidrs
+    }
+}
+
 /// A change delivered by a source.
 public enum ObjectEvent: Sendable, Hashable {
     /// A Service was added or changed.
@@ -300,6 +316,10 @@ public enum ObjectEvent: Sendable, Hashable {
     case nodeUpserted(Node)
     /// A Node was deleted.
     case nodeDeleted(String)
+    /// A ServiceCIDR was added or changed.
+    case serviceCIDRUpserted(ServiceCIDR)
+    /// A ServiceCIDR was deleted (by name).
+    case serviceCIDRDeleted(String)
     /// The source has delivered its initial state (services and slices listed once).
     case synced
 }

@@ -128,11 +128,16 @@ public struct ProxyState: Sendable {
     /// The service port names of each Service, when the producer of the snapshot keeps them
     /// (the change tracker does); empty otherwise. Read it through `portNames(of:)`.
     public var portNamesByService: [NamespacedName: [ServicePortName]]
+    /// The ranges of every ServiceCIDR object (all families, sorted, without duplicates). Only
+    /// the nftables mode uses them (`cluster-ips-check`).
+    public var serviceCIDRs: [CIDR]
 
     /// Creates a snapshot.
     public init(family: IPFamily = .ipv4, servicePorts: [ServicePortName: ServicePortInfo] = [:],
                 endpoints: [ServicePortName: [EndpointInfo]] = [:], changedServices: Set<NamespacedName> = [],
-                nodeLabels: [String: String] = [:], portNamesByService: [NamespacedName: [ServicePortName]] = [:]) {
+                nodeLabels: [String: String] = [:], portNamesByService: [NamespacedName: [ServicePortName]] = [:],
+                serviceCIDRs: [CIDR] = []) {
+        self.serviceCIDRs = serviceCIDRs
         self.family = family
         self.servicePorts = servicePorts
         self.endpoints = endpoints

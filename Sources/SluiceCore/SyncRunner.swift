@@ -128,7 +128,7 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
             record(.node(node))
         case .nodeDeleted:
             record(.node(nil))
-        case .synced:
+        case .synced, .serviceCIDRUpserted, .serviceCIDRDeleted:
             break
         }
         if tracker.synced { record(.queued(family)) }

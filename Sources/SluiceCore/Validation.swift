@@ -155,4 +155,26 @@ public enum Validation {
             if let n = ep.nodeName, !isNodeName(n) { throw reject("endpoints[\(i)].nodeName \"\(printable(n))\" is not a valid node name") }
         }
     }
+
+    /// Checks a ServiceCIDR as the API server does: a DNS-subdomain name and one or two
+    /// ranges, at most one per family, each a valid CIDR without host bits. kube-proxy passes
+    /// the ranges to nft unchecked, where one bad range fails the whole transaction; here the
+    /// object is rejected and the others keep working.
+    public static func validate(_ cidr: ServiceCIDR) throws(ObjectRejection) {
+        func reject(_ reason: String) -> ObjectRejection {
+            ObjectRejection(kind: "ServiceCIDR", key: printable(cidr.name), reason: reason)
+        }
+        guard isDNSSubdomain(cidr.name) else { throw reject("metadata.name is not a valid DNS subdomain") }
+        guard (1...2).contains(cidr.cidrs.count) else {
+            throw reject("spec.cidrs has \(cidr.cidrs.count) entries; one or two (one per family) are allowed")
+        }
+        var families: Set<IPFamily> = []
+        for (i, text) in cidr.cidrs.enumerated() {
+            guard let c = CIDR(text), let ip = IPAddress(String(text.split(separator: "/")[0])) else {
+                throw reject("spec.cidrs[\(i)]: \"\(printable(text))\" is not a valid CIDR")
+            }
+            guard c.address == ip else { throw reject("spec.cidrs[\(i)]: \(text) has host bits set (the network is \(c))") }
+            guard families.insert(c.family).inserted else { throw reject("spec.cidrs has two \(c.family.rawValue) ranges") }
+        }
+    }
 }

@@ -12,6 +12,7 @@ public final class EventRecorder: Sendable {
         var services: [NamespacedName: Service] = [:]
         var slices: [NamespacedName: EndpointSlice] = [:]
         var node: Node?
+        var serviceCIDRs: [String: ServiceCIDR] = [:]
         var finished: String?
     }
 
@@ -43,11 +44,15 @@ public final class EventRecorder: Sendable {
             case .sliceDeleted(let k): s.slices[k] = nil
             case .nodeUpserted(let n): s.node = n
             case .nodeDeleted(let name): if s.node?.name == name { s.node = nil }
+            case .serviceCIDRUpserted(let c): s.serviceCIDRs[c.name] = c
+            case .serviceCIDRDeleted(let name): s.serviceCIDRs[name] = nil
             case .synced: break
             }
         }
     }
 
+    /// ServiceCIDRs now held, by name.
+    public var serviceCIDRs: [String: ServiceCIDR] { state.withLock { $0.serviceCIDRs } }
     /// Every event so far, in order.
     public var events: [ObjectEvent] { state.withLock { $0.events } }
     /// Services now held, by key.

@@ -14,21 +14,28 @@ import Synchronization
 
 /// The kinds the fake serves.
 public enum FakeResource: String, Sendable, CaseIterable {
-    case services, endpointslices, nodes
+    case services, endpointslices, nodes, servicecidrs
 
     /// `v1` or `group/version`.
-    public var apiVersion: String { self == .endpointslices ? "discovery.k8s.io/v1" : "v1" }
+    public var apiVersion: String {
+        switch self {
+        case .endpointslices: return "discovery.k8s.io/v1"
+        case .servicecidrs: return "networking.k8s.io/v1"
+        default: return "v1"
+        }
+    }
     /// The object kind.
     public var kind: String {
         switch self {
         case .services: return "Service"
         case .endpointslices: return "EndpointSlice"
         case .nodes: return "Node"
+        case .servicecidrs: return "ServiceCIDR"
         }
     }
 
-    var namespaced: Bool { self != .nodes }
-    var collectionPath: String { self == .endpointslices ? "/apis/discovery.k8s.io/v1/endpointslices" : "/api/v1/\(rawValue)" }
+    var namespaced: Bool { self != .nodes && self != .servicecidrs }
+    var collectionPath: String { apiVersion == "v1" ? "/api/v1/\(rawValue)" : "/apis/\(apiVersion)/\(rawValue)" }
 }
 
 /// A request the fake received.
@@ -650,6 +657,8 @@ public final class FakeAPIServer: Sendable {
             prefix = ["api", "v1"]
         } else if parts.starts(with: ["apis", "discovery.k8s.io", "v1"]) {
             prefix = ["apis", "discovery.k8s.io", "v1"]
+        } else if parts.starts(with: ["apis", "networking.k8s.io", "v1"]) {
+            prefix = ["apis", "networking.k8s.io", "v1"]
         } else {
             return nil
         }

@@ -45,6 +45,11 @@ public enum FakeObjects {
         ]
     }
 
+    /// A networking.k8s.io/v1 ServiceCIDR with the given ranges.
+    public static func serviceCIDR(_ name: String, _ cidrs: [String]) -> [String: Any] {
+        ["metadata": ["name": name], "spec": ["cidrs": cidrs]]
+    }
+
     /// A Node with an InternalIP, pod CIDRs and labels.
     public static func node(_ name: String, internalIP: String, podCIDRs: [String] = [], labels: [String: String] = [:]) -> [String: Any] {
         var allLabels = labels

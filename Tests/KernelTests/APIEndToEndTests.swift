@@ -189,7 +189,7 @@ private final class SluiceProcess: @unchecked Sendable {
         try await waitForRules("silent delete found by the re-list", ns, sluice: sluice) { !self.hasClusterIPRule($0, "default/web:http") }
 
         // 5. Dropped connections.
-        try await Eventually.wait("watching") { server.watchCount() == 3 }
+        try await Eventually.wait("watching") { server.watchCount() == 4 }
         server.dropConnections()
         server.apply(.services, FakeObjects.service("web", clusterIP: "10.96.0.10"))
         try await waitForRules("after dropped connections", ns, sluice: sluice) {
@@ -205,7 +205,7 @@ private final class SluiceProcess: @unchecked Sendable {
         try await waitForRules("after a server restart", ns, sluice: sluice) { self.targets($0, "default/restarted:http") == ["10.244.7.12:8080"] }
 
         // 7. A slow server writing every event in 5-byte chunks.
-        try await Eventually.wait("watching") { server.watchCount() == 3 }
+        try await Eventually.wait("watching") { server.watchCount() == 4 }
         server.setSlow(.milliseconds(200))
         server.splitWatchWrites(into: 5, delay: .milliseconds(2))
         server.dropConnections()

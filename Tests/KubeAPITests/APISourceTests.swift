@@ -99,7 +99,8 @@ func withHarness(settings: InformerSettings = Harness.settings, serviceProxyName
             #expect(reqs.filter { $0.resource == .nodes }.allSatisfy { $0.query["fieldSelector"] == "metadata.name=node-1" })
 
             // Watches start from the list's version, with bookmarks allowed.
-            try await Eventually.wait("three watches") { h.server.watchCount() == 3 }
+            // Services, EndpointSlices, the Node and ServiceCIDRs.
+            try await Eventually.wait("four watches") { h.server.watchCount() == 4 }
             let watch = try #require(h.server.requests.first { $0.verb == "watch" && $0.resource == .services })
             #expect(watch.query["allowWatchBookmarks"] == "true")
             #expect(Int(watch.query["resourceVersion"] ?? "") != nil)
@@ -151,7 +152,7 @@ func withHarness(settings: InformerSettings = Harness.settings, serviceProxyName
     @Test func watchEventsSplitAcrossChunksAndBatchedIntoOne() async throws {
         try await withHarness { h in
             try await h.recorder.wait("synced") { $0.synced }
-            try await Eventually.wait("watches") { h.server.watchCount() == 3 }
+            try await Eventually.wait("watches") { h.server.watchCount() == 4 }
             // Every event in 7-byte pieces, each its own HTTP chunk and TCP write.
             h.server.splitWatchWrites(into: 7)
             try await Eventually.wait("watches re-opened with split writes") { h.server.watchCount(.services) == 1 }
@@ -223,7 +224,7 @@ func withHarness(settings: InformerSettings = Harness.settings, serviceProxyName
             s.apply(.services, FakeObjects.service("b", clusterIP: "10.96.0.2"))
         }) { h in
             try await h.recorder.wait("synced") { $0.synced }
-            try await Eventually.wait("watching") { h.server.watchCount() == 3 }
+            try await Eventually.wait("watching") { h.server.watchCount() == 4 }
             await h.server.stop()
             // Changes while the server is down, and a restart that lost the watch history.
             h.server.delete(.services, name: "a")

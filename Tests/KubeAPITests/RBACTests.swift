@@ -1,5 +1,5 @@
 // manifests/rbac.yaml grants exactly what the proxy needs: list/watch services and
-// endpointslices, get/list/watch nodes, create/patch events; nothing more.
+// endpointslices and servicecidrs, get/list/watch nodes, create/patch events; nothing more.
 
 import Foundation
 import Testing
@@ -28,6 +28,7 @@ import Yams
             "/services:list", "/services:watch",
             "discovery.k8s.io/endpointslices:list", "discovery.k8s.io/endpointslices:watch",
             "/nodes:get", "/nodes:list", "/nodes:watch",
+            "networking.k8s.io/servicecidrs:list", "networking.k8s.io/servicecidrs:watch",
             "/events:create", "/events:patch", "events.k8s.io/events:create", "events.k8s.io/events:patch",
         ]
         #expect(grants == expected)

@@ -63,7 +63,7 @@ private func rewriteUnnoticed(_ path: String, _ content: String) throws {
             s.apply(.services, FakeObjects.service("before", clusterIP: "10.96.0.1"))
         }) { h in
             try await h.recorder.wait("synced") { $0.synced }
-            try await Eventually.wait("watching") { h.server.watchCount() == 3 }
+            try await Eventually.wait("watching") { h.server.watchCount() == 4 }
             // The token expires: the server refuses it and cuts the streams; the client gets 401s...
             h.server.requireToken("token-two")
             h.server.dropConnections()
