@@ -164,21 +164,21 @@ struct ConfigBinding: Sendable {
     var current: @Sendable (ProxyOptions) -> Any?
 }
 
-private func duration(_ path: String, _ v: Any) throws(ConfigError) -> String {
-    guard let s = v as? String, GoDuration.parse(s) != nil else {
+private func duration(_ path: String, _ v: Any) throws(ConfigError) -> FlagDuration {
+    guard let s = v as? String, let d = FlagDuration(s) else {
         if let s = v as? String, let d = signedGoDuration(s), d < .zero {
             throw ConfigError(field: path, value: s, reason: "must be greater than or equal to 0")
         }
         throw ConfigError(field: path, value: "\(v)", reason: "not a duration such as 30s or 1m0s")
     }
-    return s
+    return d
 }
 
 /// A duration kube-proxy requires to be positive (a sync period).
-private func positiveDuration(_ path: String, _ v: Any) throws(ConfigError) -> String {
-    let s = try duration(path, v)
-    guard let d = GoDuration.parse(s), d > .zero else { throw ConfigError(field: path, value: s, reason: "must be greater than 0") }
-    return s
+private func positiveDuration(_ path: String, _ v: Any) throws(ConfigError) -> FlagDuration {
+    let d = try duration(path, v)
+    guard d.value > .zero else { throw ConfigError(field: path, value: d.text, reason: "must be greater than 0") }
+    return d
 }
 
 private func count(_ path: String, _ v: Any) throws(ConfigError) -> Int {
@@ -259,19 +259,19 @@ let configBindings: [ConfigBinding] = [
     }, current: { $0.iptablesLocalhostNodeports }),
     ConfigBinding(path: "iptables.syncPeriod", flags: ["--sync-period", "--iptables-sync-period"], apply: { o, v throws(ConfigError) in
         o.syncPeriod = try positiveDuration("iptables.syncPeriod", v)
-    }, current: { $0.syncPeriod }),
+    }, current: { $0.syncPeriod.text }),
     ConfigBinding(path: "iptables.minSyncPeriod", flags: ["--min-sync-period", "--iptables-min-sync-period"], apply: { o, v throws(ConfigError) in
         o.minSyncPeriod = try duration("iptables.minSyncPeriod", v)
-    }, current: { $0.minSyncPeriod }),
+    }, current: { $0.minSyncPeriod.text }),
     ConfigBinding(path: "ipvs.scheduler", flags: ["--ipvs-scheduler"], apply: { o, v in
         if let s = v as? String, !s.isEmpty { o.ipvsScheduler = s }
     }, current: { $0.ipvsScheduler }),
     ConfigBinding(path: "ipvs.syncPeriod", flags: ["--ipvs-sync-period"], apply: { o, v throws(ConfigError) in
         o.ipvsSyncPeriod = try positiveDuration("ipvs.syncPeriod", v)
-    }, current: { $0.ipvsSyncPeriod }),
+    }, current: { $0.ipvsSyncPeriod?.text }),
     ConfigBinding(path: "ipvs.minSyncPeriod", flags: ["--ipvs-min-sync-period"], apply: { o, v throws(ConfigError) in
         o.ipvsMinSyncPeriod = try duration("ipvs.minSyncPeriod", v)
-    }, current: { $0.ipvsMinSyncPeriod }),
+    }, current: { $0.ipvsMinSyncPeriod?.text }),
     ConfigBinding(path: "ipvs.excludeCIDRs", flags: ["--ipvs-exclude-cidrs"], apply: { o, v in
         if let l = v as? [String], !l.isEmpty { o.ipvsExcludeCidrs = l.joined(separator: ",") }
     }, current: { o in o.ipvsExcludeCidrs.map { $0.split(separator: ",").map(String.init) } ?? [String]() }),
@@ -280,13 +280,13 @@ let configBindings: [ConfigBinding] = [
     }, current: { $0.ipvsStrictArp }),
     ConfigBinding(path: "ipvs.tcpTimeout", flags: ["--ipvs-tcp-timeout"], apply: { o, v throws(ConfigError) in
         o.ipvsTcpTimeout = try duration("ipvs.tcpTimeout", v)
-    }, current: { $0.ipvsTcpTimeout }),
+    }, current: { $0.ipvsTcpTimeout.text }),
     ConfigBinding(path: "ipvs.tcpFinTimeout", flags: ["--ipvs-tcpfin-timeout"], apply: { o, v throws(ConfigError) in
         o.ipvsTcpfinTimeout = try duration("ipvs.tcpFinTimeout", v)
-    }, current: { $0.ipvsTcpfinTimeout }),
+    }, current: { $0.ipvsTcpfinTimeout.text }),
     ConfigBinding(path: "ipvs.udpTimeout", flags: ["--ipvs-udp-timeout"], apply: { o, v throws(ConfigError) in
         o.ipvsUdpTimeout = try duration("ipvs.udpTimeout", v)
-    }, current: { $0.ipvsUdpTimeout }),
+    }, current: { $0.ipvsUdpTimeout.text }),
     ConfigBinding(path: "conntrack.maxPerCore", flags: ["--conntrack-max-per-core"], apply: { o, v throws(ConfigError) in
         o.conntrack.conntrackMaxPerCore = try count("conntrack.maxPerCore", v)
     }, current: { $0.conntrack.conntrackMaxPerCore }),
@@ -295,19 +295,19 @@ let configBindings: [ConfigBinding] = [
     }, current: { $0.conntrack.conntrackMin }),
     ConfigBinding(path: "conntrack.tcpEstablishedTimeout", flags: ["--conntrack-tcp-timeout-established"], apply: { o, v throws(ConfigError) in
         o.conntrack.conntrackTCPTimeoutEstablished = try duration("conntrack.tcpEstablishedTimeout", v)
-    }, current: { $0.conntrack.conntrackTCPTimeoutEstablished }),
+    }, current: { $0.conntrack.conntrackTCPTimeoutEstablished.text }),
     ConfigBinding(path: "conntrack.tcpCloseWaitTimeout", flags: ["--conntrack-tcp-timeout-close-wait"], apply: { o, v throws(ConfigError) in
         o.conntrack.conntrackTCPTimeoutCloseWait = try duration("conntrack.tcpCloseWaitTimeout", v)
-    }, current: { $0.conntrack.conntrackTCPTimeoutCloseWait }),
+    }, current: { $0.conntrack.conntrackTCPTimeoutCloseWait.text }),
     ConfigBinding(path: "conntrack.tcpBeLiberal", flags: ["--conntrack-tcp-be-liberal"], apply: { o, v in
         if let b = v as? Bool { o.conntrack.conntrackTCPBeLiberal = b }
     }, current: { $0.conntrack.conntrackTCPBeLiberal }),
     ConfigBinding(path: "conntrack.udpTimeout", flags: ["--conntrack-udp-timeout"], apply: { o, v throws(ConfigError) in
         o.conntrack.conntrackUDPTimeout = try duration("conntrack.udpTimeout", v)
-    }, current: { $0.conntrack.conntrackUDPTimeout }),
+    }, current: { $0.conntrack.conntrackUDPTimeout.text }),
     ConfigBinding(path: "conntrack.udpStreamTimeout", flags: ["--conntrack-udp-timeout-stream"], apply: { o, v throws(ConfigError) in
         o.conntrack.conntrackUDPTimeoutStream = try duration("conntrack.udpStreamTimeout", v)
-    }, current: { $0.conntrack.conntrackUDPTimeoutStream }),
+    }, current: { $0.conntrack.conntrackUDPTimeoutStream.text }),
 ]
 
 /// A checked configuration file.

@@ -19,42 +19,36 @@ struct ConntrackOptions: ParsableArguments {
     var conntrackMin: Int = 131072
 
     @Option(help: ArgumentHelp("Idle timeout of established TCP connections (Go duration; 0 leaves it).", valueName: "duration"))
-    var conntrackTCPTimeoutEstablished: String = "24h0m0s"
+    var conntrackTCPTimeoutEstablished = FlagDuration(default: "24h0m0s")
 
     @Option(help: ArgumentHelp("Timeout of TCP connections in CLOSE_WAIT (Go duration; 0 leaves it).", valueName: "duration"))
-    var conntrackTCPTimeoutCloseWait: String = "1h0m0s"
+    var conntrackTCPTimeoutCloseWait = FlagDuration(default: "1h0m0s")
 
     @Flag(name: .customLong("conntrack-tcp-be-liberal"), help: "Set nf_conntrack_tcp_be_liberal=1: out-of-window TCP packets are not marked INVALID.")
     var conntrackTCPBeLiberal = false
 
     @Option(help: ArgumentHelp("Idle timeout of UDP flows without replies (Go duration; 0 leaves it).", valueName: "duration"))
-    var conntrackUDPTimeout: String = "0s"
+    var conntrackUDPTimeout = FlagDuration(default: "0s")
 
     @Option(help: ArgumentHelp("Idle timeout of UDP flows with replies both ways (Go duration; 0 leaves it).", valueName: "duration"))
-    var conntrackUDPTimeoutStream: String = "0s"
+    var conntrackUDPTimeoutStream = FlagDuration(default: "0s")
 
     mutating func validate() throws {
         for (flag, value) in [("--conntrack-max-per-core", conntrackMaxPerCore), ("--conntrack-min", conntrackMin)] {
             if value < 0 { throw ValidationError("\(flag) \(value) is negative") }
         }
-        _ = try settings()
     }
 
-    /// The flags as settings; durations parsed (Go syntax); zero means "leave it".
-    func settings() throws -> ConntrackSysctlSettings {
-        func duration(_ flag: String, _ text: String) throws -> Duration? {
-            guard let d = GoDuration.parse(text), d >= .zero else {
-                throw ValidationError("\(flag) \"\(Validation.printable(text))\" is not a duration such as 30s or 1h")
-            }
-            return d > .zero ? d : nil
-        }
+    /// The flags as settings; zero means "leave it".
+    var settings: ConntrackSysctlSettings {
+        func nonZero(_ d: FlagDuration) -> Duration? { d.value > .zero ? d.value : nil }
         return ConntrackSysctlSettings(
             maxPerCore: conntrackMaxPerCore, min: conntrackMin,
-            tcpEstablishedTimeout: try duration("--conntrack-tcp-timeout-established", conntrackTCPTimeoutEstablished),
-            tcpCloseWaitTimeout: try duration("--conntrack-tcp-timeout-close-wait", conntrackTCPTimeoutCloseWait),
+            tcpEstablishedTimeout: nonZero(conntrackTCPTimeoutEstablished),
+            tcpCloseWaitTimeout: nonZero(conntrackTCPTimeoutCloseWait),
             tcpBeLiberal: conntrackTCPBeLiberal,
-            udpTimeout: try duration("--conntrack-udp-timeout", conntrackUDPTimeout),
-            udpStreamTimeout: try duration("--conntrack-udp-timeout-stream", conntrackUDPTimeoutStream))
+            udpTimeout: nonZero(conntrackUDPTimeout),
+            udpStreamTimeout: nonZero(conntrackUDPTimeoutStream))
     }
 }
 
@@ -62,7 +56,8 @@ struct ConntrackOptions: ParsableArguments {
 /// start-up. Each one the host does not allow is logged once, with the reason and what to
 /// do; start-up goes on.
 func applyConntrackSysctls(_ options: ConntrackOptions, logger: Logger) {
-    guard let settings = try? options.settings(), !settings.isEmpty else { return }
+    let settings = options.settings
+    guard !settings.isEmpty else { return }
     let sysctls = ConntrackSysctls(cpuCount: ProcessInfo.processInfo.activeProcessorCount)
     for outcome in sysctls.apply(settings) {
         switch outcome {

@@ -136,18 +136,9 @@ func makeIPVSDriftChecker(options: ProxyOptions, node: NodeConfig, family: IPFam
 /// `--drift-check-period`.
 struct DriftCheckOptions: ParsableArguments {
     @Option(help: ArgumentHelp("How often the running proxy compares the kernel with the desired state, off the sync path (Go duration; 0 turns it off).", valueName: "duration"))
-    var driftCheckPeriod: String = "5m"
+    var driftCheckPeriod = FlagDuration(default: "5m")
 
-    mutating func validate() throws {
-        guard let d = GoDuration.parse(driftCheckPeriod), d >= .zero else {
-            throw ValidationError("--drift-check-period \"\(Validation.printable(driftCheckPeriod))\" is not a duration such as 5m")
-        }
-    }
-
-    var period: Duration? {
-        guard let d = GoDuration.parse(driftCheckPeriod), d > .zero else { return nil }
-        return d
-    }
+    var period: Duration? { driftCheckPeriod.value > .zero ? driftCheckPeriod.value : nil }
 }
 
 /// Keeps the state of the last successful sync for the drift check, and counts syncs so that a

@@ -78,11 +78,11 @@ struct ProxyOptions: ParsableArguments {
 
     @Option(name: [.customLong("min-sync-period"), .customLong("iptables-min-sync-period")],
             help: ArgumentHelp("Minimum time between syncs (Go duration, e.g. 1s).", valueName: "duration"))
-    var minSyncPeriod: String = "1s"
+    var minSyncPeriod = FlagDuration(default: "1s")
 
     @Option(name: [.customLong("sync-period"), .customLong("iptables-sync-period")],
             help: ArgumentHelp("Maximum time between full syncs (Go duration, e.g. 30s).", valueName: "duration"))
-    var syncPeriod: String = "30s"
+    var syncPeriod = FlagDuration(default: "30s")
 
     @Option(help: ArgumentHelp("Proxy Services labelled service.kubernetes.io/service-proxy-name with this value.", valueName: "name"))
     var serviceProxyName: String?
@@ -96,10 +96,10 @@ struct ProxyOptions: ParsableArguments {
     var ipvsScheduler: String = "rr"
 
     @Option(help: ArgumentHelp("IPVS mode: maximum time between full syncs (overrides --sync-period).", valueName: "duration"))
-    var ipvsSyncPeriod: String?
+    var ipvsSyncPeriod: FlagDuration?
 
     @Option(help: ArgumentHelp("IPVS mode: minimum time between syncs (overrides --min-sync-period).", valueName: "duration"))
-    var ipvsMinSyncPeriod: String?
+    var ipvsMinSyncPeriod: FlagDuration?
 
     @Option(help: ArgumentHelp("IPVS mode: comma-separated CIDRs whose virtual servers Sluice never deletes.", valueName: "cidrs"))
     var ipvsExcludeCidrs: String?
@@ -108,16 +108,16 @@ struct ProxyOptions: ParsableArguments {
     var ipvsStrictArp = false
 
     @Option(help: ArgumentHelp("IPVS mode: timeout of idle established TCP connections (0: leave the kernel's).", valueName: "duration"))
-    var ipvsTcpTimeout: String = "0s"
+    var ipvsTcpTimeout = FlagDuration(default: "0s")
 
     @Option(help: ArgumentHelp("IPVS mode: timeout of TCP connections after FIN (0: leave the kernel's).", valueName: "duration"))
-    var ipvsTcpfinTimeout: String = "0s"
+    var ipvsTcpfinTimeout = FlagDuration(default: "0s")
 
     @Option(help: ArgumentHelp("IPVS mode: timeout of UDP flows (0: leave the kernel's).", valueName: "duration"))
-    var ipvsUdpTimeout: String = "0s"
+    var ipvsUdpTimeout = FlagDuration(default: "0s")
 
     @Option(help: ArgumentHelp("IPVS mode: how long a removed TCP endpoint's real server may drain at weight 0 before it is deleted.", valueName: "duration"))
-    var ipvsGracefulPeriod: String = "30s"
+    var ipvsGracefulPeriod = FlagDuration(default: "30s")
 
     @Option(help: ArgumentHelp("Where /healthz and /livez answer (IP:port, [::]:port for IPv6); empty disables them.", valueName: "ip:port"))
     var healthzBindAddress: String = HealthServer.defaultAddress
@@ -132,23 +132,20 @@ struct ProxyOptions: ParsableArguments {
     @OptionGroup var conntrack: ConntrackOptions
 
     @Option(help: ArgumentHelp("How long an idle UDP flow is kept open in userspace mode (Go duration, e.g. 250ms, 2s).", valueName: "duration"))
-    var udpTimeout: String = "250ms"
+    var udpTimeout = FlagDuration(default: "250ms")
 
     mutating func validate() throws {
         guard (0...31).contains(iptablesMasqueradeBit) else {
             throw ValidationError("--iptables-masquerade-bit \(iptablesMasqueradeBit) is not in 0-31")
         }
-        guard let minP = GoDuration.parse(minSyncPeriod), minP >= .zero else {
-            throw ValidationError("--min-sync-period \"\(minSyncPeriod)\" is not a duration such as 1s")
-        }
-        guard let p = GoDuration.parse(syncPeriod), p > .zero else {
+        guard syncPeriod.value > .zero else {
             throw ValidationError("--sync-period \"\(syncPeriod)\" is not a positive duration such as 30s")
         }
-        guard minP <= p else { throw ValidationError("--min-sync-period \(minSyncPeriod) is longer than --sync-period \(syncPeriod)") }
+        guard minSyncPeriod.value <= syncPeriod.value else { throw ValidationError("--min-sync-period \(minSyncPeriod) is longer than --sync-period \(syncPeriod)") }
         if let h = hostnameOverride, !Validation.isNodeName(h.lowercased()) {
             throw ValidationError("--hostname-override \"\(Validation.printable(h))\" is not a valid node name")
         }
-        guard let udp = GoDuration.parse(udpTimeout), udp > .zero else {
+        guard udpTimeout.value > .zero else {
             throw ValidationError("--udp-timeout \"\(udpTimeout)\" is not a positive duration such as 250ms")
         }
         guard IPAddress(bindAddress) != nil else {
@@ -250,10 +247,10 @@ struct ProxyOptions: ParsableArguments {
     }
 
     var timing: SyncTiming {
-        var t = SyncTiming(minSyncPeriod: GoDuration.parse(minSyncPeriod) ?? .seconds(1), syncPeriod: GoDuration.parse(syncPeriod) ?? .seconds(30))
+        var t = SyncTiming(minSyncPeriod: minSyncPeriod.value, syncPeriod: syncPeriod.value)
         if proxyMode == .ipvs {
-            if let p = ipvsSyncPeriod.flatMap(GoDuration.parse) { t.syncPeriod = p }
-            if let p = ipvsMinSyncPeriod.flatMap(GoDuration.parse) { t.minSyncPeriod = p }
+            if let p = ipvsSyncPeriod { t.syncPeriod = p.value }
+            if let p = ipvsMinSyncPeriod { t.minSyncPeriod = p.value }
         }
         return t
     }
@@ -265,19 +262,16 @@ extension ProxyOptions {
         guard ipvsSchedulers.contains(ipvsScheduler) else {
             throw ValidationError("--ipvs-scheduler \"\(Validation.printable(ipvsScheduler))\" is not one of \(ipvsSchedulers.joined(separator: ", "))")
         }
-        for (flag, value) in [("--ipvs-sync-period", ipvsSyncPeriod), ("--ipvs-min-sync-period", ipvsMinSyncPeriod)] {
-            guard let value else { continue }
-            guard let d = GoDuration.parse(value), d > .zero || flag == "--ipvs-min-sync-period" else {
-                throw ValidationError("\(flag) \"\(Validation.printable(value))\" is not a positive duration such as 30s")
-            }
+        if let p = ipvsSyncPeriod, p.value <= .zero {
+            throw ValidationError("--ipvs-sync-period \"\(Validation.printable(p.text))\" is not a positive duration such as 30s")
         }
         if proxyMode == .ipvs, timing.minSyncPeriod > timing.syncPeriod {
             throw ValidationError("the minimum sync period \(GoDuration.format(timing.minSyncPeriod)) is longer than the sync period \(GoDuration.format(timing.syncPeriod))")
         }
         for (flag, value) in [("--ipvs-tcp-timeout", ipvsTcpTimeout), ("--ipvs-tcpfin-timeout", ipvsTcpfinTimeout),
                               ("--ipvs-udp-timeout", ipvsUdpTimeout), ("--ipvs-graceful-period", ipvsGracefulPeriod)] {
-            guard let d = GoDuration.parse(value), d >= .zero, d <= .seconds(Int64(UInt32.max)) else {
-                throw ValidationError("\(flag) \"\(Validation.printable(value))\" is not a duration such as 900s")
+            guard value.value <= .seconds(Int64(UInt32.max)) else {
+                throw ValidationError("\(flag) \"\(Validation.printable(value.text))\" is not a duration such as 900s")
             }
         }
         _ = try ipvsExcludeCIDRList()
@@ -295,11 +289,11 @@ extension ProxyOptions {
 
     /// The three `ipvsadm --set` timeouts in whole seconds.
     var ipvsTimeouts: IPVSTimeouts {
-        func seconds(_ text: String) -> UInt32 { UInt32(clamping: GoDuration.parse(text)?.components.seconds ?? 0) }
+        func seconds(_ d: FlagDuration) -> UInt32 { UInt32(clamping: d.value.components.seconds) }
         return IPVSTimeouts(tcp: seconds(ipvsTcpTimeout), tcpFin: seconds(ipvsTcpfinTimeout), udp: seconds(ipvsUdpTimeout))
     }
 
-    var ipvsGracefulDuration: Duration { GoDuration.parse(ipvsGracefulPeriod) ?? .seconds(30) }
+    var ipvsGracefulDuration: Duration { ipvsGracefulPeriod.value }
 }
 
 /// A Linux interface name (or prefix): 1-15 bytes, no `/`, `:` or white space.

@@ -9,7 +9,7 @@ import Userspace
 
 /// The userspace backend for the node, with `--udp-timeout` and `--iptables-backend`.
 func makeUserspaceBackend(options: ProxyOptions, node: NodeConfig, logger: Logger) throws -> UserspaceBackend {
-    let udpTimeout = GoDuration.parse(options.udpTimeout) ?? .milliseconds(250)
+    let udpTimeout = options.udpTimeout.value
     do {
         return try UserspaceBackend.create(node: node, variant: options.iptablesBackend, udpIdleTimeout: udpTimeout,
                                            runner: ProcessRunner(), logger: logger)
