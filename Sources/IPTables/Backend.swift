@@ -178,7 +178,7 @@ public actor IPTablesBackend: ProxyBackend {
         let compiled = compiler.compile(state, kind: kind, existingChains: existing, memory: &memory)
         existing = []
         let report: SyncReport
-        let total = ["filter": compiled.totalRules[.filter] ?? 0, "nat": compiled.totalRules[.nat] ?? 0]
+        let total = ruleCounts { compiled.totalRules[$0] ?? 0 }
         if chunked {
             let plan = FullSyncPlan(topLevel: compiled, state: state, compiler: compiler, memory: memory, batching: batching)
             var bytes = 0
@@ -205,8 +205,7 @@ public actor IPTablesBackend: ProxyBackend {
             appliedTopLevel = compiled.topLevelRules()
             report = SyncReport(
                 full: true,
-                written: ["filter": compiled.writtenRules(.filter), "nat": compiled.writtenRules(.nat)],
-                total: total, bytes: text.utf8.count)
+                written: ruleCounts(compiled.writtenRules), total: total, bytes: text.utf8.count)
         } else {
             let (batch, _, topLevel) = compiled.omittingUnchangedTopLevelChains(appliedTopLevel)
             let text = batch.restoreText
@@ -215,9 +214,7 @@ public actor IPTablesBackend: ProxyBackend {
             lastRestore = text
             report = SyncReport(
                 full: false,
-                written: ["filter": batch.writtenRules(.filter), "nat": batch.writtenRules(.nat)],
-                total: ["filter": compiled.totalRules[.filter] ?? 0, "nat": compiled.totalRules[.nat] ?? 0],
-                bytes: text.utf8.count)
+                written: ruleCounts(batch.writtenRules), total: total, bytes: text.utf8.count)
         }
         fullSyncNeeded = false
         if !compiled.deletedChains.isEmpty {
@@ -419,4 +416,9 @@ public enum LocalAddresses {
         }
         return Array(Set(out)).sorted()
     }
+}
+
+/// The filter and nat tables' rule counts as a ``SyncReport`` holds them.
+func ruleCounts(_ count: (Table) -> Int) -> [SyncCount: Int] {
+    [.iptablesRules(.filter): count(.filter), .iptablesRules(.nat): count(.nat)]
 }

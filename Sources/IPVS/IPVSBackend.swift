@@ -334,10 +334,12 @@ public actor IPVSBackend: ProxyBackend {
         let w = lastSyncWrites
         return SyncReport(
             full: full,
-            written: ["ipvs": w.ipvsMessages, "ipset": w.ipsetAdds + w.ipsetDeletes, "addresses": w.addressAdds + w.addressDeletes,
-                      "nat": w.restores > 0 ? desired.nat.rules.count : 0, "filter": w.restores > 0 ? desired.filter.rules.count : 0],
-            total: ["virtualServers": desired.virtualServers.count, "realServers": realServers, "nat": desired.nat.rules.count,
-                    "filter": desired.filter.rules.count],
+            written: [.ipvsMessages: w.ipvsMessages, .ipsetEntries: w.ipsetAdds + w.ipsetDeletes,
+                      .serviceAddresses: w.addressAdds + w.addressDeletes,
+                      .iptablesRules(.nat): w.restores > 0 ? desired.nat.rules.count : 0,
+                      .iptablesRules(.filter): w.restores > 0 ? desired.filter.rules.count : 0],
+            total: [.virtualServers: desired.virtualServers.count, .realServers: realServers,
+                    .iptablesRules(.nat): desired.nat.rules.count, .iptablesRules(.filter): desired.filter.rules.count],
             bytes: restoreBytes)
     }
 

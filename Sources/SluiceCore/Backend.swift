@@ -5,10 +5,10 @@
 public struct SyncReport: Sendable, Hashable {
     /// Whether every chain / object was written.
     public var full: Bool
-    /// Rules (or entries) written, by table or kind.
-    public var written: [String: Int]
-    /// Rules (or entries) the full state holds, by table or kind.
-    public var total: [String: Int]
+    /// Rules (or entries) written, by kind.
+    public var written: [SyncCount: Int]
+    /// Rules (or entries) the full state holds, by kind.
+    public var total: [SyncCount: Int]
     /// Bytes sent to the kernel tools.
     public var bytes: Int
     /// Failed clean-up steps since the last report (the nftables mode's stale-chain deletion,
@@ -16,11 +16,64 @@ public struct SyncReport: Sendable, Hashable {
     public var cleanupFailures: Int = 0
 
     /// Creates a report.
-    public init(full: Bool, written: [String: Int] = [:], total: [String: Int] = [:], bytes: Int = 0) {
+    public init(full: Bool, written: [SyncCount: Int] = [:], total: [SyncCount: Int] = [:], bytes: Int = 0) {
         self.full = full
         self.written = written
         self.total = total
         self.bytes = bytes
+    }
+}
+
+/// What a count in a ``SyncReport`` counts.
+public enum SyncCount: Sendable, Hashable, CustomStringConvertible {
+    /// iptables rules of one table (`kubeproxy_sync_proxy_rules_iptables_total` and
+    /// `…_iptables_last{table}`).
+    case iptablesRules(RuleTable)
+    /// IPVS netlink messages (virtual and real servers added, changed or deleted).
+    case ipvsMessages
+    /// ipset entries added or deleted.
+    case ipsetEntries
+    /// Service addresses added to or removed from `kube-ipvs0`.
+    case serviceAddresses
+    /// IPVS virtual servers.
+    case virtualServers
+    /// IPVS real servers.
+    case realServers
+    /// Userspace relays (one per service port).
+    case relays
+    /// NodePorts held open by the userspace mode.
+    case nodePorts
+
+    /// An iptables table whose rules a ``SyncCount`` counts.
+    public enum RuleTable: String, Sendable, Hashable, CaseIterable {
+        case filter, nat
+    }
+
+    /// The `kind` label of `sluice_sync_last_written_objects`.
+    public var metricLabel: String {
+        switch self {
+        case .iptablesRules(let t): return "\(t.rawValue)_rules"
+        case .ipvsMessages: return "ipvs_messages"
+        case .ipsetEntries: return "ipset_entries"
+        case .serviceAddresses: return "service_addresses"
+        case .virtualServers: return "virtual_servers"
+        case .realServers: return "real_servers"
+        case .relays: return "relays"
+        case .nodePorts: return "node_ports"
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .iptablesRules(let t): return "\(t.rawValue) rules"
+        case .ipvsMessages: return "ipvs messages"
+        case .ipsetEntries: return "ipset entries"
+        case .serviceAddresses: return "service addresses"
+        case .virtualServers: return "virtual servers"
+        case .realServers: return "real servers"
+        case .relays: return "relays"
+        case .nodePorts: return "node ports"
+        }
     }
 }
 

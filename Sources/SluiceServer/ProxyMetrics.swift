@@ -120,6 +120,11 @@ public final class ProxyMetrics: Sendable {
     private static var iptablesLastHelp: MetricNameDescriptor {
         descriptor(Name.iptablesLast, "Number of iptables rules written by kube-proxy in last sync")
     }
+    /// Sluice's own: what the last sync wrote, by kind, in every mode.
+    private static var writtenHelp: MetricNameDescriptor {
+        MetricNameDescriptor(metricName: "sluice_sync_last_written_objects", unitName: "",
+                             helpText: "Objects written to the kernel by the last sync, by kind (rules, IPVS messages, set entries, addresses)")
+    }
     private static var healthzHelp: MetricNameDescriptor { descriptor(Name.healthzTotal, "Cumulative proxy healthz HTTP status") }
     private static var livezHelp: MetricNameDescriptor { descriptor(Name.livezTotal, "Cumulative proxy livez HTTP status") }
 
@@ -283,11 +288,15 @@ extension ProxyMetrics: SyncRecorder {
             guard trigger > startWallTime else { continue }
             s.networkProgrammingDuration.record(max(.zero, now - trigger))
         }
-        for (table, count) in report.total {
-            registry.makeGauge(descriptor: ProxyMetrics.iptablesTotalHelp, labels: [("table", table), f]).set(to: Double(count))
+        // Only iptables rule counts have kube-proxy's metrics (table="filter"/"nat").
+        for (kind, count) in report.total {
+            guard case .iptablesRules(let table) = kind else { continue }
+            registry.makeGauge(descriptor: ProxyMetrics.iptablesTotalHelp, labels: [("table", table.rawValue), f]).set(to: Double(count))
         }
-        for (table, count) in report.written {
-            registry.makeGauge(descriptor: ProxyMetrics.iptablesLastHelp, labels: [("table", table), f]).set(to: Double(count))
+        for (kind, count) in report.written {
+            registry.makeGauge(descriptor: ProxyMetrics.writtenHelp, labels: [("kind", kind.metricLabel), f]).set(to: Double(count))
+            guard case .iptablesRules(let table) = kind else { continue }
+            registry.makeGauge(descriptor: ProxyMetrics.iptablesLastHelp, labels: [("table", table.rawValue), f]).set(to: Double(count))
         }
         s.lastTimestamp.set(to: seconds(now))
     }

@@ -133,8 +133,9 @@ public actor UserspaceBackend: ProxyBackend {
         }
         // Only a full sync has written every rule; NodePorts not held are retried by full syncs.
         if full && prepared.nodePortFailures.isEmpty { image = Image(plan: plan, state: state, ports: prepared.ports, rules: rules.rules.count) }
-        return SyncReport(full: full, written: ["nat": written],
-                          total: ["nat": rules.rules.count, "relays": prepared.ports.count, "nodeports": await relays.heldNodePortCount],
+        return SyncReport(full: full, written: [.iptablesRules(.nat): written],
+                          total: [.iptablesRules(.nat): rules.rules.count, .relays: prepared.ports.count,
+                                  .nodePorts: await relays.heldNodePortCount],
                           bytes: written > 0 ? text.utf8.count : 0)
     }
 
@@ -193,9 +194,10 @@ public actor UserspaceBackend: ProxyBackend {
         if !prepared.listenerFailures.isEmpty {
             throw UserspaceError(failures: prepared.listenerFailures.sorted { $0.key < $1.key }.map { "\($0.key.service):\($0.key.port): \($0.value)" })
         }
-        let total = ["nat": memory.rules, "relays": memory.ports.count, "nodeports": await relays.heldNodePortCount]
+        let total: [SyncCount: Int] = [.iptablesRules(.nat): memory.rules, .relays: memory.ports.count,
+                                       .nodePorts: await relays.heldNodePortCount]
         if prepared.nodePortFailures.isEmpty { image = memory }
-        return SyncReport(full: false, written: ["nat": written], total: total, bytes: bytes)
+        return SyncReport(full: false, written: [.iptablesRules(.nat): written], total: total, bytes: bytes)
     }
 
     /// How long a check that found the four jumps in place is trusted. Each `iptables -C`

@@ -57,8 +57,8 @@ private func svcChains(_ fake: FakeIPTables) -> Set<String> {
         let restoresBefore = fake.restores.count
         let noop = try await b.sync(tracker.snapshot(.ipv4), full: false)
         #expect(fake.restores.count == restoresBefore)
-        #expect(noop.bytes == 0 && noop.written == ["filter": 0, "nat": 0])
-        #expect(noop.total["nat"]! > 0)
+        #expect(noop.bytes == 0 && noop.written == [.iptablesRules(.filter): 0, .iptablesRules(.nat): 0])
+        #expect(noop.total[.iptablesRules(.nat)]! > 0)
         #expect(svcChains(fake).count == 5)
 
         // 4. Endpoint change on b: only b's chains; the removed endpoint's chain is deleted.

@@ -86,9 +86,9 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         let nat = try #require(try declared(text, "nat"))
         #expect(nat.allSatisfy { Chain.isServiceChain($0) })
         #expect(report.bytes == text.utf8.count)
-        #expect(report.written["filter"] == 0)
-        #expect(report.written["nat"] == text.split(separator: "\n").filter { $0.hasPrefix("-A ") }.count)
-        #expect(report.total["nat"]! > report.written["nat"]!)
+        #expect(report.written[.iptablesRules(.filter)] == 0)
+        #expect(report.written[.iptablesRules(.nat)] == text.split(separator: "\n").filter { $0.hasPrefix("-A ") }.count)
+        #expect(report.total[.iptablesRules(.nat)]! > report.written[.iptablesRules(.nat)]!)
         // The kernel's top-level chains are untouched and the new endpoint is reachable.
         #expect(fake.rules("nat", "KUBE-SERVICES") == servicesBefore)
         #expect(fake.rules("nat", "KUBE-NODEPORTS") == nodePortsBefore)

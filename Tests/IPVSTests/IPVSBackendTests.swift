@@ -121,7 +121,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         #expect(await bed.ipsets.members("KUBE-NODE-PORT-TCP") == ["30080"])
         #expect(await bed.ipsets.members("KUBE-IPVS-IPS") == ["10.96.0.10"])
         #expect(await bed.ipsets.sets.count == 17)
-        #expect(report.written["ipvs"] == 6)
+        #expect(report.written[.ipvsMessages] == 6)
         #expect(bed.iptables.restores.count == 1)
         #expect(bed.iptables.restores[0].contains("-I OUTPUT 1 -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"))
         #expect(bed.iptables.jumpCount == 9)

@@ -107,7 +107,7 @@ actor TimedBackend: ProxyBackend {
             struct Broken: Error {}
             throw Broken()
         }
-        return SyncReport(full: full, written: ["nat": state.servicePorts.count])
+        return SyncReport(full: full, written: [.iptablesRules(.nat): state.servicePorts.count])
     }
 
     func externalChangeDetected() async -> Bool { false }
@@ -129,7 +129,7 @@ actor TimedBackend: ProxyBackend {
         #expect(attempt?.succeeded == true)
         #expect(attempt?.full == true)
         #expect(attempt?.duration == .milliseconds(40))
-        #expect(attempt?.report?.written == ["nat": 1])
+        #expect(attempt?.report?.written == [.iptablesRules(.nat): 1])
 
         await runner.handle(slice("web-1", service: "web", trigger: "2024-05-01T12:00:01Z"))
         #expect(log.queued == 2)

@@ -120,7 +120,9 @@ private struct Rig {
             #expect(scrape.types[name] == type, "\(name)")
             #expect(scrape.help[name]?.hasPrefix("[ALPHA] ") == true, "\(name)")
         }
-        #expect(Set(scrape.types.keys) == Set(expectedTypes.keys).union(processTypes.keys))
+        // Beside kube-proxy's names, only Sluice's own (sluice_*) appear.
+        #expect(Set(scrape.types.keys) == Set(expectedTypes.keys).union(processTypes.keys).union(["sluice_sync_last_written_objects"]))
+        #expect(scrape.types["sluice_sync_last_written_objects"] == "gauge")
         for (name, type) in processTypes { #expect(scrape.types[name] == type, "\(name)") }
         #expect(scrape.help["kubeproxy_sync_proxy_rules_duration_seconds"] == "[ALPHA] SyncProxyRules latency in seconds")
 
@@ -205,11 +207,15 @@ private struct Rig {
         await rig.runner.syncOnce()
         s = rig.scrape()
         #expect(s.value("kubeproxy_sync_proxy_rules_no_local_endpoints_total", ["traffic_policy": "internal", "ip_family": "IPv4"]) == 0)
-        await rig.backend.setReport(SyncReport(full: true, written: ["filter": 1, "nat": 2], total: ["filter": 7, "nat": 40]))
+        // Counts that are not iptables rules (an IPVS or userspace report) have no iptables series.
+        await rig.backend.setReport(SyncReport(full: true, written: [.iptablesRules(.filter): 1, .iptablesRules(.nat): 2, .ipvsMessages: 9],
+                                               total: [.iptablesRules(.filter): 7, .iptablesRules(.nat): 40, .virtualServers: 3, .relays: 4]))
         await rig.runner.syncOnce()
         s = rig.scrape()
         #expect(s.value("kubeproxy_sync_proxy_rules_iptables_total", ["table": "nat", "ip_family": "IPv4"]) == 40)
         #expect(s.value("kubeproxy_sync_proxy_rules_iptables_last", ["table": "nat", "ip_family": "IPv4"]) == 2)
+        let tables = Set(s.samples.filter { $0.name.hasPrefix("kubeproxy_sync_proxy_rules_iptables_") }.compactMap { $0.labels["table"] })
+        #expect(tables == ["filter", "nat"])
     }
 
     @Test func networkProgrammingLatencyComesFromTheTriggerTimeAnnotation() async {
@@ -253,7 +259,7 @@ private struct Rig {
     @Test func eachFamilyHasItsOwnSeries() async {
         let metrics = ProxyMetrics(nodeName: "n", tables: ["nat"], families: [.ipv4, .ipv6])
         metrics.record(.synced(SyncAttempt(family: .ipv6, full: true, duration: .milliseconds(2),
-                                           report: SyncReport(full: true, written: ["nat": 3], total: ["nat": 7]))))
+                                           report: SyncReport(full: true, written: [.iptablesRules(.nat): 3], total: [.iptablesRules(.nat): 7]))))
         metrics.record(.synced(SyncAttempt(family: .ipv4, full: false, duration: .milliseconds(1), report: nil)))
         let s = Scrape(metrics.render())
         #expect(s.value("kubeproxy_sync_full_proxy_rules_duration_seconds_count", ["ip_family": "IPv6"]) == 1)

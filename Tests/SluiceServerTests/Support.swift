@@ -208,7 +208,7 @@ actor ScriptedBackend: ProxyBackend {
     private(set) var syncs: [(full: Bool, ports: Int)] = []
     private var failuresLeft = 0
     private var work: (@Sendable () -> Void)?
-    var report = SyncReport(full: true, written: ["filter": 4, "nat": 10], total: ["filter": 5, "nat": 12])
+    var report = SyncReport(full: true, written: [.iptablesRules(.filter): 4, .iptablesRules(.nat): 10], total: [.iptablesRules(.filter): 5, .iptablesRules(.nat): 12])
 
     func failNext(_ n: Int) { failuresLeft = n }
     /// Runs `body` inside every sync (e.g. to advance a manual clock).

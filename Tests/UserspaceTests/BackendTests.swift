@@ -53,8 +53,8 @@ struct BackendTests {
         ])
         #expect(fake.rules("nat", "OUTPUT").last?.hasSuffix("-j KUBE-NODEPORT-HOST") == true)
         #expect(fake.rules("nat", "OUTPUT").first?.hasSuffix("-j KUBE-PORTALS-HOST") == true)
-        #expect(report.total["relays"] == 1)
-        #expect(report.written["nat"] == 4)
+        #expect(report.total[.relays] == 1)
+        #expect(report.written[.iptablesRules(.nat)] == 4)
         // Nothing of the iptables mode is created.
         #expect(!fake.chains("nat").contains("KUBE-SERVICES"))
         #expect(fake.chains("filter").isEmpty)
@@ -73,7 +73,7 @@ struct BackendTests {
         let report = try await b.sync(try state(moved), full: false)
         #expect(await b.relays.relayPort(webName) == port)
         #expect(fake.restores.count == restores)
-        #expect(report.written["nat"] == 0)
+        #expect(report.written[.iptablesRules(.nat)] == 0)
         // A full resync writes again, with the same port.
         _ = try await b.sync(try state(moved), full: true)
         #expect(fake.restores.count == restores + 1)

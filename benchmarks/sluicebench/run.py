@@ -384,10 +384,15 @@ def _record_written(proxy, rec, scenario, rep):
     """What the last sync wrote, as Sluice's metrics count it: rules per table in iptables
     mode, netlink messages / set entries / addresses in IPVS mode."""
     _, _, m = proxy.sync_counters()
-    prefix = 'kubeproxy_sync_proxy_rules_iptables_last{table="'
+    # sluice_sync_last_written_objects{kind}; the report's keys are the tables and kinds of
+    # earlier runs (nat, filter, ipvs, ipset, addresses).
+    names = {"nat_rules": "nat", "filter_rules": "filter", "ipvs_messages": "ipvs", "ipset_entries": "ipset",
+             "service_addresses": "addresses"}
+    prefix = 'sluice_sync_last_written_objects{kind="'
     for k, val in m.items():
         if k.startswith(prefix):
-            rec(scenario, "written_" + k[len(prefix):].rstrip('"}'), val, rep=rep)
+            kind = k[len(prefix):].rstrip('"}')
+            rec(scenario, "written_" + names.get(kind, kind), val, rep=rep)
 
 
 def _churn(ctx, proxy, net, rec, sc, rep, timeout):
