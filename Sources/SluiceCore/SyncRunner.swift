@@ -240,6 +240,10 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
         do {
             let report = try await backend.sync(state, full: full)
             let duration = now.duration(to: clock.now)
+            // A backend may make an asked-for partial sync full (the nftables mode when the
+            // fixed part changed, the iptables mode after a lost canary): count, log and time
+            // it as what it was.
+            let full = full || report.full
             counters.syncs += 1
             if full {
                 counters.fullSyncs += 1
