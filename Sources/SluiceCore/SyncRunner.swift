@@ -240,15 +240,15 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
         do {
             let report = try await backend.sync(state, full: full)
             let duration = now.duration(to: clock.now)
-            // A backend may make an asked-for partial sync full (the nftables mode when the
-            // fixed part changed, the iptables mode after a lost canary): count, log and time
-            // it as what it was.
-            let full = full || report.full
+            // The periodic resync asked for is served, whatever the backend made of it. What was
+            // written is the backend's to say: it may make a partial sync full (the nftables
+            // mode when its fixed part changed, the iptables mode after a lost canary) or send
+            // only differences for a resync (the nftables mode between its hourly full syncs,
+            // as kube-proxy's). Counts, the log and the full/partial histograms follow that.
+            if full { lastFullSync = now }
+            let full = report.full
             counters.syncs += 1
-            if full {
-                counters.fullSyncs += 1
-                lastFullSync = now
-            }
+            if full { counters.fullSyncs += 1 }
             counters.serviceChangesTotal += changes
             counters.lastReport = report
             counters.lastError = nil
