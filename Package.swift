@@ -96,6 +96,13 @@ let package = Package(
             dependencies: ["Conntrack", "SluiceCore", .product(name: "Logging", package: "swift-log")],
             path: "Sources/ConntrackProbe"
         ),
+        // Benchmark helper: the IPVS mode's cold ipset sync at S Services, in the network
+        // namespace it is started in (benchmarks/ipset_cold_sync.py runs it).
+        .executableTarget(
+            name: "ipset-probe",
+            dependencies: ["IPVS", "SluiceCore"],
+            path: "Sources/IPSetProbe"
+        ),
         .executableTarget(
             name: "sluice",
             dependencies: [
