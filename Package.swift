@@ -114,17 +114,23 @@ let package = Package(
                 .product(name: "Yams", package: "Yams"),
             ]
         ),
-        // Header-only C module: the netlink, rtnetlink, IPVS and ipset UAPI headers (socket
+        // Header-only C module: the netlink, rtnetlink, IPVS and nfnetlink UAPI headers (socket
         // structs; the tests cross-check the Swift constants against the C ones).
         .systemLibrary(name: "CNetlink"),
         // Netlink: message and attribute codec, socket, generic-netlink family lookup.
         .target(name: "Netlink", dependencies: ["CNetlink"]),
-        // IPVS mode: IPVS over generic netlink, rtnetlink (kube-ipvs0), ipset over nfnetlink,
+        // libipset (the library the `ipset` command is built on): the IPVS mode's sets.
+        .systemLibrary(
+            name: "CIPSet",
+            pkgConfig: "libipset",
+            providers: [.apt(["libipset-dev"])]
+        ),
+        // IPVS mode: IPVS over generic netlink, rtnetlink (kube-ipvs0), ipset through libipset,
         // the pure IPVS compiler and the backend.
         .target(
             name: "IPVS",
             dependencies: [
-                "SluiceCore", "Netlink", "IPTables",
+                "SluiceCore", "Netlink", "IPTables", "CIPSet",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
