@@ -26,6 +26,14 @@ let package = Package(
             name: "SluiceCore",
             dependencies: [
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // kube-proxy's chain-name hash (base32 of SHA-256): the iptables and nftables modes'
+        // chain names. The only user of swift-crypto.
+        .target(
+            name: "ChainHashing",
+            dependencies: [
+                "SluiceCore",
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
@@ -47,7 +55,7 @@ let package = Package(
         .target(
             name: "IPTables",
             dependencies: [
-                "SluiceCore",
+                "SluiceCore", "ChainHashing",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -85,7 +93,7 @@ let package = Package(
         .target(
             name: "Conntrack",
             dependencies: [
-                "SluiceCore", "CConntrack",
+                "SluiceCore", "CConntrack", "Netlink",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -139,9 +147,8 @@ let package = Package(
         .target(
             name: "NFTables",
             dependencies: [
-                "SluiceCore", "CNFTables", "Netlink",
+                "SluiceCore", "CNFTables", "Netlink", "ChainHashing",
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
         // libnftables (the library the `nft` command wraps): the nftables mode applies its
@@ -175,7 +182,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IPTablesTests",
-            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["IPTables", "ChainHashing", "SluiceCore", "KubeAPI", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
             resources: [.copy("Fixtures")]
         ),
         .testTarget(name: "ExplainTests", dependencies: ["IPTables", "IPVS", "Userspace", "SluiceCore", "SluiceTesting"]),
@@ -202,7 +209,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KernelTests",
-            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice", "Conntrack", "conntrack-probe",
+            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice", "Conntrack", "conntrack-probe", "ipset-probe",
                            .product(name: "Yams", package: "Yams")]
         ),
     ],
