@@ -31,7 +31,7 @@ def main():
             subprocess.run(["ip", "netns", "del", ns], check=False)
         runs.append(json.loads(out))
         print(out.strip(), flush=True)
-    keys = [k for k in runs[0] if k.endswith("_ms")]
+    keys = [k for k in runs[0] if k.endswith("_ms")]  # wall (_ms) and CPU (_cpu_ms) times
     summary = {k: round(statistics.median(r[k] for r in runs), 1) for k in keys}
     print(json.dumps({"services": a.services, "entries": runs[0]["entries"], "reps": a.reps, "median_ms": summary}))
 
