@@ -203,12 +203,20 @@ extension IPSetEntry {
     /// the forms `description` writes; a `hash:ip,port,net` member printed without a prefix
     /// length is a host network (`/32`, `/128`), as the kernel stores it.
     public init?(listed text: Substring, type: IPSetType) {
-        func ip(_ t: Substring) -> IPAddress? { IPAddress(String(t)) }
+        // A listing holds tens of thousands of members: dotted quads and the three protocol
+        // names are read without building strings.
+        func ip(_ t: Substring) -> IPAddress? {
+            if let v4 = IPSetEntry.dottedQuad(t.utf8) { return .v4(v4) }
+            return IPAddress(String(t))
+        }
         func protoPort(_ t: Substring) -> (TransportProtocol, UInt16)? {
-            let parts = t.split(separator: ":", omittingEmptySubsequences: false)
-            guard parts.count == 2, let proto = TransportProtocol(rawValue: parts[0].uppercased()),
-                  let port = UInt16(parts[1]) else { return nil }
-            return (proto, port)
+            guard let colon = t.firstIndex(of: ":"), let port = UInt16(t[t.index(after: colon)...]) else { return nil }
+            switch t[..<colon] {
+            case "tcp": return (.tcp, port)
+            case "udp": return (.udp, port)
+            case "sctp": return (.sctp, port)
+            default: return nil
+            }
         }
         let fields = text.split(separator: ",", omittingEmptySubsequences: false)
         switch type {
@@ -236,6 +244,32 @@ extension IPSetEntry {
             guard let net else { return nil }
             self.init(ip: a, proto: proto, port: port, net: net)
         }
+    }
+}
+
+extension IPSetEntry {
+    /// `a.b.c.d` (no leading sign, 1 to 3 digits per octet, each at most 255) as a host-order
+    /// `UInt32`; nil for anything else (IPv6 included).
+    static func dottedQuad(_ text: Substring.UTF8View) -> UInt32? {
+        var value: UInt32 = 0
+        var octet: UInt32 = 0
+        var digits = 0
+        var dots = 0
+        for b in text {
+            if b >= 0x30 && b <= 0x39 {
+                octet = octet * 10 + UInt32(b - 0x30)
+                digits += 1
+                if digits > 3 || octet > 255 { return nil }
+            } else if b == 0x2e {
+                guard digits > 0, dots < 3 else { return nil }
+                value = value << 8 | octet
+                (octet, digits, dots) = (0, 0, dots + 1)
+            } else {
+                return nil
+            }
+        }
+        guard dots == 3, digits > 0 else { return nil }
+        return value << 8 | octet
     }
 }
 

@@ -123,6 +123,13 @@ import Testing
         #expect(IPSetEntry(listed: "10.96.0.10,tcp:80", type: .hashIP) == nil)
         #expect(IPSetEntry(listed: "10.96.0.10,tcp:70000", type: .hashIPPort) == nil)
         #expect(IPSetEntry(listed: "80", type: .hashIPPort) == nil)
+        // Dotted quads are read byte by byte: the edges, and what is not one.
+        #expect(IPSetEntry(listed: "0.0.0.0", type: .hashIP) == .ip(IPAddress("0.0.0.0")!))
+        #expect(IPSetEntry(listed: "255.255.255.255", type: .hashIP) == .ip(IPAddress("255.255.255.255")!))
+        #expect(IPSetEntry(listed: "172.20.3.44,udp:53", type: .hashIPPort) == .ipPort(IPAddress("172.20.3.44")!, .udp, 53))
+        for bad in ["10.96.0.256", "10.96.0", "10.96.0.1.", "10..0.1", "1000.1.1.1", "10.96.0.1a", ".10.96.0.1", ""] {
+            #expect(IPSetEntry(listed: Substring(bad), type: .hashIP) == nil, "\(bad)")
+        }
     }
 
     @Test func errorsCarryLibipsetsTextAndTheMember() {
