@@ -26,6 +26,14 @@ let package = Package(
             name: "SluiceCore",
             dependencies: [
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // kube-proxy's chain-name hash (base32 of SHA-256): the iptables and nftables modes'
+        // chain names. The only user of swift-crypto.
+        .target(
+            name: "ChainHashing",
+            dependencies: [
+                "SluiceCore",
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
@@ -47,7 +55,7 @@ let package = Package(
         .target(
             name: "IPTables",
             dependencies: [
-                "SluiceCore",
+                "SluiceCore", "ChainHashing",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -85,7 +93,7 @@ let package = Package(
         .target(
             name: "Conntrack",
             dependencies: [
-                "SluiceCore", "CConntrack",
+                "SluiceCore", "CConntrack", "Netlink",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -95,6 +103,13 @@ let package = Package(
             name: "conntrack-probe",
             dependencies: ["Conntrack", "SluiceCore", .product(name: "Logging", package: "swift-log")],
             path: "Sources/ConntrackProbe"
+        ),
+        // Benchmark helper: the IPVS mode's cold ipset sync at S Services, in the network
+        // namespace it is started in (benchmarks/ipset_cold_sync.py runs it).
+        .executableTarget(
+            name: "ipset-probe",
+            dependencies: ["IPVS", "SluiceCore"],
+            path: "Sources/IPSetProbe"
         ),
         .executableTarget(
             name: "sluice",
@@ -107,17 +122,23 @@ let package = Package(
                 .product(name: "Yams", package: "Yams"),
             ]
         ),
-        // Header-only C module: the netlink, rtnetlink, IPVS and ipset UAPI headers (socket
+        // Header-only C module: the netlink, rtnetlink, IPVS and nfnetlink UAPI headers (socket
         // structs; the tests cross-check the Swift constants against the C ones).
         .systemLibrary(name: "CNetlink"),
         // Netlink: message and attribute codec, socket, generic-netlink family lookup.
         .target(name: "Netlink", dependencies: ["CNetlink"]),
-        // IPVS mode: IPVS over generic netlink, rtnetlink (kube-ipvs0), ipset over nfnetlink,
+        // libipset (the library the `ipset` command is built on): the IPVS mode's sets.
+        .systemLibrary(
+            name: "CIPSet",
+            pkgConfig: "libipset",
+            providers: [.apt(["libipset-dev"])]
+        ),
+        // IPVS mode: IPVS over generic netlink, rtnetlink (kube-ipvs0), ipset through libipset,
         // the pure IPVS compiler and the backend.
         .target(
             name: "IPVS",
             dependencies: [
-                "SluiceCore", "Netlink", "IPTables",
+                "SluiceCore", "Netlink", "IPTables", "CIPSet",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -126,9 +147,8 @@ let package = Package(
         .target(
             name: "NFTables",
             dependencies: [
-                "SluiceCore", "CNFTables", "Netlink",
+                "SluiceCore", "CNFTables", "Netlink", "ChainHashing",
                 .product(name: "Logging", package: "swift-log"),
-                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
         // libnftables (the library the `nft` command wraps): the nftables mode applies its
@@ -162,7 +182,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IPTablesTests",
-            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["IPTables", "ChainHashing", "SluiceCore", "KubeAPI", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
             resources: [.copy("Fixtures")]
         ),
         .testTarget(name: "ExplainTests", dependencies: ["IPTables", "IPVS", "Userspace", "SluiceCore", "SluiceTesting"]),
@@ -189,7 +209,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KernelTests",
-            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice", "Conntrack", "conntrack-probe",
+            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice", "Conntrack", "conntrack-probe", "ipset-probe",
                            .product(name: "Yams", package: "Yams")]
         ),
     ],

@@ -13,6 +13,5 @@
 #include <linux/if_addr.h>
 #include <linux/ip_vs.h>
 #include <linux/netfilter/nfnetlink.h>
-#include <linux/netfilter/ipset/ip_set.h>
 
 #endif

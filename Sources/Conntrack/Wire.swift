@@ -1,6 +1,6 @@
 // Sluice: a per-node Kubernetes service proxy.
-// The ctnetlink requests Sluice encodes itself: a dump with a kernel-side filter, and a
-// delete pinned to one entry.
+// The ctnetlink requests Sluice encodes itself, with the Netlink module's message and
+// attribute encoder: a dump with a kernel-side filter, and a delete pinned to one entry.
 //
 // libnetfilter_conntrack 1.0.9 can only ask the kernel to filter dumps by mark, family and
 // status (`nfct_filter_dump`). The kernel (Linux 5.8, `CTA_FILTER`) can also filter on the
@@ -14,6 +14,7 @@
 // UAPI: include/uapi/linux/netfilter/nfnetlink_conntrack.h; the CTA_FILTER_F_* flags are
 // kernel-internal (net/netfilter/nf_internals.h), mirrored here.
 
+import Netlink
 import SluiceCore
 
 /// ctnetlink numbers, and the two requests Sluice builds itself.
@@ -105,35 +106,32 @@ public enum CTNetlink {
     public static func dumpAttributes(_ filter: DumpFilter) -> [UInt8] {
         let filter = filter.kernelSide
         var flags: FilterFlags = []
-        var ipNest: [UInt8] = []
-        var protoNest: [UInt8] = []
+        var tuple: [NetlinkAttribute] = []
         if let dst = filter.destination {
             flags.insert(.ipDst)
-            ipNest = attribute(IPAttr.v4Dst.rawValue, dst.bytes)
+            tuple.append(.nested(TupleAttr.ip.rawValue, [.bytes(IPAttr.v4Dst.rawValue, dst.bytes)]))
         }
         // The kernel compares ports only together with the protocol number.
         if let l4 = filter.l4 {
             flags.insert(.protoNum)
-            protoNest = attribute(ProtoAttr.num.rawValue, [l4.rawValue])
+            var proto: [NetlinkAttribute] = [.u8(ProtoAttr.num.rawValue, l4.rawValue)]
             if let port = filter.destinationPort {
                 flags.insert(.protoDstPort)
-                protoNest += attribute(ProtoAttr.dstPort.rawValue, networkBytes16(port))
+                proto.append(.be16(ProtoAttr.dstPort.rawValue, port))
             }
+            tuple.append(.nested(TupleAttr.proto.rawValue, proto))
         }
         guard !flags.isEmpty else { return [] }
-        var tuple: [UInt8] = []
-        if !ipNest.isEmpty { tuple += attribute(TupleAttr.ip.rawValue | nested, ipNest) }
-        if !protoNest.isEmpty { tuple += attribute(TupleAttr.proto.rawValue | nested, protoNest) }
-        var out = attribute(Attr.tupleOrig.rawValue | nested, tuple)
-        out += attribute(Attr.filter.rawValue | nested,
-                         attribute(FilterAttr.origFlags.rawValue, hostBytes(flags.rawValue))
-                            + attribute(FilterAttr.replyFlags.rawValue, hostBytes(0)))
-        return out
+        return [
+            .nested(Attr.tupleOrig.rawValue, tuple),
+            .nested(Attr.filter.rawValue, [.u32(FilterAttr.origFlags.rawValue, flags.rawValue),
+                                           .u32(FilterAttr.replyFlags.rawValue, 0)]),
+        ].encoded()
     }
 
     /// A whole dump request: `nlmsghdr`, `nfgenmsg`, attributes.
     public static func dumpRequest(_ filter: DumpFilter, sequence: UInt32 = 0) -> [UInt8] {
-        message(type: msgGet, flags: flagRequest | flagDump, family: filter.family, sequence: sequence,
+        message(type: msgGet, flags: [.request, .dump], family: filter.family, sequence: sequence,
                 attributes: dumpAttributes(filter))
     }
 
@@ -143,53 +141,29 @@ public enum CTNetlink {
     public static func deleteRequest(_ flow: ConntrackFlow, sequence: UInt32 = 0) -> [UInt8] {
         let (src, dst) = (flow.original.source, flow.original.destination)
         let v4 = flow.family == .ipv4
-        let ip = attribute((v4 ? IPAttr.v4Src : IPAttr.v6Src).rawValue, src.ip.bytes)
-            + attribute((v4 ? IPAttr.v4Dst : IPAttr.v6Dst).rawValue, dst.ip.bytes)
-        let proto = attribute(ProtoAttr.num.rawValue, [flow.protocolNumber])
-            + attribute(ProtoAttr.srcPort.rawValue, networkBytes16(src.port))
-            + attribute(ProtoAttr.dstPort.rawValue, networkBytes16(dst.port))
-        var attrs = attribute(Attr.tupleOrig.rawValue | nested,
-                              attribute(TupleAttr.ip.rawValue | nested, ip) + attribute(TupleAttr.proto.rawValue | nested, proto))
-        if flow.id != 0 {
-            attrs += attribute(Attr.id.rawValue, [UInt8(flow.id >> 24), UInt8(flow.id >> 16 & 0xff),
-                                                  UInt8(flow.id >> 8 & 0xff), UInt8(flow.id & 0xff)])
-        }
-        if flow.zone != 0 { attrs += attribute(Attr.zone.rawValue, networkBytes16(flow.zone)) }
-        return message(type: msgDelete, flags: flagRequest | flagAck, family: flow.family, sequence: sequence, attributes: attrs)
+        let ip: [NetlinkAttribute] = [
+            .bytes((v4 ? IPAttr.v4Src : IPAttr.v6Src).rawValue, src.ip.bytes),
+            .bytes((v4 ? IPAttr.v4Dst : IPAttr.v6Dst).rawValue, dst.ip.bytes),
+        ]
+        let proto: [NetlinkAttribute] = [
+            .u8(ProtoAttr.num.rawValue, flow.protocolNumber),
+            .be16(ProtoAttr.srcPort.rawValue, src.port),
+            .be16(ProtoAttr.dstPort.rawValue, dst.port),
+        ]
+        var attrs: [NetlinkAttribute] = [
+            .nested(Attr.tupleOrig.rawValue, [.nested(TupleAttr.ip.rawValue, ip), .nested(TupleAttr.proto.rawValue, proto)]),
+        ]
+        if flow.id != 0 { attrs.append(.be32(Attr.id.rawValue, flow.id)) }
+        if flow.zone != 0 { attrs.append(.be16(Attr.zone.rawValue, flow.zone)) }
+        return message(type: msgDelete, flags: [.request, .ack], family: flow.family, sequence: sequence, attributes: attrs.encoded())
     }
 
-    /// `nlmsghdr`, `nfgenmsg`, then `attributes`.
-    static func message(type: UInt16, flags: UInt16, family: IPFamily, sequence: UInt32, attributes: [UInt8]) -> [UInt8] {
-        let length = UInt32(16 + 4 + attributes.count)
-        var out: [UInt8] = []
-        out.reserveCapacity(Int(length))
-        out += hostBytes(length)
-        out += hostBytes16(subsystem << 8 | type)
-        out += hostBytes16(flags)
-        out += hostBytes(sequence)
-        out += hostBytes(0) // nlmsg_pid: the kernel
-        out.append(family == .ipv4 ? 2 : 10) // nfgen_family: AF_INET / AF_INET6
-        out.append(0) // version: NFNETLINK_V0
-        out += [0, 0] // res_id
-        out += attributes
-        return out
+    /// `nlmsghdr` (port id 0: the kernel), `nfgenmsg` (`NFNETLINK_V0`, resource id 0), then
+    /// `attributes`, already encoded.
+    static func message(type: UInt16, flags: NetlinkMessageFlags, family: IPFamily, sequence: UInt32, attributes: [UInt8]) -> [UInt8] {
+        let nfgenmsg: [UInt8] = [family == .ipv4 ? 2 : 10, 0, 0, 0]  // AF_INET / AF_INET6, version, res_id
+        return NetlinkMessage(type: subsystem << 8 | type, flags: flags, sequence: sequence, payload: nfgenmsg + attributes).encoded()
     }
-
-    static func networkBytes16(_ v: UInt16) -> [UInt8] { [UInt8(v >> 8), UInt8(v & 0xff)] }
-
-    /// One netlink attribute: `nla_len`, `nla_type`, payload, padding to 4 bytes.
-    static func attribute(_ type: UInt16, _ payload: [UInt8]) -> [UInt8] {
-        let len = UInt16(4 + payload.count)
-        var out = hostBytes16(len) + hostBytes16(type) + payload
-        while out.count % 4 != 0 { out.append(0) }
-        return out
-    }
-
-    /// Netlink headers and integer attributes are in host byte order (addresses and ports are
-    /// in network order, as on the wire).
-    static func hostBytes(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }
-
-    static func hostBytes16(_ v: UInt16) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }
 }
 
 extension DumpFilter {

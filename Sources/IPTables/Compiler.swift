@@ -2,6 +2,7 @@
 // The iptables compiler: a pure function from the per-node model to iptables-restore input,
 // matching kube-proxy v1.31's syncProxyRules rule for rule.
 
+import ChainHashing
 import SluiceCore
 
 /// Settings the iptables compiler needs beyond the model.

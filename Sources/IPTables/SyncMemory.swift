@@ -3,6 +3,7 @@
 // the compile memory (chain names and every service port's top-level rules and chains) and
 // the top-level chains as the last restore left them (so unchanged ones are not rewritten).
 
+import ChainHashing
 import SluiceCore
 
 /// A service port's chain names: kube-proxy's SHA-256 based names, worked out once.

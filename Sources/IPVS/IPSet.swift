@@ -1,108 +1,13 @@
 // Sluice: a per-node Kubernetes service proxy.
-// ipset over nfnetlink (NFNL_SUBSYS_IPSET, protocol 7), in pure Swift: kube-proxy's sets,
-// their entries, the messages, and a client that lists, creates, adds, deletes, destroys.
-// Constants mirror include/uapi/linux/netfilter/ipset/ip_set.h and nfnetlink.h.
+// ipset through libipset (the library the `ipset` command is built on; module CIPSet): kube-proxy's
+// sets, their entries, and a client that lists, creates, adds, deletes, flushes, swaps and
+// destroys them through one libipset session, with `ipset restore`'s batching.
 
+import CIPSet
+import Glibc
 import Netlink
 import SluiceCore
-
-/// The nfnetlink subsystem of ipset. The corresponding C constant is `NFNL_SUBSYS_IPSET`.
-public let ipsetSubsystem: UInt16 = 6
-/// The protocol version Sluice speaks. The corresponding C constant is `IPSET_PROTOCOL`.
-public let ipsetProtocolVersion: UInt8 = 7
-
-/// ipset commands (`enum ipset_cmd`), the low byte of `nlmsg_type`.
-public enum IPSetCommand: UInt8, Sendable {
-    /// The corresponding C constant is `IPSET_CMD_PROTOCOL`.
-    case protocolVersion = 1
-    /// The corresponding C constant is `IPSET_CMD_CREATE`.
-    case create = 2
-    /// The corresponding C constant is `IPSET_CMD_DESTROY`.
-    case destroy = 3
-    /// The corresponding C constant is `IPSET_CMD_FLUSH`.
-    case flush = 4
-    /// The corresponding C constant is `IPSET_CMD_LIST`.
-    case list = 7
-    /// The corresponding C constant is `IPSET_CMD_ADD`.
-    case add = 9
-    /// The corresponding C constant is `IPSET_CMD_DEL`.
-    case delete = 10
-    /// The corresponding C constant is `IPSET_CMD_TEST`.
-    case test = 11
-    /// The corresponding C constant is `IPSET_CMD_TYPE`.
-    case type = 13
-
-    /// The C name.
-    public var cName: String {
-        switch self {
-        case .protocolVersion: return "IPSET_CMD_PROTOCOL"
-        case .create: return "IPSET_CMD_CREATE"
-        case .destroy: return "IPSET_CMD_DESTROY"
-        case .flush: return "IPSET_CMD_FLUSH"
-        case .list: return "IPSET_CMD_LIST"
-        case .add: return "IPSET_CMD_ADD"
-        case .delete: return "IPSET_CMD_DEL"
-        case .test: return "IPSET_CMD_TEST"
-        case .type: return "IPSET_CMD_TYPE"
-        }
-    }
-}
-
-/// Command-level attributes (`IPSET_ATTR_*`).
-public enum IPSetAttribute {
-    /// u8. The corresponding C constant is `IPSET_ATTR_PROTOCOL`.
-    public static let proto: UInt16 = 1
-    /// The corresponding C constant is `IPSET_ATTR_SETNAME`.
-    public static let setName: UInt16 = 2
-    /// The corresponding C constant is `IPSET_ATTR_TYPENAME`.
-    public static let typeName: UInt16 = 3
-    /// u8. The corresponding C constant is `IPSET_ATTR_REVISION`.
-    public static let revision: UInt16 = 4
-    /// u8 `NFPROTO_*`. The corresponding C constant is `IPSET_ATTR_FAMILY`.
-    public static let family: UInt16 = 5
-    /// The corresponding C constant is `IPSET_ATTR_FLAGS`.
-    public static let flags: UInt16 = 6
-    /// Nested data. The corresponding C constant is `IPSET_ATTR_DATA`.
-    public static let data: UInt16 = 7
-    /// Nested list of `IPSET_ATTR_DATA`. The corresponding C constant is `IPSET_ATTR_ADT`.
-    public static let adt: UInt16 = 8
-    /// u32 line number; the kernel requires it with `IPSET_ATTR_ADT`. The corresponding C constant is `IPSET_ATTR_LINENO`.
-    public static let lineNumber: UInt16 = 9
-    /// u8 minimum revision in `IPSET_CMD_TYPE` replies. The corresponding C constant is `IPSET_ATTR_REVISION_MIN`.
-    public static let revisionMin: UInt16 = 10
-}
-
-/// Data attributes (inside `IPSET_ATTR_DATA`): CADT, create-specific and ADT-specific.
-public enum IPSetDataAttribute {
-    /// Nested address. The corresponding C constant is `IPSET_ATTR_IP`.
-    public static let ip: UInt16 = 1
-    /// u8. The corresponding C constant is `IPSET_ATTR_CIDR`.
-    public static let cidr: UInt16 = 3
-    /// be16. The corresponding C constant is `IPSET_ATTR_PORT`.
-    public static let port: UInt16 = 4
-    /// be16. The corresponding C constant is `IPSET_ATTR_PORT_TO`.
-    public static let portTo: UInt16 = 5
-    /// u8 IP protocol. The corresponding C constant is `IPSET_ATTR_PROTO`.
-    public static let proto: UInt16 = 7
-    /// be32. The corresponding C constant is `IPSET_ATTR_HASHSIZE`.
-    public static let hashSize: UInt16 = 18
-    /// be32. The corresponding C constant is `IPSET_ATTR_MAXELEM`.
-    public static let maxElements: UInt16 = 19
-    /// be32 (reply). The corresponding C constant is `IPSET_ATTR_REFERENCES`.
-    public static let references: UInt16 = 25
-    /// Nested second address. The corresponding C constant is `IPSET_ATTR_IP2`.
-    public static let ip2: UInt16 = 20
-    /// u8. The corresponding C constant is `IPSET_ATTR_CIDR2`.
-    public static let cidr2: UInt16 = 21
-}
-
-/// Address attributes inside `IPSET_ATTR_IP` / `IPSET_ATTR_IP2`.
-public enum IPSetAddressAttribute {
-    /// 4 bytes, network order. The corresponding C constant is `IPSET_ATTR_IPADDR_IPV4`.
-    public static let ipv4: UInt16 = 1
-    /// 16 bytes. The corresponding C constant is `IPSET_ATTR_IPADDR_IPV6`.
-    public static let ipv6: UInt16 = 2
-}
+import Synchronization
 
 /// The set types kube-proxy uses.
 public enum IPSetType: String, Hashable, Sendable, CaseIterable {
@@ -280,167 +185,8 @@ public struct IPSetInfo: Hashable, Sendable {
     }
 }
 
-/// Builds and parses ipset messages.
-public enum IPSetMessages {
-    /// The NFPROTO family number for a definition: 2 or 10 for hash types, 0 (unspecified) for bitmap:port.
-    static func nfproto(_ d: IPSetDefinition) -> UInt8 {
-        d.type.isHash ? (d.family == .ipv4 ? 2 : 10) : 0
-    }
-
-    private static func request(_ cmd: IPSetCommand, _ attrs: [NetlinkAttribute], flags: NetlinkMessageFlags, detail: String) -> NetlinkRequest {
-        // struct nfgenmsg: family AF_INET (libipset always sends it), version NFNETLINK_V0, res_id 0.
-        let payload: [UInt8] = [2, 0, 0, 0] + ([NetlinkAttribute.u8(IPSetAttribute.proto, ipsetProtocolVersion)] + attrs).encoded()
-        return NetlinkRequest(type: ipsetSubsystem << 8 | UInt16(cmd.rawValue), flags: flags, payload: payload,
-                              operation: detail.isEmpty ? cmd.cName : "\(cmd.cName) \(detail)")
-    }
-
-    /// `IPSET_CMD_TYPE`: ask which revisions of a type the kernel has.
-    public static func type(_ type: IPSetType, family: UInt8) -> NetlinkRequest {
-        request(.type, [.string(IPSetAttribute.typeName, type.rawValue), .u8(IPSetAttribute.family, family)],
-                flags: [.request, .ack], detail: type.rawValue)
-    }
-
-    /// `IPSET_CMD_CREATE` with kube-proxy's options, without `NLM_F_EXCL` (like `-exist`).
-    public static func create(_ d: IPSetDefinition, revision: UInt8) -> NetlinkRequest {
-        var data: [NetlinkAttribute]
-        if d.type.isHash {
-            data = [
-                .be32(IPSetDataAttribute.hashSize, IPSetDefinition.hashSize, flagged: true),
-                .be32(IPSetDataAttribute.maxElements, IPSetDefinition.maxElements, flagged: true),
-            ]
-        } else {
-            data = [.be16(IPSetDataAttribute.port, 0, flagged: true), .be16(IPSetDataAttribute.portTo, 65535, flagged: true)]
-        }
-        return request(.create, [
-            .string(IPSetAttribute.setName, d.name),
-            .string(IPSetAttribute.typeName, d.type.rawValue),
-            .u8(IPSetAttribute.revision, revision),
-            .u8(IPSetAttribute.family, nfproto(d)),
-            .nested(IPSetAttribute.data, data),
-        ], flags: [.request, .ack, .create], detail: "\(d.name) \(d.type.rawValue)")
-    }
-
-    /// `IPSET_CMD_DESTROY`.
-    public static func destroy(_ name: String) -> NetlinkRequest {
-        request(.destroy, [.string(IPSetAttribute.setName, name)], flags: [.request, .ack], detail: name)
-    }
-
-    /// `IPSET_CMD_FLUSH`.
-    public static func flush(_ name: String) -> NetlinkRequest {
-        request(.flush, [.string(IPSetAttribute.setName, name)], flags: [.request, .ack], detail: name)
-    }
-
-    /// `IPSET_CMD_LIST` dump of one set, or of every set when `name` is nil.
-    public static func list(_ name: String?) -> NetlinkRequest {
-        request(.list, name.map { [.string(IPSetAttribute.setName, $0)] } ?? [], flags: [.request, .ack, .dump], detail: name ?? "")
-    }
-
-    static func address(_ type: UInt16, _ ip: IPAddress) -> NetlinkAttribute {
-        .nested(type, [.bytes(ip.family == .ipv4 ? IPSetAddressAttribute.ipv4 : IPSetAddressAttribute.ipv6, ip.bytes, flagged: true)])
-    }
-
-    /// The `IPSET_ATTR_DATA` nest of one entry.
-    public static func entryData(_ e: IPSetEntry) -> NetlinkAttribute {
-        var a: [NetlinkAttribute] = []
-        if let ip = e.ip { a.append(address(IPSetDataAttribute.ip, ip)) }
-        if let port = e.port { a.append(.be16(IPSetDataAttribute.port, port, flagged: true)) }
-        if let proto = e.proto { a.append(.u8(IPSetDataAttribute.proto, proto.protocolNumber)) }
-        if let ip2 = e.ip2 { a.append(address(IPSetDataAttribute.ip2, ip2)) }
-        if let net = e.net {
-            a.append(address(IPSetDataAttribute.ip2, net.address))
-            a.append(.u8(IPSetDataAttribute.cidr2, UInt8(net.prefixLength)))
-        }
-        return .nested(IPSetAttribute.data, a)
-    }
-
-    /// `IPSET_CMD_ADD` of several entries in one `IPSET_ATTR_ADT` list (which the kernel
-    /// accepts only with an `IPSET_ATTR_LINENO`), without `NLM_F_EXCL` (an entry already
-    /// present is not an error).
-    public static func add(_ name: String, _ entries: [IPSetEntry]) -> NetlinkRequest {
-        request(.add, [.string(IPSetAttribute.setName, name), .u32(IPSetAttribute.lineNumber, 0),
-                       .nested(IPSetAttribute.adt, entries.map(entryData))],
-                flags: [.request, .ack], detail: "\(name) \(entries.count == 1 ? entries[0].description : "\(entries.count) entries")")
-    }
-
-    /// `IPSET_CMD_DEL` of several entries, without `NLM_F_EXCL` (a missing entry is not an error).
-    public static func delete(_ name: String, _ entries: [IPSetEntry]) -> NetlinkRequest {
-        request(.delete, [.string(IPSetAttribute.setName, name), .u32(IPSetAttribute.lineNumber, 0),
-                          .nested(IPSetAttribute.adt, entries.map(entryData))],
-                flags: [.request, .ack], detail: "\(name) \(entries.count == 1 ? entries[0].description : "\(entries.count) entries")")
-    }
-
-    static func parseAddress(_ a: NetlinkAttributes?) throws(NetlinkDecodeError) -> IPAddress? {
-        guard let a else { return nil }
-        if let b = a.bytes(IPSetAddressAttribute.ipv4) { return IPAddress(family: .ipv4, bytes: b) }
-        if let b = a.bytes(IPSetAddressAttribute.ipv6) { return IPAddress(family: .ipv6, bytes: b) }
-        return nil
-    }
-
-    /// Parses one entry's `IPSET_ATTR_DATA` nest.
-    public static func parseEntry(_ d: NetlinkAttributes) throws(NetlinkDecodeError) -> IPSetEntry {
-        var e = IPSetEntry()
-        e.ip = try parseAddress(try d.nested(IPSetDataAttribute.ip))
-        e.port = try d.be16(IPSetDataAttribute.port)
-        if let p = try d.u8(IPSetDataAttribute.proto) { e.proto = TransportProtocol(protocolNumber: Int(p)) }
-        let second = try parseAddress(try d.nested(IPSetDataAttribute.ip2))
-        if let cidr = try d.u8(IPSetDataAttribute.cidr2), let second {
-            e.net = CIDR(second.description + "/\(cidr)")
-        } else {
-            e.ip2 = second
-        }
-        return e
-    }
-
-    /// Parses the messages of an `IPSET_CMD_LIST` dump; a set spread over several messages
-    /// is merged.
-    public static func parseList(_ messages: [NetlinkMessage]) throws(NetlinkDecodeError) -> [IPSetInfo] {
-        var order: [String] = []
-        var sets: [String: IPSetInfo] = [:]
-        for m in messages where m.type == ipsetSubsystem << 8 | UInt16(IPSetCommand.list.rawValue) {
-            guard m.payload.count >= 4 else { throw NetlinkDecodeError("ipset reply without nfgenmsg") }
-            let a = try NetlinkAttributes(parsing: Array(m.payload[4...]))
-            guard let name = try a.string(IPSetAttribute.setName) else { continue }
-            if sets[name] == nil {
-                order.append(name)
-                sets[name] = IPSetInfo(name: name, typeName: try a.string(IPSetAttribute.typeName) ?? "",
-                                       revision: try a.u8(IPSetAttribute.revision) ?? 0,
-                                       family: try a.u8(IPSetAttribute.family) ?? 0, entries: [])
-            }
-            if let adt = try a.nested(IPSetAttribute.adt) {
-                for item in adt.every(IPSetAttribute.data) {
-                    sets[name]?.entries.append(try parseEntry(try NetlinkAttributes(parsing: item.payload)))
-                }
-            }
-        }
-        return order.compactMap { sets[$0] }
-    }
-
-    /// Parses an `IPSET_CMD_TYPE` reply: (maximum revision, minimum revision).
-    public static func parseType(_ m: NetlinkMessage) throws(NetlinkDecodeError) -> (max: UInt8, min: UInt8) {
-        guard m.payload.count >= 4 else { throw NetlinkDecodeError("ipset reply without nfgenmsg") }
-        let a = try NetlinkAttributes(parsing: Array(m.payload[4...]))
-        guard let max = try a.u8(IPSetAttribute.revision) else { throw NetlinkDecodeError("IPSET_CMD_TYPE reply without IPSET_ATTR_REVISION") }
-        return (max, try a.u8(IPSetAttribute.revisionMin) ?? max)
-    }
-}
-
-/// ipset's own error numbers (4096 and up) spelled out.
-public func ipsetErrorText(_ errno: Errno) -> String? {
-    switch errno.rawValue {
-    case 4097: return "kernel/userspace protocol mismatch (IPSET_ERR_PROTOCOL)"
-    case 4098: return "set type not supported by the kernel (IPSET_ERR_FIND_TYPE)"
-    case 4099: return "too many sets (IPSET_ERR_MAX_SETS)"
-    case 4100: return "set in use (IPSET_ERR_BUSY)"
-    case 4101: return "second set missing (IPSET_ERR_EXIST_SETNAME2)"
-    case 4102: return "set types differ (IPSET_ERR_TYPE_MISMATCH)"
-    case 4103: return "set with the same name and different type exists (IPSET_ERR_EXIST)"
-    case 4108: return "set referenced by iptables (IPSET_ERR_REFERENCED)"
-    default: return nil
-    }
-}
-
-/// The kernel's ipsets, as the backend needs them. The real one speaks nfnetlink; tests use
-/// an in-memory fake.
+/// The kernel's ipsets, as the backend needs them. The real one is libipset's session
+/// (`NetfilterIPSetClient`); tests use an in-memory fake.
 public protocol IPSetClient: Sendable {
     /// Every set whose name is in `names`, with members (absent sets are left out).
     func list(_ names: Set<String>) async throws -> [IPSetInfo]
@@ -452,95 +198,426 @@ public protocol IPSetClient: Sendable {
     func destroy(_ names: [String]) async throws
 }
 
-/// `IPSetClient` over nfnetlink.
+extension IPSetEntry {
+    /// Reads a member as libipset lists it (`ipset list`, `ipset save`) for a set of `type`:
+    /// the forms `description` writes; a `hash:ip,port,net` member printed without a prefix
+    /// length is a host network (`/32`, `/128`), as the kernel stores it.
+    public init?(listed text: Substring, type: IPSetType) {
+        // A listing holds tens of thousands of members: dotted quads and the three protocol
+        // names are read without building strings.
+        func ip(_ t: Substring) -> IPAddress? {
+            if let v4 = IPSetEntry.dottedQuad(t.utf8) { return .v4(v4) }
+            return IPAddress(String(t))
+        }
+        func protoPort(_ t: Substring) -> (TransportProtocol, UInt16)? {
+            guard let colon = t.firstIndex(of: ":"), let port = UInt16(t[t.index(after: colon)...]) else { return nil }
+            switch t[..<colon] {
+            case "tcp": return (.tcp, port)
+            case "udp": return (.udp, port)
+            case "sctp": return (.sctp, port)
+            default: return nil
+            }
+        }
+        let fields = text.split(separator: ",", omittingEmptySubsequences: false)
+        switch type {
+        case .bitmapPort:
+            guard fields.count == 1, let port = UInt16(fields[0]) else { return nil }
+            self.init(port: port)
+        case .hashIP:
+            guard fields.count == 1, let a = ip(fields[0]) else { return nil }
+            self.init(ip: a)
+        case .hashIPPort:
+            guard fields.count == 2, let a = ip(fields[0]), let (proto, port) = protoPort(fields[1]) else { return nil }
+            self.init(ip: a, proto: proto, port: port)
+        case .hashIPPortIP:
+            guard fields.count == 3, let a = ip(fields[0]), let (proto, port) = protoPort(fields[1]),
+                  let b = ip(fields[2]) else { return nil }
+            self.init(ip: a, proto: proto, port: port, ip2: b)
+        case .hashIPPortNet:
+            guard fields.count == 3, let a = ip(fields[0]), let (proto, port) = protoPort(fields[1]) else { return nil }
+            let net: CIDR?
+            if fields[2].contains("/") {
+                net = CIDR(String(fields[2]))
+            } else {
+                net = ip(fields[2]).flatMap { CIDR("\($0)/\($0.family == .ipv4 ? 32 : 128)") }
+            }
+            guard let net else { return nil }
+            self.init(ip: a, proto: proto, port: port, net: net)
+        }
+    }
+}
+
+extension IPSetEntry {
+    /// `a.b.c.d` (no leading sign, 1 to 3 digits per octet, each at most 255) as a host-order
+    /// `UInt32`; nil for anything else (IPv6 included).
+    static func dottedQuad(_ text: Substring.UTF8View) -> UInt32? {
+        var value: UInt32 = 0
+        var octet: UInt32 = 0
+        var digits = 0
+        var dots = 0
+        for b in text {
+            if b >= 0x30 && b <= 0x39 {
+                octet = octet * 10 + UInt32(b - 0x30)
+                digits += 1
+                if digits > 3 || octet > 255 { return nil }
+            } else if b == 0x2e {
+                guard digits > 0, dots < 3 else { return nil }
+                value = value << 8 | octet
+                (octet, digits, dots) = (0, 0, dots + 1)
+            } else {
+                return nil
+            }
+        }
+        guard dots == 3, digits > 0 else { return nil }
+        return value << 8 | octet
+    }
+}
+
+/// Reads `ipset list` output (libipset's plain listing): the sets whose name is in `names`,
+/// with their members; other sets are skipped unread.
+/// - Throws: `IPSetError` (operation `.list`) naming the first line it cannot read.
+public func parseIPSetListing(_ text: String, names: Set<String>) throws(IPSetError) -> [IPSetInfo] {
+    var out: [IPSetInfo] = []
+    var current: IPSetInfo?
+    var type: IPSetType?
+    var inMembers = false
+    func finish() {
+        if let c = current { out.append(c) }
+        current = nil
+        type = nil
+        inMembers = false
+    }
+    for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
+        if line.hasPrefix("Name: ") {
+            finish()
+            let name = String(line.dropFirst(6))
+            if names.contains(name) { current = IPSetInfo(name: name, typeName: "", revision: 0, family: 0, entries: []) }
+            continue
+        }
+        guard current != nil else { continue }
+        if inMembers {
+            if line.isEmpty {
+                finish()
+                continue
+            }
+            guard let type, let e = IPSetEntry(listed: line, type: type) else {
+                throw IPSetError(operation: .list, set: current?.name, message: "cannot read the member \"\(line)\"")
+            }
+            current?.entries.append(e)
+        } else if line.hasPrefix("Type: ") {
+            current?.typeName = String(line.dropFirst(6))
+            type = IPSetType(rawValue: current?.typeName ?? "")
+        } else if line.hasPrefix("Revision: ") {
+            current?.revision = UInt8(line.dropFirst(10)) ?? 0
+        } else if line.hasPrefix("Header: ") {
+            let words = line.split(separator: " ")
+            if let i = words.firstIndex(of: "family"), i + 1 < words.count {
+                current?.family = words[i + 1] == "inet6" ? 10 : words[i + 1] == "inet" ? 2 : 0
+            }
+        } else if line == "Members:" {
+            guard type != nil else {
+                throw IPSetError(operation: .list, set: current?.name, message: "set type \"\(current?.typeName ?? "")\" is not one Sluice uses")
+            }
+            inMembers = true
+        }
+    }
+    finish()
+    return out
+}
+
+/// A libipset call that failed.
+public struct IPSetError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What was being done.
+    public enum Operation: String, Sendable, Hashable {
+        case session, type, create, destroy, flush, swap, list, add, delete
+    }
+    /// What was being done.
+    public var operation: Operation
+    /// The set concerned (for a swap, "A B"), when there is one.
+    public var set: String?
+    /// The member whose line libipset reported, when it names one.
+    public var entry: String?
+    /// libipset's own report: its text for the kernel's answer (libipset keeps the kernel's
+    /// error number to itself) or for a request it refused to build.
+    public var message: String
+    /// The system error libipset left in `errno` (opening the netlink socket, sending), if any.
+    public var errno: Errno?
+
+    /// Creates an error.
+    public init(operation: Operation, set: String? = nil, entry: String? = nil, message: String, errno: Errno? = nil) {
+        self.operation = operation
+        self.set = set
+        self.entry = entry
+        self.message = message
+        self.errno = errno
+    }
+
+    public var description: String {
+        var out = "ipset \(operation.rawValue)"
+        if let set { out += " \(set)" }
+        if let entry { out += " \(entry)" }
+        out += ": \(message)"
+        if let errno { out += " (\(errno))" }
+        return out
+    }
+}
+
+/// libipset keeps process-wide state (its table of set types and its cache of set names and
+/// types), so its calls are made one at a time, whatever the session.
+private let libipsetLock = Mutex<Void>(())
+/// `ipset_load_types`, once per process.
+private let libipsetTypesLoaded: Void = ipset_load_types()
+
+/// One libipset session (`struct ipset_session`): its data, its netlink socket (opened on the
+/// first command) and its output. Not thread-safe; `NetfilterIPSetClient` owns it and calls it
+/// under `libipsetLock`.
+final class LibIPSetSession {
+    private let session: OpaquePointer
+    private let output: UnsafeMutablePointer<sluice_ipset_output>
+
+    init() throws(IPSetError) {
+        _ = libipsetTypesLoaded
+        output = .allocate(capacity: 1)
+        output.initialize(to: sluice_ipset_output(bytes: nil, count: 0, capacity: 0, failed: 0))
+        Glibc.errno = 0
+        guard let s = sluice_ipset_session_init(output) else {
+            let e = Glibc.errno
+            output.deallocate()
+            throw IPSetError(operation: .session, message: "cannot start an ipset session", errno: e == 0 ? nil : Errno(rawValue: e))
+        }
+        session = s
+        // -exist: creating a set that exists with the same type, adding a member present,
+        // deleting one absent and destroying a missing set are not errors.
+        ipset_envopt_set(session, IPSET_ENV_EXIST)
+    }
+
+    deinit {
+        ipset_session_fini(session)
+        free(output.pointee.bytes)
+        output.deallocate()
+    }
+
+    private var data: OpaquePointer { ipset_session_data(session) }
+
+    /// The error of the call that just failed, with libipset's report, and the report cleared.
+    private func failure(_ op: IPSetError.Operation, _ set: String?, entry: String? = nil) -> IPSetError {
+        let e = Glibc.errno
+        var message = ipset_session_report_msg(session).map { String(cString: $0) } ?? ""
+        while message.last?.isNewline == true { message.removeLast() }
+        if message.isEmpty { message = "libipset failed without a report" }
+        ipset_session_report_reset(session)
+        ipset_data_reset(data)
+        return IPSetError(operation: op, set: set, entry: entry, message: message, errno: e == 0 ? nil : Errno(rawValue: e))
+    }
+
+    private func set(_ opt: ipset_opt, _ text: String) -> Bool {
+        text.withCString { ipset_data_set(data, opt, $0) } == 0
+    }
+
+    private func set<T>(_ opt: ipset_opt, value: T) -> Bool {
+        withUnsafePointer(to: value) { ipset_data_set(data, opt, $0) } == 0
+    }
+
+    private func set(_ opt: ipset_opt, address: IPAddress) -> Bool {
+        var a = nf_inet_addr()
+        withUnsafeMutableBytes(of: &a) { raw in
+            for (i, b) in address.bytes.enumerated() { raw[i] = b }
+        }
+        return withUnsafePointer(to: a) { ipset_data_set(data, opt, $0) } == 0
+    }
+
+    private static func nfproto(_ family: IPFamily) -> UInt8 {
+        UInt8(family == .ipv4 ? NFPROTO_IPV4 : NFPROTO_IPV6)
+    }
+
+    /// Runs one command that is not batched and commits it.
+    private func run(_ cmd: ipset_cmd, _ op: IPSetError.Operation, _ set: String?) throws(IPSetError) {
+        Glibc.errno = 0
+        guard ipset_cmd(session, cmd, 0) == 0 else { throw failure(op, set) }
+        ipset_session_report_reset(session)
+    }
+
+    /// The type libipset would create for `type` in `family` (the highest revision both it
+    /// and the kernel have); asks the kernel.
+    func type(_ type: IPSetType, family: IPFamily?) throws(IPSetError) -> UnsafePointer<ipset_type> {
+        ipset_data_reset(data)
+        Glibc.errno = 0
+        guard set(IPSET_OPT_TYPENAME, type.rawValue) else { throw failure(.type, nil) }
+        if let family, !set(IPSET_OPT_FAMILY, value: Self.nfproto(family)) { throw failure(.type, nil) }
+        guard let t = ipset_type_get(session, IPSET_CMD_CREATE) else { throw failure(.type, nil, entry: type.rawValue) }
+        return t
+    }
+
+    func create(_ d: IPSetDefinition) throws(IPSetError) {
+        let t = try type(d.type, family: d.type.isHash ? d.family : nil)
+        guard set(IPSET_SETNAME, d.name), ipset_data_set(data, IPSET_OPT_TYPE, UnsafeRawPointer(t)) == 0 else {
+            throw failure(.create, d.name)
+        }
+        let ok = d.type.isHash
+            ? set(IPSET_OPT_HASHSIZE, value: IPSetDefinition.hashSize) && set(IPSET_OPT_MAXELEM, value: IPSetDefinition.maxElements)
+            : set(IPSET_OPT_PORT_FROM, value: UInt16(0)) && set(IPSET_OPT_PORT_TO, value: UInt16(65535))
+        guard ok else { throw failure(.create, d.name) }
+        try run(IPSET_CMD_CREATE, .create, d.name)
+    }
+
+    /// Destroys, flushes: one set by name (never the empty name, which means every set).
+    func named(_ cmd: ipset_cmd, _ op: IPSetError.Operation, _ name: String) throws(IPSetError) {
+        guard !name.isEmpty else { throw IPSetError(operation: op, message: "empty set name") }
+        ipset_data_reset(data)
+        guard set(IPSET_SETNAME, name) else { throw failure(op, name) }
+        try run(cmd, op, name)
+    }
+
+    func swap(_ a: String, _ b: String) throws(IPSetError) {
+        guard !a.isEmpty, !b.isEmpty else { throw IPSetError(operation: .swap, message: "empty set name") }
+        ipset_data_reset(data)
+        guard set(IPSET_SETNAME, a), set(IPSET_OPT_SETNAME2, b) else { throw failure(.swap, "\(a) \(b)") }
+        try run(IPSET_CMD_SWAP, .swap, "\(a) \(b)")
+    }
+
+    /// Adds and deletes members as `ipset restore` does: each member is one numbered line,
+    /// consecutive lines of one command on one set go to the kernel in one message (libipset
+    /// sends when its buffer is full or the command or set changes), and the rest is
+    /// committed at the end. Per set, deletions come before additions.
+    func update(_ changes: [(set: String, add: [IPSetEntry], delete: [IPSetEntry])]) throws(IPSetError) {
+        var lines: [(cmd: IPSetError.Operation, set: String, entry: IPSetEntry)] = []
+        lines.reserveCapacity(changes.reduce(0) { $0 + $1.add.count + $1.delete.count })
+        func failed(_ op: IPSetError.Operation, _ set: String, _ entry: IPSetEntry) -> IPSetError {
+            var e = failure(op, set, entry: entry.description)
+            // "Error in line N: ..." names an earlier line when the failing message was sent
+            // by a later command.
+            if e.message.hasPrefix("Error in line "),
+               let n = Int(e.message.dropFirst(14).prefix { $0.isNumber }), n >= 1, n <= lines.count {
+                (e.operation, e.set, e.entry) = (lines[n - 1].cmd, lines[n - 1].set, lines[n - 1].entry.description)
+            }
+            return e
+        }
+        Glibc.errno = 0
+        for c in changes {
+            for (op, entries) in [(IPSetError.Operation.delete, c.delete), (.add, c.add)] where !entries.isEmpty {
+                let cmd = op == .add ? IPSET_CMD_ADD : IPSET_CMD_DEL
+                for entry in entries {
+                    lines.append((op, c.set, entry))
+                    guard set(IPSET_SETNAME, c.set) else { throw failed(op, c.set, entry) }
+                    guard let t = ipset_type_get(session, cmd), ipset_data_set(data, IPSET_OPT_TYPE, UnsafeRawPointer(t)) == 0,
+                          fill(entry) else { throw failed(op, c.set, entry) }
+                    guard ipset_cmd(session, cmd, UInt32(lines.count)) == 0 else { throw failed(op, c.set, entry) }
+                }
+            }
+        }
+        guard let last = lines.last else { return }
+        guard ipset_commit(session) == 0 else { throw failed(last.cmd, last.set, last.entry) }
+        ipset_session_report_reset(session)
+    }
+
+    /// Puts one member into the session's data: the address family first (libipset reads
+    /// addresses by it), then the fields the set type has.
+    private func fill(_ e: IPSetEntry) -> Bool {
+        if let family = (e.ip ?? e.ip2 ?? e.net?.address)?.family {
+            guard set(IPSET_OPT_FAMILY, value: Self.nfproto(family)) else { return false }
+        }
+        if let ip = e.ip, !set(IPSET_OPT_IP, address: ip) { return false }
+        if let port = e.port, !set(IPSET_OPT_PORT, value: port) { return false }
+        if let proto = e.proto, !set(IPSET_OPT_PROTO, value: proto.protocolNumber) { return false }
+        if let ip2 = e.ip2, !set(IPSET_OPT_IP2, address: ip2) { return false }
+        if let net = e.net {
+            guard set(IPSET_OPT_IP2, address: net.address), set(IPSET_OPT_CIDR2, value: UInt8(net.prefixLength)) else { return false }
+        }
+        return true
+    }
+
+    /// `ipset list` of every set, as libipset prints it.
+    func listing() throws(IPSetError) -> String {
+        ipset_data_reset(data)
+        output.pointee.count = 0
+        output.pointee.failed = 0
+        guard ipset_session_output(session, IPSET_LIST_PLAIN) == 0 else { throw failure(.list, nil) }
+        try run(IPSET_CMD_LIST, .list, nil)
+        guard output.pointee.failed == 0 else { throw IPSetError(operation: .list, message: "cannot hold the listing", errno: Errno(rawValue: ENOMEM)) }
+        guard let bytes = output.pointee.bytes else { return "" }
+        return bytes.withMemoryRebound(to: UInt8.self, capacity: output.pointee.count) {
+            String(decoding: UnsafeBufferPointer(start: $0, count: output.pointee.count), as: UTF8.self)
+        }
+    }
+}
+
+/// `IPSetClient` through libipset: one session, opened when the client is made and opened
+/// again after a failure (libipset's state after an error is not reused).
 public actor NetfilterIPSetClient: IPSetClient {
-    /// The socket (or a scripted fake).
-    public let executor: any NetlinkExecutor
+    private var session: LibIPSetSession?
     private var revisions: [String: UInt8] = [:]
-    /// Entries per add/del message.
-    public static let entriesPerMessage = 256
 
-    /// Wraps an executor.
-    public init(executor: any NetlinkExecutor) { self.executor = executor }
+    /// Starts a libipset session (its netlink socket opens on the first command, in the
+    /// network namespace of the thread that sends it).
+    public init() throws(IPSetError) {
+        session = try LibIPSetSession()
+    }
 
-    /// Opens a `NETLINK_NETFILTER` socket.
+    /// Starts a libipset session.
     public static func connect() throws -> NetfilterIPSetClient {
-        NetfilterIPSetClient(executor: try NetlinkConnection(protocol: NetlinkProtocol.netfilter))
+        try NetfilterIPSetClient()
     }
 
-    private func annotate(_ e: NetlinkError) -> NetlinkError {
-        var e = e
-        if e.message == nil, let text = ipsetErrorText(e.errno) { e.message = text }
-        return e
-    }
-
-    public func list(_ names: Set<String>) async throws -> [IPSetInfo] {
-        let replies: [NetlinkMessage]
-        do {
-            replies = try await executor.execute(IPSetMessages.list(nil))
-        } catch let e as NetlinkError {
-            throw annotate(e)
-        }
-        do {
-            return try IPSetMessages.parseList(replies).filter { names.contains($0.name) }
-        } catch {
-            throw NetlinkError(errno: .badMessage, message: error.description, operation: "IPSET_CMD_LIST")
+    private func withSession<T: Sendable>(_ body: (LibIPSetSession) throws(IPSetError) -> T) throws(IPSetError) -> T {
+        try libipsetLock.withLock { (_: inout Void) throws(IPSetError) -> T in
+            let s: LibIPSetSession
+            if let existing = session {
+                s = existing
+            } else {
+                s = try LibIPSetSession()
+                session = s
+            }
+            do throws(IPSetError) {
+                return try body(s)
+            } catch {
+                session = nil
+                throw error
+            }
         }
     }
 
-    /// The highest revision of `type` this kernel has (asked once per type and family).
-    public func revision(of type: IPSetType, family: UInt8) async throws -> UInt8 {
+    public func list(_ names: Set<String>) throws -> [IPSetInfo] {
+        let text = try withSession { s throws(IPSetError) in try s.listing() }
+        return try parseIPSetListing(text, names: names)
+    }
+
+    /// The revision of `type` libipset creates on this kernel (the highest both have), asked
+    /// once per type and family; `family` is `NFPROTO_*` (2, 10, or 0 for bitmap:port).
+    public func revision(of type: IPSetType, family: UInt8) throws -> UInt8 {
         let key = "\(type.rawValue)/\(family)"
         if let r = revisions[key] { return r }
-        let replies: [NetlinkMessage]
-        do {
-            replies = try await executor.execute(IPSetMessages.type(type, family: family))
-        } catch let e as NetlinkError {
-            throw annotate(e)
-        }
-        guard let m = replies.first else {
-            throw NetlinkError(errno: .badMessage, message: "no reply", operation: "IPSET_CMD_TYPE \(type.rawValue)")
-        }
-        do {
-            let r = try IPSetMessages.parseType(m).max
-            revisions[key] = r
-            return r
-        } catch {
-            throw NetlinkError(errno: .badMessage, message: error.description, operation: "IPSET_CMD_TYPE \(type.rawValue)")
+        let f: IPFamily? = family == 10 ? .ipv6 : family == 2 ? .ipv4 : nil
+        let r = try withSession { s throws(IPSetError) in try s.type(type, family: f).pointee.revision }
+        revisions[key] = r
+        return r
+    }
+
+    public func create(_ sets: [IPSetDefinition]) throws {
+        try withSession { s throws(IPSetError) in
+            for d in sets { try s.create(d) }
         }
     }
 
-    public func create(_ sets: [IPSetDefinition]) async throws {
-        var requests: [NetlinkRequest] = []
-        for d in sets {
-            requests.append(IPSetMessages.create(d, revision: try await revision(of: d.type, family: IPSetMessages.nfproto(d))))
-        }
-        for r in try await executor.executeBatch(requests) {
-            if case .failure(let e) = r { throw annotate(e) }
+    public func update(_ changes: [(set: String, add: [IPSetEntry], delete: [IPSetEntry])]) throws {
+        guard changes.contains(where: { !$0.add.isEmpty || !$0.delete.isEmpty }) else { return }
+        try withSession { s throws(IPSetError) in try s.update(changes) }
+    }
+
+    public func destroy(_ names: [String]) throws {
+        try withSession { s throws(IPSetError) in
+            for n in names { try s.named(IPSET_CMD_DESTROY, .destroy, n) }
         }
     }
 
-    public func update(_ changes: [(set: String, add: [IPSetEntry], delete: [IPSetEntry])]) async throws {
-        var requests: [NetlinkRequest] = []
-        let n = NetfilterIPSetClient.entriesPerMessage
-        for c in changes {
-            for start in stride(from: 0, to: c.delete.count, by: n) {
-                requests.append(IPSetMessages.delete(c.set, Array(c.delete[start..<min(start + n, c.delete.count)])))
-            }
-            for start in stride(from: 0, to: c.add.count, by: n) {
-                requests.append(IPSetMessages.add(c.set, Array(c.add[start..<min(start + n, c.add.count)])))
-            }
-        }
-        guard !requests.isEmpty else { return }
-        for r in try await executor.executeBatch(requests) {
-            if case .failure(let e) = r { throw annotate(e) }
+    /// Removes every member of each set.
+    public func flush(_ names: [String]) throws {
+        try withSession { s throws(IPSetError) in
+            for n in names { try s.named(IPSET_CMD_FLUSH, .flush, n) }
         }
     }
 
-    public func destroy(_ names: [String]) async throws {
-        guard !names.isEmpty else { return }
-        for r in try await executor.executeBatch(names.map(IPSetMessages.destroy)) {
-            if case .failure(let e) = r, e.errno != .noSuchFileOrDirectory { throw annotate(e) }
-        }
+    /// Exchanges the contents (and types) of two sets, as `ipset swap` does.
+    public func swap(_ a: String, _ b: String) throws {
+        try withSession { s throws(IPSetError) in try s.swap(a, b) }
     }
 }

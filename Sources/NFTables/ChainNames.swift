@@ -2,6 +2,7 @@
 // kube-proxy's nftables chain names: `service-HASH8-ns/name/proto/port` and
 // `endpoint-HASH8-ns/name/proto/port__ip/port`, hashed and truncated as upstream does.
 
+import ChainHashing
 import SluiceCore
 
 /// Chain and set names of kube-proxy's nftables mode.

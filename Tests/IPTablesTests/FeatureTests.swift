@@ -1,5 +1,6 @@
 // Compiler feature tests: one focused case per feature of kube-proxy's iptables layout.
 
+import ChainHashing
 import IPTables
 import SluiceCore
 import SluiceTesting

@@ -1,6 +1,7 @@
 // Golden tests: compile fixtures and compare restore text with kube-proxy's own expectations
 // (after kube-proxy's sorting normalisation) and with the seed book's examples.
 
+import ChainHashing
 import Foundation
 import IPTables
 import SluiceCore

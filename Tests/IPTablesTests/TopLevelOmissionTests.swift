@@ -1,6 +1,7 @@
 // Partial syncs leave unchanged top-level chains out, and the compile memory replays unchanged
 // services: both against the stateful fake iptables and against the compiler without memory.
 
+import ChainHashing
 @testable import IPTables
 import Logging
 import SluiceCore

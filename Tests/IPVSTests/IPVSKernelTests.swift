@@ -591,7 +591,7 @@ func parseIPSetList(_ text: String) -> [String: (type: String, members: [String]
     }
 
     @Test(.enabled(umlOnly) { let ipvs = await Kernel.ipvsPresent(); return Kernel.inUML && isRoot && ipvs })
-    func ipsetOverNfnetlink() async throws {
+    func ipsetThroughLibipset() async throws {
         let ipsets = try NetfilterIPSetClient.connect()
         let defs = KubeIPSet.all(.ipv4) + KubeIPSet.all(.ipv6)
         try await ipsets.destroy(defs.map(\.name))
@@ -622,6 +622,28 @@ func parseIPSetList(_ text: String) -> [String: (type: String, members: [String]
         #expect(save.contains("create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536"))
 
         try await ipsets.update([("KUBE-NODE-PORT-TCP", [], [.port(30080), .port(30999)])])  // a missing member: not an error
+        #expect(try await ipsets.list(["KUBE-NODE-PORT-TCP"]).first?.entries == [.port(30081)])
+
+        // swap and flush.
+        try await ipsets.swap("KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP")
+        let swapped = try await ipsets.list(["KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP"])
+        #expect(swapped.first { $0.name == "KUBE-CLUSTER-IP" }?.entries == [])
+        #expect(Set(swapped.first { $0.name == "KUBE-EXTERNAL-IP" }?.entries ?? []) == Set(entries["KUBE-CLUSTER-IP"] ?? []))
+        try await ipsets.flush(["KUBE-EXTERNAL-IP"])
+        #expect(try await ipsets.list(["KUBE-EXTERNAL-IP"]).first?.entries == [])
+
+        // libipset's own text, naming the set and the member; the client keeps working after it.
+        await #expect {
+            try await ipsets.update([("KUBE-NO-SUCH-SET", [.ip(IPAddress("10.0.0.1")!)], [])])
+        } throws: { error in
+            let e = error as? IPSetError
+            return e?.operation == .add && e?.set == "KUBE-NO-SUCH-SET" && e?.message.contains("does not exist") == true
+        }
+        await #expect {
+            try await ipsets.create([IPSetDefinition(baseName: "KUBE-CLUSTER-IP", type: .hashIP, family: .ipv4, comment: "")])
+        } throws: { error in
+            (error as? IPSetError)?.operation == .create && (error as? IPSetError)?.message.isEmpty == false
+        }
         #expect(try await ipsets.list(["KUBE-NODE-PORT-TCP"]).first?.entries == [.port(30081)])
         try await ipsets.destroy(defs.map(\.name))
         #expect(try await ipsets.list(Set(defs.map(\.name))).isEmpty)

@@ -192,28 +192,6 @@ private let doneMessage = "14000000 0300 0200 2b000000 d2040000 00000000"  // NL
         #expect(link == LinkInfo(index: 7, name: "kube-ipvs0", flags: 0x82))
     }
 
-    @Test func ipsetListReplyMergesMessagesOfOneSet() throws {
-        let header = "02 00 0000" + "0500 0100 07 000000" + "1400 0200 4b5542452d434c55535445522d495000" +
-            "1100 0300 686173683a69702c706f727400 000000" + "0500 0400 06 000000" + "0500 0500 02 000000"
-        let entry1 = "2000 0780 0c00 0180 0800 0140 0a60000a 0600 0440 0050 0000 0500 0700 06 000000"
-        let entry2 = "2000 0780 0c00 0180 0800 0140 0a60000a 0600 0440 0035 0000 0500 0700 11 000000"
-        let first = header + "1400 0780 0800 1240 00000400 0800 1340 00010000" + "2400 0880" + entry1
-        let second = header + "2400 0880" + entry2
-        func msg(_ body: String) -> String {
-            let n = hex(body).count + 16
-            return hexString([UInt8(n & 0xff), UInt8(n >> 8), 0, 0]) + "0706 0200 01000000 00000000" + body
-        }
-        let messages = try NetlinkMessage.decodeAll(hex(msg(first) + msg(second)))
-        let sets = try IPSetMessages.parseList(messages)
-        #expect(sets.count == 1)
-        #expect(sets[0].name == "KUBE-CLUSTER-IP")
-        #expect(sets[0].typeName == "hash:ip,port")
-        #expect(sets[0].entries.map(\.description) == ["10.96.0.10,tcp:80", "10.96.0.10,udp:53"])
-        let netEntry = try IPSetMessages.parseEntry(try NetlinkAttributes(parsing: IPSetMessages.entryData(
-            .ipPortNet(IPAddress("1.2.3.4")!, .tcp, 80, CIDR("10.0.0.0/8")!)).payload))
-        #expect(netEntry.description == "1.2.3.4,tcp:80,10.0.0.0/8")
-    }
-
     @Test func lengthFieldsAreBounded() {
         // nlmsg_len past the buffer.
         #expect(throws: NetlinkDecodeError.self) { try NetlinkMessage.decodeAll(hex("ff000000 1c00 0000 01000000 00000000")) }
@@ -314,22 +292,5 @@ private let doneMessage = "14000000 0300 0200 2b000000 d2040000 00000000"  // NL
         #expect(MemoryLayout<ifaddrmsg>.size == 8)
         #expect(MemoryLayout<nlmsghdr>.size == netlinkHeaderSize)
         #expect(MemoryLayout<genlmsghdr>.size == 4)
-    }
-
-    @Test func ipset() {
-        #expect(Int(ipsetSubsystem) == Int(NFNL_SUBSYS_IPSET))
-        #expect(Int(ipsetProtocolVersion) == Int(IPSET_PROTOCOL))
-        #expect(Int(IPSetCommand.create.rawValue) == Int(IPSET_CMD_CREATE.rawValue))
-        #expect(Int(IPSetCommand.list.rawValue) == Int(IPSET_CMD_LIST.rawValue))
-        #expect(Int(IPSetCommand.delete.rawValue) == Int(IPSET_CMD_DEL.rawValue))
-        #expect(Int(IPSetCommand.type.rawValue) == Int(IPSET_CMD_TYPE.rawValue))
-        #expect(Int(IPSetAttribute.adt) == Int(IPSET_ATTR_ADT))
-        #expect(Int(IPSetAttribute.revisionMin) == Int(IPSET_ATTR_REVISION_MIN))
-        #expect(Int(IPSetDataAttribute.hashSize) == Int(IPSET_ATTR_HASHSIZE))
-        #expect(Int(IPSetDataAttribute.maxElements) == Int(IPSET_ATTR_MAXELEM))
-        #expect(Int(IPSetDataAttribute.ip2) == Int(IPSET_ATTR_IP2))
-        #expect(Int(IPSetDataAttribute.cidr2) == Int(IPSET_ATTR_CIDR2))
-        #expect(Int(IPSetDataAttribute.portTo) == Int(IPSET_ATTR_PORT_TO))
-        #expect(Int(IPSetAddressAttribute.ipv6) == Int(IPSET_ATTR_IPADDR_IPV6))
     }
 }

@@ -1,7 +1,9 @@
 // Sluice: a per-node Kubernetes service proxy.
-// kube-proxy's chain-name hashing: base32(sha256(s)) cut to 16 characters.
+// kube-proxy's chain-name hashing: base32(sha256(s)) cut to 16 characters. Its own module so
+// that only the modes that name chains by hash (iptables, nftables) link swift-crypto.
 
 import Crypto
+import SluiceCore
 
 /// Chain-name hashing compatible with kube-proxy.
 public enum ChainHash {
