@@ -204,7 +204,7 @@ let package = Package(
         ),
         .testTarget(
             name: "NFTablesTests",
-            dependencies: ["NFTables", "SluiceCore", "KubeAPI", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["NFTables", "Netlink", "SluiceCore", "KubeAPI", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
             resources: [.copy("Fixtures")]
         ),
         .testTarget(

@@ -285,11 +285,10 @@ public struct NFTablesCompiler: Sendable {
 
     // MARK: per service port (syncProxyRules' loop body)
 
-    /// The local-traffic detector's match (`ip saddr 10.0.0.0/8`, negated with `!=`); nil when
-    /// no cluster CIDR of this family is configured.
-    private func localDetector(negated: Bool) -> String? {
-        guard let cidr = options.node.clusterCIDRs.first(where: { $0.family == options.family }) else { return nil }
-        return negated ? "\(ipX) saddr != \(cidr)" : "\(ipX) saddr \(cidr)"
+    /// The local-traffic detector's block (`ip saddr 10.0.0.0/8`, negated with `!=` where
+    /// used); nil when no cluster CIDR of this family is configured.
+    private func localDetector() -> CIDR? {
+        options.node.clusterCIDRs.first(where: { $0.family == options.family })
     }
 
     // swiftlint:disable:next function_body_length cyclomatic_complexity
@@ -375,12 +374,13 @@ public struct NFTablesCompiler: Sendable {
             let hash = NFTChainNames.endpointHash(portPath: portPath, ipText: ep.ip.description, port: ep.port)
             out.endpoints.append(NFTEndpointRef(ip: ep.ip, port: ep.port, hash: hash))
         }
-        var masq: String?
+        var masq: NFTRule?
         if routing.hasInternalEndpoints {
             if options.node.masqueradeAll {
-                masq = "\(ipX) daddr \(svc.clusterIP) jump \(markMasq)"
-            } else if let notLocal = localDetector(negated: true) {
-                masq = "\(ipX) daddr \(svc.clusterIP) \(notLocal) jump \(markMasq)"
+                masq = NFTRule([.address(.destination, negated: false, .ip(svc.clusterIP))], .verdict(.jump(markMasq)))
+            } else if let local = localDetector() {
+                masq = NFTRule([.address(.destination, negated: false, .ip(svc.clusterIP)), .address(.source, negated: true, .cidr(local))],
+                               .verdict(.jump(markMasq)))
             }
         }
         if routing.usesClusterPolicyChain {
@@ -394,28 +394,29 @@ public struct NFTablesCompiler: Sendable {
                                                    members: cat.local.compactMap { index[$0.description] }))
         }
         if routing.usesExternalTrafficChain {
-            var rules: [String] = []
+            var rules: [NFTRule] = []
             if !svc.externalPolicyLocal {
-                rules.append("jump \(markMasq)")
+                rules.append(NFTRule(.verdict(.jump(markMasq))))
             } else {
-                if let local = localDetector(negated: false) {
-                    rules.append("\(local) goto \(clusterPolicyChain) comment \(nftQuoted("short-circuit pod traffic"))")
+                if let local = localDetector() {
+                    rules.append(NFTRule([.address(.source, negated: false, .cidr(local))], .verdict(.goto(clusterPolicyChain)),
+                                         comment: "short-circuit pod traffic"))
                 }
-                rules.append("fib saddr type local jump \(markMasq) comment \(nftQuoted("masquerade local traffic"))")
-                rules.append("fib saddr type local goto \(clusterPolicyChain) comment \(nftQuoted("short-circuit local traffic"))")
+                rules.append(NFTRule([.fibSourceLocal], .verdict(.jump(markMasq)), comment: "masquerade local traffic"))
+                rules.append(NFTRule([.fibSourceLocal], .verdict(.goto(clusterPolicyChain)), comment: "short-circuit local traffic"))
             }
             if routing.hasExternalEndpoints {
-                rules.append("goto \(externalPolicyChain)")
+                rules.append(NFTRule(.verdict(.goto(externalPolicyChain))))
             }
-            out.otherChains.append(NFTChain(name: externalTrafficChain, rules: rules))
+            out.otherChains.append(NFTRuleChain(name: externalTrafficChain, rules: rules))
         }
         if usesFWChain {
-            var sources = svc.loadBalancerSourceRanges.map(\.description)
+            var sources = svc.loadBalancerSourceRanges.map { NFTAddressOperand.cidr($0) }
             let nodeIP = options.node.nodeIPs.first { $0.family == options.family }
             if let nodeIP, svc.loadBalancerSourceRanges.contains(where: { $0.contains(nodeIP) }) {
-                sources += svc.loadBalancerVIPs.map(\.description)
+                sources += svc.loadBalancerVIPs.map { NFTAddressOperand.ip($0) }
             }
-            out.otherChains.append(NFTChain(name: fwChain, rules: ["\(ipX) saddr != { \(sources.joined(separator: " , ")) } drop"]))
+            out.otherChains.append(NFTRuleChain(name: fwChain, rules: [NFTRule([.addressNotInList(.source, sources)], .verdict(.drop))]))
         }
         return out
     }

@@ -189,7 +189,7 @@ public struct NFTEndpointRef: Sendable, Hashable {
 /// balances over (indices into the fragment's endpoints); the rules are derived.
 struct NFTPolicyChain: Sendable, Hashable {
     var name: String
-    var masquerade: String?
+    var masquerade: NFTRule?
     var members: [Int32]
 }
 
@@ -204,8 +204,8 @@ public struct NFTServiceFragment: Sendable, Hashable {
     var portPath: String
     var affinityTimeout: Int?
     var policyChains: [NFTPolicyChain] = []
-    /// `external-…` and `firewall-…`, as written.
-    var otherChains: [NFTChain] = []
+    /// `external-…` and `firewall-…`.
+    var otherChains: [NFTRuleChain] = []
     /// Every endpoint some traffic reaches, in order.
     var endpoints: [NFTEndpointRef] = []
     /// Elements of the shared sets and maps.
@@ -233,33 +233,33 @@ public struct NFTServiceFragment: Sendable, Hashable {
     }
 
     /// Per-service chains (`service-…`, `local-…`, `external-…`, `firewall-…`, `endpoint-…`),
-    /// rules in order.
-    public var chains: [NFTChain] {
-        var out: [NFTChain] = []
+    /// rules in order, as text.
+    public var chains: [NFTChain] { ruleChains.map { $0.textChain(family) } }
+
+    /// The same chains with their rules as values (what a netlink partial sync encodes).
+    public var ruleChains: [NFTRuleChain] {
+        var out: [NFTRuleChain] = []
         out.reserveCapacity(policyChains.count + otherChains.count + endpoints.count)
         let bases = endpoints.map(endpointBase)
-        let ipX = family.addressKeyword
+        let markMasq = NFTablesCompiler.Names.markMasq
         for p in policyChains {
-            var rules: [String] = []
+            var rules: [NFTRule] = []
             if let m = p.masquerade { rules.append(m) }
             if affinityTimeout != nil {
-                for i in p.members { rules.append("\(ipX) saddr @affinity-\(bases[Int(i)]) goto endpoint-\(bases[Int(i)])") }
+                for i in p.members {
+                    rules.append(NFTRule([.addressInSet(.source, set: "affinity-" + bases[Int(i)])], .verdict(.goto("endpoint-" + bases[Int(i)]))))
+                }
             }
-            var vmap = "numgen random mod \(p.members.count) vmap { "
-            for (n, i) in p.members.enumerated() {
-                if n > 0 { vmap += " , " }
-                vmap += "\(n) : goto endpoint-\(bases[Int(i)])"
-            }
-            rules.append(vmap + " }")
-            out.append(NFTChain(name: p.name, rules: rules))
+            rules.append(NFTRule(.numgenVmap(p.members.map { "endpoint-" + bases[Int($0)] })))
+            out.append(NFTRuleChain(name: p.name, rules: rules))
         }
         out += otherChains
         for (i, e) in endpoints.enumerated() {
             let b = bases[i]
-            var rules = ["\(ipX) saddr \(e.ip) jump \(NFTablesCompiler.Names.markMasq)"]
-            if affinityTimeout != nil { rules.append("update @affinity-\(b) { \(ipX) saddr }") }
-            rules.append("meta l4proto \(proto) dnat to \(e.ip.joined(port: e.port))")
-            out.append(NFTChain(name: "endpoint-" + b, rules: rules))
+            var rules = [NFTRule([.address(.source, negated: false, .ip(e.ip))], .verdict(.jump(markMasq)))]
+            if affinityTimeout != nil { rules.append(NFTRule(.updateSet("affinity-" + b, .source))) }
+            rules.append(NFTRule([.l4proto(proto)], .dnat(e.ip, port: e.port)))
+            out.append(NFTRuleChain(name: "endpoint-" + b, rules: rules))
         }
         return out
     }

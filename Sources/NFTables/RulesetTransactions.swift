@@ -20,11 +20,16 @@ public struct NFTTransaction: Sendable {
     public internal(set) var flushedStaleChains: [String] = []
     /// Per-service chains this transaction (re)wrote: used again, so no longer stale.
     public internal(set) var writtenChains: [String] = []
+    /// The same commands as values, for sending them as netlink messages (``NFTNetlinkWriter``);
+    /// nil when the transaction was built as text only (full syncs, which go to libnftables).
+    public private(set) var operations: [NFTOperation]?
 
-    /// Creates an empty transaction.
-    public init(family: NFTFamily) {
+    /// Creates an empty transaction; with `recordingOperations`, every command is also kept as
+    /// an ``NFTOperation``.
+    public init(family: NFTFamily, recordingOperations: Bool = false) {
         self.family = family
         self.table = "\(family.rawValue) \(kubeProxyTableName)"
+        if recordingOperations { operations = [] }
     }
 
     /// The commands, one per element (for inspection and tests; splits `text`).
@@ -47,15 +52,44 @@ public struct NFTTransaction: Sendable {
         operationCount += 1
     }
 
-    mutating func addChain(_ c: NFTChain) { add("add", "chain", c.name + c.declarationSuffix) }
-    mutating func flushChain(_ name: String) { add("flush", "chain", name) }
-    mutating func deleteChain(_ name: String) { add("delete", "chain", name) }
+    private mutating func record(_ op: @autoclosure () -> NFTOperation) {
+        if operations != nil { operations!.append(op()) }
+    }
+
+    mutating func addChain(_ c: NFTChain) {
+        add("add", "chain", c.name + c.declarationSuffix)
+        record(.addChain(c.name))
+    }
+    mutating func flushChain(_ name: String) {
+        add("flush", "chain", name)
+        record(.flushChain(name))
+    }
+    mutating func deleteChain(_ name: String) {
+        add("delete", "chain", name)
+        record(.deleteChain(name))
+    }
     mutating func addRule(_ chain: String, _ rule: String) { add("add", "rule", "\(chain) \(rule)") }
-    mutating func addContainer(_ c: NFTContainer) { add("add", c.kind.rawValue, c.name + c.declarationSuffix) }
+    mutating func addRule(_ chain: String, _ rule: NFTRule) {
+        add("add", "rule", "\(chain) \(rule.text(family))")
+        record(.addRule(chain: chain, rule))
+    }
+    mutating func addContainer(_ c: NFTContainer) {
+        add("add", c.kind.rawValue, c.name + c.declarationSuffix)
+        record(.addSet(c))
+    }
     mutating func flushContainer(_ c: NFTContainer) { add("flush", c.kind.rawValue, c.name) }
-    mutating func deleteSet(_ name: String) { add("delete", "set", name) }
-    mutating func addElement(_ e: NFTElement) { add("add", "element", "\(e.id.container) { \(e.body) }") }
-    mutating func deleteElement(_ id: NFTElementKey) { add("delete", "element", "\(id.container) { \(id.key) }") }
+    mutating func deleteSet(_ name: String) {
+        add("delete", "set", name)
+        record(.deleteSet(name))
+    }
+    mutating func addElement(_ e: NFTElement) {
+        add("add", "element", "\(e.id.container) { \(e.body) }")
+        record(.addElement(e))
+    }
+    mutating func deleteElement(_ id: NFTElementKey) {
+        add("delete", "element", "\(id.container) { \(id.key) }")
+        record(.deleteElement(id))
+    }
 }
 
 /// What the kernel holds besides the desired ruleset, as read back before a full sync.
@@ -185,7 +219,7 @@ extension NFTRuleset {
     /// (``NFTablesCompiler/update(_:to:changed:)``): the same as
     /// ``partialTransaction(from:changedPorts:)`` without the previous ruleset.
     public func partialTransaction(_ delta: NFTRulesetDelta) -> NFTTransaction {
-        var tx = NFTTransaction(family: family)
+        var tx = NFTTransaction(family: family, recordingOperations: true)
         let ports = delta.oldFragments.keys.sorted()
 
         // Elements: the keys touched by the changed ports.
@@ -200,12 +234,12 @@ extension NFTRuleset {
 
         // Chains and affinity sets.
         var staleSets: [String] = []
-        var rulesToWrite: [NFTChain] = []
+        var rulesToWrite: [NFTRuleChain] = []
         for p in ports {
             let old = delta.oldFragments[p] ?? nil
             let new = services[p]
-            var oldChains: [String: NFTChain] = [:]
-            for c in old?.chains ?? [] { oldChains[c.name] = c }
+            var oldChains: [String: NFTRuleChain] = [:]
+            for c in old?.ruleChains ?? [] { oldChains[c.name] = c }
             var oldSets: [String: NFTContainer] = [:]
             for s in old?.affinitySets ?? [] { oldSets[s.name] = s }
             var kept = Set<String>()
@@ -213,12 +247,12 @@ extension NFTRuleset {
             for s in new?.affinitySets ?? [] {
                 if let o = oldSets[s.name], o != s { changedSet = true }
             }
-            for c in new?.chains ?? [] {
+            for c in new?.ruleChains ?? [] {
                 kept.insert(c.name)
                 // A chain refers to the affinity sets; when one is recreated every chain of
                 // the port is rewritten, so none refers to the old set when it is deleted.
                 if !changedSet, let o = oldChains[c.name], o == c { continue }
-                tx.addChain(c)
+                tx.addChain(NFTChain(name: c.name))
                 tx.flushChain(c.name)
                 tx.writtenChains.append(c.name)
                 rulesToWrite.append(c)
@@ -276,7 +310,7 @@ public struct NFTStaleChains: Sendable {
                                                  grace: Duration = defaultGrace) -> NFTTransaction? {
         let chains = due(now: now, grace: grace)
         guard !chains.isEmpty else { return nil }
-        var tx = NFTTransaction(family: family)
+        var tx = NFTTransaction(family: family, recordingOperations: true)
         for c in chains {
             tx.deleteChain(c)
             flushedAt[c] = nil

@@ -124,6 +124,93 @@ public actor NetlinkConnection: NetlinkExecutor {
         return out
     }
 
+    /// Sends `requests` in one datagram and returns the errors the kernel reported, by index
+    /// into `requests` (empty: every message was accepted).
+    ///
+    /// For nfnetlink batches (``NFNetlinkBatch``): the kernel applies a batch only when it
+    /// arrives whole in one datagram, so this never splits it, and raises the socket's send
+    /// buffer (`SO_SNDBUFFORCE`) when the datagram does not fit. Only the last request should
+    /// ask for an acknowledgement: the kernel reports errors of the others anyway, and after
+    /// the last one's answer (or any error) every reply is already queued, so the rest is
+    /// read without waiting.
+    public func executeInOneDatagram(_ requests: [NetlinkRequest]) throws -> [(index: Int, error: NetlinkError)] {
+        guard !requests.isEmpty else { return [] }
+        var datagram: [UInt8] = []
+        var indexBySequence: [UInt32: Int] = [:]
+        var lastSequence: UInt32?
+        for (i, r) in requests.enumerated() {
+            let seq = takeSequence()
+            r.message(sequence: seq).encode(into: &datagram)
+            indexBySequence[seq] = i
+            if r.flags.contains(.ack) { lastSequence = seq }
+        }
+        let operation = requests.count == 1 ? requests[0].operation : "\(requests.count) requests in one batch"
+        ensureSendBuffer(datagram.count)
+        try send(datagram, operation: operation)
+        requestsSent += requests.count
+        sendCalls += 1
+        var errors: [(index: Int, error: NetlinkError)] = []
+        var finished = false
+        var wait = lastSequence != nil
+        while true {
+            let bytes: [UInt8]
+            if wait && !finished {
+                bytes = try receive(operation: operation)
+            } else {
+                guard let b = try receiveIfQueued(operation: operation) else { break }
+                bytes = b
+            }
+            let messages: [NetlinkMessage]
+            do {
+                messages = try NetlinkMessage.decodeAll(bytes)
+            } catch {
+                throw NetlinkError(errno: .badMessage, message: error.description, operation: operation)
+            }
+            for m in messages where m.type == NetlinkMessageType.error {
+                let ack: NetlinkAcknowledgement
+                do {
+                    ack = try NetlinkAcknowledgement(parsing: m)
+                } catch {
+                    throw NetlinkError(errno: .badMessage, message: error.description, operation: operation)
+                }
+                guard let i = indexBySequence[m.sequence] else { continue }
+                if ack.error != 0 {
+                    errors.append((i, NetlinkError(errno: Errno(rawValue: ack.error), message: ack.message, operation: requests[i].operation)))
+                    finished = true
+                }
+                if m.sequence == lastSequence { finished = true }
+            }
+            if finished { wait = false }
+        }
+        return errors
+    }
+
+    /// The kernel refuses a datagram longer than the send buffer less 32 bytes: raise it
+    /// (past `net.core.wmem_max` with CAP_NET_ADMIN) when `bytes` would not fit.
+    private func ensureSendBuffer(_ bytes: Int) {
+        var current: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &current, &length) == 0, bytes + 32 > Int(current) else { return }
+        var size = Int32(clamping: bytes + 64 * 1024)
+        if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, socklen_t(MemoryLayout<Int32>.size)) != 0 {
+            _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        }
+    }
+
+    /// Receives one datagram if one is queued; nil when none is.
+    private func receiveIfQueued(operation: String) throws -> [UInt8]? {
+        while true {
+            let wanted = recv(fd, nil, 0, Int32(MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT))
+            if wanted < 0 {
+                let e = Errno.current
+                if e == .interrupted { continue }
+                if e == .wouldBlock { return nil }
+                throw NetlinkError(errno: e, operation: "recv: \(operation)")
+            }
+            return try receive(operation: operation)
+        }
+    }
+
     private func roundTrip(_ requests: [NetlinkRequest]) throws -> [Result<[NetlinkMessage], NetlinkError>] {
         var datagram: [UInt8] = []
         var sent: [(sequence: UInt32, request: NetlinkRequest)] = []
