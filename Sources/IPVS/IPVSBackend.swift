@@ -233,7 +233,9 @@ public actor IPVSBackend: ProxyBackend {
     private func partialSync(_ state: ProxyState, from memory: inout KernelImage, before: IPVSWriteCounters) async throws -> SyncReport {
         var failures: [String] = []
         let compiler = IPVSCompiler(options: memory.options)
+        let started = ContinuousClock.now
         let changes = compiler.update(&memory.desired, to: state, changed: state.changedServices)
+        let compiled = ContinuousClock.now
         let desired = memory.desired
 
         // ipsets first: the iptables rules reference them.
@@ -267,6 +269,7 @@ public actor IPVSBackend: ProxyBackend {
         failures += try await writeAddresses(bind: toBind, unbind: toUnbind, index: memory.dummyIndex)
 
         try await reapExclusively()
+        logger.debug("ipvs partial sync: update of \(state.changedServices.count) Services took \(GoDuration.format(started.duration(to: compiled))), kernel writes \(GoDuration.format(compiled.duration(to: .now)))")
         let report = finishSync(desired, full: false, before: before, restoreBytes: restoreBytes)
         guard failures.isEmpty else { throw IPVSSyncError(failures: failures) }
         image = memory

@@ -220,7 +220,9 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
         let periodicDue = lastFullSync.map { now >= $0.advanced(by: timing.syncPeriod) } ?? true
         let full = needFullSync || periodicDue
         let changes = tracker.pendingChanges(family)
+        let snapshotStart = ContinuousClock.now
         var state = tracker.snapshot(family)
+        logger.debug("snapshot of \(changes) changed Services took \(GoDuration.format(snapshotStart.duration(to: .now)))")
         unreportedTriggerTimes.merge(tracker.takeTriggerTimes(family)) {
             Array(($0 + $1).prefix(ChangeTracker.maximumTriggerTimesPerService))
         }
