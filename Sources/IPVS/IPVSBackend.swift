@@ -131,13 +131,18 @@ public actor IPVSBackend: ProxyBackend {
     /// Writes made by the last sync.
     public private(set) var lastSyncWrites = IPVSWriteCounters()
     /// What the kernel holds after the last successful full sync and every successful
-    /// partial sync since: the desired state written, the model and options it was compiled
-    /// from, and kube-ipvs0's index. A partial sync updates it for the changed Services and
-    /// writes the difference without reading the kernel; nil (the next sync reads the kernel)
-    /// before the first full sync and after any failed sync.
+    /// partial sync since: the desired state written, the family, node labels and options it
+    /// was compiled with, and kube-ipvs0's index. A partial sync updates it for the changed
+    /// Services and writes the difference without reading the kernel; nil (the next sync
+    /// reads the kernel) before the first full sync and after any failed sync.
+    ///
+    /// It holds no `ProxyState`: the desired state records each service port's share, which
+    /// is all an update needs of the past. A snapshot kept here would share the change
+    /// tracker's storage, and the tracker's next snapshot would copy the whole model.
     private struct KernelImage {
         var desired: IPVSDesiredState
-        var state: ProxyState
+        var family: IPFamily
+        var nodeLabels: [String: String]
         var options: IPVSOptions
         var dummyIndex: UInt32
     }
@@ -212,8 +217,7 @@ public actor IPVSBackend: ProxyBackend {
         image = nil
         let link = try await ensureDummy()
         let index = UInt32(bitPattern: link.index)
-        if !full, var m = memory, m.dummyIndex == index, m.state.family == state.family,
-           m.state.nodeLabels == state.nodeLabels {
+        if !full, var m = memory, m.dummyIndex == index, m.family == state.family, m.nodeLabels == state.nodeLabels {
             memory = nil
             return try await partialSync(state, from: &m, before: before)
         }
@@ -229,8 +233,9 @@ public actor IPVSBackend: ProxyBackend {
     private func partialSync(_ state: ProxyState, from memory: inout KernelImage, before: IPVSWriteCounters) async throws -> SyncReport {
         var failures: [String] = []
         let compiler = IPVSCompiler(options: memory.options)
-        let changes = compiler.update(&memory.desired, from: memory.state, to: state, changed: state.changedServices)
-        memory.state = state
+        let started = ContinuousClock.now
+        let changes = compiler.update(&memory.desired, to: state, changed: state.changedServices)
+        let compiled = ContinuousClock.now
         let desired = memory.desired
 
         // ipsets first: the iptables rules reference them.
@@ -264,6 +269,7 @@ public actor IPVSBackend: ProxyBackend {
         failures += try await writeAddresses(bind: toBind, unbind: toUnbind, index: memory.dummyIndex)
 
         try await reapExclusively()
+        logger.debug("ipvs partial sync: update of \(state.changedServices.count) Services took \(GoDuration.format(started.duration(to: compiled))), kernel writes \(GoDuration.format(compiled.duration(to: .now)))")
         let report = finishSync(desired, full: false, before: before, restoreBytes: restoreBytes)
         guard failures.isEmpty else { throw IPVSSyncError(failures: failures) }
         image = memory
@@ -306,20 +312,21 @@ public actor IPVSBackend: ProxyBackend {
         let report = finishSync(desired, full: full, before: before, restoreBytes: restoreBytes)
         guard failures.isEmpty else { throw IPVSSyncError(failures: failures) }
         // Only a full sync has checked every virtual server's destinations against the kernel.
-        if full { image = KernelImage(desired: desired, state: state, options: options, dummyIndex: index) }
+        if full { image = KernelImage(desired: desired, family: state.family, nodeLabels: state.nodeLabels, options: options, dummyIndex: index) }
         return report
     }
 
     private func writeAddresses(bind toBind: [IPAddress], unbind toUnbind: [IPAddress], index: UInt32) async throws -> [String] {
         var failures: [String] = []
-        if !toBind.isEmpty {
-            let failed = try await links.addAddresses(toBind, index: index)
-            counters.addressAdds += toBind.count - failed.count
+        // In chunks, as the IPVS operations: a cold start binds one address per Service.
+        for chunk in toBind.chunks(of: IPVSBackend.applyChunk) {
+            let failed = try await links.addAddresses(chunk, index: index)
+            counters.addressAdds += chunk.count - failed.count
             failures += failed.map { "bind \($0.0) to \(config.dummyDevice): \($0.1.errno)" }
         }
-        if !toUnbind.isEmpty {
-            let failed = try await links.deleteAddresses(toUnbind, index: index)
-            counters.addressDeletes += toUnbind.count - failed.count
+        for chunk in toUnbind.chunks(of: IPVSBackend.applyChunk) {
+            let failed = try await links.deleteAddresses(chunk, index: index)
+            counters.addressDeletes += chunk.count - failed.count
             failures += failed.map { "unbind \($0.0) from \(config.dummyDevice): \($0.1.errno)" }
         }
         return failures
@@ -442,14 +449,21 @@ public actor IPVSBackend: ProxyBackend {
         let currentByKey = Dictionary(current.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
         var ops: [IPVSOperation] = []
         var deletes: [IPVSOperation] = []
+        var failures: [String] = []
         let t = now()
 
         for d in desired.sortedVirtualServers {
+            // Written as they accumulate (a cold start at 20 000 Services × 10 has 220 000),
+            // in the same order; the deletions still go last.
+            if ops.count >= IPVSBackend.applyChunk {
+                failures += try await apply(ops)
+                ops.removeAll(keepingCapacity: true)
+            }
             let key = d.server.key
             guard let existing = currentByKey[key] else {
                 ops.append(.addService(d.server))
                 for rs in d.destinations { ops.append(.addDestination(key, rs)) }
-                draining = draining.filter { $0.key.service != key }
+                if !draining.isEmpty { draining = draining.filter { $0.key.service != key } }
                 continue
             }
             if !d.server.sameConfiguration(as: existing) { ops.append(.updateService(d.server)) }
@@ -490,7 +504,8 @@ public actor IPVSBackend: ProxyBackend {
             deletes.append(.deleteService(vs.key))
             draining = draining.filter { $0.key.service != vs.key }
         }
-        return try await apply(ops + deletes)
+        ops += deletes
+        return try await failures + apply(ops)
     }
 
     /// Writes the difference between the image and the desired state for the virtual servers
@@ -549,11 +564,29 @@ public actor IPVSBackend: ProxyBackend {
                 }
             }
         }
-        return try await apply(ops + deletes)
+        ops += deletes
+        return try await apply(ops)
     }
 
+    /// Operations handed to the IPVS client at once: a cold sync at 20 000 Services × 10 has
+    /// 220 000, and their netlink requests all built at once held over 100 MiB.
+    static let applyChunk = 4096
+
     private func apply(_ ops: [IPVSOperation]) async throws -> [String] {
-        guard !ops.isEmpty else { return [] }
+        guard ops.count > IPVSBackend.applyChunk else { return try await applyChunk(ops[...]) }
+        var failures: [String] = []
+        var start = ops.startIndex
+        while start < ops.endIndex {
+            let end = min(start + IPVSBackend.applyChunk, ops.endIndex)
+            failures += try await applyChunk(ops[start..<end])
+            start = end
+        }
+        return failures
+    }
+
+    private func applyChunk(_ chunk: ArraySlice<IPVSOperation>) async throws -> [String] {
+        guard !chunk.isEmpty else { return [] }
+        let ops = Array(chunk)
         let failures = try await ipvs.apply(ops)
         let failed = Set(failures.map(\.operation))
         for op in ops where !failed.contains(op) {
@@ -783,6 +816,15 @@ public struct SluiceIPVSUnavailable: Error, Sendable, CustomStringConvertible {
     public var missing: [String]
 
     public var description: String { "cannot use --proxy-mode ipvs: " + missing.joined(separator: "; ") }
+}
+
+extension Array {
+    /// The array cut into consecutive pieces of at most `size` elements (one piece when it
+    /// has no more; none when it is empty).
+    fileprivate func chunks(of size: Int) -> [[Element]] {
+        guard count > size else { return isEmpty ? [] : [self] }
+        return stride(from: 0, to: count, by: size).map { Array(self[$0..<Swift.min($0 + size, count)]) }
+    }
 }
 
 extension String {

@@ -87,6 +87,10 @@ public struct IPVSDesiredState: Sendable {
     /// Services counted in `noLocalEndpoints`.
     var noLocalInternal: Set<NamespacedName> = []
     var noLocalExternal: Set<NamespacedName> = []
+    /// What each service port added, by Service: `IPVSCompiler.update` takes a changed
+    /// Service's share out again from this record alone, without the model it was compiled
+    /// from (so nobody keeps a second copy of that model between syncs).
+    var footprints: [NamespacedName: [IPVSPortFootprint]] = [:]
 
     /// Adds one contribution of `entry` to `set`.
     mutating func insert(_ entry: IPSetEntry, into set: String, recording changes: inout IPVSDesiredChanges?) {
@@ -171,6 +175,21 @@ public struct IPVSDesiredState: Sendable {
     public var dryRunText: String {
         "# ipvsadm -Sn\n" + ipvsadmSave + "# ipset save\n" + ipsetSave + "# iptables-restore\n" + restoreText
     }
+}
+
+/// One service port's share of an `IPVSDesiredState`, as much as taking it out needs: the
+/// virtual servers it created, the set members (by base set name) and the addresses it bound.
+struct IPVSPortFootprint: Sendable {
+    var name: ServicePortName
+    var servers: [VirtualServerKey]
+    var entries: [IPVSSetMember]
+    var bound: [IPAddress]
+}
+
+/// One set member a service port contributes: the set's base name (a constant) and the entry.
+struct IPVSSetMember: Sendable {
+    var base: String
+    var entry: IPSetEntry
 }
 
 /// A load-balancer address whose source ranges leave the node out.
@@ -285,7 +304,7 @@ public struct IPVSCompiler: Sendable {
     /// One service port's share of the state.
     private struct Contribution {
         var servers: [DesiredVirtualServer] = []
-        var entries: [(set: String, entry: IPSetEntry)] = []
+        var entries: [IPVSSetMember] = []
         var bound: [IPAddress] = []
         var noNodeAccess: [IPVSNoNodeAccess] = []
         var noLocalInternal = false
@@ -306,17 +325,17 @@ public struct IPVSCompiler: Sendable {
         return out
     }
 
-    /// Brings `out`, compiled (with these options) from `old`, to `new`, re-deriving only the
-    /// Services in `changed`: the cost is that of the changes, not of the number of Services.
+    /// Brings `out`, compiled with these options, to `new`, re-deriving only the Services in
+    /// `changed`: what `out` held for them is taken out using the record `out` keeps of each
+    /// service port's share, and what `new` gives is added. The cost is that of the changes,
+    /// not of the number of Services.
     /// - Returns: what was touched, with the values before.
-    public func update(_ out: inout IPVSDesiredState, from old: ProxyState, to new: ProxyState,
-                       changed: Set<NamespacedName>) -> IPVSDesiredChanges {
+    public func update(_ out: inout IPVSDesiredState, to new: ProxyState, changed: Set<NamespacedName>) -> IPVSDesiredChanges {
         var changes: IPVSDesiredChanges? = IPVSDesiredChanges()
         let services = changed.sorted()
         for service in services {
-            for name in old.portNames(of: service) {
-                guard let c = contribution(of: name, in: old) else { continue }
-                remove(c, of: name, from: &out, recording: &changes)
+            for f in out.footprints.removeValue(forKey: service) ?? [] {
+                remove(f, from: &out, recording: &changes)
             }
         }
         for service in services {
@@ -331,7 +350,7 @@ public struct IPVSCompiler: Sendable {
 
     private func add(_ c: Contribution, of name: ServicePortName, to out: inout IPVSDesiredState, recording changes: inout IPVSDesiredChanges?) {
         let ipvsIPs = set(KubeIPSet.ipvsIPs)
-        for e in c.entries { out.insert(e.entry, into: e.set, recording: &changes) }
+        for e in c.entries { out.insert(e.entry, into: set(e.base), recording: &changes) }
         for vs in c.servers {
             changes?.note(vs.server.key, was: out.virtualServers[vs.server.key])
             out.virtualServers[vs.server.key] = vs
@@ -340,16 +359,19 @@ public struct IPVSCompiler: Sendable {
         if !c.noNodeAccess.isEmpty { out.noNodeAccess[name] = c.noNodeAccess }
         if c.noLocalInternal { out.noLocalInternal.insert(name.service) }
         if c.noLocalExternal { out.noLocalExternal.insert(name.service) }
+        out.footprints[name.service, default: []].append(
+            IPVSPortFootprint(name: name, servers: c.servers.map(\.server.key), entries: c.entries, bound: c.bound))
     }
 
-    private func remove(_ c: Contribution, of name: ServicePortName, from out: inout IPVSDesiredState, recording changes: inout IPVSDesiredChanges?) {
+    private func remove(_ f: IPVSPortFootprint, from out: inout IPVSDesiredState, recording changes: inout IPVSDesiredChanges?) {
         let ipvsIPs = set(KubeIPSet.ipvsIPs)
-        for e in c.entries { out.remove(e.entry, from: e.set, recording: &changes) }
-        for vs in c.servers where out.virtualServers[vs.server.key]?.servicePort == name {
-            changes?.note(vs.server.key, was: out.virtualServers[vs.server.key])
-            out.virtualServers[vs.server.key] = nil
+        let name = f.name
+        for e in f.entries { out.remove(e.entry, from: set(e.base), recording: &changes) }
+        for key in f.servers where out.virtualServers[key]?.servicePort == name {
+            changes?.note(key, was: out.virtualServers[key])
+            out.virtualServers[key] = nil
         }
-        for ip in c.bound { out.unbind(ip, ipvsIPs: ipvsIPs, recording: &changes) }
+        for ip in f.bound { out.unbind(ip, ipvsIPs: ipvsIPs, recording: &changes) }
         out.noNodeAccess[name] = nil
         out.noLocalInternal.remove(name.service)
         out.noLocalExternal.remove(name.service)
@@ -369,7 +391,7 @@ public struct IPVSCompiler: Sendable {
         var out = Contribution()
         let nodeIP = options.node.nodeIPs.first { $0.family == family }
         let nodePortIPs = options.nodePortAddresses.filter { $0.family == family }
-        func insert(_ base: String, _ e: IPSetEntry) { out.entries.append((set(base), e)) }
+        func insert(_ base: String, _ e: IPSetEntry) { out.entries.append(IPVSSetMember(base: base, entry: e)) }
 
         let proto = svc.proto
         let all = state.endpoints[name] ?? []

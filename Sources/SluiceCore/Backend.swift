@@ -97,7 +97,9 @@ public protocol SyncObserver: Sendable {
     /// Called after the kernel holds `state`.
     /// - Parameters:
     ///   - state: the state just applied.
-    ///   - previous: the state applied by the previous successful sync (nil on the first).
+    ///   - previous: always nil from `SyncRunner`, which keeps no copy of the previously
+    ///     applied state (holding one made every snapshot copy the whole model); an observer
+    ///     that compares syncs keeps what it needs itself.
     ///   - report: what the backend did.
     func didSync(state: ProxyState, previous: ProxyState?, report: SyncReport) async
 }

@@ -240,7 +240,8 @@ public struct ChangeTracker: Sendable {
     /// EndpointSliceCache): first address only, duplicates across slices counted once with a
     /// ready copy winning, addresses that can never be endpoints skipped, sorted by `ip:port`.
     private func endpointMap(for key: NamespacedName, ports: [ServicePortName: ServicePortInfo], family: IPFamily) -> [ServicePortName: [EndpointInfo]] {
-        var byPort: [ServicePortName: [String: EndpointInfo]] = [:]
+        // Keyed by address and port (what `ip:port` text names) without building the text.
+        var byPort: [ServicePortName: [EndpointKey: EndpointInfo]] = [:]
         for sliceKey in (slicesByService[key] ?? []).sorted() {
             guard let slice = slices[sliceKey], slice.addressType == family.rawValue else { continue }
             for sp in slice.ports {
@@ -255,11 +256,18 @@ public struct ChangeTracker: Sendable {
                         ip: ip, port: sp.port, isLocal: ep.nodeName == nodeName, ready: ready,
                         serving: ep.serving ?? ready, terminating: ep.terminating ?? false,
                         zoneHints: Set(ep.zoneHints), nodeHints: Set(ep.nodeHints))
-                    let k = info.description
+                    let k = EndpointKey(ip: ip, port: sp.port)
                     if byPort[spn, default: [:]][k] == nil || ready { byPort[spn, default: [:]][k] = info }
                 }
             }
         }
-        return byPort.mapValues { $0.values.sorted() }
+        // Sorted by `ip:port` text, each text built once (not once per comparison).
+        return byPort.mapValues { eps in eps.values.map { ($0.description, $0) }.sorted { $0.0 < $1.0 }.map(\.1) }
+    }
+
+    /// An endpoint's address and port: the identity its `ip:port` text names.
+    private struct EndpointKey: Hashable {
+        var ip: IPAddress
+        var port: Int
     }
 }

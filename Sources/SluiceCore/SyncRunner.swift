@@ -47,7 +47,6 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
     private let logger: Logger
     private let observers: [any SyncObserver]
     private let recorders: [any SyncRecorder]
-    private var lastApplied: ProxyState?
     /// Changes since the last snapshot, for the pending-changes metrics.
     private var pendingServiceKeys: Set<NamespacedName> = []
     private var pendingEndpointChanges = 0
@@ -221,7 +220,9 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
         let periodicDue = lastFullSync.map { now >= $0.advanced(by: timing.syncPeriod) } ?? true
         let full = needFullSync || periodicDue
         let changes = tracker.pendingChanges(family)
+        let snapshotStart = ContinuousClock.now
         var state = tracker.snapshot(family)
+        logger.debug("snapshot of \(changes) changed Services took \(GoDuration.format(snapshotStart.duration(to: .now)))")
         unreportedTriggerTimes.merge(tracker.takeTriggerTimes(family)) {
             Array(($0 + $1).prefix(ChangeTracker.maximumTriggerTimesPerService))
         }
@@ -259,9 +260,10 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
             unreportedTriggerTimes = [:]
             record(.synced(SyncAttempt(family: family, full: full, duration: duration, report: report, triggerTimes: triggerTimes,
                                        pendingServiceChanges: pendingServiceKeys.count, pendingEndpointChanges: pendingEndpointChanges)))
-            let previous = lastApplied
-            lastApplied = state
-            for o in observers { await o.didSync(state: state, previous: previous, report: report) }
+            // No copy of the applied state is kept for the next sync's observers: while one
+            // is held, the change tracker's next snapshot must copy the whole model (its
+            // storage is shared) instead of updating the changed Services in place.
+            for o in observers { await o.didSync(state: state, previous: nil, report: report) }
         } catch {
             record(.synced(SyncAttempt(family: family, full: full, duration: now.duration(to: clock.now), report: nil, error: "\(error)",
                                        pendingServiceChanges: pendingServiceKeys.count, pendingEndpointChanges: pendingEndpointChanges)))

@@ -75,7 +75,10 @@ public struct UserspacePlan: Sendable {
         guard svc.proto == .tcp || svc.proto == .udp else { return .skipped }
         let all = state.endpoints[name] ?? []
         let cat = categorizeEndpoints(all, info: svc, nodeName: nodeName, nodeLabels: state.nodeLabels)
-        let chosen = svc.internalPolicyLocal ? cat.local : cat.cluster
+        var chosen = svc.internalPolicyLocal ? cat.local : cat.cluster
+        // Usually every endpoint is chosen: the model's own array is then kept (it is a
+        // filtered copy otherwise, one more array per service port for as long as the relay lives).
+        if chosen.count == all.count && chosen == all { chosen = all }
         let keep = Set(all.filter { $0.ready || $0.serving }.map(\.description)).union(chosen.map(\.description))
         let spec = RelaySpec(name: name, proto: svc.proto, nodePort: svc.nodePort, endpoints: chosen, keep: keep,
                              affinityTimeout: svc.stickyTimeoutSeconds.map { .seconds($0) })

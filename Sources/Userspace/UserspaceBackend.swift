@@ -40,12 +40,18 @@ public actor UserspaceBackend: ProxyBackend {
     private var reportedProblems: Set<String> = []
 
     /// What the kernel and the relays hold after the last successful full sync and every
-    /// successful partial sync since: the plan, the model it came from, and the relay port
-    /// each service port's rules point at. A partial sync re-derives only the changed
-    /// Services' ports and writes only their rules; nil after a failed sync.
+    /// successful partial sync since: the plan, the node labels and the service port names of
+    /// each Service it came from, and the relay port each service port's rules point at. A
+    /// partial sync re-derives only the changed Services' ports and writes only their rules;
+    /// nil after a failed sync.
+    ///
+    /// It holds no `ProxyState`: a snapshot kept here would share the change tracker's
+    /// storage, and the tracker's next snapshot would copy the whole model.
     private struct Image {
         var plan: UserspacePlan
-        var state: ProxyState
+        var nodeLabels: [String: String]
+        /// The service port names (relayed or skipped) of each Service in the plan.
+        var portNames: [NamespacedName: [ServicePortName]]
         var ports: [ServicePortName: Int]
         /// Rules in the four chains.
         var rules: Int
@@ -98,7 +104,7 @@ public actor UserspaceBackend: ProxyBackend {
     public func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
         var memory = image
         image = nil
-        if !full, synced, var m = memory, m.state.nodeLabels == state.nodeLabels {
+        if !full, synced, var m = memory, m.nodeLabels == state.nodeLabels {
             memory = nil
             return try await partialSync(state, from: &m)
         }
@@ -132,7 +138,11 @@ public actor UserspaceBackend: ProxyBackend {
             throw UserspaceError(failures: prepared.listenerFailures.sorted { $0.key < $1.key }.map { "\($0.key.service):\($0.key.port): \($0.value)" })
         }
         // Only a full sync has written every rule; NodePorts not held are retried by full syncs.
-        if full && prepared.nodePortFailures.isEmpty { image = Image(plan: plan, state: state, ports: prepared.ports, rules: rules.rules.count) }
+        if full && prepared.nodePortFailures.isEmpty {
+            image = Image(plan: plan, nodeLabels: state.nodeLabels,
+                          portNames: Dictionary(grouping: plan.names + plan.skipped, by: \.service),
+                          ports: prepared.ports, rules: rules.rules.count)
+        }
         return SyncReport(full: full, written: [.iptablesRules(.nat): written],
                           total: [.iptablesRules(.nat): rules.rules.count, .relays: prepared.ports.count,
                                   .nodePorts: await relays.heldNodePortCount],
@@ -145,14 +155,15 @@ public actor UserspaceBackend: ProxyBackend {
     private func partialSync(_ state: ProxyState, from memory: inout Image) async throws -> SyncReport {
         var touched = Set<ServicePortName>()
         for service in state.changedServices {
-            touched.formUnion(memory.state.portNames(of: service))
-            touched.formUnion(state.portNames(of: service))
+            touched.formUnion(memory.portNames[service] ?? [])
+            let now = state.portNames(of: service)
+            touched.formUnion(now)
+            memory.portNames[service] = now.isEmpty ? nil : now
         }
         let names = touched.sorted()
         var before: [ServicePortName: ServicePortInfo] = [:]
         for name in names { before[name] = memory.plan.servicePorts[name] }
         memory.plan.update(names, state: state, nodeName: nodeName)
-        memory.state = state
         let plan = memory.plan
         for name in names where state.servicePorts[name].map({ $0.proto != .tcp && $0.proto != .udp }) == true {
             once("skip \(name)", "\(name.service):\(name.port): \(state.servicePorts[name]?.proto.rawValue ?? "?") is not relayed in userspace mode (TCP and UDP only)")
