@@ -165,9 +165,10 @@ extension CompiledRules {
     /// - a chain whose rules equal those in `applied` is left out entirely: neither its
     ///   `:CHAIN` line, which with `--noflush` would flush the chain, nor its rules;
     /// - a chain that differs by a few rules (a Service added or deleted) is edited in place:
-    ///   `-D CHAIN <spec>` for each rule that goes, then `-I CHAIN <position>` (or `-A` at the
-    ///   end) for each rule that comes, at the position it has in the new rules, so the
-    ///   NodePort jump stays last in KUBE-SERVICES (see `TopLevelEdits`);
+    ///   `-D CHAIN <spec>` for each rule that goes, then, in nat KUBE-SERVICES, `-I CHAIN 1` for
+    ///   each rule that comes (its per-service rules are order-free; the NodePort dispatch stays
+    ///   last: `TopLevelEdits.unordered`), and in the other chains `-I CHAIN <position>` (or `-A`
+    ///   at the end), at the position the rule has in the new rules (`TopLevelEdits.edits`);
     /// - any other chain is written whole, as a full sync writes it.
     ///
     /// Per-service chains and deletions are kept. The edits come first among the table's rule
