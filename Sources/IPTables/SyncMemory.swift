@@ -166,9 +166,10 @@ extension CompiledRules {
     /// - a chain whose rules equal those in `applied` is left out entirely: neither its
     ///   `:CHAIN` line, which with `--noflush` would flush the chain, nor its rules;
     /// - a chain that differs by a few rules (a Service added or deleted) is edited in place:
-    ///   `-D CHAIN <spec>` for each rule that goes, then `-I CHAIN <position>` (or `-A` at the
-    ///   end) for each rule that comes, at the position it has in the new rules, so the
-    ///   NodePort jump stays last in KUBE-SERVICES (see `TopLevelEdits`);
+    ///   `-D CHAIN <spec>` for each rule that goes, then, in nat KUBE-SERVICES, `-I CHAIN 1` for
+    ///   each rule that comes (its per-service rules are order-free; the NodePort dispatch stays
+    ///   last: `TopLevelEdits.unordered`), and in the other chains `-I CHAIN <position>` (or `-A`
+    ///   at the end), at the position the rule has in the new rules (`TopLevelEdits.edits`);
     /// - any other chain is written whole, as a full sync writes it.
     ///
     /// Per-service chains and deletions are kept. The edits come first among the table's rule
@@ -199,6 +200,13 @@ extension CompiledRules {
                 if before == split.rules[i] {
                     drop[i] = true
                     omitted.append("\(table.rawValue)/\(name)")
+                } else if table == .nat && name == Chain.services {
+                    // Order-free: the kernel keeps the order the edits leave (see `TopLevelEdits.unordered`).
+                    guard let e = TopLevelEdits.unordered(chain: name, from: before, to: split.rules[i]) else { continue }
+                    drop[i] = true
+                    chains[name] = e.result
+                    if e.lines.isEmpty { omitted.append("\(table.rawValue)/\(name)") }
+                    edits += e.lines
                 } else if let e = TopLevelEdits.edits(chain: name, from: before, to: split.rules[i]) {
                     drop[i] = true
                     edits += e
@@ -220,6 +228,60 @@ extension CompiledRules {
 
 /// In-place edits of one top-level chain, from the rules the kernel holds to the new ones.
 enum TopLevelEdits {
+    /// The rule that must stay last in nat KUBE-SERVICES jumps here.
+    private static let nodePortsJump = " -j \(Chain.nodePorts)"
+
+    /// Edits of nat KUBE-SERVICES that keep its meaning but not kube-proxy's order: `-D CHAIN
+    /// <rule>` for each rule that goes, then `-I CHAIN 1 <rule>` for each that comes (in reverse,
+    /// so the new rules head the chain in their own order), and `result`, the chain as the kernel
+    /// holds it afterwards. Nil when writing the chain whole is the better or the only safe choice:
+    /// the NodePort dispatch (the trailing rules jumping to KUBE-NODEPORTS) changes or is not at
+    /// the end, a rule appears twice, or more than a quarter of the rules change. An unchanged
+    /// set of rules in another order gives no lines.
+    ///
+    /// Every other rule of the chain jumps on its own destination address, protocol and port (a
+    /// cluster IP, external IP or load-balancer IP of one service port, which the API keeps
+    /// distinct), so at most one of them matches a packet and their order is not part of the
+    /// chain's meaning; kube-proxy itself writes them in Go map order, different on every sync.
+    /// `-I CHAIN 1` needs no rule lookup, where `-I CHAIN <n>` makes iptables-nft-restore read and
+    /// walk the chain's rules first (docs/iptables-sync.md).
+    static func unordered(chain: String, from old: [String], to new: [String]) -> (lines: [String], result: [String])? {
+        func tail(_ rules: [String]) -> Int {
+            var k = rules.count
+            while k > 0 && rules[k - 1].hasSuffix(nodePortsJump) { k -= 1 }
+            return k
+        }
+        let oldBody = tail(old), newBody = tail(new)
+        guard old[oldBody...] == new[newBody...] else { return nil }
+        if old[..<oldBody].contains(where: { $0.hasSuffix(nodePortsJump) }) || new[..<newBody].contains(where: { $0.hasSuffix(nodePortsJump) }) {
+            return nil
+        }
+        var inOld = Set<String>(minimumCapacity: old.count)
+        for line in old where !inOld.insert(line).inserted { return nil }
+        var inNew = Set<String>(minimumCapacity: new.count)
+        for line in new where !inNew.insert(line).inserted { return nil }
+        let limit = max(old.count, new.count) / 4
+        let deleted = old[..<oldBody].filter { !inNew.contains($0) }
+        let inserted = new[..<newBody].filter { !inOld.contains($0) }
+        guard deleted.count + inserted.count <= limit || (deleted.isEmpty && inserted.isEmpty) else { return nil }
+        let head = "-A \(chain) "
+        var lines: [String] = []
+        lines.reserveCapacity(deleted.count + inserted.count)
+        for line in deleted {
+            guard line.hasPrefix(head) else { return nil }
+            lines.append("-D \(chain) \(line.dropFirst(head.count))")
+        }
+        for line in inserted.reversed() {
+            guard line.hasPrefix(head) else { return nil }
+            lines.append("-I \(chain) 1 \(line.dropFirst(head.count))")
+        }
+        var result = inserted
+        result.reserveCapacity(new.count)
+        for line in old[..<oldBody] where inNew.contains(line) { result.append(line) }
+        result += old[oldBody...]
+        return (lines, result)
+    }
+
     /// The `-D`/`-I`/`-A` lines that turn `old` into `new`, or nil when writing the chain whole
     /// is the better (or the only safe) choice: a rule appears twice in either list (a `-D` by
     /// specification would be ambiguous), the rules both lists keep are not in the same order,

@@ -62,11 +62,18 @@ public enum ManifestParser {
             throw ManifestLimitError(description: "\(aliases) YAML aliases, more than the \(limits.maximumAliases) accepted")
         }
         // Parse every document before using any: a syntax error anywhere fails the whole file.
-        // Each tree is measured before it is expanded into dictionaries.
-        var budget = text.utf8.count + limits.extraNodes
-        let allowed = budget
-        let docs = try YAMLTrees.documents(text) { root in
-            try measure(root, depth: 0, budget: &budget, limits: limits, allowed: allowed)
+        // The plainest block YAML (what generators write) takes the fast path, which declines
+        // aliases, deep nesting and every error; anything else goes through Yams, where each
+        // tree is measured before it is expanded into dictionaries.
+        let docs: [Any]
+        if let fast = PlainBlockYAML.documents(text, maximumDepth: limits.maximumDepth) {
+            docs = fast
+        } else {
+            var budget = text.utf8.count + limits.extraNodes
+            let allowed = budget
+            docs = try YAMLTrees.documents(text) { root in
+                try measure(root, depth: 0, budget: &budget, limits: limits, allowed: allowed)
+            }
         }
         for doc in docs {
             defer { index += 1 }

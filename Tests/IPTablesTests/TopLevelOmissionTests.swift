@@ -111,12 +111,14 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         var text = fake.restores.last!
         let lines = text.split(separator: "\n")
         #expect(!lines.contains { $0.hasPrefix(":KUBE-SERVICES ") || $0.hasPrefix(":KUBE-NODEPORTS ") }, "\(text)")
+        // Inserted at the head (no rule lookup), not at kube-proxy's position: the order of the
+        // per-service rules is not part of the chain's meaning; the NodePort dispatch stays last.
         let inserts = lines.filter { $0.hasPrefix("-I KUBE-SERVICES ") }
-        #expect(inserts.count == 1 && inserts[0].hasPrefix("-I KUBE-SERVICES 3 -m comment --comment \"ns3/c:p80 cluster IP\""), "\(text)")
+        #expect(inserts.count == 1 && inserts[0].hasPrefix("-I KUBE-SERVICES 1 -m comment --comment \"ns3/c:p80 cluster IP\""), "\(text)")
         let after = fake.rules("nat", "KUBE-SERVICES")
         #expect(after.count == 4)
-        #expect(Array(after[0..<2]) == Array(before[0..<2]) && after[3] == before[2])
-        #expect(after[2].contains("ns3/c:p80 cluster IP"))
+        #expect(Array(after[1...]) == before)
+        #expect(after[0].contains("ns3/c:p80 cluster IP"))
         let cChains = fake.chains("nat").filter { name in Chain.isServiceChain(name) && fake.rules("nat", name).contains { $0.contains("ns3/c") } }
         #expect(cChains.count == 2)
 
@@ -125,7 +127,7 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         text = fake.restores.last!
         #expect(!text.contains(":KUBE-SERVICES "), "\(text)")
         let deletes = text.split(separator: "\n").filter { $0.hasPrefix("-D KUBE-SERVICES ") }.map(String.init)
-        #expect(deletes == ["-D KUBE-SERVICES " + after[2]], "\(text)")
+        #expect(deletes == ["-D KUBE-SERVICES " + after[0]], "\(text)")
         // The rule goes before its chains: -D first, -X after.
         let d = try #require(text.range(of: "-D KUBE-SERVICES ")), x = try #require(text.range(of: "-X "))
         #expect(d.lowerBound < x.lowerBound)
@@ -152,6 +154,39 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         // An insertion at the end is an append.
         let appended = try #require(TopLevelEdits.edits(chain: Chain.services, from: Array(old[..<8]), to: Array(old[..<8]) + ["\(head)z -j KUBE-SVC-Z"]))
         #expect(appended == ["\(head)z -j KUBE-SVC-Z"])
+    }
+
+    /// nat KUBE-SERVICES is edited without regard to the order of its per-service rules: new
+    /// rules go to the head with `-I CHAIN 1`, in their own order; the NodePort dispatch stays
+    /// last, and a change to it (or a rule twice, or too many changes) writes the chain whole.
+    @Test func kubeServicesEditsIgnoreTheOrderOfServiceRules() throws {
+        let head = "-A KUBE-SERVICES -m comment --comment "
+        let last = "\(head)\"kubernetes service nodeports\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+        let old = (0..<16).map { "\(head)r\($0) -j KUBE-SVC-\($0)" } + [last]
+        var new = old
+        new.insert("\(head)r3a -j KUBE-SVC-3A", at: 4)
+        new.insert("\(head)r3b -j KUBE-SVC-3B", at: 5)
+        new.remove(at: 1)
+        let e = try #require(TopLevelEdits.unordered(chain: Chain.services, from: old, to: new))
+        #expect(e.lines == ["-D KUBE-SERVICES -m comment --comment r1 -j KUBE-SVC-1",
+                            "-I KUBE-SERVICES 1 -m comment --comment r3b -j KUBE-SVC-3B",
+                            "-I KUBE-SERVICES 1 -m comment --comment r3a -j KUBE-SVC-3A"])
+        #expect(e.result == [new[3], new[4]] + old.filter { $0 != old[1] })
+        #expect(Set(e.result) == Set(new) && e.result.last == last)
+        // From the kernel's order to the compiled one: the same rules, nothing to write.
+        let same = try #require(TopLevelEdits.unordered(chain: Chain.services, from: e.result, to: new))
+        #expect(same.lines.isEmpty && same.result == e.result)
+        // The next edit starts from the kernel's order.
+        let next = try #require(TopLevelEdits.unordered(chain: Chain.services, from: e.result, to: new.filter { !$0.contains("r3a ") }))
+        #expect(next.lines == ["-D KUBE-SERVICES -m comment --comment r3a -j KUBE-SVC-3A"])
+        #expect(next.result == e.result.filter { !$0.contains("r3a ") })
+        // The dispatch changed, moved or missing; a rule twice; more than a quarter changed: none.
+        let otherLast = last.replacingOccurrences(of: "LOCAL", with: "LOCAL ! -d 127.0.0.0/8")
+        #expect(TopLevelEdits.unordered(chain: Chain.services, from: old, to: Array(old.dropLast()) + [otherLast]) == nil)
+        #expect(TopLevelEdits.unordered(chain: Chain.services, from: old, to: [last] + old.dropLast()) == nil)
+        #expect(TopLevelEdits.unordered(chain: Chain.services, from: old, to: Array(old.dropLast())) == nil)
+        #expect(TopLevelEdits.unordered(chain: Chain.services, from: old, to: [old[0]] + old) == nil)
+        #expect(TopLevelEdits.unordered(chain: Chain.services, from: old, to: Array(old[8...])) == nil)
     }
 
     @Test func losingEveryEndpointWritesTheFilterChain() async throws {
