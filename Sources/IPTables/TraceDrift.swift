@@ -107,11 +107,25 @@ public enum IPTablesDrift {
             }
         }
         for e in extra { items.append(DriftItem(kind: .extra, owner: owner(e), object: object, want: nil, have: e.text)) }
-        if items.isEmpty && want.map(\.canonical) != have.map(\.canonical) {
+        if items.isEmpty && !sameMeaningfulOrder(table: table, chain: chain, want, have) {
             items.append(DriftItem(kind: .different, owner: "", object: "\(table) chain \(chain) rule order",
                                    want: want.map(\.text).joined(separator: "\n"), have: have.map(\.text).joined(separator: "\n")))
         }
         return items
+    }
+
+    /// Whether two rule lists with the same rules are in an equivalent order. In nat
+    /// KUBE-SERVICES the per-service rules match distinct destinations, so their order carries
+    /// no meaning (a partial sync inserts a new Service's rules at the head of the chain; see
+    /// docs/iptables-sync.md); only the NodePort jump must stay last.
+    private static func sameMeaningfulOrder(table: String, chain: String, _ want: [ParsedRule], _ have: [ParsedRule]) -> Bool {
+        guard table == "nat" && chain == Chain.services else { return want.map(\.canonical) == have.map(\.canonical) }
+        func normalised(_ rules: [ParsedRule]) -> [String] {
+            var k = rules.count
+            while k > 0 && rules[k - 1].target == Chain.nodePorts { k -= 1 }
+            return rules[..<k].map(\.canonical).sorted() + rules[k...].map(\.canonical)
+        }
+        return normalised(want) == normalised(have)
     }
 
     /// Per-service chain -> `ns/name:port`, from rule comments and from the jumps to the chain.

@@ -2,7 +2,7 @@
 // A netlink socket confined to an actor: one request (or a batch of requests in one
 // sendmsg) at a time, replies matched by sequence number.
 
-import CNetlink
+internal import CNetlink
 
 #if canImport(Glibc)
 import Glibc

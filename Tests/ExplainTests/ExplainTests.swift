@@ -265,6 +265,26 @@ private func splitEndpointIP(_ text: String) -> IPAddress? {
         #expect(items == [DriftItem(kind: .missing, owner: "ns3/svc3:p80", object: "nat KUBE-SERVICES rule", want: String(line), have: nil)])
     }
 
+    @Test func kubeServicesOrderMattersOnlyForTheNodePortJump() throws {
+        let lines = kernelText.split(separator: "\n").map(String.init)
+        let services = lines.filter { $0.hasPrefix("-A KUBE-SERVICES ") && !$0.contains("-j KUBE-NODEPORTS") }
+        let nodePorts = try #require(lines.first { $0.hasPrefix("-A KUBE-SERVICES ") && $0.contains("-j KUBE-NODEPORTS") })
+        try #require(services.count >= 2)
+        // A partial sync inserts a new Service's rules at the head: no drift.
+        let moved = services.last!
+        let headFirst = compare { text in
+            text.replacingOccurrences(of: moved + "\n", with: "")
+                .replacingOccurrences(of: services.first! + "\n", with: moved + "\n" + services.first! + "\n")
+        }
+        #expect(headFirst == [])
+        // The NodePort jump anywhere but last is drift.
+        let jumpFirst = compare { text in
+            text.replacingOccurrences(of: nodePorts + "\n", with: "")
+                .replacingOccurrences(of: services.first! + "\n", with: nodePorts + "\n" + services.first! + "\n")
+        }
+        #expect(jumpFirst.map(\.object) == ["nat chain KUBE-SERVICES rule order"])
+    }
+
     @Test func changedProbabilityIsOneDifferentRule() throws {
         let line = try #require(kernelText.split(separator: "\n").first { $0.contains("--probability 0.5000000000") })
         let edited = line.replacingOccurrences(of: "0.5000000000", with: "0.9000000000")

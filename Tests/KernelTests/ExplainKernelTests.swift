@@ -149,7 +149,7 @@ struct ExplainKernelTests {
             var d = await diff()
             #expect(d.status == 1 && d.stdout.contains("1 difference") && d.stdout.contains(np.portName("http"))
                     && d.stdout.contains("missing nat KUBE-SERVICES rule"), "\(d)")
-            // Put back at the end of the chain: the same rules in another order.
+            // Put back at the end of the chain, after the NodePort jump (which must stay last).
             r = await bed.iptables(["-t", "nat", "-A"] + tokenize(rule.dropFirst(3)))
             #expect(r.succeeded, "\(r)")
             d = await diff()
