@@ -41,11 +41,19 @@ func makeNFTablesMode(options: ProxyOptions, node: NodeConfig, family: IPFamily,
 /// libnftables call), so the library's parse memory is not the proxy's.
 @Sendable func applyInChild(_ text: String, operation: String) async throws {
     do {
-        _ = try await ProcessRunner().check("/proc/self/exe", ["nft-apply"], input: text)
+        _ = try await ProcessRunner(timeout: nftApplyTimeout(bytes: text.utf8.count)).check("/proc/self/exe", ["nft-apply"], input: text)
     } catch {
         throw NFTablesError(operation: operation, message: error.message.trimmingCharacters(in: .whitespacesAndNewlines),
                             status: error.status ?? -1)
     }
+}
+
+/// How long a `sluice nft-apply` child may run: the usual 60 s for a hung tool, or 1 s per
+/// 10 KB of transaction when that is longer. The kernel's cost of a full transaction grows
+/// faster than its size (anonymous sets): 10 000 Services × 10 endpoints, about 15 MB, take
+/// minutes, and a 60 s limit killed every such start-up.
+func nftApplyTimeout(bytes: Int) -> Duration {
+    max(ProcessRunner.defaultTimeout, .seconds(bytes / 10_000))
 }
 
 /// `sluice nft-apply` (hidden): applies the `nft -f` text on standard input as one libnftables
