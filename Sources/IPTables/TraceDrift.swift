@@ -123,6 +123,8 @@ public enum IPTablesDrift {
         func normalised(_ rules: [ParsedRule]) -> [String] {
             var k = rules.count
             while k > 0 && rules[k - 1].target == Chain.nodePorts { k -= 1 }
+            // A NodePort jump before other rules is out of place: keep the order as it is.
+            if rules[..<k].contains(where: { $0.target == Chain.nodePorts }) { return rules.map(\.canonical) }
             return rules[..<k].map(\.canonical).sorted() + rules[k...].map(\.canonical)
         }
         return normalised(want) == normalised(have)

@@ -266,23 +266,33 @@ private func splitEndpointIP(_ text: String) -> IPAddress? {
     }
 
     @Test func kubeServicesOrderMattersOnlyForTheNodePortJump() throws {
-        let lines = kernelText.split(separator: "\n").map(String.init)
-        let services = lines.filter { $0.hasPrefix("-A KUBE-SERVICES ") && !$0.contains("-j KUBE-NODEPORTS") }
-        let nodePorts = try #require(lines.first { $0.hasPrefix("-A KUBE-SERVICES ") && $0.contains("-j KUBE-NODEPORTS") })
+        // The nat table's KUBE-SERVICES (the filter table has a chain of the same name).
+        let natStart = try #require(kernelText.range(of: "*nat\n")).upperBound
+        let nat = kernelText[natStart...].split(separator: "\n").map(String.init)
+        let services = nat.filter { $0.hasPrefix("-A KUBE-SERVICES ") && !$0.hasSuffix("-j KUBE-NODEPORTS") }
+        let nodePorts = try #require(nat.first { $0.hasPrefix("-A KUBE-SERVICES ") && $0.hasSuffix("-j KUBE-NODEPORTS") })
         try #require(services.count >= 2)
+        func editNat(_ text: String, _ edit: (String) -> String) -> String {
+            let i = text.range(of: "*nat\n")!.upperBound
+            return String(text[..<i]) + edit(String(text[i...]))
+        }
         // A partial sync inserts a new Service's rules at the head: no drift.
         let moved = services.last!
         let headFirst = compare { text in
-            text.replacingOccurrences(of: moved + "\n", with: "")
-                .replacingOccurrences(of: services.first! + "\n", with: moved + "\n" + services.first! + "\n")
+            editNat(text) { nat in
+                nat.replacingOccurrences(of: moved + "\n", with: "")
+                    .replacingOccurrences(of: services.first! + "\n", with: moved + "\n" + services.first! + "\n")
+            }
         }
         #expect(headFirst == [])
-        // The NodePort jump anywhere but last is drift.
-        let jumpFirst = compare { text in
-            text.replacingOccurrences(of: nodePorts + "\n", with: "")
-                .replacingOccurrences(of: services.first! + "\n", with: nodePorts + "\n" + services.first! + "\n")
+        // A Service rule after the NodePort jump, or the jump first, is drift.
+        for edit in [{ (nat: String) in nat.replacingOccurrences(of: moved + "\n", with: "")
+                                        .replacingOccurrences(of: nodePorts + "\n", with: nodePorts + "\n" + moved + "\n") },
+                     { (nat: String) in nat.replacingOccurrences(of: nodePorts + "\n", with: "")
+                                        .replacingOccurrences(of: services.first! + "\n", with: nodePorts + "\n" + services.first! + "\n") }] {
+            let items = compare { editNat($0, edit) }
+            #expect(items.map(\.object) == ["nat chain KUBE-SERVICES rule order"])
         }
-        #expect(jumpFirst.map(\.object) == ["nat chain KUBE-SERVICES rule order"])
     }
 
     @Test func changedProbabilityIsOneDifferentRule() throws {

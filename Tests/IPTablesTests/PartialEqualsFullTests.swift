@@ -49,6 +49,8 @@ private func meaningful(_ table: String, _ chain: String, _ rules: [String]) -> 
     guard table == "nat" && chain == "KUBE-SERVICES" else { return rules }
     var k = rules.count
     while k > 0 && rules[k - 1].hasSuffix(" -j KUBE-NODEPORTS") { k -= 1 }
+    // A NodePort jump before other rules is out of place: keep the order as it is.
+    if rules[..<k].contains(where: { $0.hasSuffix(" -j KUBE-NODEPORTS") }) { return rules }
     return rules[..<k].sorted() + rules[k...]
 }
 
