@@ -12,6 +12,5 @@
 #include <linux/if_link.h>
 #include <linux/if_addr.h>
 #include <linux/ip_vs.h>
-#include <linux/netfilter/nfnetlink.h>
 
 #endif
