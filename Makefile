@@ -9,7 +9,7 @@ PYTHON = /usr/bin/python3
 # Test suites that need IPVS and dummy devices: they run inside user-mode Linux.
 UML_TESTS = IPVSKernelTests|IPVSClientKernelTests|ExplainIPVSKernelTests
 
-.PHONY: deps build demo test uml-test unit-test kernel-test compile-example clean release bench bench-smoke soak
+.PHONY: deps build demo test check-imports uml-test unit-test kernel-test compile-example clean release bench bench-smoke soak
 
 # Install the Debian packages the build and the tests need (once per machine).
 deps:
@@ -26,11 +26,12 @@ build: deps
 demo: build
 	SLUICE_BIN=$(BIN) bash scripts/demo.sh
 
-# Every test: golden, model, partial sync, and real-kernel tests in namespaces; first the
-# IPVS kernel tests inside user-mode Linux (one guest boot), then the benchmark harness at
-# smoke scale (it fails when a case loses a number; in CI every mode must be measured), then
-# the host suite last so its summary is the last line printed.
-test: uml-test
+# Every test: first the cheap check that Package.swift declares every module a target
+# imports, then golden, model, partial sync, and real-kernel tests in namespaces: the IPVS
+# kernel tests inside user-mode Linux (one guest boot), then the benchmark harness at smoke
+# scale (it fails when a case loses a number; in CI every mode must be measured), then the
+# host suite last so its summary is the last line printed.
+test: check-imports uml-test
 	cd benchmarks && $(PYTHON) -m unittest sluicebench.test_payload
 	@if [ "$$(id -u)" = 0 ]; then \
 		$(MAKE) --no-print-directory bench-smoke BENCH_FLAGS="$(if $(filter true,$(CI)),--strict)"; \
@@ -38,6 +39,10 @@ test: uml-test
 		echo "bench-smoke skipped: not root (it needs network namespaces and iptables)"; \
 	fi
 	SLUICE_BIN=$(abspath $(BIN)) $(SWIFT) test --skip-build --disable-xctest
+
+# Package.swift declares what each target imports (docs/architecture.md); no build needed.
+check-imports:
+	$(PYTHON) scripts/check-target-imports.py
 
 # Only the IPVS kernel tests, inside user-mode Linux, one suite at a time: the guest has one
 # CPU, and suites sending traffic side by side there made UDP clients retry and skew counts.

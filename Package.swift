@@ -51,11 +51,18 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
+        // The kernel kit every mode shares: the iptables tools and their one restorer (flags,
+        // lock handling), jump installer, iptables-save reader and version probe, and the one
+        // sysctl writer. Each mode declares its own chains, jumps and clean-up with it.
+        .target(
+            name: "KernelKit",
+            dependencies: ["SluiceCore"]
+        ),
         // iptables-restore compiler (pure) and the backend that applies it.
         .target(
             name: "IPTables",
             dependencies: [
-                "SluiceCore", "ChainHashing",
+                "SluiceCore", "ChainHashing", "KernelKit",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -63,7 +70,7 @@ let package = Package(
         .target(
             name: "Userspace",
             dependencies: [
-                "SluiceCore", "IPTables",
+                "SluiceCore", "IPTables", "KernelKit",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -93,7 +100,7 @@ let package = Package(
         .target(
             name: "Conntrack",
             dependencies: [
-                "SluiceCore", "CConntrack", "Netlink",
+                "SluiceCore", "CConntrack", "Netlink", "KernelKit",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -114,7 +121,7 @@ let package = Package(
         .executableTarget(
             name: "sluice",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace", "NFTables", "Netlink",
+                "SluiceCore", "KubeAPI", "KernelKit", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace", "NFTables", "Netlink",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),
@@ -138,7 +145,7 @@ let package = Package(
         .target(
             name: "IPVS",
             dependencies: [
-                "SluiceCore", "Netlink", "IPTables", "CIPSet",
+                "SluiceCore", "Netlink", "KernelKit", "IPTables", "CIPSet",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -162,7 +169,7 @@ let package = Package(
         .target(
             name: "SluiceTesting",
             dependencies: [
-                "SluiceCore", "KubeAPI", "IPTables", "IPVS", "Netlink",
+                "SluiceCore", "KubeAPI", "KernelKit", "IPTables", "IPVS", "Userspace", "Netlink",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -182,21 +189,21 @@ let package = Package(
         ),
         .testTarget(
             name: "IPTablesTests",
-            dependencies: ["IPTables", "ChainHashing", "SluiceCore", "KubeAPI", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["IPTables", "KernelKit", "ChainHashing", "SluiceCore", "KubeAPI", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
             resources: [.copy("Fixtures")]
         ),
-        .testTarget(name: "ExplainTests", dependencies: ["IPTables", "IPVS", "Userspace", "SluiceCore", "SluiceTesting"]),
+        .testTarget(name: "ExplainTests", dependencies: ["IPTables", "KernelKit", "IPVS", "Userspace", "SluiceCore", "SluiceTesting"]),
         .testTarget(name: "CLITests", dependencies: ["SluiceTesting", .product(name: "Yams", package: "Yams")], exclude: ["Fixtures"]),
         .testTarget(name: "ConntrackTests", dependencies: ["Conntrack", "CConntrack", "SluiceCore", "SluiceTesting", .product(name: "Logging", package: "swift-log")]),
         .testTarget(
             name: "IPVSTests",
-            dependencies: ["IPVS", "Netlink", "CNetlink", "IPTables", "SluiceCore", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["IPVS", "Netlink", "CNetlink", "IPTables", "KernelKit", "SluiceCore", "SluiceTesting", .product(name: "Logging", package: "swift-log")],
             exclude: ["Golden"]
         ),
         .testTarget(
             name: "UserspaceTests",
             dependencies: [
-                "Userspace", "IPTables", "SluiceCore", "SluiceTesting",
+                "Userspace", "IPTables", "KernelKit", "SluiceCore", "SluiceTesting",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -209,7 +216,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KernelTests",
-            dependencies: ["IPTables", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice", "Conntrack", "conntrack-probe", "ipset-probe",
+            dependencies: ["IPTables", "KernelKit", "Userspace", "SluiceCore", "KubeAPI", "SluiceTesting", "sluice", "Conntrack", "conntrack-probe", "ipset-probe",
                            .product(name: "Yams", package: "Yams")]
         ),
     ],

@@ -1,11 +1,13 @@
 // Sluice: a per-node Kubernetes service proxy.
 // The conntrack sysctls kube-proxy sets at startup (cmd/kube-proxy/app/conntrack.go and
 // server_linux.go): the table size, its hash size, four timeouts and TCP liberal mode. Each
-// is written only when the kernel's value differs.
+// is written only when the kernel's value differs, through the kernel kit's `SysctlWriter`
+// with the conntrack-specific hints.
 
 #if canImport(Glibc)
 import Glibc
 #endif
+import KernelKit
 import SluiceCore
 
 /// The conntrack settings; nil (or false for `tcpBeLiberal`) means "leave the kernel's value".
@@ -40,29 +42,6 @@ public struct ConntrackSysctlSettings: Sendable, Hashable {
 
     /// True when nothing is to be set.
     public var isEmpty: Bool { self == ConntrackSysctlSettings() }
-}
-
-/// What happened to one setting.
-public enum SysctlOutcome: Sendable, Hashable, CustomStringConvertible {
-    /// It already had the value.
-    case unchanged(name: String, value: Int)
-    /// It was written.
-    case changed(name: String, from: Int, to: Int)
-    /// It could not be read or written; `hint` says why and what to do.
-    case failed(name: String, wanted: Int, current: Int?, errno: Int32, hint: String)
-
-    /// One log line.
-    public var description: String {
-        switch self {
-        case .unchanged(let name, let value):
-            return "\(name) is already \(value)"
-        case .changed(let name, let from, let to):
-            return "set \(name) to \(to) (was \(from))"
-        case .failed(let name, let wanted, let current, let e, let hint):
-            let now = current.map { " (it is \($0))" } ?? ""
-            return "cannot set \(name) to \(wanted)\(now): \(String(cString: strerror(e))); \(hint)"
-        }
-    }
 }
 
 /// Reads and writes the conntrack sysctls. The paths are parameters so that tests can point
@@ -102,8 +81,8 @@ public struct ConntrackSysctls: Sendable {
             out.append(set("nf_conntrack_max", max))
             // Reading the hash size never fails where conntrack exists; raising it is allowed
             // only from the host's network namespace (the kernel says EOPNOTSUPP elsewhere).
-            if let hashsize = read(hashsizePath), hashsize < max / 4 {
-                out.append(write(path: hashsizePath, name: "nf_conntrack hashsize", value: max / 4, current: hashsize))
+            if let hashsize = SysctlWriter.read(hashsizePath), hashsize < max / 4 {
+                out.append(writer.write(path: hashsizePath, name: "nf_conntrack hashsize", value: max / 4, current: hashsize))
             }
         }
         func timeout(_ name: String, _ d: Duration?) {
@@ -119,45 +98,14 @@ public struct ConntrackSysctls: Sendable {
         return out
     }
 
+    /// The writer, with the conntrack hints.
+    private var writer: SysctlWriter {
+        SysctlWriter(root: procDirectory, hint: { [self] e, name in hint(e, name: name) })
+    }
+
     /// Sets `net.netfilter.<name>` when it differs.
     private func set(_ name: String, _ value: Int) -> SysctlOutcome {
-        let path = "\(procDirectory)/\(name)"
-        let sysctlName = "net.netfilter.\(name)"
-        errno = 0
-        guard let current = read(path) else {
-            let e = errno == 0 ? ENOENT : errno
-            return .failed(name: sysctlName, wanted: value, current: nil, errno: e, hint: hint(e, name: name))
-        }
-        if current == value { return .unchanged(name: sysctlName, value: value) }
-        return write(path: path, name: sysctlName, value: value, current: current)
-    }
-
-    private func write(path: String, name: String, value: Int, current: Int) -> SysctlOutcome {
-        let fd = open(path, O_WRONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            let e = errno
-            return .failed(name: name, wanted: value, current: current, errno: e, hint: hint(e, name: name))
-        }
-        defer { close(fd) }
-        let text = Array("\(value)\n".utf8)
-        let n = text.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-        guard n == text.count else {
-            let e = n < 0 ? errno : EIO
-            return .failed(name: name, wanted: value, current: current, errno: e, hint: hint(e, name: name))
-        }
-        return .changed(name: name, from: current, to: value)
-    }
-
-    /// The integer in `path`, or nil (errno set).
-    private func read(_ path: String) -> Int? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 64)
-        let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-        guard n > 0 else { return nil }
-        let text = String(decoding: buffer[0..<n], as: UTF8.self).trimmingASCIIWhitespace()
-        return Int(text)
+        writer.set(path: "\(procDirectory)/\(name)", name: "net.netfilter.\(name)", value)
     }
 
     /// What an errno means for a conntrack setting, and what the operator can do.

@@ -3,73 +3,17 @@
 // rules and the canary chains in place, deletes stale chains, and cleans up on request.
 
 import Foundation
+import KernelKit
 import Logging
 import SluiceCore
-
-/// Which iptables binaries to call.
-public enum IPTablesVariant: String, Sendable, Hashable, CaseIterable {
-    /// Whatever `iptables` is on this host (Debian's alternatives pick nft by default).
-    case auto
-    /// `iptables-nft*`.
-    case nft
-    /// `iptables-legacy*`.
-    case legacy
-}
-
-/// The three binaries of one iptables flavour and family.
-public struct IPTablesTools: Sendable, Hashable {
-    public var iptables: String
-    public var restore: String
-    public var save: String
-
-    /// Tool names for a variant and family.
-    public init(variant: IPTablesVariant, family: IPFamily) {
-        let base = family == .ipv4 ? "iptables" : "ip6tables"
-        let suffix = variant == .auto ? "" : "-\(variant.rawValue)"
-        iptables = base + suffix
-        restore = base + suffix + "-restore"
-        save = base + suffix + "-save"
-    }
-}
-
-/// A failure of the iptables backend, with the tool's own message.
-public struct IPTablesError: Error, Sendable, CustomStringConvertible {
-    /// What the backend was doing.
-    public var operation: String
-    /// The failed command.
-    public var underlying: CommandError
-
-    public var description: String { "\(operation): \(underlying)" }
-}
-
-/// Facts about the installed iptables, read once at start-up.
-public struct IPTablesFeatures: Sendable, Hashable {
-    /// e.g. "1.8.9".
-    public var version: String
-    /// "nf_tables" or "legacy".
-    public var mode: String
-    /// `--random-fully` is supported (>= 1.6.2).
-    public var randomFully: Bool
-
-    /// Parses `iptables --version` output such as `iptables v1.8.9 (nf_tables)`.
-    public static func parse(_ text: String) -> IPTablesFeatures? {
-        guard let vRange = text.range(of: " v") else { return nil }
-        let rest = text[vRange.upperBound...]
-        let version = String(rest.prefix { $0.isNumber || $0 == "." })
-        let nums = version.split(separator: ".").compactMap { Int($0) }
-        guard nums.count >= 2 else { return nil }
-        let mode = text.contains("nf_tables") ? "nf_tables" : "legacy"
-        let padded = nums + [0, 0, 0]
-        let atLeast162 = (padded[0], padded[1], padded[2]) >= (1, 6, 2)
-        return IPTablesFeatures(version: version, mode: mode, randomFully: atLeast162)
-    }
-}
 
 /// The iptables backend for one IP family.
 public actor IPTablesBackend: ProxyBackend {
     public nonisolated let name = "iptables"
     private let tools: IPTablesTools
     private let runner: any CommandRunner
+    private let restorer: IPTablesRestorer
+    private let jumps: JumpInstaller
     private let logger: Logger
     /// The compiler options in force (random-fully and be_liberal resolved at start-up).
     public let options: IPTablesOptions
@@ -94,6 +38,8 @@ public actor IPTablesBackend: ProxyBackend {
         self.options = options
         self.tools = tools
         self.runner = runner
+        self.restorer = IPTablesRestorer(tools: tools, runner: runner)
+        self.jumps = JumpInstaller(tools: tools, runner: runner)
         self.logger = logger
         self.batching = batching
     }
@@ -103,26 +49,13 @@ public actor IPTablesBackend: ProxyBackend {
     public static func create(node: NodeConfig, family: IPFamily, variant: IPTablesVariant, runner: any CommandRunner,
                               nfacctCounters: Set<String> = [], logger: Logger) async throws -> IPTablesBackend {
         let tools = IPTablesTools(variant: variant, family: family)
-        let versionOut: CommandResult
-        do {
-            versionOut = try await runner.check(tools.iptables, ["--version"])
-        } catch {
-            throw IPTablesError(operation: "probing \(tools.iptables)", underlying: error)
-        }
-        guard let features = IPTablesFeatures.parse(versionOut.stdout + versionOut.stderr) else {
-            throw IPTablesError(operation: "probing \(tools.iptables)",
-                                underlying: CommandError(command: "\(tools.iptables) --version", status: 0, message: "unrecognised version text"))
-        }
-        let liberal = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", encoding: .utf8))?
-            .trimmingASCIIWhitespace() == "1"
+        let features = try await IPTablesFeatures.require(tools, runner: runner)
+        let liberal = SysctlWriter.read("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal") == 1
         if family == .ipv4 && node.localhostNodePorts {
-            let path = "/proc/sys/net/ipv4/conf/all/route_localnet"
-            if (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingASCIIWhitespace() != "1" {
-                if (try? "1\n".write(toFile: path, atomically: false, encoding: .utf8)) == nil {
-                    logger.warning("cannot set net.ipv4.conf.all.route_localnet=1: localhost NodePorts will not answer")
-                } else {
-                    logger.info("set net.ipv4.conf.all.route_localnet=1 for localhost NodePorts")
-                }
+            switch SysctlWriter().set("net/ipv4/conf/all/route_localnet", 1) {
+            case .unchanged: break
+            case .changed: logger.info("set net.ipv4.conf.all.route_localnet=1 for localhost NodePorts")
+            case .failed: logger.warning("cannot set net.ipv4.conf.all.route_localnet=1: localhost NodePorts will not answer")
             }
         }
         let local = family == .ipv4 ? LocalAddresses.current().filter { $0.family == .ipv4 } : LocalAddresses.current().filter { $0.family == .ipv6 }
@@ -131,7 +64,7 @@ public actor IPTablesBackend: ProxyBackend {
         // SLUICE_IPTABLES_BATCH_CHAINS (chains per batch, 0 for one batch) and
         // SLUICE_IPTABLES_PIECE_CHAINS (one batch compiled in pieces above this many chains)
         // override it.
-        var batching: FullSyncBatching = features.mode == "nf_tables" ? .nft : .off
+        var batching: FullSyncBatching = features.mode == .nft ? .nft : .off
         let env = ProcessInfo.processInfo.environment
         if let n = env["SLUICE_IPTABLES_BATCH_CHAINS"].flatMap({ Int($0) }) {
             batching = FullSyncBatching(chainsPerBatch: n, compileInPiecesAbove: batching.compileInPiecesAbove)
@@ -227,12 +160,12 @@ public actor IPTablesBackend: ProxyBackend {
     /// sync is full.
     private func restore(_ text: String, operation: String) async throws {
         do {
-            _ = try await runner.check(tools.restore, ["-w", "5", "-W", "100000", "--noflush", "--counters"], input: text)
+            try await restorer.restore(text, counters: true, operation: operation)
         } catch {
             memory.invalidate()
             appliedTopLevel = TopLevelRules()
             fullSyncNeeded = true
-            throw IPTablesError(operation: operation, underlying: error)
+            throw error
         }
     }
 
@@ -251,7 +184,7 @@ public actor IPTablesBackend: ProxyBackend {
         let outcomes = await withTaskGroup(of: (Int, CanaryOutcome).self) { group in
             for (i, probe) in probes.enumerated() {
                 group.addTask {
-                    let r = await runner.run(iptables, ["-w", "5", "-t", probe.table.rawValue] + probe.arguments, input: nil)
+                    let r = await runner.run(iptables, IPTablesTools.locked(probe.table, probe.arguments), input: nil)
                     return (i, CanaryOutcome(r))
                 }
             }
@@ -316,74 +249,33 @@ public actor IPTablesBackend: ProxyBackend {
         for rule in jumpRules + kubeletJumpRules where !chains.contains(where: { $0 == (rule.table, rule.target) }) {
             chains.append((rule.table, rule.target))
         }
-        for (table, chain) in chains {
-            let r = await runner.run(tools.iptables, ["-w", "5", "-t", table.rawValue, "-N", chain], input: nil)
-            if case .failure(let e) = r { throw IPTablesError(operation: "creating chain \(chain)", underlying: e) }
-        }
-        for rule in jumpRules + kubeletJumpRules {
-            let check = await runner.run(tools.iptables, ["-w", "5", "-t", rule.table.rawValue, "-C", rule.source] + rule.ruleArgs, input: nil)
-            if case .success(let r) = check, r.status == 0 { continue }
-            do {
-                _ = try await runner.check(tools.iptables, ["-w", "5", "-t", rule.table.rawValue, "-I", rule.source, "1"] + rule.ruleArgs)
-            } catch {
-                throw IPTablesError(operation: "inserting the \(rule.source) -> \(rule.target) jump", underlying: error)
-            }
-        }
+        for (table, chain) in chains { try await jumps.ensureChain(chain, in: table) }
+        for rule in jumpRules + kubeletJumpRules { try await jumps.ensureJump(rule) }
     }
 
     /// Chain names currently in `table`.
     private func chainsIn(_ table: Table) async throws -> Set<String> {
-        do {
-            let r = try await runner.check(tools.save, ["-t", table.rawValue])
-            return IPTablesBackend.parseChains(r.stdout)
-        } catch {
-            throw IPTablesError(operation: "reading the \(table.rawValue) table", underlying: error)
-        }
+        try await IPTablesReader(tools: tools, runner: runner).chains(in: table)
     }
 
     /// Chain names declared in `iptables-save` output.
-    public static func parseChains(_ save: String) -> Set<String> {
-        var out = Set<String>()
-        let utf8 = save.utf8
-        var i = utf8.startIndex
-        // Only the `:CHAIN` lines, without splitting the (tens of megabytes of) rules into lines.
-        while i < utf8.endIndex {
-            let end = utf8[i...].firstIndex(of: UInt8(ascii: "\n")) ?? utf8.endIndex
-            if utf8[i] == UInt8(ascii: ":") {
-                let start = utf8.index(after: i)
-                let nameEnd = utf8[start..<end].firstIndex(of: UInt8(ascii: " ")) ?? end
-                out.insert(String(Substring(utf8[start..<nameEnd])))
-            }
-            i = end < utf8.endIndex ? utf8.index(after: end) : end
-        }
-        return out
+    public static func parseChains(_ save: String) -> Set<String> { IPTablesReader.parseChains(save) }
+
+    /// What the iptables mode owns: the jumps from the built-in chains (kube-proxy's and the
+    /// kubelet's KUBE-FIREWALL ones), its top-level chains, the canaries and every per-service
+    /// chain, in the nat, filter and mangle tables. The userspace mode declares its own.
+    public static let footprint = IPTablesFootprint(jumps: jumpRules + kubeletJumpRules, tables: [.nat, .filter, .mangle]) { _, chain in
+        ownedTopLevel.contains(chain) || Chain.isServiceChain(chain)
     }
 
-    /// Removes every rule and chain Sluice or kube-proxy created in iptables or userspace mode:
-    /// the jump rules from the built-in chains, then every KUBE- chain of ours in one restore per table.
+    private static let ownedTopLevel: Set<String> = Set(Chain.filterTopLevel + Chain.natTopLevel + [Chain.kubeletFirewall, Chain.canary])
+
+    /// Removes every rule and chain Sluice or kube-proxy created in iptables mode: the jump
+    /// rules from the built-in chains, then every KUBE- chain of ours in one restore per table.
     public func cleanup() async throws {
-        for rule in jumpRules + kubeletJumpRules + userspaceJumpRules {
-            // A rule may have been inserted more than once; delete until it is gone.
-            for _ in 0..<16 {
-                let r = await runner.run(tools.iptables, ["-w", "5", "-t", rule.table.rawValue, "-D", rule.source] + rule.ruleArgs, input: nil)
-                guard case .success(let res) = r, res.status == 0 else { break }
-            }
-        }
-        let ours: Set<String> = Set(Chain.filterTopLevel + Chain.natTopLevel + [Chain.kubeletFirewall, Chain.canary] + Chain.userspaceNAT)
-        for table in [Table.nat, .filter, .mangle] {
-            let present = (try? await chainsIn(table)) ?? []
-            let doomed = present.filter { ours.contains($0) || Chain.isServiceChain($0) }.sorted()
-            if doomed.isEmpty { continue }
-            var text = "*\(table.rawValue)\n"
-            for c in doomed { text += ":\(c) - [0:0]\n" }
-            for c in doomed { text += "-X \(c)\n" }
-            text += "COMMIT\n"
-            do {
-                _ = try await runner.check(tools.restore, ["-w", "5", "-W", "100000", "--noflush"], input: text)
-            } catch {
-                throw IPTablesError(operation: "removing chains from the \(table.rawValue) table", underlying: error)
-            }
-            logger.info("removed \(doomed.count) chains from the \(table.rawValue) table")
+        let logger = self.logger
+        try await restorer.remove(IPTablesBackend.footprint) { table, n in
+            logger.info("removed \(n) chains from the \(table.rawValue) table")
         }
         memory = IPTablesCompileMemory()
         appliedTopLevel = TopLevelRules()

@@ -1,10 +1,8 @@
 // Sluice: a per-node Kubernetes service proxy.
-// Names of the iptables chains and the fixed jump rules (kube-proxy v1.31 layout).
+// Names of the iptables chains and the fixed jump rules (kube-proxy v1.31 layout). The
+// table and jump-rule types are the kernel kit's.
 
-/// An iptables table.
-public enum Table: String, Sendable, Hashable, CaseIterable {
-    case filter, nat, mangle
-}
+import KernelKit
 
 /// Well-known chain names.
 public enum Chain {
@@ -30,36 +28,6 @@ public enum Chain {
     public static let filterTopLevel = [services, externalServices, forward, nodePorts, proxyFirewall]
     /// Top-level nat chains, in kube-proxy's declaration order.
     public static let natTopLevel = [services, nodePorts, postrouting, markMasq]
-}
-
-/// A rule in a built-in chain that jumps to one of ours, installed outside the restore batch.
-public struct JumpRule: Sendable, Hashable {
-    public var table: Table
-    /// The built-in chain holding the rule (INPUT, FORWARD, ...).
-    public var source: String
-    /// Our chain it jumps to.
-    public var target: String
-    /// The rule's comment ("" for none).
-    public var comment: String
-    /// Extra match arguments placed before the comment.
-    public var extraArgs: [String]
-    /// Where the rule goes when it is missing: first in the chain (`-I CHAIN 1`) or last (`-A`).
-    public var position: JumpPosition = .first
-
-    /// The rule's arguments after `-A/-I/-C/-D <chain>`: extra args, comment, jump.
-    public var ruleArgs: [String] {
-        var a = extraArgs
-        if !comment.isEmpty { a += ["-m", "comment", "--comment", comment] }
-        return a + ["-j", target]
-    }
-}
-
-/// Where a jump rule is installed in its built-in chain.
-public enum JumpPosition: Sendable, Hashable {
-    /// `-I CHAIN 1`.
-    case first
-    /// `-A CHAIN`.
-    case last
 }
 
 /// kube-proxy's `iptablesJumpChains` followed by the kubelet duplicates, in order.

@@ -3,6 +3,7 @@
 // matching kube-proxy v1.31's syncProxyRules rule for rule.
 
 import ChainHashing
+import KernelKit
 import SluiceCore
 
 /// Settings the iptables compiler needs beyond the model.
@@ -65,8 +66,8 @@ public struct CompiledRules: Sendable {
     public var totalRules: [Table: Int] = [:]
     /// Whether per-endpoint comments were dropped.
     public var largeClusterMode = false
-    /// Service ports with a Local policy and no local endpoints, by "internal"/"external".
-    public var noLocalEndpoints: [String: Int] = ["internal": 0, "external": 0]
+    /// Service ports with a Local policy and no local endpoints, by traffic policy.
+    public var noLocalEndpoints: [TrafficPolicyScope: Int] = [.internal: 0, .external: 0]
     /// Per-service chains the batch deletes.
     public var deletedChains: [String] = []
 
@@ -189,8 +190,8 @@ public struct IPTablesCompiler: Sendable {
             if replay && !isChanged {
                 if let memo = memory!.entries[name] {
                     emit.replay(memo)
-                    if memo.noLocalInternal { out.noLocalEndpoints["internal", default: 0] += 1 }
-                    if memo.noLocalExternal { out.noLocalEndpoints["external", default: 0] += 1 }
+                    if memo.noLocalInternal { out.noLocalEndpoints[.internal, default: 0] += 1 }
+                    if memo.noLocalExternal { out.noLocalEndpoints[.external, default: 0] += 1 }
                     continue
                 }
                 isChanged = true  // new to the memory though not reported changed: write its chains
@@ -309,13 +310,13 @@ public struct IPTablesCompiler: Sendable {
             if !routing.hasInternalEndpoints {
                 internalFilterTarget = "DROP"
                 internalFilterComment = "\"\(spn) has no local endpoints\""
-                out.noLocalEndpoints["internal", default: 0] += 1
+                out.noLocalEndpoints[.internal, default: 0] += 1
                 emit.noLocalInternal = true
             }
             if !routing.hasExternalEndpoints {
                 externalFilterTarget = "DROP"
                 externalFilterComment = "\"\(spn) has no local endpoints\""
-                out.noLocalEndpoints["external", default: 0] += 1
+                out.noLocalEndpoints[.external, default: 0] += 1
                 emit.noLocalExternal = true
             }
         }

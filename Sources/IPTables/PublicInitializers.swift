@@ -10,10 +10,3 @@ extension TableBatch {
         rules = ruleLines
     }
 }
-
-extension JumpRule {
-    /// Creates a jump rule `-A <source> [extraArgs] -m comment --comment <comment> -j <target>` in `table`.
-    public init(_ table: Table, from source: String, to target: String, comment: String, extraArgs: [String] = []) {
-        self.init(table: table, source: source, target: target, comment: comment, extraArgs: extraArgs)
-    }
-}

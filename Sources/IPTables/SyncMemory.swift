@@ -4,6 +4,7 @@
 // the top-level chains as the last restore left them (so unchanged ones are not rewritten).
 
 import ChainHashing
+import KernelKit
 import SluiceCore
 
 /// A service port's chain names: kube-proxy's SHA-256 based names, worked out once.

@@ -5,6 +5,7 @@
 // FORWARD or OUTPUT, then nat POSTROUTING. `-m statistic` rules fork the walk, so every
 // endpoint the packet can reach is one path with its probability.
 
+import KernelKit
 import SluiceCore
 
 /// Traces packets through an iptables rule set.

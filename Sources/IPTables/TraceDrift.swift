@@ -3,6 +3,7 @@
 // filter chains the proxy owns, rule by rule in canonical form, and the jump rules from the
 // built-in chains. Read-only: two `iptables-save -t TABLE` calls.
 
+import KernelKit
 import SluiceCore
 
 /// Compares desired and actual iptables rule sets.
@@ -171,13 +172,8 @@ public struct IPTablesDriftChecker: DriftChecking {
     /// Reads the kernel's nat and filter tables (iptables-save, one call per table).
     public func readKernel() async throws -> ParsedRuleSet {
         var set = ParsedRuleSet()
-        for t in IPTablesDrift.tables {
-            do {
-                let r = try await runner.check(tools.save, ["-t", t])
-                set = ParsedRuleSet.parse(r.stdout, into: set)
-            } catch {
-                throw IPTablesError(operation: "reading the \(t) table", underlying: error)
-            }
+        for t in IPTablesDrift.tables.compactMap(Table.init(rawValue:)) {
+            set = ParsedRuleSet.parse(try await IPTablesReader(tools: tools, runner: runner).save(t), into: set)
         }
         return set
     }

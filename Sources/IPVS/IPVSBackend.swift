@@ -4,6 +4,7 @@
 // state, and writes only the difference. Removed TCP real servers drain at weight 0.
 
 import IPTables
+import KernelKit
 import Logging
 import Netlink
 import SluiceCore
@@ -85,17 +86,6 @@ public struct IPVSWriteCounters: Sendable, Hashable, CustomStringConvertible {
         "services +\(serviceAdds) ~\(serviceUpdates) -\(serviceDeletes), destinations +\(destinationAdds) ~\(destinationUpdates) -\(destinationDeletes), "
             + "flushes \(flushes), addresses +\(addressAdds) -\(addressDeletes), ipset entries +\(ipsetAdds) -\(ipsetDeletes), "
             + "sets created \(ipsetCreates), restores \(restores)"
-    }
-}
-
-/// A sync that could not write everything; the runner retries with a full sync.
-public struct IPVSSyncError: Error, Sendable, CustomStringConvertible {
-    /// One line per failure.
-    public var failures: [String]
-
-    public var description: String {
-        let shown = failures.prefix(5).joined(separator: "; ")
-        return failures.count > 5 ? "\(shown); and \(failures.count - 5) more" : shown
     }
 }
 
@@ -231,7 +221,7 @@ public actor IPVSBackend: ProxyBackend {
     /// kernel but the destinations of a TCP virtual server losing some (their connection
     /// counts decide between deleting and draining).
     private func partialSync(_ state: ProxyState, from memory: inout KernelImage, before: IPVSWriteCounters) async throws -> SyncReport {
-        var failures: [String] = []
+        var failures: [SyncFailure.Item] = []
         let compiler = IPVSCompiler(options: memory.options)
         let started = ContinuousClock.now
         let changes = compiler.update(&memory.desired, to: state, changed: state.changedServices)
@@ -271,7 +261,7 @@ public actor IPVSBackend: ProxyBackend {
         try await reapExclusively()
         logger.debug("ipvs partial sync: update of \(state.changedServices.count) Services took \(GoDuration.format(started.duration(to: compiled))), kernel writes \(GoDuration.format(compiled.duration(to: .now)))")
         let report = finishSync(desired, full: false, before: before, restoreBytes: restoreBytes)
-        guard failures.isEmpty else { throw IPVSSyncError(failures: failures) }
+        guard failures.isEmpty else { throw SyncFailure(failures) }
         image = memory
         return report
     }
@@ -279,7 +269,7 @@ public actor IPVSBackend: ProxyBackend {
     /// A sync that reads the kernel (virtual and real servers, sets, addresses) and writes
     /// the difference: every full sync, and a partial one without a valid image.
     private func readingSync(_ state: ProxyState, full: Bool, link: LinkInfo, before: IPVSWriteCounters) async throws -> SyncReport {
-        var failures: [String] = []
+        var failures: [SyncFailure.Item] = []
         let family = config.options.family
 
         // The node's addresses.
@@ -310,24 +300,24 @@ public actor IPVSBackend: ProxyBackend {
         try await reapExclusively()
 
         let report = finishSync(desired, full: full, before: before, restoreBytes: restoreBytes)
-        guard failures.isEmpty else { throw IPVSSyncError(failures: failures) }
+        guard failures.isEmpty else { throw SyncFailure(failures) }
         // Only a full sync has checked every virtual server's destinations against the kernel.
         if full { image = KernelImage(desired: desired, family: state.family, nodeLabels: state.nodeLabels, options: options, dummyIndex: index) }
         return report
     }
 
-    private func writeAddresses(bind toBind: [IPAddress], unbind toUnbind: [IPAddress], index: UInt32) async throws -> [String] {
-        var failures: [String] = []
+    private func writeAddresses(bind toBind: [IPAddress], unbind toUnbind: [IPAddress], index: UInt32) async throws -> [SyncFailure.Item] {
+        var failures: [SyncFailure.Item] = []
         // In chunks, as the IPVS operations: a cold start binds one address per Service.
         for chunk in toBind.chunks(of: IPVSBackend.applyChunk) {
             let failed = try await links.addAddresses(chunk, index: index)
             counters.addressAdds += chunk.count - failed.count
-            failures += failed.map { "bind \($0.0) to \(config.dummyDevice): \($0.1.errno)" }
+            failures += failed.map { SyncFailure.Item(what: "bind \($0.0) to \(config.dummyDevice)", error: $0.1, detail: "\($0.1.errno)") }
         }
         for chunk in toUnbind.chunks(of: IPVSBackend.applyChunk) {
             let failed = try await links.deleteAddresses(chunk, index: index)
             counters.addressDeletes += chunk.count - failed.count
-            failures += failed.map { "unbind \($0.0) from \(config.dummyDevice): \($0.1.errno)" }
+            failures += failed.map { SyncFailure.Item(what: "unbind \($0.0) from \(config.dummyDevice)", error: $0.1, detail: "\($0.1.errno)") }
         }
         return failures
     }
@@ -390,51 +380,18 @@ public actor IPVSBackend: ProxyBackend {
         if full {
             // Jump rules from the built-in chains, checked against iptables-save and inserted
             // in the same batch (no fork per rule).
-            var missing: [String: [JumpRule]] = [:]
+            let reader = IPTablesReader(tools: config.tools, runner: runner)
+            var missing: [Table: [JumpRule]] = [:]
             for table in [Table.nat, .filter] {
-                let save: CommandResult
-                do {
-                    save = try await runner.check(config.tools.save, ["-t", table.rawValue])
-                } catch {
-                    throw IPVSToolError(operation: "reading the \(table.rawValue) table", underlying: error)
-                }
-                let lines = Set(save.stdout.split(separator: "\n").map(String.init))
-                for rule in ipvsJumpRules where rule.table == table {
-                    if !lines.contains(IPVSBackend.saveLine(rule)) { missing[table.rawValue, default: []].append(rule) }
-                }
+                let absent = JumpInstaller.missing(ipvsJumpRules, in: table, save: try await reader.save(table))
+                if !absent.isEmpty { missing[table] = absent }
             }
-            if !missing.isEmpty { batch = IPVSBackend.insertJumps(text, missing) }
+            if !missing.isEmpty { batch = JumpInstaller.inserting(missing, into: text) }
         }
-        do {
-            _ = try await runner.check(config.tools.restore, ["-w", "5", "-W", "100000", "--noflush", "--counters"], input: batch)
-        } catch {
-            throw IPVSToolError(operation: "ipvs-mode iptables restore", underlying: error)
-        }
+        try await IPTablesRestorer(tools: config.tools, runner: runner).restore(batch, counters: true, operation: "ipvs-mode iptables restore")
         lastRestore = text
         counters.restores += 1
         return batch.utf8.count
-    }
-
-    /// How `iptables-save` prints a jump rule.
-    static func saveLine(_ r: JumpRule) -> String {
-        "-A \(r.source) " + (r.extraArgs + ["-m", "comment", "--comment", "\"\(r.comment)\"", "-j", r.target]).joined(separator: " ")
-    }
-
-    /// `text` with `-I <chain> 1 ...` lines for `missing` added before each table's COMMIT.
-    static func insertJumps(_ text: String, _ missing: [String: [JumpRule]]) -> String {
-        var out = ""
-        var table = ""
-        for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
-            if line.hasPrefix("*") { table = String(line.dropFirst()) }
-            if line == "COMMIT" {
-                for r in missing[table] ?? [] {
-                    out += "-I \(r.source) 1 " + (r.extraArgs + ["-m", "comment", "--comment", "\"\(r.comment)\"", "-j", r.target]).joined(separator: " ") + "\n"
-                }
-            }
-            out += line
-            out += "\n"
-        }
-        return String(out.dropLast())
     }
 
     private func inExcludedRange(_ ip: IPAddress) -> Bool {
@@ -443,13 +400,13 @@ public actor IPVSBackend: ProxyBackend {
 
     /// Diffs services and destinations; `changed` limits the destination diff of existing
     /// services to those Services (nil: all).
-    private func syncIPVS(_ desired: IPVSDesiredState, changed: Set<NamespacedName>?) async throws -> [String] {
+    private func syncIPVS(_ desired: IPVSDesiredState, changed: Set<NamespacedName>?) async throws -> [SyncFailure.Item] {
         let family = config.options.family
         let current = try await ipvs.services().filter { $0.key.address.family == family }
         let currentByKey = Dictionary(current.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
         var ops: [IPVSOperation] = []
         var deletes: [IPVSOperation] = []
-        var failures: [String] = []
+        var failures: [SyncFailure.Item] = []
         let t = now()
 
         for d in desired.sortedVirtualServers {
@@ -510,7 +467,7 @@ public actor IPVSBackend: ProxyBackend {
 
     /// Writes the difference between the image and the desired state for the virtual servers
     /// an update touched (`touched`: the desired value before).
-    private func syncIPVS(_ desired: IPVSDesiredState, touched: [VirtualServerKey: DesiredVirtualServer?]) async throws -> [String] {
+    private func syncIPVS(_ desired: IPVSDesiredState, touched: [VirtualServerKey: DesiredVirtualServer?]) async throws -> [SyncFailure.Item] {
         var ops: [IPVSOperation] = []
         var deletes: [IPVSOperation] = []
         let t = now()
@@ -572,9 +529,9 @@ public actor IPVSBackend: ProxyBackend {
     /// 220 000, and their netlink requests all built at once held over 100 MiB.
     static let applyChunk = 4096
 
-    private func apply(_ ops: [IPVSOperation]) async throws -> [String] {
+    private func apply(_ ops: [IPVSOperation]) async throws -> [SyncFailure.Item] {
         guard ops.count > IPVSBackend.applyChunk else { return try await applyChunk(ops[...]) }
-        var failures: [String] = []
+        var failures: [SyncFailure.Item] = []
         var start = ops.startIndex
         while start < ops.endIndex {
             let end = min(start + IPVSBackend.applyChunk, ops.endIndex)
@@ -584,7 +541,7 @@ public actor IPVSBackend: ProxyBackend {
         return failures
     }
 
-    private func applyChunk(_ chunk: ArraySlice<IPVSOperation>) async throws -> [String] {
+    private func applyChunk(_ chunk: ArraySlice<IPVSOperation>) async throws -> [SyncFailure.Item] {
         guard !chunk.isEmpty else { return [] }
         let ops = Array(chunk)
         let failures = try await ipvs.apply(ops)
@@ -601,7 +558,7 @@ public actor IPVSBackend: ProxyBackend {
             logger.debug("ipvs: \(op)")
         }
         for f in failures { logger.error("ipvs: \(f)") }
-        return failures.map(\.description)
+        return failures.map { SyncFailure.Item(what: "", error: $0) }
     }
 
     /// Deletes draining real servers that have no established connection left, or whose
@@ -704,15 +661,17 @@ public actor IPVSBackend: ProxyBackend {
         guard missing.isEmpty, let info else {
             throw SluiceIPVSUnavailable(missing: missing)
         }
-        let sysctls: [(String, String)] = [
-            ("net/ipv4/vs/conntrack", "1"),
-            ("net/ipv4/vs/expire_nodest_conn", "1"),
-            ("net/ipv4/vs/expire_quiescent_template", "1"),
-            ("net/ipv4/ip_forward", "1"),
-        ] + (strictARP ? [("net/ipv4/conf/all/arp_ignore", "1"), ("net/ipv4/conf/all/arp_announce", "2")] : [])
-            + (kernelBefore(5, 9) && !kernelBefore(4, 1) ? [("net/ipv4/vs/conn_reuse_mode", "0")] : [])
+        let sysctls: [(String, Int)] = [
+            ("net/ipv4/vs/conntrack", 1),
+            ("net/ipv4/vs/expire_nodest_conn", 1),
+            ("net/ipv4/vs/expire_quiescent_template", 1),
+            ("net/ipv4/ip_forward", 1),
+        ] + (strictARP ? [("net/ipv4/conf/all/arp_ignore", 1), ("net/ipv4/conf/all/arp_announce", 2)] : [])
+            + (kernelBefore(5, 9) && !kernelBefore(4, 1) ? [("net/ipv4/vs/conn_reuse_mode", 0)] : [])
+        let writer = SysctlWriter(root: sysctlRoot)
         for (key, value) in sysctls {
-            if !writeSysctl(root: sysctlRoot, key, value) { logger.warning("cannot set \(key.replacingSlashes)=\(value)") }
+            let outcome = writer.set(key, value)
+            if !outcome.succeeded { logger.warning("cannot set \(key.replacingSlashes)=\(value): \(outcome)") }
         }
         if timeouts.tcp > 0 || timeouts.tcpFin > 0 || timeouts.udp > 0, let ipvs {
             do {
@@ -762,13 +721,8 @@ public actor IPVSBackend: ProxyBackend {
             // the same batch that empties and removes the chains.
             for (table, chains) in [(Table.nat, ipvsNATChains), (.filter, ipvsFilterChains)] {
                 guard case .success(let save) = await runner.run(t.save, ["-t", table.rawValue], input: nil), save.status == 0 else { continue }
-                let lines = save.stdout.split(separator: "\n").map(String.init)
-                let present = IPTablesBackend.parseChains(save.stdout)
-                var deletes: [String] = []
-                for rule in ipvsJumpRules where rule.table == table {
-                    let line = saveLine(rule)
-                    for l in lines where l == line { deletes.append("-D" + l.dropFirst(2)) }
-                }
+                let present = IPTablesReader.parseChains(save.stdout)
+                let deletes = JumpInstaller.deleteLines(ipvsJumpRules, in: table, save: save.stdout)
                 // Chains only IPVS mode uses are deleted; the ones iptables mode shares
                 // (KUBE-SERVICES, KUBE-POSTROUTING, KUBE-MARK-MASQ, KUBE-FORWARD,
                 // KUBE-PROXY-FIREWALL) are emptied here and deleted by the iptables clean-up,
@@ -776,16 +730,14 @@ public actor IPVSBackend: ProxyBackend {
                 let declared = chains.filter { present.contains($0) }
                 let doomed = declared.filter { !ipvsSharedChains.contains($0) }
                 if declared.isEmpty && deletes.isEmpty { continue }
-                var text = "*\(table.rawValue)\n"
-                for c in declared { text += ":\(c) - [0:0]\n" }
-                for d in deletes { text += d + "\n" }
-                for c in doomed { text += "-X \(c)\n" }
-                text += "COMMIT\n"
+                let text = IPTablesRestorer.removalBatch(table, emptied: declared, ruleLines: deletes, deleted: doomed)
                 do {
-                    _ = try await runner.check(t.restore, ["-w", "5", "-W", "100000", "--noflush"], input: text)
+                    try await IPTablesRestorer(tools: t, runner: runner).restore(text, operation: "removing IPVS-mode chains from the \(table.rawValue) table")
                     logger.info("\(t.restore): removed \(deletes.count) jump rules, emptied \(declared.count) and deleted \(doomed.count) IPVS-mode chains in the \(table.rawValue) table")
+                } catch let e as IPTablesError {
+                    failures.append("removing IPVS-mode chains from the \(table.rawValue) table: \(e.underlying)")
                 } catch {
-                    failures.append("removing IPVS-mode chains from the \(table.rawValue) table: \(error)")
+                    failures.append("\(error)")
                 }
             }
         }
@@ -831,19 +783,6 @@ extension String {
     fileprivate var replacingSlashes: String { split(separator: "/").joined(separator: ".") }
 }
 
-/// Writes `value` to `root/key` (a sysctl); true on success or when it already holds it.
-func writeSysctl(root: String, _ key: String, _ value: String) -> Bool {
-    let path = root + "/" + key
-    let fd = open(path, O_RDWR)
-    guard fd >= 0 else { return false }
-    defer { close(fd) }
-    var buf = [UInt8](repeating: 0, count: 64)
-    let n = read(fd, &buf, buf.count)
-    if n > 0, String(decoding: buf[0..<n], as: UTF8.self).trimmingASCIIWhitespace() == value { return true }
-    let bytes = Array((value + "\n").utf8)
-    return pwrite(fd, bytes, bytes.count, 0) == bytes.count
-}
-
 /// True when the running kernel's version is below `major.minor`.
 func kernelBefore(_ major: Int, _ minor: Int) -> Bool {
     var u = utsname()
@@ -855,15 +794,3 @@ func kernelBefore(_ major: Int, _ minor: Int) -> Bool {
     guard parts.count == 2 else { return false }
     return (parts[0], parts[1]) < (major, minor)
 }
-
-/// A failed iptables command in IPVS mode.
-public struct IPVSToolError: Error, Sendable, CustomStringConvertible {
-    /// What the backend was doing.
-    public var operation: String
-    /// The failed command.
-    public var underlying: CommandError
-
-    public var description: String { "\(operation): \(underlying)" }
-}
-
-

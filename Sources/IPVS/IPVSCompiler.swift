@@ -4,6 +4,7 @@
 // kube-proxy's constant-size iptables rules), following kube-proxy's syncProxyRules.
 
 import IPTables
+import KernelKit
 import SluiceCore
 
 /// Settings of the IPVS compiler beyond the model.
@@ -72,8 +73,8 @@ public struct IPVSDesiredState: Sendable {
     public var filter = TableBatch(chainLines: [], ruleLines: [])
     /// The nat table batch.
     public var nat = TableBatch(chainLines: [], ruleLines: [])
-    /// Services with a Local policy and no local endpoints, by "internal"/"external".
-    public var noLocalEndpoints: [String: Int] = ["internal": 0, "external": 0]
+    /// Services with a Local policy and no local endpoints, by traffic policy.
+    public var noLocalEndpoints: [TrafficPolicyScope: Int] = [.internal: 0, .external: 0]
 
     // The bookkeeping that lets `IPVSCompiler.update` add and remove one service port's
     // share of the state: members and addresses more than one service port contributes are
@@ -380,7 +381,7 @@ public struct IPVSCompiler: Sendable {
     /// The parts that depend on the whole state: the no-local-endpoints counts and the
     /// constant-size rule set.
     private func finish(_ out: inout IPVSDesiredState) {
-        out.noLocalEndpoints = ["internal": out.noLocalInternal.count, "external": out.noLocalExternal.count]
+        out.noLocalEndpoints = [.internal: out.noLocalInternal.count, .external: out.noLocalExternal.count]
         let noNodeAccess = out.noNodeAccess.keys.sorted().flatMap { out.noNodeAccess[$0] ?? [] }
         writeRules(&out, noNodeAccess: noNodeAccess.map { ($0.ip, $0.proto, $0.port) })
     }

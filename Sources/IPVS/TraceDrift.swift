@@ -4,6 +4,7 @@
 // one netlink dump per object kind and one iptables-save per table. Read-only.
 
 import IPTables
+import KernelKit
 import SluiceCore
 
 /// What the kernel holds in IPVS mode, as the drift check reads it.
@@ -165,12 +166,8 @@ public struct IPVSDriftChecker: DriftChecking {
         }
         let sets = try await ipsets.list(setNames)
         var rules = ParsedRuleSet()
-        for t in IPTablesDrift.tables {
-            do {
-                rules = ParsedRuleSet.parse(try await runner.check(config.tools.save, ["-t", t]).stdout, into: rules)
-            } catch {
-                throw IPVSToolError(operation: "reading the \(t) table", underlying: error)
-            }
+        for t in IPTablesDrift.tables.compactMap(Table.init(rawValue:)) {
+            rules = ParsedRuleSet.parse(try await IPTablesReader(tools: config.tools, runner: runner).save(t), into: rules)
         }
         return IPVSKernelState(services: services, sets: sets, boundAddresses: bound, rules: rules)
     }

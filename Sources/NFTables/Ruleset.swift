@@ -361,14 +361,14 @@ public struct NFTRuleset: Sendable {
         return out
     }
 
-    /// Service ports with a Local policy and no local endpoints, by `internal` / `external`.
-    public var noLocalEndpoints: [String: Int] {
+    /// Service ports with a Local policy and no local endpoints, by traffic policy.
+    public var noLocalEndpoints: [TrafficPolicyScope: Int] {
         var i = 0, e = 0
         for f in services.values {
             if f.noLocalInternal { i += 1 }
             if f.noLocalExternal { e += 1 }
         }
-        return ["internal": i, "external": e]
+        return [.internal: i, .external: e]
     }
 
     // MARK: fragments and claims

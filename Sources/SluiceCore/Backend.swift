@@ -77,6 +77,58 @@ public enum SyncCount: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+/// Which of a Service's traffic policies a count is about: `internalTrafficPolicy` (cluster IP
+/// traffic) or `externalTrafficPolicy` (NodePorts, load balancers, external IPs). The
+/// metrics' `traffic_policy` label uses the raw values.
+public enum TrafficPolicyScope: String, Sendable, Hashable, CaseIterable, Comparable {
+    case `internal`
+    case external
+
+    public static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
+}
+
+/// A sync that could not write everything: one item per piece that failed (a service port's
+/// listener, an IPVS message, an address), each with its underlying error. The pieces that did
+/// not fail are written; the runner retries with a full sync. Every mode's backend throws this
+/// one type for partial failures (a refused tool or transaction throws the tool's own error).
+public struct SyncFailure: Error, Sendable, CustomStringConvertible {
+    /// One failed piece.
+    public struct Item: Sendable, CustomStringConvertible {
+        /// What was being written ("" when the error names it itself).
+        public var what: String
+        /// The underlying error.
+        public var error: any Error & Sendable
+        /// How the error is shown after `what` (the error's description by default).
+        public var detail: String
+
+        /// Creates an item.
+        public init(what: String, error: any Error & Sendable, detail: String? = nil) {
+            self.what = what
+            self.error = error
+            self.detail = detail ?? "\(error)"
+        }
+
+        /// `what: detail`, or the detail alone.
+        public var description: String { what.isEmpty ? detail : "\(what): \(detail)" }
+    }
+
+    /// The failed pieces, in the order they were met.
+    public var items: [Item]
+
+    /// Creates a failure.
+    public init(_ items: [Item]) { self.items = items }
+
+    /// One line per failed piece.
+    public var failures: [String] { items.map(\.description) }
+
+    /// The first five failures, and how many more there are (a node past its open-file limit
+    /// can have thousands).
+    public var description: String {
+        let shown = items.prefix(5).map(\.description).joined(separator: "; ")
+        return items.count > 5 ? "\(shown); and \(items.count - 5) more" : shown
+    }
+}
+
 /// A mode's kernel side: it makes the kernel hold what a `ProxyState` describes.
 ///
 /// Implementations must leave the previous state in place when a sync fails (a batch is

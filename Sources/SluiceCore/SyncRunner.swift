@@ -34,7 +34,26 @@ public struct SyncCounters: Sendable, Hashable {
     public var rejectedObjects = 0
     public var serviceChangesTotal = 0
     public var lastReport: SyncReport?
-    public var lastError: String?
+    /// Why the last sync failed; nil after a successful one.
+    public var lastError: SyncErrorRecord?
+}
+
+/// The error a failed sync threw, as the runner keeps it for metrics, signals and tests
+/// (compared and hashed by its text).
+public struct SyncErrorRecord: Sendable, Hashable, CustomStringConvertible {
+    /// The backend's error (an ``SyncFailure``, a tool's error, ...).
+    public let error: any Error
+    /// Its text, as logged.
+    public let description: String
+
+    /// Records `error`.
+    public init(_ error: any Error) {
+        self.error = error
+        self.description = "\(error)"
+    }
+
+    public static func == (a: Self, b: Self) -> Bool { a.description == b.description }
+    public func hash(into h: inout Hasher) { h.combine(description) }
 }
 
 /// Drives one backend from one change tracker.
@@ -268,7 +287,7 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
             record(.synced(SyncAttempt(family: family, full: full, duration: now.duration(to: clock.now), report: nil, error: "\(error)",
                                        pendingServiceChanges: pendingServiceKeys.count, pendingEndpointChanges: pendingEndpointChanges)))
             counters.failures += 1
-            counters.lastError = "\(error)"
+            counters.lastError = SyncErrorRecord(error)
             consecutiveFailures += 1
             needFullSync = true
             pendingChange = true

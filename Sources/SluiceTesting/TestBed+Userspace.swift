@@ -4,6 +4,7 @@
 
 import Foundation
 import IPTables
+import Userspace
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -28,6 +28,7 @@ import Foundation
 import IPTables
 #if canImport(Glibc)
 import Glibc
+import KernelKit
 #endif
 
 /// The address plan shared by every test bed (namespaces are isolated, so every bed uses

@@ -6,6 +6,7 @@
 // iptables-save.
 
 import IPTables
+import KernelKit
 import SluiceCore
 
 /// The userspace drift check.

@@ -9,28 +9,17 @@ import IPTables
 #if canImport(Glibc)
 import Glibc
 #endif
+import KernelKit
 import Logging
 import SluiceCore
-
-/// A sync the userspace backend could not complete.
-public struct UserspaceError: Error, Sendable, CustomStringConvertible {
-    /// What failed, one entry per service port or operation.
-    public var failures: [String]
-
-    /// The first five failures, and how many more there are (a node past its open-file limit
-    /// can have thousands).
-    public var description: String {
-        let shown = failures.prefix(5).joined(separator: "; ")
-        return failures.count > 5 ? "\(shown); and \(failures.count - 5) more" : shown
-    }
-}
 
 /// The userspace proxy mode for IPv4.
 public actor UserspaceBackend: ProxyBackend {
     public nonisolated let name = "userspace"
     /// The relays.
     public let relays: RelayManager
-    private let commands: IPTablesCommands
+    private let restorer: IPTablesRestorer
+    private let jumps: JumpInstaller
     private let nodeName: String
     private let nodeIP: IPAddress
     private let logger: Logger
@@ -66,15 +55,17 @@ public actor UserspaceBackend: ProxyBackend {
     /// - Parameters:
     ///   - nodeName: this node (endpoint locality).
     ///   - nodeIP: the IPv4 address HOST rules DNAT to.
-    ///   - commands: the iptables tools and runner.
+    ///   - tools: the iptables tools.
+    ///   - runner: runs them.
     ///   - relays: the relay manager.
     ///   - jumpCheckValidity: how long a check that found the jumps in place is trusted.
-    public init(nodeName: String, nodeIP: IPAddress, commands: IPTablesCommands, relays: RelayManager, logger: Logger,
+    public init(nodeName: String, nodeIP: IPAddress, tools: IPTablesTools, runner: any CommandRunner, relays: RelayManager, logger: Logger,
                 jumpCheckValidity: Duration = .seconds(10)) {
         self.jumpCheckValidity = jumpCheckValidity
         self.nodeName = nodeName
         self.nodeIP = nodeIP
-        self.commands = commands
+        self.restorer = IPTablesRestorer(tools: tools, runner: runner)
+        self.jumps = JumpInstaller(tools: tools, runner: runner)
         self.relays = relays
         self.logger = logger
     }
@@ -90,9 +81,9 @@ public actor UserspaceBackend: ProxyBackend {
                               reason: "userspace mode needs an IPv4 node IP (the address KUBE-PORTALS-HOST and KUBE-NODEPORT-HOST DNAT to)")
         }
         raiseOpenFileLimit(logger: logger)
-        let commands = IPTablesCommands(tools: IPTablesTools(variant: variant, family: .ipv4), runner: runner)
         let relays = RelayManager(config: RelayConfig(udpIdleTimeout: udpIdleTimeout), logger: logger)
-        return UserspaceBackend(nodeName: node.nodeName, nodeIP: ip, commands: commands, relays: relays, logger: logger)
+        return UserspaceBackend(nodeName: node.nodeName, nodeIP: ip, tools: IPTablesTools(variant: variant, family: .ipv4), runner: runner,
+                                relays: relays, logger: logger)
     }
 
     /// Reconciles the relays with `state` and writes the portal rules.
@@ -124,18 +115,18 @@ public actor UserspaceBackend: ProxyBackend {
         let text = rules.restoreText
         var written = 0
         if full || text != lastRestore {
-            try await commands.restore(text, operation: "writing the userspace portal rules")
+            try await restorer.restore(text, operation: "writing the userspace portal rules")
             lastRestore = text
             written = rules.rules.count
         }
         if full {
-            for jump in userspaceJumpRules { try await commands.ensureJump(jump) }
+            for jump in userspaceJumpRules { try await jumps.ensureJump(jump) }
             jumpsFoundAt = .now
         }
         synced = true
         await relays.retire(keeping: Set(prepared.ports.keys))
         if !prepared.listenerFailures.isEmpty {
-            throw UserspaceError(failures: prepared.listenerFailures.sorted { $0.key < $1.key }.map { "\($0.key.service):\($0.key.port): \($0.value)" })
+            throw SyncFailure(listenerFailures: prepared.listenerFailures)
         }
         // Only a full sync has written every rule; NodePorts not held are retried by full syncs.
         if full && prepared.nodePortFailures.isEmpty {
@@ -196,14 +187,14 @@ public actor UserspaceBackend: ProxyBackend {
         var bytes = 0
         if !lines.isEmpty {
             let text = "*nat\n" + lines.joined(separator: "\n") + "\nCOMMIT\n"
-            try await commands.restore(text, operation: "writing the userspace portal rules")
+            try await restorer.restore(text, operation: "writing the userspace portal rules")
             bytes = text.utf8.count
             lastRestore = ""
         }
         for name in names { memory.ports[name] = prepared.ports[name] }
         await relays.retire(names.filter { prepared.ports[$0] == nil })
         if !prepared.listenerFailures.isEmpty {
-            throw UserspaceError(failures: prepared.listenerFailures.sorted { $0.key < $1.key }.map { "\($0.key.service):\($0.key.port): \($0.value)" })
+            throw SyncFailure(listenerFailures: prepared.listenerFailures)
         }
         let total: [SyncCount: Int] = [.iptablesRules(.nat): memory.rules, .relays: memory.ports.count,
                                        .nodePorts: await relays.heldNodePortCount]
@@ -222,7 +213,7 @@ public actor UserspaceBackend: ProxyBackend {
     public func externalChangeDetected() async -> Bool {
         guard synced else { return false }
         if let t = jumpsFoundAt, t.duration(to: .now) < jumpCheckValidity { return false }
-        for jump in userspaceJumpRules where await !commands.hasJump(jump) {
+        for jump in userspaceJumpRules where await !jumps.hasJump(jump) {
             logger.warning("the \(jump.source) -> \(jump.target) jump is missing from the nat table: rules were flushed, resyncing fully")
             jumpsFoundAt = nil
             return true
@@ -235,6 +226,14 @@ public actor UserspaceBackend: ProxyBackend {
     /// reconciler's `relayPort` lookup); nil when it has no relay.
     public nonisolated func relayPort(of name: ServicePortName) -> UInt16? {
         relays.currentRelayPort(name).flatMap { UInt16(exactly: $0) }
+    }
+
+    /// Removes what the userspace mode leaves in iptables (``userspaceFootprint``): its
+    /// jumps, then its four nat chains.
+    public static func cleanup(tools: IPTablesTools, runner: any CommandRunner, logger: Logger) async throws {
+        try await IPTablesRestorer(tools: tools, runner: runner).remove(userspaceFootprint) { table, n in
+            logger.info("removed \(n) userspace-mode chains from the \(table.rawValue) table")
+        }
     }
 
     /// Closes every listener and relay (the portal rules stay).
@@ -281,3 +280,20 @@ let RLIMIT_NOFILE_RESOURCE = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
 #else
 let RLIMIT_NOFILE_RESOURCE = RLIMIT_NOFILE
 #endif
+
+extension SyncFailure {
+    /// The listeners that could not be opened, one failure per service port in name order.
+    init(listenerFailures: [ServicePortName: String]) {
+        self.init(listenerFailures.sorted { $0.key < $1.key }.map {
+            SyncFailure.Item(what: "\($0.key.service):\($0.key.port)", error: ListenerError(message: $0.value))
+        })
+    }
+}
+
+/// A relay listener that could not be opened (the socket call's message).
+public struct ListenerError: Error, Sendable, CustomStringConvertible {
+    /// Why, as the socket layer said it.
+    public var message: String
+
+    public var description: String { message }
+}

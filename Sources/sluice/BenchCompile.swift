@@ -12,6 +12,7 @@ import ArgumentParser
 import Foundation
 import IPTables
 import IPVS
+import KernelKit
 import KubeAPI
 import Logging
 import NFTables

@@ -6,6 +6,7 @@ import ArgumentParser
 import Conntrack
 import Foundation
 import IPTables
+import KernelKit
 import Logging
 import SluiceCore
 
@@ -89,15 +90,11 @@ func runPrivilegedStartup(options: ProxyOptions, logger: Logger) {
 /// Writes `/proc/self/oom_score_adj` when it differs (kube-proxy's `--oom-score-adj`, default
 /// -999, so the kernel kills the proxy last). A failure is logged once; start-up goes on.
 func writeOOMScoreAdj(_ value: Int, path: String = "/proc/self/oom_score_adj", logger: Logger) {
-    let current = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { Int($0.trimmingASCIIWhitespace()) }
-    if current == value {
-        logger.debug("oom_score_adj is already \(value)")
-        return
-    }
-    do {
-        try "\(value)\n".write(toFile: path, atomically: false, encoding: .utf8)
-        logger.info("set oom_score_adj to \(value) (was \(current.map(String.init) ?? "unknown"))")
-    } catch {
-        logger.warning("cannot set oom_score_adj to \(value): \(error.localizedDescription); lowering it needs CAP_SYS_RESOURCE")
+    let writer = SysctlWriter(hint: { _, _ in "lowering it needs CAP_SYS_RESOURCE" })
+    let outcome = writer.set(path: path, name: "oom_score_adj", value)
+    switch outcome {
+    case .unchanged: logger.debug("oom_score_adj is already \(value)")
+    case .changed(_, let from, _): logger.info("set oom_score_adj to \(value) (was \(from))")
+    case .failed: logger.warning("\(outcome)")
     }
 }

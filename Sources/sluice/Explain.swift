@@ -7,6 +7,7 @@ import ArgumentParser
 import Foundation
 import IPTables
 import IPVS
+import KernelKit
 import KubeAPI
 import Logging
 import NFTables
@@ -178,13 +179,8 @@ func loadDesiredState(options: ProxyOptions, logger: Logger) async throws -> Loa
 /// the installed iptables, be_liberal from /proc, the local addresses, the nfacct objects that exist).
 func iptablesCompileOptions(options: ProxyOptions, node: NodeConfig, family: IPFamily) async -> IPTablesOptions {
     let tools = IPTablesTools(variant: options.iptablesBackend, family: family)
-    var randomFully = true
-    if case .success(let out) = await ProcessRunner().run(tools.iptables, ["--version"], input: nil),
-       let f = IPTablesFeatures.parse(out.stdout + out.stderr) {
-        randomFully = f.randomFully
-    }
-    let liberal = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", encoding: .utf8))?
-        .trimmingASCIIWhitespace() == "1"
+    let randomFully = await RandomFullyMode.auto.resolve(tools, runner: ProcessRunner())
+    let liberal = SysctlWriter.read("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal") == 1
     var opts = IPTablesOptions(node: node, family: family, randomFully: randomFully, conntrackTCPLiberal: liberal,
                                localAddresses: LocalAddresses.current().filter { $0.family == family })
     // The nfacct objects the running proxy counts into (it makes sure they exist at start-up):

@@ -7,6 +7,7 @@ import ArgumentParser
 import Foundation
 import IPTables
 import IPVS
+import KernelKit
 import Logging
 import Metrics
 import NFTables

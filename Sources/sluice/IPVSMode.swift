@@ -4,6 +4,7 @@
 
 import IPTables
 import IPVS
+import KernelKit
 import Logging
 import Netlink
 import ServiceLifecycle
@@ -26,12 +27,11 @@ func makeIPVSMode(options: ProxyOptions, node: NodeConfig, family: IPFamily, log
         throw SluiceExit("cannot use --proxy-mode ipvs: \(error)")
     }
 
-    var randomFully = true
+    let randomFully: Bool
     do {
-        let out = try await runner.check(tools.iptables, ["--version"])
-        randomFully = IPTablesFeatures.parse(out.stdout + out.stderr)?.randomFully ?? true
-    } catch {
-        throw SluiceExit("cannot use --proxy-mode ipvs: its iptables rules need \(tools.iptables): \(error)")
+        randomFully = try await IPTablesFeatures.probe(tools, runner: runner)?.randomFully ?? true
+    } catch let e as IPTablesError {
+        throw SluiceExit("cannot use --proxy-mode ipvs: its iptables rules need \(tools.iptables): \(e.underlying)")
     }
 
     let ipvsOptions = IPVSOptions(node: node, family: family, scheduler: options.ipvsScheduler,

@@ -5,9 +5,11 @@
 import ArgumentParser
 import Foundation
 import IPTables
+import KernelKit
 import Logging
 import NFTables
 import SluiceCore
+import Userspace
 
 /// The node configuration as the nftables mode uses it: with no `--nodeport-addresses`
 /// (flag or config), NodePorts answer on the node's primary IPs only, as kube-proxy's
@@ -97,7 +99,8 @@ func runNFTablesCleanup(logger: Logger) -> [String] {
     }
 }
 
-/// Removes the iptables and userspace modes' chains and jump rules of both families.
+/// Removes the iptables and userspace modes' chains and jump rules of both families (each
+/// mode's own clean-up).
 func runIPTablesCleanup(options: ProxyOptions, logger: Logger) async -> [String] {
     var failures: [String] = []
     for family in IPFamily.allCases {
@@ -111,6 +114,11 @@ func runIPTablesCleanup(options: ProxyOptions, logger: Logger) async -> [String]
                                       runner: ProcessRunner(), logger: logger)
         do {
             try await backend.cleanup()
+        } catch {
+            failures.append("\(error)")
+        }
+        do {
+            try await UserspaceBackend.cleanup(tools: tools, runner: ProcessRunner(), logger: logger)
         } catch {
             failures.append("\(error)")
         }

@@ -5,6 +5,7 @@ import ArgumentParser
 import Foundation
 import IPTables
 import IPVS
+import KernelKit
 import KubeAPI
 import Logging
 import SluiceCore
@@ -16,6 +17,7 @@ enum ProxyMode: String, ExpressibleByArgument, CaseIterable {
 }
 
 extension IPTablesVariant: ExpressibleByArgument {}
+extension RandomFullyMode: ExpressibleByArgument {}
 
 /// Flags that describe the node and the proxy's behaviour (kube-proxy's names).
 struct ProxyOptions: ParsableArguments {

@@ -6,6 +6,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import IPTables
+import KernelKit
 import KubeAPI
 import Logging
 import ServiceLifecycle
@@ -111,7 +112,7 @@ struct Compile: AsyncParsableCommand {
     @OptionGroup var options: ProxyOptions
 
     @Option(help: ArgumentHelp("Add --random-fully to MASQUERADE: auto (ask the installed iptables), true or false.", valueName: "mode"))
-    var randomFully: String = "auto"
+    var randomFully: RandomFullyMode = .auto
 
     func run() async throws {
         let options = try self.options.resolved()
@@ -133,20 +134,12 @@ struct Compile: AsyncParsableCommand {
             FileHandle.standardOutput.write(Data(try userspaceDryRun(state: tracker.snapshot(.ipv4), node: node).utf8))
             return
         }
-        let liberal = (try? String(contentsOfFile: "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", encoding: .utf8))?
-            .trimmingASCIIWhitespace() == "1"
+        let liberal = SysctlWriter.read("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal") == 1
         // One batch per family; a dual-stack node's ip6tables batch follows, after a comment
         // line (iptables-restore ignores comments).
         for family in node.families {
             let state = tracker.snapshot(family)
-            let rf: Bool
-            switch randomFully {
-            case "true": rf = true
-            case "false": rf = false
-            default:
-                let r = await ProcessRunner().run(IPTablesTools(variant: options.iptablesBackend, family: family).iptables, ["--version"], input: nil)
-                if case .success(let out) = r, let f = IPTablesFeatures.parse(out.stdout + out.stderr) { rf = f.randomFully } else { rf = true }
-            }
+            let rf = await randomFully.resolve(IPTablesTools(variant: options.iptablesBackend, family: family), runner: ProcessRunner())
             if options.proxyMode == .nftables {
                 let node = nftablesNodeConfig(node, options: options)
                 FileHandle.standardOutput.write(Data(nftablesDryRun(node: node, family: family, state: state).utf8))

@@ -6,6 +6,7 @@
 import Foundation
 import IPTables
 import IPVS
+import KernelKit
 import Userspace
 import SluiceCore
 import SluiceTesting

@@ -2,6 +2,7 @@
 // rules; a check that could not run or answer is never read as "missing".
 
 import IPTables
+import KernelKit
 import Logging
 import SluiceCore
 import SluiceTesting

@@ -2,6 +2,7 @@
 
 import ChainHashing
 import IPTables
+import KernelKit
 import SluiceCore
 import SluiceTesting
 import Testing
@@ -94,7 +95,7 @@ let ext1 = "KUBE-EXT-XPGD46QRK7WJZT7O"
             "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 has no local endpoints\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j DROP",
         ])
         #expect(!d.chains("nat").contains(svl1))
-        #expect(c.noLocalEndpoints["internal"] == 1)
+        #expect(c.noLocalEndpoints[.internal] == 1)
     }
 
     @Test func internalTrafficPolicyLocalUsesTheSVLChain() throws {
@@ -261,7 +262,7 @@ let ext1 = "KUBE-EXT-XPGD46QRK7WJZT7O"
         #expect(d.rules("nat", "KUBE-POSTROUTING").last?.hasSuffix("-j MASQUERADE --random-fully") == true)
         #expect(IPTablesFeatures.parse("iptables v1.8.9 (nf_tables)")?.randomFully == true)
         #expect(IPTablesFeatures.parse("iptables v1.6.1")?.randomFully == false)
-        #expect(IPTablesFeatures.parse("iptables v1.8.9 (legacy)")?.mode == "legacy")
+        #expect(IPTablesFeatures.parse("iptables v1.8.9 (legacy)")?.mode == .legacy)
     }
 
     @Test func conntrackLiberalLeavesOutTheInvalidDrop() throws {

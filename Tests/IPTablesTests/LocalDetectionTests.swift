@@ -3,6 +3,7 @@
 // CIDR's `-s` / `! -s` in the same rules; and the --iptables-backend auto decision.
 
 import IPTables
+import KernelKit
 import SluiceCore
 import SluiceTesting
 import Testing

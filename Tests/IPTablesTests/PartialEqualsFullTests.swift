@@ -5,6 +5,7 @@
 // change of the probe Service's endpoint, repeated, then the churn storm in one sync).
 
 import IPTables
+import KernelKit
 import Logging
 import SluiceCore
 import SluiceTesting

@@ -1,6 +1,7 @@
 // Partial-sync sequences against a fake iptables that keeps state with --noflush semantics.
 
 import IPTables
+import KernelKit
 import KubeAPI
 import Logging
 import SluiceCore

@@ -4,6 +4,7 @@
 
 import Foundation
 import IPTables
+import KernelKit
 import Logging
 import SluiceCore
 import SluiceTesting
@@ -81,7 +82,7 @@ private struct FakeTools {
         await runner.syncOnce()
         #expect(await runner.counters.failures == 1)
         #expect(await runner.counters.syncs == 0)
-        let error = await runner.counters.lastError ?? ""
+        let error = await runner.counters.lastError?.description ?? ""
         #expect(error.contains("iptables-restore"))
         #expect(error.contains("timed out"))
         #expect(capture.contains("sync failed"))

@@ -3,6 +3,7 @@
 
 import ChainHashing
 @testable import IPTables
+import KernelKit
 import Logging
 import SluiceCore
 import SluiceTesting

@@ -5,6 +5,7 @@
 import Foundation
 import IPTables
 import IPVS
+import KernelKit
 import Logging
 import Netlink
 import SluiceCore
@@ -289,9 +290,9 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         let b = bed.backend()
         let rs = RealServer(address: ep1.address, port: ep1.port, weight: 1)
         await bed.ipvs.fail(.addDestination(vipKey, rs), with: .invalidArgument)
-        await #expect(throws: IPVSSyncError.self) { try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true) }
+        await #expect(throws: SyncFailure.self) { try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true) }
         bed.iptables.failRestores = true
-        await #expect(throws: IPVSToolError.self) { try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true) }
+        await #expect(throws: IPTablesError.self) { try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true) }
     }
 
     @Test func startupNamesWhatTheKernelLacks() async throws {
@@ -472,7 +473,7 @@ private func reads(_ bed: Bed) async -> (dumps: Int, destinations: Int, listings
             tracker.apply(e)
         }
         let s = tracker.snapshot(.ipv4)
-        await #expect(throws: IPVSSyncError.self) { try await b.sync(s, full: false) }
+        await #expect(throws: SyncFailure.self) { try await b.sync(s, full: false) }
         #expect(await !b.holdsKernelImage)
         #expect(await b.lastDesired == nil)
 

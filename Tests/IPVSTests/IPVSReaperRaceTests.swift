@@ -3,6 +3,7 @@
 
 import IPTables
 import IPVS
+import KernelKit
 import Logging
 import Netlink
 import SluiceCore

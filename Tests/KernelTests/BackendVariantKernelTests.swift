@@ -3,6 +3,7 @@
 
 import Foundation
 import IPTables
+import KernelKit
 import SluiceTesting
 import Testing
 

@@ -5,6 +5,7 @@
 
 import Foundation
 import IPTables
+import KernelKit
 import SluiceTesting
 import Testing
 

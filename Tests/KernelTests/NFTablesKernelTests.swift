@@ -4,6 +4,7 @@
 
 import Foundation
 import IPTables
+import KernelKit
 import SluiceTesting
 import Testing
 

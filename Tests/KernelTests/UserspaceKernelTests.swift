@@ -5,6 +5,7 @@
 import Foundation
 import IPTables
 import SluiceTesting
+import Userspace
 import Testing
 
 /// Lines of `iptables -S CHAIN` in the nat table (empty when the chain does not exist).

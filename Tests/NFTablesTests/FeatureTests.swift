@@ -119,14 +119,14 @@ private let base1 = "ULMVA6XW-ns1/svc1/tcp/p80"
         #expect(chain(none, "local-\(base1)") == nil)
         #expect(element(none, "no-endpoint-nodeports", "tcp . 3001") == NFTElement("no-endpoint-nodeports", key: "tcp . 3001", comment: "ns1/svc1:p80", value: "drop"))
         #expect(element(none, "no-endpoint-services", "1.2.3.4 . tcp . 80")?.value == "drop")
-        #expect(none.noLocalEndpoints == ["internal": 0, "external": 1])
+        #expect(none.noLocalEndpoints == [.internal: 0, .external: 1])
     }
 
     @Test func internalTrafficPolicyLocal() {
         let rs = compile([(svc(s1, "172.30.0.41", iTPLocal: true), [ep("10.180.0.1")])])
         #expect(element(rs, "no-endpoint-services", "172.30.0.41 . tcp . 80")?.value == "drop")
         #expect(element(rs, "service-ips", "172.30.0.41 . tcp . 80") == nil)
-        #expect(rs.noLocalEndpoints["internal"] == 1)
+        #expect(rs.noLocalEndpoints[.internal] == 1)
         let local = compile([(svc(s1, "172.30.0.41", iTPLocal: true), [ep("10.180.0.1", local: true)])])
         #expect(element(local, "service-ips", "172.30.0.41 . tcp . 80")?.value == "goto local-\(base1)")
         #expect(chain(local, "local-\(base1)")?.first == "ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade")

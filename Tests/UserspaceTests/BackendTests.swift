@@ -2,6 +2,7 @@
 // stability, ordering of listeners and rules, failures, and --cleanup.
 
 import IPTables
+import KernelKit
 import Logging
 import SluiceCore
 import SluiceTesting
@@ -10,7 +11,7 @@ import Userspace
 
 private func backend(_ fake: FakeIPTables) -> UserspaceBackend {
     UserspaceBackend(nodeName: "node-a", nodeIP: IPAddress("10.0.0.5")!,
-                     commands: IPTablesCommands(tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake),
+                     tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake,
                      relays: RelayManager(config: testConfig(), logger: testLogger), logger: testLogger)
 }
 
@@ -104,10 +105,10 @@ struct BackendTests {
     func listenerBudgetKeepsTheOtherRules() async throws {
         let fake = FakeIPTables()
         let b = UserspaceBackend(nodeName: "node-a", nodeIP: IPAddress("10.0.0.5")!,
-                                 commands: IPTablesCommands(tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake),
+                                 tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake,
                                  relays: RelayManager(config: testConfig(maxListeners: 1), logger: testLogger), logger: testLogger)
         // Sorted, default/ssh-service1 takes the one listener; ns/web gets none.
-        let error = await #expect(throws: UserspaceError.self) { try await b.sync(try state(web + "\n---\n" + sshService1), full: true) }
+        let error = await #expect(throws: SyncFailure.self) { try await b.sync(try state(web + "\n---\n" + sshService1), full: true) }
         #expect(error?.failures.count == 1)
         #expect(error?.failures.first?.hasPrefix("ns/web:http:") == true, "\(String(describing: error))")
         let port = try #require(await b.relays.relayPort(sshName))
@@ -139,7 +140,7 @@ struct BackendTests {
     @Test func flushedJumpsAreDetectedAndRestored() async throws {
         let fake = FakeIPTables()
         let b = UserspaceBackend(nodeName: "node-a", nodeIP: IPAddress("10.0.0.5")!,
-                                 commands: IPTablesCommands(tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake),
+                                 tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake,
                                  relays: RelayManager(config: testConfig(), logger: testLogger), logger: testLogger,
                                  jumpCheckValidity: .zero)
         #expect(await b.externalChangeDetected() == false)
@@ -180,7 +181,9 @@ struct BackendTests {
         await b.shutdown()
         let ipt = IPTablesBackend(options: IPTablesOptions(node: NodeConfig(nodeName: "node-a")),
                                   tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake, logger: testLogger)
+        // As `sluice --cleanup`: the iptables mode's clean-up, then the userspace mode's own.
         try await ipt.cleanup()
+        try await UserspaceBackend.cleanup(tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake, logger: testLogger)
         for chain in Chain.userspaceNAT { #expect(!fake.chains("nat").contains(chain)) }
         #expect(fake.rules("nat", "PREROUTING").isEmpty)
         #expect(fake.rules("nat", "OUTPUT").isEmpty)

@@ -1,7 +1,10 @@
 // Sluice: a per-node Kubernetes service proxy.
 // The chains and jump rules of the userspace mode (legacy kube-proxy, pkg/proxy/userspace
-// before v1.26). They live here, beside the iptables mode's, so that `sluice --cleanup`
-// removes both with one mechanism.
+// before v1.26), and what its clean-up removes. The names extend the iptables mode's
+// `Chain` namespace (every KUBE- chain name in one place for tracing); the mode owns them.
+
+import IPTables
+import KernelKit
 
 extension Chain {
     /// Pods and other hosts reaching a Service address: `REDIRECT --to-ports <relay port>`.
@@ -31,3 +34,8 @@ public let userspaceJumpRules: [JumpRule] = {
         JumpRule(table: .nat, source: "OUTPUT", target: Chain.nodePortHost, comment: nodePorts, extraArgs: local, position: .last),
     ]
 }()
+
+/// What the userspace mode owns in iptables: its four jumps and its four nat chains.
+public let userspaceFootprint = IPTablesFootprint(jumps: userspaceJumpRules, tables: [.nat]) { table, chain in
+    table == .nat && Chain.userspaceNAT.contains(chain)
+}
