@@ -18,9 +18,7 @@ private let local = Set(options.localAddresses)
 private let nodeIP = IPAddress("192.168.0.2")!
 
 private func packet(_ src: String?, _ dst: String) throws -> ProbePacket {
-    let (ip, port, proto) = try ProbePacket.parseDestination(dst)
-    let s = src.map { IPAddress($0)! }
-    return ProbePacket(source: s ?? nodeIP, fromNode: s.map { local.contains($0) } ?? true, destination: ip, port: port, proto: proto)
+    try probePacket(from: src, to: dst, nodeIP: nodeIP, localAddresses: local)
 }
 
 @Suite struct DestinationParsingTests {
@@ -61,47 +59,10 @@ private func packet(_ src: String?, _ dst: String) throws -> ProbePacket {
     /// compiled rules must reach exactly the endpoints the model selects, each with 1/n, and
     /// masquerade exactly when the model says so.
     @Test func compiledRulesAgreeWithTheModelForEveryServiceKind() throws {
-        var checked = 0
-        var verdicts: Set<TraceVerdict> = []
-        for name in state.sortedNames {
-            let svc = state.servicePorts[name]!
-            var dsts = ["\(svc.clusterIP):\(svc.port)"] + svc.externalIPs.map { "\($0):\(svc.port)" }
-                + svc.loadBalancerVIPs.map { "\($0):\(svc.port)" }
-            if svc.nodePort != 0 { dsts.append("\(nodeIP):\(svc.nodePort)") }
-            for dst in dsts {
-                for src in ["10.0.0.5", "203.0.113.9", "198.51.100.7", nil] {
-                    let p = try packet(src, dst)
-                    let model = explainModel(p, state: state, node: options.node, localAddresses: local)
-                    let trace = tracer.trace(p)
-                    let what = "\(src ?? "node") -> \(dst) (\(name))"
-                    #expect(model.hits.first?.servicePort == name.description, "\(what): model hit \(model.hits)")
-                    verdicts.formUnion(trace.paths.map(\.verdict))
-                    let sum = trace.paths.reduce(0) { $0 + $1.probability }
-                    #expect(abs(sum - 1) < 1e-9, "\(what): path probabilities sum to \(sum)")
-                    if let action = model.noEndpointsAction {
-                        let want: TraceVerdict = action.hasPrefix("REJECT") ? .rejected : .dropped
-                        #expect(trace.paths.allSatisfy { $0.verdict == want }, "\(what): model says \(action), trace \(trace.paths.map(\.verdict))")
-                        continue
-                    }
-                    if model.sourceRange?.hasPrefix("denied") == true {
-                        #expect(trace.paths.allSatisfy { $0.verdict == .dropped }, "\(what): denied by source range, trace \(trace.paths.map(\.verdict))")
-                        continue
-                    }
-                    let selected = Set(model.endpoints.filter(\.selected).map(\.address))
-                    let probs = trace.endpointProbabilities
-                    #expect(Set(probs.keys) == selected, "\(what): trace reaches \(probs), model selects \(selected)")
-                    for (_, pr) in probs { #expect(abs(pr - 1 / Double(selected.count)) < 1e-6, "\(what): \(probs)") }
-                    for path in trace.paths {
-                        #expect(path.verdict == .forwarded, "\(what): \(path)")
-                        let hairpin = path.endpoint.flatMap { splitEndpointIP($0) } == p.source
-                        if !hairpin { #expect(path.masquerade == model.masquerade, "\(what): trace masquerade \(path.masquerade), model \(String(describing: model.masquerade)) \(model.masqueradeReasons)") }
-                    }
-                    checked += 1
-                }
-            }
-        }
-        #expect(checked >= 20)
-        #expect(verdicts == [.forwarded, .rejected, .dropped])
+        let agreement = try TracerModelAgreement.check(tracer, state: state, node: options.node, localAddresses: local, nodeIP: nodeIP)
+        #expect(agreement.problems.isEmpty, "\(agreement.problems.joined(separator: "\n"))")
+        #expect(agreement.checked >= 20)
+        #expect(agreement.verdicts == [.forwarded, .rejected, .dropped])
     }
 
     @Test func clusterIPFromAPodWalksServiceChainsAndKeepsTheSource() throws {
@@ -147,11 +108,6 @@ private func packet(_ src: String?, _ dst: String) throws -> ProbePacket {
         #expect(model.endpoints.first?.reasons.contains { $0.contains("traffic policy Local") } == true)
         #expect(tracer.trace(p).paths.map(\.verdict) == [.dropped])
     }
-}
-
-private func splitEndpointIP(_ text: String) -> IPAddress? {
-    guard let colon = text.lastIndex(of: ":") else { return nil }
-    return IPAddress(String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]")))
 }
 
 @Suite struct TopologyReasonTests {

@@ -9,24 +9,6 @@ import Testing
 
 private let ipvsPresent = FileManager.default.fileExists(atPath: "/proc/net/ip_vs")
 
-/// The part of `sluice explain --output json` this test reads.
-private struct IPVSExplainJSON: Decodable {
-    struct Path: Decodable {
-        var verdict: String
-        var endpoint: String?
-        var probability: Double
-    }
-    var verdict: String
-    var masquerade: Bool?
-    var paths: [Path]
-
-    var backends: Set<String> {
-        Set(paths.filter { $0.verdict == "forwarded" && $0.probability > 0 }.compactMap { p in
-            (1...2).first { p.endpoint?.hasPrefix(TestNet.backendIP($0) + ":") == true }.map(TestNet.backendName)
-        })
-    }
-}
-
 @Suite("Kernel (IPVS): explain and diff", .serialized, .requiresRoot, .timeLimit(.minutes(3)),
        .enabled(if: ipvsPresent, "needs a kernel with IPVS; make test runs it inside user-mode Linux (scripts/uml-run.sh)"))
 struct ExplainIPVSKernelTests {
@@ -49,18 +31,11 @@ struct ExplainIPVSKernelTests {
             #expect(d.status == 0 && d.stdout.contains("ipvs IPv4: the kernel holds the desired state"), "\(d.stdout)\n\(bed.sluiceLog)")
 
             for (from, ns, dst) in [(TestNet.clientIP, bed.clientNS, web.clusterTarget("http")), (TestNet.extIP, bed.extNS, "\(TestNet.nodeIP):30080")] {
-                let out = await bed.runSluice(["explain"] + bed.sluiceArguments() + mode + ["--kernel", "--output", "json", "--from", from, dst])
-                #expect(out.succeeded, "\(out)")
-                let e = try JSONDecoder().decode(IPVSExplainJSON.self, from: Data(out.stdout.utf8))
-                #expect(e.verdict == "forwarded" && e.backends == ["backend-1", "backend-2"], "\(out.stdout)")
+                let e = try await bed.explain(mode, from: from, dst, kernel: true)
+                #expect(e.verdict == "forwarded" && e.backends == ["backend-1", "backend-2"], "\(e.verdict) \(e.backends)")
                 let r = try await bed.request(from: ns, .tcp, dst, count: 16, showSource: true)
                 expectAnswered(r, count: 16, backends: e.backends, "ipvs \(from) -> \(dst): explain said \(e.backends)", bed)
-                let sources = Set(r.sources.compactMap { $0 })
-                if e.masquerade == true {
-                    #expect(!sources.contains(from) && sources.allSatisfy { $0.hasSuffix(".1") }, context("ipvs \(dst): explain said masqueraded", r, bed))
-                } else {
-                    #expect(sources == [from], context("ipvs \(dst): explain said the source is kept", r, bed))
-                }
+                expectSources(r, from: from, masquerade: e.masquerade, "ipvs \(dst)", bed)
             }
 
             // Hand edits: a real server's weight, a set member, a kube-ipvs0 address, a foreign rule.
@@ -81,9 +56,9 @@ struct ExplainIPVSKernelTests {
             #expect(d.stdout.contains("extra   nat KUBE-SERVICES rule") && d.stdout.contains("10.9.9.9"), "\(d.stdout)")
             // Without its KUBE-CLUSTER-IP member, KUBE-IPVS-FILTER rejects new connections to the
             // cluster IP: explain --kernel says so, and so do real packets.
-            func explainKernel() async throws -> (IPVSExplainJSON, String) {
+            func explainKernel() async throws -> (ExplainJSON, String) {
                 let out = await bed.runSluice(["explain"] + bed.sluiceArguments() + mode + ["--kernel", "--output", "json", "--from", TestNet.clientIP, web.clusterTarget("http")])
-                return (try JSONDecoder().decode(IPVSExplainJSON.self, from: Data(out.stdout.utf8)), out.stdout)
+                return (try ExplainJSON.decode(out), out.stdout)
             }
             var (e, text) = try await explainKernel()
             #expect(e.verdict == "rejected", "\(text)")

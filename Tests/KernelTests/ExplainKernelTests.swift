@@ -9,55 +9,6 @@ import IPTables
 import SluiceTesting
 import Testing
 
-/// The part of `sluice explain --output json` these tests read.
-private struct ExplainJSON: Decodable {
-    struct Model: Decodable {
-        struct Endpoint: Decodable {
-            var address: String
-            var selected: Bool
-            var probability: Double?
-        }
-        var endpoints: [Endpoint]
-        var hits: [Hit]
-        var affinity: String?
-    }
-    struct Hit: Decodable {
-        var servicePort: String
-        var kind: String
-    }
-    struct Path: Decodable {
-        var verdict: String
-        var endpoint: String?
-        var masquerade: Bool
-        var probability: Double
-    }
-    var verdict: String
-    var masquerade: Bool?
-    var model: Model
-    var paths: [Path]
-
-    /// Backend names reached with a positive probability.
-    var backends: Set<String> {
-        Set(paths.filter { $0.verdict == "forwarded" && $0.probability > 0 }.compactMap { p in
-            (1...4).first { p.endpoint?.hasPrefix(TestNet.backendIP($0) + ":") == true }.map(TestNet.backendName)
-        })
-    }
-}
-
-private func explain(_ bed: TestBed, from: String?, _ dst: String, kernel: Bool) async throws -> ExplainJSON {
-    var args = ["explain"] + bed.sluiceArguments() + ["--output", "json"]
-    if kernel { args.append("--kernel") }
-    if let from { args += ["--from", from] }
-    args.append(dst)
-    let out = await bed.runSluice(args)
-    guard out.succeeded else { throw TestBedError("sluice explain failed: \(out)") }
-    do {
-        return try JSONDecoder().decode(ExplainJSON.self, from: Data(out.stdout.utf8))
-    } catch {
-        throw TestBedError("explain printed unreadable JSON (\(error)):\n\(out.stdout)")
-    }
-}
-
 @Suite("Kernel (iptables): explain and diff", .serialized, .requiresRoot, .timeLimit(.minutes(4)))
 struct ExplainKernelTests {
     @Test("explain predicts the endpoints, the NAT and the verdict real packets get, for every Service kind")
@@ -84,45 +35,13 @@ struct ExplainKernelTests {
                 ExplainCase(from: TestNet.extIP2, ns: \.extNS, dst: "198.51.100.10:80"),
                 ExplainCase(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.15:80"),
             ]
-            var verdicts: Set<String> = []
-            for c in cases {
-                let compiled = try await explain(bed, from: c.from, c.dst + (c.proto == .udp ? "/udp" : ""), kernel: false)
-                let kernel = try await explain(bed, from: c.from, c.dst + (c.proto == .udp ? "/udp" : ""), kernel: true)
-                #expect(compiled.verdict == kernel.verdict && compiled.backends == kernel.backends && compiled.masquerade == kernel.masquerade,
-                        "\(c): compiled and kernel rules disagree: \(compiled.verdict) \(compiled.backends) vs \(kernel.verdict) \(kernel.backends)")
-                verdicts.insert(kernel.verdict)
-                let count = kernel.verdict == "forwarded" ? 24 : 2
-                let r = try await bed.request(from: bed[keyPath: c.ns], c.proto, c.dst, count: count, timeout: 1.5, showSource: true,
-                                              sourceIP: c.ns == \.extNS ? c.from : nil)
-                switch kernel.verdict {
-                case "forwarded":
-                    if kernel.model.affinity != nil {
-                        // ClientIP affinity: a new client gets one of the paths; then it sticks.
-                        expectAnswered(r, count: count, "\(c): explain said \(kernel.backends)", bed)
-                        #expect(r.backends.count == 1 && r.backends.isSubset(of: kernel.backends), context("\(c): affinity, explain said \(kernel.backends)", r, bed))
-                    } else {
-                        expectAnswered(r, count: count, backends: kernel.backends, "\(c): explain said \(kernel.backends)", bed)
-                    }
-                    let sources = Set(r.sources.compactMap { $0 })
-                    if kernel.masquerade == true {
-                        #expect(!sources.contains(c.from) && sources.allSatisfy { $0.hasSuffix(".1") }, context("\(c): explain said masqueraded", r, bed))
-                    } else {
-                        #expect(sources == [c.from], context("\(c): explain said the source is kept", r, bed))
-                    }
-                case "rejected":
-                    #expect(r.count("REFUSED") == count, context("\(c): explain said REJECT", r, bed))
-                case "dropped":
-                    #expect(r.count("TIMEOUT") == count, context("\(c): explain said DROP", r, bed))
-                default:
-                    Issue.record("\(c): unexpected verdict \(kernel.verdict)")
-                }
-            }
+            let verdicts = try await expectExplainMatchesRealPackets(bed, cases)
             #expect(verdicts == ["forwarded", "rejected", "dropped"])
             // The explanations name the expected things for a few cases.
-            let lbAllowed = try await explain(bed, from: TestNet.extIP, "198.51.100.10:80", kernel: true)
+            let lbAllowed = try await bed.explain(from: TestNet.extIP, "198.51.100.10:80", kernel: true)
             #expect(lbAllowed.model.hits.first?.kind == "LoadBalancerIP" && lbAllowed.model.hits.first?.servicePort == fixture.lb.portName("http"))
             #expect(lbAllowed.model.endpoints.filter(\.selected).count == 2)
-            let localFromExt = try await explain(bed, from: TestNet.extIP, "\(TestNet.nodeIP):30081", kernel: false)
+            let localFromExt = try await bed.explain(from: TestNet.extIP, "\(TestNet.nodeIP):30081", kernel: false)
             #expect(localFromExt.backends == ["backend-3"] && localFromExt.masquerade == false)
         }
     }
@@ -207,12 +126,10 @@ struct ExplainKernelTests {
             let nat = try await bed.waitForPortals([web.portName("http"), np.portName("http")])
             let relay = try #require(TestBed.relayPort(in: nat, for: web.portName("http")))
             for (from, ns, dst) in [(TestNet.clientIP, bed.clientNS, web.clusterTarget("http")), (TestNet.extIP, bed.extNS, "\(TestNet.nodeIP):30080")] {
-                let args = ["explain"] + bed.sluiceArguments() + ["--proxy-mode", "userspace", "--kernel", "--output", "json", "--from", from, dst]
-                let out = await bed.runSluice(args)
-                #expect(out.succeeded, "\(out)")
-                let e = try JSONDecoder().decode(ExplainJSON.self, from: Data(out.stdout.utf8))
+                let out = await bed.runSluice(["explain"] + bed.sluiceArguments() + ["--proxy-mode", "userspace", "--kernel", "--output", "json", "--from", from, dst])
+                let e = try ExplainJSON.decode(out)
                 #expect(e.verdict == "relayed" && e.masquerade == true, "\(out.stdout)")
-                let backends = Set(e.paths.compactMap { p in (1...2).first { p.endpoint?.hasPrefix(TestNet.backendIP($0) + ":") == true }.map(TestNet.backendName) })
+                let backends = e.reached
                 #expect(backends == ["backend-1", "backend-2"], "\(out.stdout)")
                 if dst == web.clusterTarget("http") { #expect(out.stdout.contains("port \(relay)"), "the running relay's port \(relay) in the path:\n\(out.stdout)") }
                 let r = try await bed.request(from: ns, .tcp, dst, count: 12, showSource: true)
@@ -263,21 +180,7 @@ struct ExplainKernelTests {
             let clean = await bed.runSluice(["diff"] + bed.sluiceArguments())
             #expect(clean.status == 0 && clean.stdout.contains("holds the desired state"), "\(clean)\n\(nat)")
 
-            func metric(_ name: String) async -> Double? {
-                let py = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:10249/metrics',timeout=2).read().decode())"
-                let out = await bed.exec(bed.nodeNS, [bed.python, "-c", py])
-                for line in out.stdout.split(separator: "\n") where line.hasPrefix(name + " ") || line.hasPrefix(name + "{") {
-                    return Double(line.split(separator: " ").last ?? "")
-                }
-                return nil
-            }
-            func waitForDrift(_ want: Double) async throws -> Bool {
-                for _ in 0..<50 {
-                    if await metric("sluice_kernel_drift_objects") == want { return true }
-                    try await Task.sleep(for: .milliseconds(200))
-                }
-                return false
-            }
+            func waitForDrift(_ want: Double) async throws -> Bool { try await bed.waitForMetric("sluice_kernel_drift_objects", want) }
             // The gauge reads 0 before the first check: a foreign rule first shows that the check
             // runs (1, not 3 with the counting rules), and its removal brings it back to 0.
             let foreign = ["KUBE-SERVICES", "-d", "10.9.9.9/32", "-p", "tcp", "--dport", "9", "-j", "RETURN"]
@@ -287,7 +190,7 @@ struct ExplainKernelTests {
             r = await bed.iptables(["-t", "nat", "-D"] + foreign)
             #expect(r.succeeded, "\(r)")
             #expect(try await waitForDrift(0), "drift gauge never 0 with nfacct on; log:\n\(bed.sluiceLog)")
-            #expect(await metric("kubeproxy_iptables_localhost_nodeports_accepted_packets_total") != nil)
+            #expect(await bed.metric("kubeproxy_iptables_localhost_nodeports_accepted_packets_total") != nil)
 
             // The counting rule removed by hand: both report it.
             r = await bed.iptables(["-t", "nat", "-D"] + tokenize(counting.dropFirst(3)))
@@ -307,12 +210,7 @@ struct ExplainKernelTests {
             _ = try await bed.waitForServices([web.portName("http")])
             let forward = await bed.iptables(["-S", "KUBE-FORWARD"])
             #expect(forward.stdout.contains("--ctstate INVALID -m nfacct --nfacct-name"), "\(forward)")
-            func counted() async -> Double? {
-                let py = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:10249/metrics',timeout=2).read().decode())"
-                let out = await bed.exec(bed.nodeNS, [bed.python, "-c", py])
-                return out.stdout.split(separator: "\n").first { $0.hasPrefix("kubeproxy_iptables_ct_state_invalid_dropped_packets_total ") }
-                    .flatMap { Double($0.split(separator: " ").last ?? "") }
-            }
+            func counted() async -> Double? { await bed.metric("kubeproxy_iptables_ct_state_invalid_dropped_packets_total") }
             var before: Double?
             for _ in 0..<50 where before == nil {
                 before = await counted()
@@ -354,21 +252,7 @@ struct ExplainKernelTests {
             try bed.writeManifest("svc.yaml", web.yaml)
             try bed.startSluice(extra: ["--drift-check-period", "1s", "--metrics-bind-address", "127.0.0.1:10249"])
             _ = try await bed.waitForServices([web.portName("http")])
-            func gauge() async -> Int? {
-                let py = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:10249/metrics',timeout=2).read().decode())"
-                let out = await bed.exec(bed.nodeNS, [bed.python, "-c", py])
-                for line in out.stdout.split(separator: "\n") where line.hasPrefix("sluice_kernel_drift_objects") {
-                    return Int(Double(line.split(separator: " ").last ?? "") ?? -1)
-                }
-                return nil
-            }
-            func waitForGauge(_ want: Int) async throws -> Bool {
-                for _ in 0..<50 {
-                    if await gauge() == want { return true }
-                    try await Task.sleep(for: .milliseconds(200))
-                }
-                return false
-            }
+            func waitForGauge(_ want: Double) async throws -> Bool { try await bed.waitForMetric("sluice_kernel_drift_objects", want) }
             #expect(try await waitForGauge(0), "gauge never 0; log:\n\(bed.sluiceLog)")
             let r = await bed.iptables(["-t", "nat", "-I", "KUBE-SERVICES", "1", "-d", "10.9.9.9/32", "-p", "tcp", "--dport", "9", "-j", "RETURN"])
             #expect(r.succeeded, "\(r)")

@@ -8,55 +8,9 @@ import Foundation
 import SluiceTesting
 import Testing
 
-/// The part of `sluice explain --output json` these tests read.
-private struct ExplainJSON: Decodable {
-    struct Model: Decodable {
-        struct Hit: Decodable {
-            var servicePort: String
-            var kind: String
-        }
-        var hits: [Hit]
-        var affinity: String?
-    }
-    struct Step: Decodable {
-        var location: String
-        var rule: String
-        var action: String
-    }
-    struct Path: Decodable {
-        var verdict: String
-        var endpoint: String?
-        var masquerade: Bool
-        var probability: Double
-        var steps: [Step]
-    }
-    var verdict: String
-    var masquerade: Bool?
-    var model: Model
-    var paths: [Path]
-    var notes: [String]
+private let nftMode = ["--proxy-mode", "nftables"]
 
-    var backends: Set<String> {
-        Set(paths.filter { $0.verdict == "forwarded" && $0.probability > 0 }.compactMap { p in
-            (1...4).first { p.endpoint?.hasPrefix(TestNet.backendIP($0) + ":") == true }.map(TestNet.backendName)
-        })
-    }
-}
-
-private func nftArgs(_ bed: TestBed) -> [String] { bed.sluiceArguments() + ["--proxy-mode", "nftables"] }
-
-private func explain(_ bed: TestBed, from: String, _ dst: String, kernel: Bool) async throws -> ExplainJSON {
-    var args = ["explain"] + nftArgs(bed) + ["--output", "json", "--from", from]
-    if kernel { args.append("--kernel") }
-    args.append(dst)
-    let out = await bed.runSluice(args)
-    guard out.succeeded else { throw TestBedError("sluice explain failed: \(out)") }
-    do {
-        return try JSONDecoder().decode(ExplainJSON.self, from: Data(out.stdout.utf8))
-    } catch {
-        throw TestBedError("explain printed unreadable JSON (\(error)):\n\(out.stdout)")
-    }
-}
+private func nftArgs(_ bed: TestBed) -> [String] { bed.sluiceArguments() + nftMode }
 
 @Suite("Kernel (nftables): explain and diff", .serialized, .requiresRoot, .timeLimit(.minutes(4)))
 struct ExplainNFTablesKernelTests {
@@ -82,48 +36,17 @@ struct ExplainNFTablesKernelTests {
                 ExplainCase(from: TestNet.extIP2, ns: \.extNS, dst: "198.51.100.10:80"),
                 ExplainCase(from: TestNet.clientIP, ns: \.clientNS, dst: "10.96.0.15:80"),
             ]
-            var verdicts: Set<String> = []
-            for c in cases {
-                let dst = c.dst + (c.proto == .udp ? "/udp" : "")
-                let compiled = try await explain(bed, from: c.from, dst, kernel: false)
-                let kernel = try await explain(bed, from: c.from, dst, kernel: true)
-                #expect(compiled.verdict == kernel.verdict && compiled.backends == kernel.backends && compiled.masquerade == kernel.masquerade,
-                        "\(c): compiled and kernel tables disagree: \(compiled.verdict) \(compiled.backends) vs \(kernel.verdict) \(kernel.backends)")
+            let verdicts = try await expectExplainMatchesRealPackets(bed, mode: nftMode, cases) { c, kernel in
                 #expect(!kernel.notes.contains { $0.contains("not understood") || $0.contains("differs") }, "\(c): \(kernel.notes)")
                 #expect(kernel.paths.allSatisfy { !$0.steps.isEmpty }, "\(c): a path without steps")
-                verdicts.insert(kernel.verdict)
-                let count = kernel.verdict == "forwarded" ? 24 : 2
-                let r = try await bed.request(from: bed[keyPath: c.ns], c.proto, c.dst, count: count, timeout: 1.5, showSource: true,
-                                              sourceIP: c.ns == \.extNS ? c.from : nil)
-                switch kernel.verdict {
-                case "forwarded":
-                    if kernel.model.affinity != nil {
-                        expectAnswered(r, count: count, "\(c): explain said \(kernel.backends)", bed)
-                        #expect(r.backends.count == 1 && r.backends.isSubset(of: kernel.backends), context("\(c): affinity, explain said \(kernel.backends)", r, bed))
-                    } else {
-                        expectAnswered(r, count: count, backends: kernel.backends, "\(c): explain said \(kernel.backends)", bed)
-                    }
-                    let sources = Set(r.sources.compactMap { $0 })
-                    if kernel.masquerade == true {
-                        #expect(!sources.contains(c.from) && sources.allSatisfy { $0.hasSuffix(".1") }, context("\(c): explain said masqueraded", r, bed))
-                    } else {
-                        #expect(sources == [c.from], context("\(c): explain said the source is kept", r, bed))
-                    }
-                case "rejected":
-                    #expect(r.count("REFUSED") == count, context("\(c): explain said REJECT", r, bed))
-                case "dropped":
-                    #expect(r.count("TIMEOUT") == count, context("\(c): explain said DROP", r, bed))
-                default:
-                    Issue.record("\(c): unexpected verdict \(kernel.verdict)")
-                }
             }
             #expect(verdicts == ["forwarded", "rejected", "dropped"])
             // The steps name the map element and the service chain.
-            let cip = try await explain(bed, from: TestNet.clientIP, "10.96.0.10:80", kernel: true)
+            let cip = try await bed.explain(nftMode, from: TestNet.clientIP, "10.96.0.10:80", kernel: true)
             let steps = cip.paths.first?.steps ?? []
             #expect(steps.contains { $0.action.hasPrefix("element 10.96.0.10 . tcp . 80 of @service-ips: goto service-") }, "\(steps)")
             #expect(steps.contains { $0.location.hasPrefix("service-") && $0.rule.hasPrefix("numgen random mod") }, "\(steps)")
-            let lbAllowed = try await explain(bed, from: TestNet.extIP, "198.51.100.10:80", kernel: true)
+            let lbAllowed = try await bed.explain(nftMode, from: TestNet.extIP, "198.51.100.10:80", kernel: true)
             #expect(lbAllowed.model.hits.first?.kind == "LoadBalancerIP" && lbAllowed.model.hits.first?.servicePort == fixture.lb.portName("http"))
         }
     }
@@ -178,7 +101,7 @@ struct ExplainNFTablesKernelTests {
             d = await diff()
             #expect(d.status == 1 && d.stdout.contains(web.portName("http")) && d.stdout.contains("missing chain \(endpointChain) rule: meta l4proto tcp dnat to"), "\(d)")
             // explain --kernel sees the damage: that endpoint is no longer reached.
-            let e = try await explain(bed, from: TestNet.clientIP, "10.96.0.10:80", kernel: true)
+            let e = try await bed.explain(nftMode, from: TestNet.clientIP, "10.96.0.10:80", kernel: true)
             #expect(e.notes.contains { $0.contains("never send") || $0.contains("differs") }, "\(e.notes)")
         }
     }
@@ -190,20 +113,8 @@ struct ExplainNFTablesKernelTests {
             try bed.writeManifest("svc.yaml", web.yaml)
             try bed.startNFTablesSluice(extra: ["--drift-check-period", "1s", "--metrics-bind-address", "127.0.0.1:10249"])
             try await bed.waitForNFTablesServices([web.portName("http")])
-            func gauge() async -> Int? {
-                let py = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:10249/metrics',timeout=2).read().decode())"
-                let out = await bed.exec(bed.nodeNS, [bed.python, "-c", py])
-                for line in out.stdout.split(separator: "\n") where line.hasPrefix("sluice_kernel_drift_objects") && line.contains("nftables") {
-                    return Int(Double(line.split(separator: " ").last ?? "") ?? -1)
-                }
-                return nil
-            }
-            func waitForGauge(_ want: Int) async throws -> Bool {
-                for _ in 0..<50 {
-                    if await gauge() == want { return true }
-                    try await Task.sleep(for: .milliseconds(200))
-                }
-                return false
+            func waitForGauge(_ want: Double) async throws -> Bool {
+                try await bed.waitForMetric("sluice_kernel_drift_objects", want) { $0.contains("nftables") }
             }
             #expect(try await waitForGauge(0), "gauge never 0; log:\n\(bed.sluiceLog)")
             _ = try await bed.exec(checked: bed.nodeNS, ["nft", "insert", "rule", "ip", "kube-proxy", "services", "ip", "daddr", "10.9.9.9", "tcp", "dport", "9", "drop"])
@@ -270,7 +181,7 @@ struct ExplainNFTablesKernelTests {
             func explain(_ from: String, kernel: Bool) async throws -> ExplainJSON {
                 let out = try await bed.exec(checked: scratch, [bed.sluiceBinary, "explain"] + flags
                                              + ["--output", "json", "--from", from] + (kernel ? ["--kernel"] : []) + ["[fd00:198::10]:80"])
-                return try JSONDecoder().decode(ExplainJSON.self, from: Data(out.stdout.utf8))
+                return try ExplainJSON.decode(out)
             }
             for from in ["fd00:50::7", "2001:db8:9::7", "fd00:99::7"] {
                 let k = try await explain(from, kernel: true), c = try await explain(from, kernel: false)

@@ -22,14 +22,7 @@ private func overallState() throws -> ProxyState {
 }
 
 private func packet(_ src: String?, _ dst: String) throws -> ProbePacket {
-    let (ip, port, proto) = try ProbePacket.parseDestination(dst)
-    let s = src.map { IPAddress($0)! }
-    return ProbePacket(source: s ?? nodeIP, fromNode: s.map { local.contains($0) } ?? true, destination: ip, port: port, proto: proto)
-}
-
-private func endpointIP(_ text: String) -> IPAddress? {
-    guard let colon = text.lastIndex(of: ":") else { return nil }
-    return IPAddress(String(text[..<colon]).trimmingCharacters(in: ["[", "]"]))
+    try probePacket(from: src, to: dst, nodeIP: nodeIP, localAddresses: local)
 }
 
 @Suite struct NFTablesTracerTests {
@@ -48,48 +41,11 @@ private func endpointIP(_ text: String) -> IPAddress? {
     /// table must reach exactly the endpoints the model selects, each with 1/n, and masquerade
     /// exactly when the model says so.
     @Test func compiledTableAgreesWithTheModelForEveryServiceKind() throws {
-        var checked = 0
-        var verdicts: Set<TraceVerdict> = []
-        for name in state.sortedNames {
-            let svc = state.servicePorts[name]!
-            var dsts = ["\(svc.clusterIP):\(svc.port)"] + svc.externalIPs.map { "\($0):\(svc.port)" }
-                + svc.loadBalancerVIPs.map { "\($0):\(svc.port)" }
-            if svc.nodePort != 0 { dsts.append("\(nodeIP):\(svc.nodePort)") }
-            for dst in dsts {
-                for src in ["10.0.0.5", "203.0.113.9", "198.51.100.7", nil] {
-                    let p = try packet(src, dst)
-                    let model = explainModel(p, state: state, node: options.node, localAddresses: local)
-                    let trace = tracer.trace(p)
-                    let what = "\(src ?? "node") -> \(dst) (\(name))"
-                    #expect(trace.notes.isEmpty, "\(what): \(trace.notes)")
-                    #expect(model.hits.first?.servicePort == name.description, "\(what): model hit \(model.hits)")
-                    verdicts.formUnion(trace.paths.map(\.verdict))
-                    let sum = trace.paths.reduce(0) { $0 + $1.probability }
-                    #expect(abs(sum - 1) < 1e-9, "\(what): path probabilities sum to \(sum)")
-                    if let action = model.noEndpointsAction {
-                        let want: TraceVerdict = action.hasPrefix("REJECT") ? .rejected : .dropped
-                        #expect(trace.paths.allSatisfy { $0.verdict == want }, "\(what): model says \(action), trace \(trace.paths.map(\.verdict))")
-                        continue
-                    }
-                    if model.sourceRange?.hasPrefix("denied") == true {
-                        #expect(trace.paths.allSatisfy { $0.verdict == .dropped }, "\(what): denied by source range, trace \(trace.paths.map(\.verdict))")
-                        continue
-                    }
-                    let selected = Set(model.endpoints.filter(\.selected).map(\.address))
-                    let probs = trace.endpointProbabilities
-                    #expect(Set(probs.keys) == selected, "\(what): trace reaches \(probs), model selects \(selected)")
-                    for (_, pr) in probs { #expect(abs(pr - 1 / Double(selected.count)) < 1e-6, "\(what): \(probs)") }
-                    for path in trace.paths {
-                        #expect(path.verdict == .forwarded, "\(what): \(path)")
-                        let hairpin = path.endpoint.flatMap(endpointIP) == p.source
-                        if !hairpin { #expect(path.masquerade == model.masquerade, "\(what): trace masquerade \(path.masquerade), model \(String(describing: model.masquerade)) \(model.masqueradeReasons)") }
-                    }
-                    checked += 1
-                }
-            }
-        }
-        #expect(checked >= 20)
-        #expect(verdicts == [.forwarded, .rejected, .dropped])
+        let agreement = try TracerModelAgreement.check(tracer, state: state, node: options.node, localAddresses: local, nodeIP: nodeIP,
+                                                       requireNoNotes: true)
+        #expect(agreement.problems.isEmpty, "\(agreement.problems.joined(separator: "\n"))")
+        #expect(agreement.checked >= 20)
+        #expect(agreement.verdicts == [.forwarded, .rejected, .dropped])
     }
 
     @Test func stepsNameTheMapElementAndTheChains() throws {
