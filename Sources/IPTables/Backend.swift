@@ -255,11 +255,11 @@ public actor IPTablesBackend: ProxyBackend {
 
     /// Chain names currently in `table`.
     private func chainsIn(_ table: Table) async throws -> Set<String> {
-        try await IPTablesReader(tools: tools, runner: runner).chains(in: table)
+        try await restorer.chains(in: table)
     }
 
     /// Chain names declared in `iptables-save` output.
-    public static func parseChains(_ save: String) -> Set<String> { IPTablesReader.parseChains(save) }
+    public static func parseChains(_ save: String) -> Set<String> { IPTablesRestorer.parseChains(save) }
 
     /// What the iptables mode owns: the jumps from the built-in chains (kube-proxy's and the
     /// kubelet's KUBE-FIREWALL ones), its top-level chains, the canaries and every per-service

@@ -173,7 +173,7 @@ public struct IPTablesDriftChecker: DriftChecking {
     public func readKernel() async throws -> ParsedRuleSet {
         var set = ParsedRuleSet()
         for t in IPTablesDrift.tables.compactMap(Table.init(rawValue:)) {
-            set = ParsedRuleSet.parse(try await IPTablesReader(tools: tools, runner: runner).save(t), into: set)
+            set = ParsedRuleSet.parse(try await IPTablesRestorer(tools: tools, runner: runner).save(t), into: set)
         }
         return set
     }

@@ -377,18 +377,18 @@ public actor IPVSBackend: ProxyBackend {
         let text = desired.restoreText
         guard full || text != lastRestore else { return 0 }
         var batch = text
+        let restorer = IPTablesRestorer(tools: config.tools, runner: runner)
         if full {
             // Jump rules from the built-in chains, checked against iptables-save and inserted
             // in the same batch (no fork per rule).
-            let reader = IPTablesReader(tools: config.tools, runner: runner)
             var missing: [Table: [JumpRule]] = [:]
             for table in [Table.nat, .filter] {
-                let absent = JumpInstaller.missing(ipvsJumpRules, in: table, save: try await reader.save(table))
+                let absent = JumpInstaller.missing(ipvsJumpRules, in: table, save: try await restorer.save(table))
                 if !absent.isEmpty { missing[table] = absent }
             }
             if !missing.isEmpty { batch = JumpInstaller.inserting(missing, into: text) }
         }
-        try await IPTablesRestorer(tools: config.tools, runner: runner).restore(batch, counters: true, operation: "ipvs-mode iptables restore")
+        try await restorer.restore(batch, counters: true, operation: "ipvs-mode iptables restore")
         lastRestore = text
         counters.restores += 1
         return batch.utf8.count
@@ -720,9 +720,10 @@ public actor IPVSBackend: ProxyBackend {
             // One save and one restore per table: the jump rules are deleted with `-D` lines in
             // the same batch that empties and removes the chains.
             for (table, chains) in [(Table.nat, ipvsNATChains), (.filter, ipvsFilterChains)] {
-                guard case .success(let save) = await runner.run(t.save, ["-t", table.rawValue], input: nil), save.status == 0 else { continue }
-                let present = IPTablesReader.parseChains(save.stdout)
-                let deletes = JumpInstaller.deleteLines(ipvsJumpRules, in: table, save: save.stdout)
+                let restorer = IPTablesRestorer(tools: t, runner: runner)
+                guard let save = try? await restorer.save(table) else { continue }
+                let present = IPTablesRestorer.parseChains(save)
+                let deletes = JumpInstaller.deleteLines(ipvsJumpRules, in: table, save: save)
                 // Chains only IPVS mode uses are deleted; the ones iptables mode shares
                 // (KUBE-SERVICES, KUBE-POSTROUTING, KUBE-MARK-MASQ, KUBE-FORWARD,
                 // KUBE-PROXY-FIREWALL) are emptied here and deleted by the iptables clean-up,
@@ -732,7 +733,7 @@ public actor IPVSBackend: ProxyBackend {
                 if declared.isEmpty && deletes.isEmpty { continue }
                 let text = IPTablesRestorer.removalBatch(table, emptied: declared, ruleLines: deletes, deleted: doomed)
                 do {
-                    try await IPTablesRestorer(tools: t, runner: runner).restore(text, operation: "removing IPVS-mode chains from the \(table.rawValue) table")
+                    try await restorer.restore(text, operation: "removing IPVS-mode chains from the \(table.rawValue) table")
                     logger.info("\(t.restore): removed \(deletes.count) jump rules, emptied \(declared.count) and deleted \(doomed.count) IPVS-mode chains in the \(table.rawValue) table")
                 } catch let e as IPTablesError {
                     failures.append("removing IPVS-mode chains from the \(table.rawValue) table: \(e.underlying)")

@@ -167,7 +167,7 @@ public struct IPVSDriftChecker: DriftChecking {
         let sets = try await ipsets.list(setNames)
         var rules = ParsedRuleSet()
         for t in IPTablesDrift.tables.compactMap(Table.init(rawValue:)) {
-            rules = ParsedRuleSet.parse(try await IPTablesReader(tools: config.tools, runner: runner).save(t), into: rules)
+            rules = ParsedRuleSet.parse(try await IPTablesRestorer(tools: config.tools, runner: runner).save(t), into: rules)
         }
         return IPVSKernelState(services: services, sets: sets, boundAddresses: bound, rules: rules)
     }

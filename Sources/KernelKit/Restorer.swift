@@ -1,11 +1,11 @@
 // Sluice: a per-node Kubernetes service proxy.
 // The one iptables-restore call (with its flags and lock handling) and the one iptables-save
-// reader every mode uses.
+// read every mode uses.
 
 import SluiceCore
 
 /// Applies restore batches with `iptables-restore` / `ip6tables-restore` (nft or legacy, as
-/// the tools say).
+/// the tools say), and reads tables back with `iptables-save`.
 ///
 /// Every batch is written with `--noflush` (the chains it declares are replaced whole,
 /// everything else is left alone, and the batch applies atomically), waiting up to 5 s for
@@ -66,29 +66,14 @@ public struct IPTablesRestorer: Sendable {
     public func remove(_ footprint: IPTablesFootprint, log: (Table, Int) -> Void = { _, _ in }) async throws {
         let jumps = JumpInstaller(tools: tools, runner: runner)
         for rule in footprint.jumps { await jumps.delete(rule) }
-        let reader = IPTablesReader(tools: tools, runner: runner)
         for table in footprint.tables {
-            let present = (try? await reader.chains(in: table)) ?? []
+            let present = (try? await chains(in: table)) ?? []
             let doomed = present.filter { footprint.owns(table, $0) }.sorted()
             if doomed.isEmpty { continue }
             try await restore(Self.removalBatch(table, emptied: doomed, deleted: doomed),
                               operation: "removing chains from the \(table.rawValue) table")
             log(table, doomed.count)
         }
-    }
-}
-
-/// Reads tables with `iptables-save`.
-public struct IPTablesReader: Sendable {
-    /// The binaries called.
-    public let tools: IPTablesTools
-    /// How they are run.
-    public let runner: any CommandRunner
-
-    /// Creates a reader.
-    public init(tools: IPTablesTools, runner: any CommandRunner) {
-        self.tools = tools
-        self.runner = runner
     }
 
     /// `iptables-save -t <table>` output.

@@ -29,13 +29,7 @@ public struct UserspaceDriftChecker: DriftChecking {
         let plan = UserspacePlan(state: state, nodeName: nodeName)
         let text = PortalCompiler(nodeIP: nodeIP).compile(plan, relayPorts: RelayPortPlan.dryRun(plan.names)).restoreText
         let desired = IPTablesDrift.desired(restoreText: text, jumps: userspaceJumpRules)
-        let save: CommandResult
-        do {
-            save = try await runner.check(tools.save, ["-t", "nat"])
-        } catch {
-            throw UserspaceDriftError(operation: "reading the nat table", underlying: error)
-        }
-        let actual = ParsedRuleSet.parse(save.stdout)
+        let actual = ParsedRuleSet.parse(try await IPTablesRestorer(tools: tools, runner: runner).save(.nat))
         let owned = Set(Chain.userspaceNAT)
         return DriftReport(mode: mode, family: .ipv4,
                            items: IPTablesDrift.compare(desired: UserspaceDriftChecker.maskingRelayPorts(desired),
@@ -67,12 +61,3 @@ public struct UserspaceDriftChecker: DriftChecking {
     }
 }
 
-/// The userspace drift check could not read the kernel.
-public struct UserspaceDriftError: Error, Sendable, CustomStringConvertible {
-    /// What the check was doing.
-    public var operation: String
-    /// The failed command.
-    public var underlying: CommandError
-
-    public var description: String { "\(operation): \(underlying)" }
-}
