@@ -75,7 +75,16 @@ public struct CompiledRules: Sendable {
     /// nothing to write (possible only in a partial sync whose top-level chains were left
     /// out) is left out; with nothing at all to write the text is empty.
     public var restoreText: String {
+        // Sized once: growing a payload of tens of MB by doubling held up to three times its
+        // size at the last growth (the old buffer and a new one twice as large).
+        var size = 0
+        for batch in [filter, nat] where !(batch.chains.isEmpty && batch.rules.isEmpty) {
+            size += 8 + 7
+            for line in batch.chains { size += line.utf8.count + 1 }
+            for line in batch.rules { size += line.utf8.count + 1 }
+        }
         var out = ""
+        out.reserveCapacity(size)
         for (name, batch) in [("filter", filter), ("nat", nat)] where !(batch.chains.isEmpty && batch.rules.isEmpty) {
             out += "*\(name)\n"
             for line in batch.chains { out += line; out += "\n" }

@@ -128,7 +128,9 @@ struct Informer: Sendable {
 
     /// Runs until cancelled; `listed` is called after the first complete LIST has been emitted.
     func run(emit: @Sendable (ObjectEvent) -> Void, listed: @Sendable () -> Void) async {
-        var known: [NamespacedName: KubeObject] = [:]
+        // What the consumer holds, by key: each object's fingerprint (its hash value), not the
+        // object (the consumer keeps that), to tell a change from a repeat.
+        var known: [NamespacedName: Int] = [:]
         var resourceVersion: String?
         var failures = 0
         var goneInARow = 0
@@ -234,7 +236,7 @@ struct Informer: Sendable {
 
     /// Lists every page; returns the version to watch from and the events that bring `known`
     /// up to date (deletes first, then upserts).
-    private func listAndReconcile(_ known: inout [NamespacedName: KubeObject]) async throws -> (String, [ObjectEvent]) {
+    private func listAndReconcile(_ known: inout [NamespacedName: Int]) async throws -> (String, [ObjectEvent]) {
         var objects: [NamespacedName: KubeObject] = [:]
         var undecodable: Set<NamespacedName> = []
         var token: String?
@@ -263,15 +265,17 @@ struct Informer: Sendable {
             known[key] = nil
             deletes += 1
         }
-        for (key, o) in objects.sorted(by: { $0.key < $1.key }) where known[key] != o {
+        for (key, o) in objects.sorted(by: { $0.key < $1.key }) {
+            let fingerprint = o.hashValue
+            guard known[key] != fingerprint else { continue }
             events.append(o.upsertEvent)
-            known[key] = o
+            known[key] = fingerprint
         }
         if deletes > 0 { counters.update { $0.reconciledDeletes += deletes } }
         return (rv, events)
     }
 
-    private func watch(from rv: String, known: inout [NamespacedName: KubeObject], version: inout String?,
+    private func watch(from rv: String, known: inout [NamespacedName: Int], version: inout String?,
                        emit: @Sendable (ObjectEvent) -> Void, healthy: () -> Void) async throws -> Outcome {
         let span = settings.watchTimeoutSeconds
         let timeout = span.lowerBound + Int(settings.random() * Double(span.upperBound - span.lowerBound + 1))
@@ -285,8 +289,9 @@ struct Informer: Sendable {
                 version = newRV
                 counters.update { $0.watchEvents += 1 }
                 if accept(o) {
-                    if known[key] != o {
-                        known[key] = o
+                    let fingerprint = o.hashValue
+                    if known[key] != fingerprint {
+                        known[key] = fingerprint
                         emit(o.upsertEvent)
                     }
                 } else if known.removeValue(forKey: key) != nil {

@@ -204,30 +204,83 @@ public final class ManifestDirectorySource: Sendable {
         onRejection(r)
     }
 
-    /// The state of one scan: objects per file.
+    /// The state of one scan: what each file defines, by key and fingerprint. The objects
+    /// themselves are not kept (the consumer of the events holds them), except the copies that
+    /// lose to another file's (below).
     public struct Snapshot: Sendable {
         fileprivate var stamps: [String: FileStampBox] = [:]
-        fileprivate var objects: [String: [KubeObject]] = [:]
+        /// Per file, the objects applied from it: key → fingerprint (the object's hash value).
+        fileprivate var files: [String: [KubeObjectKey: Int]] = [:]
+        /// Per object, the files defining it (the last file name wins).
+        fileprivate var definers: [KubeObjectKey: Definers] = [:]
+        /// Objects defined by more than one file: every copy but the winning one, so the next
+        /// winner's object is at hand when the winning file stops defining it.
+        fileprivate var shadowed: [KubeObjectKey: [String: KubeObject]] = [:]
         /// Content last applied, per file, to tell a rewrite with the same bytes from a change.
         fileprivate var applied: [String: ContentDigest] = [:]
         /// Changes seen but not yet settled, per file name.
         fileprivate var candidates: [String: Candidate] = [:]
+        /// Changed files held back this scan (see `scan`), to log it once.
+        fileprivate var heldBack: Set<String> = []
         fileprivate var scanned = false
 
         /// Creates an empty snapshot.
         public init() {}
 
-        /// Objects by identity; when two files define the same object the later file name wins.
-        public var merged: [String: KubeObject] {
-            var out: [String: KubeObject] = [:]
-            for file in objects.keys.sorted() {
-                for o in objects[file]! { out[o.identity] = o }
-            }
-            return out
-        }
+        /// Number of distinct objects defined (an object in two files counts once).
+        public var objectCount: Int { definers.count }
+
+        /// `Kind namespace/name` of every object defined, sorted.
+        public var identities: [String] { definers.keys.map(\.identity).sorted() }
 
         /// Files whose change waits to settle.
         public var unsettled: [String] { candidates.keys.sorted() }
+
+        /// Whole objects the snapshot keeps: the losing copies of objects defined in more than
+        /// one file (none when every object is defined once).
+        var keptObjectCount: Int { shadowed.values.reduce(0) { $0 + $1.count } }
+
+        /// Changed files whose change waits because an object they now define is also defined by
+        /// an earlier file that no longer reads as it was applied (see `scan`).
+        public var waiting: [String] { heldBack.sorted() }
+    }
+
+    /// The files defining one object, sorted by name; the last one's copy is in effect.
+    fileprivate enum Definers: Sendable {
+        case one(String)
+        /// At least two.
+        case many([String])
+
+        var winner: String {
+            switch self {
+            case .one(let f): return f
+            case .many(let fs): return fs[fs.count - 1]
+            }
+        }
+
+        var all: [String] {
+            switch self {
+            case .one(let f): return [f]
+            case .many(let fs): return fs
+            }
+        }
+
+        func adding(_ file: String) -> Definers {
+            var fs = all
+            guard !fs.contains(file) else { return self }
+            fs.append(file)
+            fs.sort()
+            return .many(fs)
+        }
+
+        func removing(_ file: String) -> Definers? {
+            let fs = all.filter { $0 != file }
+            switch fs.count {
+            case 0: return nil
+            case 1: return .one(fs[0])
+            default: return .many(fs)
+            }
+        }
     }
 
     fileprivate struct FileStampBox: Sendable, Hashable {
@@ -260,6 +313,15 @@ public final class ManifestDirectorySource: Sendable {
 
     /// Scans the directory once, returning the new snapshot and the events that lead from
     /// `previous` to it.
+    ///
+    /// Only files whose content changed are parsed, and only their objects make events: an
+    /// object a changed file no longer defines is deleted (unless another file still defines
+    /// it), and an object whose fingerprint (its 64-bit hash) differs from the copy in effect
+    /// before is upserted. When two files define one object the later file name wins; the
+    /// losing copies are kept whole, so the next one can take over without reading its file.
+    /// A copy that starts losing is read again from its file, which must still hold the same
+    /// object; if it does not (that file has a change of its own that is not applied yet), the
+    /// change that made it lose waits (`Snapshot.waiting`) until it does.
     public func scan(from previous: Snapshot) throws -> (Snapshot, [ObjectEvent]) {
         let fm = FileManager.default
         var isDir: ObjCBool = false
@@ -273,6 +335,10 @@ public final class ManifestDirectorySource: Sendable {
         let t = now()
         var next = Snapshot()
         next.scanned = true
+        next.definers = previous.definers
+        next.shadowed = previous.shadowed
+        // Files parsed again this scan: their objects by key (the last document of a key wins).
+        var fresh: [String: [KubeObjectKey: KubeObject]] = [:]
         var present: Set<String> = []
         for name in names {
             let path = directory + "/" + name
@@ -284,9 +350,9 @@ public final class ManifestDirectorySource: Sendable {
                 size: (attrs[.size] as? NSNumber)?.intValue ?? 0,
                 mtime: (attrs[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0,
                 inode: (attrs[.systemFileNumber] as? NSNumber)?.intValue ?? 0)
-            if previous.stamps[name] == stamp, let objs = previous.objects[name] {
+            if previous.stamps[name] == stamp, let objs = previous.files[name] {
                 next.stamps[name] = stamp
-                next.objects[name] = objs
+                next.files[name] = objs
                 next.applied[name] = previous.applied[name]
                 continue
             }
@@ -294,7 +360,7 @@ public final class ManifestDirectorySource: Sendable {
                 reject(ObjectRejection(kind: "file", key: name, reason: "\(stamp.size) bytes is more than the \(maximumManifestBytes) accepted; keeping its previous objects"))
                 keep(name, from: previous, into: &next)
                 next.stamps[name] = stamp
-                next.objects[name] = previous.objects[name] ?? []
+                next.files[name] = previous.files[name] ?? [:]
                 continue
             }
             guard let data = FileManager.default.contents(atPath: path) else {
@@ -306,7 +372,7 @@ public final class ManifestDirectorySource: Sendable {
             if let applied = previous.applied[name], applied == digest {
                 // Rewritten with the same bytes (or back to them before settling): nothing changed.
                 next.stamps[name] = stamp
-                next.objects[name] = previous.objects[name] ?? []
+                next.files[name] = previous.files[name] ?? [:]
                 next.applied[name] = digest
                 continue
             }
@@ -325,10 +391,17 @@ public final class ManifestDirectorySource: Sendable {
             }
             next.stamps[name] = stamp
             next.applied[name] = digest
-            next.objects[name] = read(data: data, name: name, previous: previous.objects[name])
+            if let objects = read(data: data, name: name) {
+                var byKey: [KubeObjectKey: KubeObject] = [:]
+                for o in objects { byKey[o.key] = o }
+                fresh[name] = byKey
+                next.files[name] = byKey.mapValues(\.hashValue)
+            } else {
+                next.files[name] = previous.files[name] ?? [:]
+            }
         }
         // Files gone since the last scan: a deletion, once it has settled too.
-        for name in previous.objects.keys where !present.contains(name) && settling {
+        for name in previous.files.keys where !present.contains(name) && settling {
             if let c = previous.candidates[name], c.stamp == nil {
                 if t - c.since >= settle { continue }
                 keep(name, from: previous, into: &next)
@@ -338,30 +411,125 @@ public final class ManifestDirectorySource: Sendable {
                 next.candidates[name] = Candidate(stamp: nil, digest: nil, since: t)
             }
         }
-        let before = previous.merged
-        let after = next.merged
-        var events: [ObjectEvent] = []
-        // Deletions of slices first, then services, so no sync sees a slice without a reason.
-        for (id, obj) in before.sorted(by: { $0.key < $1.key }) where after[id] == nil {
-            events.append(obj.deleteEvent)
-        }
-        for (id, obj) in after.sorted(by: { $0.key < $1.key }) where before[id] != obj {
-            events.append(obj.upsertEvent)
-        }
+        let events = reconcile(previous: previous, next: &next, fresh: &fresh)
         return (next, events)
+    }
+
+    /// Updates `next`'s definitions for the files parsed again (`fresh`) and the files gone,
+    /// and returns the events: deletions, then upserts, each sorted by identity. A fresh file
+    /// whose change would need a losing copy that cannot be read back is held back (its
+    /// previous state restored in `next`) and the rest is worked out again without it.
+    private func reconcile(previous: Snapshot, next: inout Snapshot, fresh: inout [String: [KubeObjectKey: KubeObject]]) -> [ObjectEvent] {
+        let gone = previous.files.keys.filter { next.files[$0] == nil }
+        var rereads: [String: [KubeObjectKey: KubeObject]?] = [:]
+        while true {
+            let changed = Array(fresh.keys) + gone
+            if changed.isEmpty { return [] }
+            var definers = previous.definers
+            var affected: Set<KubeObjectKey> = []
+            for f in changed {
+                for k in (previous.files[f] ?? [:]).keys {
+                    affected.insert(k)
+                    definers[k] = definers[k]?.removing(f)
+                }
+                for k in (next.files[f] ?? [:]).keys {
+                    affected.insert(k)
+                    definers[k] = definers[k]?.adding(f) ?? .one(f)
+                }
+            }
+            var shadowed = previous.shadowed
+            var deletes: [(String, ObjectEvent)] = []
+            var upserts: [(String, ObjectEvent)] = []
+            var blocked: (file: String, by: String, key: KubeObjectKey)?
+            /// A file's copy of `key`: parsed this scan, kept as a losing copy, or read back.
+            func copy(_ key: KubeObjectKey, in file: String) -> KubeObject? {
+                if let byKey = fresh[file] { return byKey[key] }
+                if let o = previous.shadowed[key]?[file] { return o }
+                guard let fingerprint = previous.files[file]?[key] else { return nil }
+                if rereads[file] == nil { rereads[file] = .some(readBack(file)) }
+                guard let o = rereads[file]!?[key], o.hashValue == fingerprint else { return nil }
+                return o
+            }
+            for key in affected {
+                let after = definers[key]
+                if case .many(let files)? = after {
+                    var copies: [String: KubeObject] = [:]
+                    for f in files.dropLast() {
+                        if let o = copy(key, in: f) {
+                            copies[f] = o
+                        } else if fresh[after!.winner] != nil {
+                            blocked = (after!.winner, f, key)
+                            break
+                        } else {
+                            // Only a file parsed this scan can make a copy start losing (the
+                            // others were kept); should it happen anyway, say so.
+                            logger.error("manifest \(f): its copy of \(key.identity) cannot be read back; it will not take over if \(after!.winner) drops it")
+                        }
+                    }
+                    shadowed[key] = copies
+                } else {
+                    shadowed[key] = nil
+                }
+                if blocked != nil { break }
+                let before = previous.definers[key]?.winner
+                guard let winner = after?.winner else {
+                    if before != nil { deletes.append((key.identity, key.deleteEvent)) }
+                    continue
+                }
+                let fingerprint = next.files[winner]?[key]
+                if let before, previous.files[before]?[key] == fingerprint { continue }
+                guard let o = copy(key, in: winner) else {
+                    // Unreachable: a winner that was not parsed this scan was a losing copy, kept.
+                    logger.error("manifest \(winner): its copy of \(key.identity) cannot be read back; no event for it")
+                    continue
+                }
+                upserts.append((key.identity, o.upsertEvent))
+            }
+            if let blocked {
+                let f = blocked.file
+                if !previous.heldBack.contains(f) {
+                    logger.warning("manifest \(f) defines \(blocked.key.identity), which \(blocked.by) defines too and no longer holds as it was applied; \(f) waits until \(blocked.by)'s change is applied")
+                }
+                next.heldBack.insert(f)
+                fresh[f] = nil
+                next.stamps[f] = previous.stamps[f]
+                next.files[f] = previous.files[f]
+                next.applied[f] = previous.applied[f]
+                if let c = previous.candidates[f] { next.candidates[f] = c }
+                continue
+            }
+            next.definers = definers
+            next.shadowed = shadowed
+            deletes.sort { $0.0 < $1.0 }
+            upserts.sort { $0.0 < $1.0 }
+            return deletes.map(\.1) + upserts.map(\.1)
+        }
+    }
+
+    /// A file's objects read again (for a copy that starts losing to a later file's), without
+    /// reporting its rejections a second time; nil when it cannot be read or parsed.
+    private func readBack(_ name: String) -> [KubeObjectKey: KubeObject]? {
+        guard let data = FileManager.default.contents(atPath: directory + "/" + name), data.count <= maximumManifestBytes,
+              let parsed = try? ManifestParser.parse(String(decoding: data, as: UTF8.self), file: name, limits: limits)
+        else { return nil }
+        var byKey: [KubeObjectKey: KubeObject] = [:]
+        for o in parsed.objects { byKey[o.key] = o }
+        return byKey
     }
 
     /// Carries a file's applied state over unchanged.
     private func keep(_ name: String, from previous: Snapshot, into next: inout Snapshot) {
         next.stamps[name] = previous.stamps[name]
-        if let objs = previous.objects[name] { next.objects[name] = objs }
+        if let objs = previous.files[name] { next.files[name] = objs }
         next.applied[name] = previous.applied[name]
     }
 
-    private func read(data: Data, name: String, previous: [KubeObject]?) -> [KubeObject] {
+    /// The objects of a file's new content; nil when the file is rejected (its previous
+    /// objects stay).
+    private func read(data: Data, name: String) -> [KubeObject]? {
         guard data.count <= maximumManifestBytes else {
             reject(ObjectRejection(kind: "file", key: name, reason: "\(data.count) bytes is more than the \(maximumManifestBytes) accepted; keeping its previous objects"))
-            return previous ?? []
+            return nil
         }
         let text = String(decoding: data, as: UTF8.self)
         do {
@@ -370,10 +538,10 @@ public final class ManifestDirectorySource: Sendable {
             return parsed.objects
         } catch let e as ManifestLimitError {
             reject(ObjectRejection(kind: "file", key: name, reason: "\(e); keeping its previous objects"))
-            return previous ?? []
+            return nil
         } catch {
             reject(ObjectRejection(kind: "file", key: name, reason: "not valid YAML (\(String(describing: error).prefix(300))); keeping its previous objects"))
-            return previous ?? []
+            return nil
         }
     }
 
@@ -388,7 +556,7 @@ public final class ManifestDirectorySource: Sendable {
                     snapshot = first
                     for e in events { continuation.yield(e) }
                     continuation.yield(.synced)
-                    logger.info("manifest directory \(directory): \(first.merged.count) objects")
+                    logger.info("manifest directory \(directory): \(first.objectCount) objects")
                     while !Task.isCancelled {
                         try await Task.sleep(for: interval)
                         do {

@@ -41,6 +41,58 @@ public enum KubeObject: Sendable, Hashable {
         case .serviceCIDR(let c): return .serviceCIDRDeleted(c.name)
         }
     }
+
+    /// The object's kind and name: what a source remembers of it instead of the object.
+    public var key: KubeObjectKey {
+        switch self {
+        case .service(let s): return KubeObjectKey(kind: .service, namespace: s.namespace, name: s.name)
+        case .endpointSlice(let e): return KubeObjectKey(kind: .endpointSlice, namespace: e.namespace, name: e.name)
+        case .node(let n): return KubeObjectKey(kind: .node, namespace: "", name: n.name)
+        case .serviceCIDR(let c): return KubeObjectKey(kind: .serviceCIDR, namespace: "", name: c.name)
+        }
+    }
+}
+
+/// Which object a `KubeObject` is, without its content: enough to name it and to delete it.
+public struct KubeObjectKey: Sendable, Hashable {
+    /// The kinds the proxy consumes.
+    public enum Kind: UInt8, Sendable, Hashable {
+        case service, endpointSlice, node, serviceCIDR
+    }
+
+    /// The kind.
+    public var kind: Kind
+    /// The namespace ("" for Nodes and ServiceCIDRs).
+    public var namespace: String
+    /// The name.
+    public var name: String
+
+    /// Creates a key.
+    public init(kind: Kind, namespace: String, name: String) {
+        self.kind = kind
+        self.namespace = namespace
+        self.name = name
+    }
+
+    /// `Kind namespace/name`, equal to `KubeObject.identity` of the object it names.
+    public var identity: String {
+        switch kind {
+        case .service: return "Service \(namespace)/\(name)"
+        case .endpointSlice: return "EndpointSlice \(namespace)/\(name)"
+        case .node: return "Node \(name)"
+        case .serviceCIDR: return "ServiceCIDR \(name)"
+        }
+    }
+
+    /// The delete event of the object this key names.
+    public var deleteEvent: ObjectEvent {
+        switch kind {
+        case .service: return .serviceDeleted(NamespacedName(namespace: namespace, name: name))
+        case .endpointSlice: return .sliceDeleted(NamespacedName(namespace: namespace, name: name))
+        case .node: return .nodeDeleted(name)
+        case .serviceCIDR: return .serviceCIDRDeleted(name)
+        }
+    }
 }
 
 /// A field that is missing or of the wrong type.

@@ -155,7 +155,7 @@ private func isDelete(_ e: ObjectEvent) -> Bool {
         #expect(all.isEmpty, "events: \(all)")
         #expect(!all.contains(where: isDelete))
         #expect(snap.unsettled.isEmpty)
-        #expect(snap.merged.count == 2)
+        #expect(snap.objectCount == 2)
     }
 
     @Test func anEmptyFileThatSettlesIsARealDeletion() throws {
