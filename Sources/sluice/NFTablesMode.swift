@@ -27,7 +27,8 @@ func makeNFTablesMode(options: ProxyOptions, node: NodeConfig, family: IPFamily,
     do {
         lib = try LibNFTables()
         try NFTablesSupport.check(lib, families: [NFTFamily(family)])
-        kernel = try LibNFTablesKernel(family: NFTFamily(family), lib: lib, child: applyInChild)
+        kernel = try LibNFTablesKernel(family: NFTFamily(family), lib: lib, child: applyInChild,
+                                       netlinkFull: nftFullSyncThroughNetlink(ProcessInfo.processInfo.environment))
     } catch {
         throw SluiceExit("cannot use --proxy-mode nftables: \(error)")
     }
@@ -35,6 +36,14 @@ func makeNFTablesMode(options: ProxyOptions, node: NodeConfig, family: IPFamily,
     return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger)]) { runner in
         [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
     }
+}
+
+/// Whether full syncs go to the kernel as one nf_tables netlink batch (the default) or, with
+/// `SLUICE_NFT_FULL_SYNC=libnftables` in the environment, through libnftables (a child
+/// process for large transactions): for comparing the two, and a way back should the
+/// kernel refuse the batch.
+func nftFullSyncThroughNetlink(_ environment: [String: String]) -> Bool {
+    environment["SLUICE_NFT_FULL_SYNC"]?.lowercased() != "libnftables"
 }
 
 /// Applies a large transaction with `sluice nft-apply` in a child process (the same
