@@ -199,19 +199,19 @@ public struct NFTablesCompiler: Sendable {
         (Names.natPostrouting, NFTHook(type: "nat", hook: "postrouting", priority: 100)),
     ]
 
-    /// kube-proxy v1.34's jumps from base chains: (destination, source, extra match).
-    static let jumps: [(String, String, String)] = [
-        (Names.nodePortEndpointsCheck, Names.filterInput, "ct state new "),
-        (Names.serviceEndpointsCheck, Names.filterInput, "ct state new "),
-        (Names.serviceEndpointsCheck, Names.filterForward, "ct state new "),
-        (Names.serviceEndpointsCheck, Names.filterOutput, "ct state new "),
-        (Names.firewallCheck, Names.filterPreroutingPreDNAT, "ct state new "),
-        (Names.firewallCheck, Names.filterOutputPreDNAT, "ct state new "),
-        (Names.services, Names.natOutput, ""),
-        (Names.services, Names.natPrerouting, ""),
-        (Names.masquerading, Names.natPostrouting, ""),
-        (Names.clusterIPsCheck, Names.filterForward, "ct state new "),
-        (Names.clusterIPsCheck, Names.filterOutput, "ct state new "),
+    /// kube-proxy v1.34's jumps from base chains: (destination, source, `ct state new` first).
+    static let jumps: [(String, String, Bool)] = [
+        (Names.nodePortEndpointsCheck, Names.filterInput, true),
+        (Names.serviceEndpointsCheck, Names.filterInput, true),
+        (Names.serviceEndpointsCheck, Names.filterForward, true),
+        (Names.serviceEndpointsCheck, Names.filterOutput, true),
+        (Names.firewallCheck, Names.filterPreroutingPreDNAT, true),
+        (Names.firewallCheck, Names.filterOutputPreDNAT, true),
+        (Names.services, Names.natOutput, false),
+        (Names.services, Names.natPrerouting, false),
+        (Names.masquerading, Names.natPostrouting, false),
+        (Names.clusterIPsCheck, Names.filterForward, true),
+        (Names.clusterIPsCheck, Names.filterOutput, true),
     ]
 
     /// The fixed part for these options and the ServiceCIDR objects' ranges (`serviceCIDRs`,
@@ -224,61 +224,66 @@ public struct NFTablesCompiler: Sendable {
             index[name] = chains.count
             chains.append(NFTChain(name: name, hook: hook, comment: comment))
         }
-        func rule(_ chain: String, _ text: String) {
-            chains[index[chain]!].rules.append(text)
+        func rule(_ chain: String, _ r: NFTRule) {
+            chains[index[chain]!].append(r, family: family)
         }
         for (name, hook) in Self.baseChains { ensure(name, hook: hook) }
-        for (dst, src, extra) in Self.jumps {
+        for (dst, src, ctNew) in Self.jumps {
             ensure(dst)
-            rule(src, "\(extra)jump \(dst)")
+            rule(src, NFTRule(ctNew ? [.ctStateNew] : [], .verdict(.jump(dst))))
         }
         for c in [Names.services, Names.clusterIPsCheck, Names.masquerading, Names.markMasq] { ensure(c) }
-        rule(Names.markMasq, "mark set mark or \(mark)")
-        rule(Names.masquerading, "mark and \(mark) == 0 return")
-        rule(Names.masquerading, "mark set mark xor \(mark)")
-        rule(Names.masquerading, "masquerade fully-random")
+        rule(Names.markMasq, NFTRule(.markSet(.or, mark)))
+        rule(Names.masquerading, NFTRule([.markClear(mark)], .verdict(.return)))
+        rule(Names.masquerading, NFTRule(.markSet(.xor, mark)))
+        rule(Names.masquerading, NFTRule(.masqueradeFullyRandom))
 
         let addr = family.addressType
         var containers: [NFTContainer] = [
             NFTContainer(kind: .set, name: Names.clusterIPs, type: addr, comment: "Active ClusterIPs"),
         ]
-        rule(Names.clusterIPsCheck, "\(ipX) daddr @\(Names.clusterIPs) reject comment \(nftQuoted("Reject traffic to invalid ports of ClusterIPs"))")
-        var cidrs: [String] = []
-        for c in options.serviceCIDRs + serviceCIDRs where c.family == options.family && !cidrs.contains(c.description) {
-            cidrs.append(c.description)
+        rule(Names.clusterIPsCheck, NFTRule([.addressInSet(.destination, set: Names.clusterIPs)], .reject,
+                                            comment: "Reject traffic to invalid ports of ClusterIPs"))
+        var cidrs: [CIDR] = []
+        for c in options.serviceCIDRs + serviceCIDRs where c.family == options.family && !cidrs.contains(where: { $0.description == c.description }) {
+            cidrs.append(c)
         }
         if !cidrs.isEmpty {
-            rule(Names.clusterIPsCheck, "\(ipX) daddr { \(cidrs.joined(separator: ",")) } drop comment \(nftQuoted("Drop traffic to unallocated ClusterIPs"))")
+            rule(Names.clusterIPsCheck, NFTRule([.addressInList(.destination, cidrs.map { .cidr($0) })], .verdict(.drop),
+                                                comment: "Drop traffic to unallocated ClusterIPs"))
         }
         containers.append(NFTContainer(kind: .set, name: Names.nodePortIPs, type: addr, comment: "IPs that accept NodePort traffic"))
         let npIPs = options.nodePortIPs
-        let noLocalhost = family == .ip ? "ip daddr != 127.0.0.0/8" : "ip6 daddr != ::1"
+        let noLocalhost: NFTMatch = family == .ip ? .address(.destination, negated: true, .cidr(CIDR("127.0.0.0/8")!))
+            : .address(.destination, negated: true, .ip(IPAddress("::1")!))
 
         containers.append(NFTContainer(kind: .map, name: Names.noEndpointServices, type: "\(addr) . inet_proto . inet_service : verdict",
                                        comment: "vmap to drop or reject packets to services with no endpoints"))
         containers.append(NFTContainer(kind: .map, name: Names.noEndpointNodePorts, type: "inet_proto . inet_service : verdict",
                                        comment: "vmap to drop or reject packets to service nodeports with no endpoints"))
         ensure(Names.rejectChain, comment: "helper for @no-endpoint-services / @no-endpoint-nodeports")
-        rule(Names.rejectChain, "reject")
-        rule(Names.serviceEndpointsCheck, "\(ipX) daddr . meta l4proto . th dport vmap @\(Names.noEndpointServices)")
+        rule(Names.rejectChain, NFTRule(.reject))
+        rule(Names.serviceEndpointsCheck, NFTRule(.vmapLookup(Names.noEndpointServices, withAddress: true)))
         if npIPs == nil {
-            rule(Names.nodePortEndpointsCheck, "\(noLocalhost) meta l4proto . th dport vmap @\(Names.noEndpointNodePorts)")
+            rule(Names.nodePortEndpointsCheck, NFTRule([noLocalhost], .vmapLookup(Names.noEndpointNodePorts, withAddress: false)))
         } else {
-            rule(Names.nodePortEndpointsCheck, "\(ipX) daddr @\(Names.nodePortIPs) meta l4proto . th dport vmap @\(Names.noEndpointNodePorts)")
+            rule(Names.nodePortEndpointsCheck, NFTRule([.addressInSet(.destination, set: Names.nodePortIPs)],
+                                                       .vmapLookup(Names.noEndpointNodePorts, withAddress: false)))
         }
         containers.append(NFTContainer(kind: .map, name: Names.firewallIPs, type: "\(addr) . inet_proto . inet_service : verdict",
                                        comment: "destinations that are subject to LoadBalancerSourceRanges"))
         ensure(Names.firewallCheck)
-        rule(Names.firewallCheck, "\(ipX) daddr . meta l4proto . th dport vmap @\(Names.firewallIPs)")
+        rule(Names.firewallCheck, NFTRule(.vmapLookup(Names.firewallIPs, withAddress: true)))
         containers.append(NFTContainer(kind: .map, name: Names.serviceIPs, type: "\(addr) . inet_proto . inet_service : verdict",
                                        comment: "ClusterIP, ExternalIP and LoadBalancer IP traffic"))
         containers.append(NFTContainer(kind: .map, name: Names.serviceNodePorts, type: "inet_proto . inet_service : verdict",
                                        comment: "NodePort traffic"))
-        rule(Names.services, "\(ipX) daddr . meta l4proto . th dport vmap @\(Names.serviceIPs)")
+        rule(Names.services, NFTRule(.vmapLookup(Names.serviceIPs, withAddress: true)))
         if npIPs == nil {
-            rule(Names.services, "fib daddr type local \(noLocalhost) meta l4proto . th dport vmap @\(Names.serviceNodePorts)")
+            rule(Names.services, NFTRule([.fibDestinationLocal, noLocalhost], .vmapLookup(Names.serviceNodePorts, withAddress: false)))
         } else {
-            rule(Names.services, "\(ipX) daddr @\(Names.nodePortIPs) meta l4proto . th dport vmap @\(Names.serviceNodePorts)")
+            rule(Names.services, NFTRule([.addressInSet(.destination, set: Names.nodePortIPs)],
+                                         .vmapLookup(Names.serviceNodePorts, withAddress: false)))
         }
         return NFTFixedPart(chains: chains, containers: containers, nodePortIPs: npIPs?.map(\.description))
     }

@@ -47,6 +47,8 @@ public enum NFTVerdict: Sendable, Hashable, CustomStringConvertible {
     case drop
     /// `accept`.
     case accept
+    /// `return`.
+    case `return`
 
     public var description: String {
         switch self {
@@ -54,6 +56,7 @@ public enum NFTVerdict: Sendable, Hashable, CustomStringConvertible {
         case .goto(let c): return "goto " + c
         case .drop: return "drop"
         case .accept: return "accept"
+        case .return: return "return"
         }
     }
 
@@ -81,6 +84,23 @@ public enum NFTMatch: Sendable, Hashable {
     case fibSourceLocal
     /// `meta l4proto tcp` (`tcp`, `udp` or `sctp`).
     case l4proto(String)
+    /// `ip daddr { A,B }` (an anonymous interval set; one operand is a plain compare), as
+    /// the fixed `cluster-ips-check` rule writes it.
+    case addressInList(NFTAddressField, [NFTAddressOperand])
+    /// `fib daddr type local`.
+    case fibDestinationLocal
+    /// `ct state new`.
+    case ctStateNew
+    /// `mark and MARK == 0` (the mark as configured, `0x4000`).
+    case markClear(String)
+}
+
+/// How `mark set mark OP MARK` changes the packet mark.
+public enum NFTMarkOperation: String, Sendable, Hashable {
+    /// Sets the mark's bits.
+    case or
+    /// Flips them (clears them after `mark and MARK != 0`).
+    case xor
 }
 
 /// What a rule does after its matches.
@@ -93,6 +113,15 @@ public enum NFTStatement: Sendable, Hashable {
     case dnat(IPAddress, port: Int)
     /// `update @SET { ip saddr }`.
     case updateSet(String, NFTAddressField)
+    /// `ip daddr . meta l4proto . th dport vmap @MAP` (`withAddress`) or
+    /// `meta l4proto . th dport vmap @MAP`.
+    case vmapLookup(String, withAddress: Bool)
+    /// `mark set mark or|xor MARK`.
+    case markSet(NFTMarkOperation, String)
+    /// `masquerade fully-random`.
+    case masqueradeFullyRandom
+    /// `reject` (ICMP port unreachable).
+    case reject
 }
 
 /// A rule of a per-service chain: matches, one statement, an optional comment.
@@ -132,6 +161,14 @@ public struct NFTRule: Sendable, Hashable {
                 parts.append("fib saddr type local")
             case .l4proto(let p):
                 parts.append("meta l4proto \(p)")
+            case .addressInList(let f, let ops):
+                parts.append("\(kw) \(f.rawValue) { \(ops.map(\.description).joined(separator: ",")) }")
+            case .fibDestinationLocal:
+                parts.append("fib daddr type local")
+            case .ctStateNew:
+                parts.append("ct state new")
+            case .markClear(let mark):
+                parts.append("mark and \(mark) == 0")
             }
         }
         switch statement {
@@ -148,6 +185,14 @@ public struct NFTRule: Sendable, Hashable {
             parts.append("dnat to \(ip.joined(port: port))")
         case .updateSet(let set, let f):
             parts.append("update @\(set) { \(kw) \(f.rawValue) }")
+        case .vmapLookup(let map, let withAddress):
+            parts.append((withAddress ? "\(kw) daddr . " : "") + "meta l4proto . th dport vmap @\(map)")
+        case .markSet(let op, let mark):
+            parts.append("mark set mark \(op.rawValue) \(mark)")
+        case .masqueradeFullyRandom:
+            parts.append("masquerade fully-random")
+        case .reject:
+            parts.append("reject")
         }
         if let comment { parts.append("comment \(nftQuoted(comment))") }
         return parts.joined(separator: " ")

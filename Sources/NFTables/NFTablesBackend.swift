@@ -19,6 +19,9 @@ public protocol NFTablesKernel: Sendable {
     /// Applies one transaction (all or nothing); a kernel that can send its recorded
     /// ``NFTTransaction/operations`` as netlink messages does, else its text is applied.
     func apply(_ transaction: NFTTransaction, operation: String) async throws
+    /// Whether full transactions should be encoded as netlink batches
+    /// (``NFTTransaction/netlinkBatch``) instead of text.
+    var sendsFullTransactionsAsNetlink: Bool { get }
 }
 
 extension NFTablesKernel {
@@ -26,6 +29,9 @@ extension NFTablesKernel {
     public func apply(_ transaction: NFTTransaction, operation: String) async throws {
         try await apply(transaction.text, operation: operation)
     }
+
+    /// Text only.
+    public var sendsFullTransactionsAsNetlink: Bool { false }
 }
 
 /// Applies one transaction in a child process (the same libnftables call there).
@@ -57,21 +63,31 @@ public struct LibNFTablesKernel: NFTablesKernel {
     public let childBytes: Int
     /// Where recorded transactions go as netlink batches (nil: everything through libnftables).
     public let writer: NFTNetlinkWriter?
+    /// Full transactions go to `writer` too (else to libnftables or the child).
+    public let netlinkFull: Bool
 
     /// Creates a kernel interface for `table` in `family`.
-    /// - Parameter netlinkPartials: send transactions with recorded operations (partial syncs,
-    ///   stale-chain deletions) as nf_tables netlink batches instead of through libnftables.
+    /// - Parameters:
+    ///   - netlinkPartials: send transactions with recorded operations (partial syncs,
+    ///     stale-chain deletions) as nf_tables netlink batches instead of through libnftables.
+    ///   - netlinkFull: full syncs too (needs `netlinkPartials`).
     public init(table: String = kubeProxyTableName, family: NFTFamily, lib: LibNFTables,
-                child: NFTablesChildApplier? = nil, childBytes: Int = 1 << 20, netlinkPartials: Bool = true) throws {
+                child: NFTablesChildApplier? = nil, childBytes: Int = 1 << 20, netlinkPartials: Bool = true,
+                netlinkFull: Bool = true) throws {
         self.lib = lib
         self.reader = try NFTablesInventory(table: table, family: family)
         self.child = child
         self.childBytes = childBytes
         self.writer = netlinkPartials ? try NFTNetlinkWriter(family: family, table: table) : nil
+        self.netlinkFull = netlinkPartials && netlinkFull
     }
 
+    public var sendsFullTransactionsAsNetlink: Bool { netlinkFull }
+
     public func apply(_ transaction: NFTTransaction, operation: String) async throws {
-        if let writer, let ops = transaction.operations {
+        if let writer, let batch = transaction.netlinkBatch {
+            try await writer.apply(batch)
+        } else if let writer, let ops = transaction.operations {
             try await writer.apply(ops)
         } else {
             try await apply(transaction.text, operation: operation)
@@ -203,8 +219,14 @@ public actor NFTablesBackend: ProxyBackend {
                 stale.reset()
                 throw NFTablesError(operation: "reading table \(family.rawValue) \(Self.tableName)", message: "\(error)")
             }
-            tx = result.ruleset.fullTransaction(recreateBaseChains: firstSync,
-                                                existing: NFTExistingObjects(chains: existing.chains, sets: existing.sets))
+            let objects = NFTExistingObjects(chains: existing.chains, sets: existing.sets)
+            var built = result.ruleset.fullTransaction(recreateBaseChains: firstSync, existing: objects,
+                                                       encodingNetlink: kernel.sendsFullTransactionsAsNetlink)
+            if let e = built.encodingError {
+                logger.warning("full transaction not encodable as netlink messages (\(e)); sending it as text")
+                built = result.ruleset.fullTransaction(recreateBaseChains: firstSync, existing: objects)
+            }
+            tx = built
         }
 
         if !tx.isEmpty {
@@ -223,8 +245,8 @@ public actor NFTablesBackend: ProxyBackend {
             lastFullSync = start
         }
         stale.record(tx, at: start)
-        lastTransaction = tx.text
-        let bytes = tx.text.utf8.count
+        lastTransaction = tx.netlinkBatch.map { "(\($0.messageCount) nf_tables messages, \($0.byteCount) bytes)" } ?? tx.text
+        let bytes = tx.textBytes
         applied = result.ruleset
         var report = SyncReport(full: full, bytes: bytes)
         report.cleanupFailures = unreportedCleanupFailures

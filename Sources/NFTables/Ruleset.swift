@@ -55,6 +55,9 @@ public struct NFTChain: Sendable, Hashable {
     public var comment: String?
     /// Rules in order.
     public var rules: [String]
+    /// The same rules as values, when the chain was built from values (the compiler's fixed
+    /// chains): what a full sync sends as netlink messages. nil for chains read back as text.
+    public var ruleValues: [NFTRule]?
 
     /// Creates a chain.
     public init(name: String, hook: NFTHook? = nil, comment: String? = nil, rules: [String] = []) {
@@ -62,6 +65,12 @@ public struct NFTChain: Sendable, Hashable {
         self.hook = hook
         self.comment = comment
         self.rules = rules
+    }
+
+    /// Appends a rule as a value (and its text).
+    public mutating func append(_ rule: NFTRule, family: NFTFamily) {
+        rules.append(rule.text(family))
+        ruleValues = (ruleValues ?? []) + [rule]
     }
 
     /// The `{ ... }` part of `add chain` ("" when the chain has neither hook nor comment).

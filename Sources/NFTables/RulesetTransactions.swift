@@ -23,13 +23,27 @@ public struct NFTTransaction: Sendable {
     /// The same commands as values, for sending them as netlink messages (``NFTNetlinkWriter``);
     /// nil when the transaction was built as text only (full syncs, which go to libnftables).
     public private(set) var operations: [NFTOperation]?
+    /// The commands encoded as one nfnetlink batch while the transaction was built (full
+    /// syncs sent through netlink; then ``text`` stays empty); nil otherwise, or when a
+    /// command could not be encoded (``encodingError``).
+    public private(set) var netlinkBatch: NFTNetlinkBatch?
+    /// Why ``netlinkBatch`` was dropped.
+    public private(set) var encodingError: NFTEncodingError?
+    /// The size of the `nft -f` text of the commands, also when ``text`` is not built.
+    public private(set) var textBytes = 0
+    private var recordingText = true
 
     /// Creates an empty transaction; with `recordingOperations`, every command is also kept as
-    /// an ``NFTOperation``.
-    public init(family: NFTFamily, recordingOperations: Bool = false) {
+    /// an ``NFTOperation``; with `encodingNetlink`, the commands are encoded as netlink
+    /// messages instead of written as text.
+    public init(family: NFTFamily, recordingOperations: Bool = false, encodingNetlink: Bool = false) {
         self.family = family
         self.table = "\(family.rawValue) \(kubeProxyTableName)"
         if recordingOperations { operations = [] }
+        if encodingNetlink {
+            netlinkBatch = NFTNetlinkBatch(family: family)
+            recordingText = false
+        }
     }
 
     /// The commands, one per element (for inspection and tests; splits `text`).
@@ -41,6 +55,9 @@ public struct NFTTransaction: Sendable {
     private let table: String
 
     mutating func add(_ verb: String, _ object: String, _ rest: String) {
+        textBytes += verb.utf8.count + object.utf8.count + table.utf8.count + rest.utf8.count + 4
+        operationCount += 1
+        guard recordingText else { return }
         text += verb
         text += " "
         text += object
@@ -49,16 +66,35 @@ public struct NFTTransaction: Sendable {
         text += " "
         text += rest
         text += "\n"
-        operationCount += 1
     }
 
     private mutating func record(_ op: @autoclosure () -> NFTOperation) {
         if operations != nil { operations!.append(op()) }
+        if netlinkBatch != nil {
+            do {
+                try netlinkBatch?.append(op())
+            } catch {
+                dropNetlinkBatch(error)
+            }
+        }
+    }
+
+    /// Ends the netlink batch in place (before the transaction is passed on and shared).
+    mutating func endNetlinkBatch() { netlinkBatch?.end() }
+
+    private mutating func dropNetlinkBatch(_ error: NFTEncodingError) {
+        guard netlinkBatch != nil else { return }
+        netlinkBatch = nil
+        encodingError = error
     }
 
     mutating func addChain(_ c: NFTChain) {
         add("add", "chain", c.name + c.declarationSuffix)
-        record(.addChain(c.name))
+        record(c.hook == nil && c.comment == nil ? .addChain(c.name) : .declareChain(c.name, hook: c.hook, comment: c.comment))
+    }
+    mutating func addTable(comment: String) {
+        add("add", "table", "{ comment \(nftQuoted(comment)) ; }")
+        record(.addTable(comment: comment))
     }
     mutating func flushChain(_ name: String) {
         add("flush", "chain", name)
@@ -68,7 +104,12 @@ public struct NFTTransaction: Sendable {
         add("delete", "chain", name)
         record(.deleteChain(name))
     }
-    mutating func addRule(_ chain: String, _ rule: String) { add("add", "rule", "\(chain) \(rule)") }
+    /// A rule known only as text: the transaction can no longer be sent as netlink messages.
+    mutating func addRule(_ chain: String, _ rule: String) {
+        add("add", "rule", "\(chain) \(rule)")
+        operations = nil
+        dropNetlinkBatch(NFTEncodingError("rule \(rule) of \(chain) is known only as text"))
+    }
     mutating func addRule(_ chain: String, _ rule: NFTRule) {
         add("add", "rule", "\(chain) \(rule.text(family))")
         record(.addRule(chain: chain, rule))
@@ -77,7 +118,10 @@ public struct NFTTransaction: Sendable {
         add("add", c.kind.rawValue, c.name + c.declarationSuffix)
         record(.addSet(c))
     }
-    mutating func flushContainer(_ c: NFTContainer) { add("flush", c.kind.rawValue, c.name) }
+    mutating func flushContainer(_ c: NFTContainer) {
+        add("flush", c.kind.rawValue, c.name)
+        record(.flushSet(c.name))
+    }
     mutating func deleteSet(_ name: String) {
         add("delete", "set", name)
         record(.deleteSet(name))
@@ -119,13 +163,17 @@ extension NFTRuleset {
     ///     deleted first, so a base chain left with another hook or priority (an older
     ///     kube-proxy) is recreated instead of failing the transaction.
     ///   - existing: the table's chains and sets as read back (empty when unknown or absent).
+    ///   - recordingOperations: keep the commands as values too (``NFTTransaction/operations``).
+    ///   - encodingNetlink: encode the commands as one netlink batch
+    ///     (``NFTTransaction/netlinkBatch``) instead of writing the text.
     /// - Returns: the transaction; its text is what `sluice compile --proxy-mode nftables` prints.
-    public func fullTransaction(recreateBaseChains: Bool = false, existing: NFTExistingObjects = NFTExistingObjects()) -> NFTTransaction {
-        var tx = NFTTransaction(family: family)
-        tx.add("add", "table", "{ comment \(nftQuoted("rules for kube-proxy")) ; }")
+    public func fullTransaction(recreateBaseChains: Bool = false, existing: NFTExistingObjects = NFTExistingObjects(),
+                                recordingOperations: Bool = false, encodingNetlink: Bool = false) -> NFTTransaction {
+        var tx = NFTTransaction(family: family, recordingOperations: recordingOperations, encodingNetlink: encodingNetlink)
+        tx.addTable(comment: "rules for kube-proxy")
         if recreateBaseChains {
             for c in fixed.chains where c.hook != nil {
-                tx.add("add", "chain", c.name)
+                tx.addChain(NFTChain(name: c.name))
                 tx.deleteChain(c.name)
             }
         }
@@ -148,7 +196,11 @@ extension NFTRuleset {
             }
         }
         for c in fixed.chains {
-            for r in c.rules { tx.addRule(c.name, r) }
+            if let values = c.ruleValues {
+                for r in values { tx.addRule(c.name, r) }
+            } else {
+                for r in c.rules { tx.addRule(c.name, r) }
+            }
         }
         let names = services.keys.sorted()
         var active = Set<String>()
@@ -160,14 +212,14 @@ extension NFTRuleset {
                 activeSets.insert(s.name)
             }
             for name in f.chainNames {
-                tx.add("add", "chain", name)
+                tx.addChain(NFTChain(name: name))
                 tx.flushChain(name)
                 active.insert(name)
                 tx.writtenChains.append(name)
             }
         }
         for name in names {
-            for c in services[name]!.chains {
+            for c in services[name]!.ruleChains {
                 for r in c.rules { tx.addRule(c.name, r) }
             }
         }
@@ -185,6 +237,7 @@ extension NFTRuleset {
         for set in existing.sets.sorted() where NFTChainNames.isAffinitySet(set) && !activeSets.contains(set) {
             tx.deleteSet(set)
         }
+        tx.endNetlinkBatch()
         return tx
     }
 

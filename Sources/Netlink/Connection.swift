@@ -185,6 +185,49 @@ public actor NetlinkConnection: NetlinkExecutor {
         return errors
     }
 
+    /// Sends a datagram the caller encoded whole (an nfnetlink batch built in place, too large
+    /// to keep as separate requests), whose last message asks for an acknowledgement with
+    /// `ackSequence`, and returns the errors the kernel reported by sequence number (empty:
+    /// every message was accepted). The sequence numbers are the caller's; replies are read
+    /// until the acknowledgement or the first error, then whatever else is queued.
+    public func executeEncodedBatch(_ datagram: [UInt8], ackSequence: UInt32, operation: String) throws -> [(sequence: UInt32, error: NetlinkError)] {
+        guard !datagram.isEmpty else { return [] }
+        ensureSendBuffer(datagram.count)
+        try send(datagram, operation: operation)
+        sendCalls += 1
+        var errors: [(sequence: UInt32, error: NetlinkError)] = []
+        var finished = false
+        while true {
+            let bytes: [UInt8]
+            if !finished {
+                bytes = try receive(operation: operation)
+            } else {
+                guard let b = try receiveIfQueued(operation: operation) else { break }
+                bytes = b
+            }
+            let messages: [NetlinkMessage]
+            do {
+                messages = try NetlinkMessage.decodeAll(bytes)
+            } catch {
+                throw NetlinkError(errno: .badMessage, message: error.description, operation: operation)
+            }
+            for m in messages where m.type == NetlinkMessageType.error {
+                let ack: NetlinkAcknowledgement
+                do {
+                    ack = try NetlinkAcknowledgement(parsing: m)
+                } catch {
+                    throw NetlinkError(errno: .badMessage, message: error.description, operation: operation)
+                }
+                if ack.error != 0 {
+                    errors.append((m.sequence, NetlinkError(errno: Errno(rawValue: ack.error), message: ack.message, operation: operation)))
+                    finished = true
+                }
+                if m.sequence == ackSequence { finished = true }
+            }
+        }
+        return errors
+    }
+
     /// The kernel refuses a datagram longer than the send buffer less 32 bytes: raise it
     /// (past `net.core.wmem_max` with CAP_NET_ADMIN) when `bytes` would not fit.
     private func ensureSendBuffer(_ bytes: Int) {

@@ -13,8 +13,35 @@ import Testing
 private func hex(_ r: NetlinkRequest) -> String { hexString(r.payload) }
 
 private func rule(_ chain: String, _ r: NFTRule, family: NFTFamily = .ip) throws -> [NetlinkRequest] {
-    var enc = NFTNetlinkEncoder(family: family)
+    var enc = NFTNetlinkEncoder(family: family, anonymousSetToken: "t0ken")
     return try enc.encode([.addRule(chain: chain, r)])
+}
+
+private func bytes(hex: String) -> [UInt8] {
+    var out: [UInt8] = []
+    var i = hex.startIndex
+    while i < hex.endIndex {
+        let j = hex.index(i, offsetBy: 2)
+        out.append(UInt8(hex[i..<j], radix: 16)!)
+        i = j
+    }
+    return out
+}
+
+/// nft's message `hex` with every string attribute `from` (nft's `__set%d`, nested anywhere)
+/// renamed `to`, the lengths of the nests around it adjusted.
+private func renaming(_ hex: String, _ from: String, to: String) throws -> String {
+    func rename(_ attrs: [UInt8]) throws -> [UInt8] {
+        var out: [UInt8] = []
+        for a in try NetlinkAttributes(parsing: attrs).all {
+            let raw = a.type | (a.isNested ? NetlinkAttribute.nestedFlag : 0) | (a.isNetByteOrder ? NetlinkAttribute.netByteOrderFlag : 0)
+            let payload = a.isNested ? try rename(a.payload) : a.payload == Array(from.utf8) + [0] ? Array(to.utf8) + [0] : a.payload
+            NetlinkAttribute(rawType: raw, payload: payload).encode(into: &out)
+        }
+        return out
+    }
+    let b = bytes(hex: hex)
+    return hexString(Array(b.prefix(4)) + (try rename(Array(b.dropFirst(4)))))
 }
 
 /// Bytes `nft --debug=mnl` printed for `add rule …` / `add element …` into `table ip kube-proxy`
@@ -73,9 +100,44 @@ private func rule(_ chain: String, _ r: NFTRule, family: NFTFamily = .ip) throws
         #expect(msgs.map(\.type) == [10 << 8 | 9, 10 << 8 | 12, 10 << 8 | 6])
         func nftID7(_ s: String) -> String { s.replacingOccurrences(of: "08000a0000000007", with: "08000a0000000001") }
         func nftSetID7(_ s: String) -> String { s.replacingOccurrences(of: "0800040000000007", with: "0800040000000001") }
-        #expect(hex(msgs[0]) == nftID7("020000000f0001006b7562652d70726f787900000c0002005f5f73657425640008000300000000070800040000000007080005000000000408000a00000000070c000980080001000000000726000d000004020000000204010000000314000407000000010c00040c00000001040b0000000000"))
-        #expect(hex(msgs[1]) == nftSetID7("020000000f0001006b7562652d70726f787900000c0002005f5f7365742564000800040000000007940003801800018008000300000000010c0001800800010000000000100002800c00018008000100010203041800038008000300000000010c0001800800010001020305100004800c00018008000100050607081800058008000300000000010c0001800800010005060709100006800c00018008000100cb0071001800078008000300000000010c00018008000100cb007180"))
-        #expect(hex(msgs[2]) == "020000000f0001006b7562652d70726f787900000e000200736572766963652d58000000a0000480340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c0800040000000004380001800b0001006c6f6f6b757000002800028008000200000000010c0001005f5f73657425640008000400000000010800050000000001300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c0002800800010000000000")
+        // nft leaves the name's number to the kernel (`__set%d`); the encoder names the set.
+        #expect(hex(msgs[0]) == (try renaming(nftID7("020000000f0001006b7562652d70726f787900000c0002005f5f73657425640008000300000000070800040000000007080005000000000408000a00000000070c000980080001000000000726000d000004020000000204010000000314000407000000010c00040c00000001040b0000000000"), "__set%d", to: "__set_t0ken_1")))
+        #expect(hex(msgs[1]) == (try renaming(nftSetID7("020000000f0001006b7562652d70726f787900000c0002005f5f7365742564000800040000000007940003801800018008000300000000010c0001800800010000000000100002800c00018008000100010203041800038008000300000000010c0001800800010001020305100004800c00018008000100050607081800058008000300000000010c0001800800010005060709100006800c00018008000100cb0071001800078008000300000000010c00018008000100cb007180"), "__set%d", to: "__set_t0ken_1")))
+        #expect(hex(msgs[2]) == (try renaming("020000000f0001006b7562652d70726f787900000e000200736572766963652d58000000a0000480340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c0800040000000004380001800b0001006c6f6f6b757000002800028008000200000000010c0001005f5f73657425640008000400000000010800050000000001300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c0002800800010000000000", "__set%d", to: "__set_t0ken_1")))
+    }
+
+    /// Anonymous set names: no `%` (the kernel would scan every set of the table for a
+    /// number), never nft's `__map<N>`/`__set<N>`, new for every set of an encoder, different
+    /// between encoders (another process, or a writer created again), within the kernel's limit.
+    @Test func anonymousSetNames() throws {
+        var enc = NFTNetlinkEncoder(family: .ip, anonymousSetToken: "t0ken")
+        let msgs = try enc.encode([
+            .addRule(chain: "service-X", NFTRule(.numgenVmap(["endpoint-A", "endpoint-B"]))),
+            .addRule(chain: "service-Y", NFTRule(.numgenVmap(["endpoint-C", "endpoint-D"]))),
+            .addRule(chain: "firewall-Z", NFTRule([.addressNotInList(.source, [.cidr(CIDR("10.0.0.0/8")!), .cidr(CIDR("192.168.0.0/16")!)])],
+                                                  .verdict(.drop))),
+        ])
+        let newSets = msgs.filter { $0.type == 10 << 8 | 9 }
+        let names = try newSets.map { try #require(try NetlinkAttributes(parsing: Array($0.payload.dropFirst(4))).string(2)) }
+        #expect(names == ["__map_t0ken_1", "__map_t0ken_2", "__set_t0ken_3"])
+        for r in newSets {
+            let flags = try #require(try NetlinkAttributes(parsing: Array(r.payload.dropFirst(4))).be32(3))
+            #expect(flags & 0x1 != 0, "NFT_SET_ANONYMOUS")
+        }
+        // The lookups and the element lists name the same sets.
+        for name in names { #expect(msgs.filter { hex($0).contains(hexString(Array(name.utf8) + [0])) }.count == 3) }
+        #expect(enc.anonymousSetName(.map) == "__map_t0ken_4")
+
+        let a = NFTNetlinkEncoder.randomToken(), b = NFTNetlinkEncoder.randomToken()
+        #expect(a != b)
+        #expect(a.count == 12 && a.allSatisfy(\.isHexDigit))
+        var random = NFTNetlinkEncoder(family: .ip6)
+        let name = random.anonymousSetName(.set)
+        #expect(name.hasPrefix("__set_") && !name.contains("%"))
+        #expect(name.utf8.count < 256)
+        var longest = NFTNetlinkEncoder(family: .ip, anonymousSetToken: a)
+        for _ in 0..<3 { _ = longest.anonymousSetName(.map) }
+        #expect(longest.anonymousSetName(.map) == "__map_\(a)_4")
     }
 
     /// Overlapping and adjacent ranges are merged, as nft does: `{ 10.0.0.0/8, 10.1.0.0/16, 11.0.0.0/8 }`
@@ -83,8 +145,8 @@ private func rule(_ chain: String, _ r: NFTRule, family: NFTFamily = .ip) throws
     @Test func sourceRangesMerged() throws {
         let r = NFTRule([.addressNotInList(.source, ["10.0.0.0/8", "10.1.0.0/16", "11.0.0.0/8"].map { .cidr(CIDR($0)!) })], .verdict(.drop))
         let msgs = try rule("service-X", r)
-        #expect(hex(msgs[1]) == "020000000f0001006b7562652d70726f787900000c0002005f5f736574256400080004000000000b440003801800018008000300000000010c0001800800010000000000100002800c000180080001000a0000001800038008000300000000010c000180080001000c000000"
-            .replacingOccurrences(of: "080004000000000b", with: "0800040000000001"))
+        #expect(hex(msgs[1]) == (try renaming("020000000f0001006b7562652d70726f787900000c0002005f5f736574256400080004000000000b440003801800018008000300000000010c0001800800010000000000100002800c000180080001000a0000001800038008000300000000010c000180080001000c000000"
+            .replacingOccurrences(of: "080004000000000b", with: "0800040000000001"), "__set%d", to: "__set_t0ken_1")))
     }
 
     @Test func elements() throws {
@@ -262,6 +324,131 @@ struct NetlinkKernelEquivalenceTests {
                 #expect(e.operation.contains("NFT_MSG_NEWRULE ip kube-proxy service-NEW goto no-such-chain"))
             }
             #expect(try await listing(ns, .ip) == before)
+        }
+    }
+}
+
+/// Full transactions as one netlink batch leave the table `nft -f` of the same text leaves.
+@Suite("nftables full syncs through netlink equal nft -f", .serialized,
+       .enabled(if: getuid() == 0 && ToolRunner.which("nft") != nil, "needs root and nft"))
+struct NetlinkFullSyncKernelTests {
+    typealias Ports = PartialEqualsFullTests.Ports
+
+    private func listing(_ ns: TestNamespace, _ family: NFTFamily) async throws -> String {
+        try await ns.exec(checked: ["nft", "list", "table", family.rawValue, "kube-proxy"]).stdout
+    }
+
+    /// Every state of the partial-sync sequence (ClusterIP, affinity, NodePort, LoadBalancer
+    /// with source ranges, Local policy, no endpoints) as a full sync, with NodePorts on the
+    /// node IP and on every local address, one and two service CIDRs; then a second full
+    /// sync over it as a restarted process sends it (base chains recreated, stale chains
+    /// flushed), and a full sync by a second writer (another process's set names).
+    @Test(arguments: [(NodePortAddresses?.none, [String]()), (.some(.all), ["10.96.0.0/12"])])
+    func sequenceOfFullSyncs(nodePorts: NodePortAddresses?, extraCIDRs: [String]) async throws {
+        try await TestNamespace.with(label: "nlfullNL") { viaNetlink in
+            try await TestNamespace.with(label: "nlfullNFT") { viaNFT in
+                let writer = try await viaNetlink.run { try NFTNetlinkWriter(family: .ip) }
+                let compiler = NFTablesCompiler(options: KubeProxyFake.options(nodePortAddresses: nodePorts))
+                let cidrs = extraCIDRs.compactMap(CIDR.init)
+                var ports: Ports = [PartialEqualsFullTests.a: (svc(PartialEqualsFullTests.a, "172.30.0.1"), [ep("10.0.0.2")])]
+                var existing = NFTExistingObjects()
+                var bytes = 0
+                for (i, (name, mutate, _)) in ([("first", { (_: inout Ports) in }, [])] + NetlinkKernelEquivalenceTests.steps()).enumerated() {
+                    mutate(&ports)
+                    var state = makeState(Array(ports.values))
+                    state.serviceCIDRs = cidrs
+                    let ruleset = compiler.compile(state)
+                    let recreate = i == 0 || i == 3
+                    let tx = ruleset.fullTransaction(recreateBaseChains: recreate, existing: existing, recordingOperations: true)
+                    let ops = try #require(tx.operations, "\(name): the full transaction has no recorded operations")
+                    #expect(ops.count == tx.operationCount, "\(name)")
+                    // The same transaction encoded while it is built, without text.
+                    let encoded = ruleset.fullTransaction(recreateBaseChains: recreate, existing: existing, encodingNetlink: true)
+                    let batch = try #require(encoded.netlinkBatch, "\(name): \(String(describing: encoded.encodingError))")
+                    #expect(encoded.text.isEmpty && encoded.textBytes == tx.text.utf8.count && encoded.operationCount == tx.operationCount)
+                    #expect(batch.messageCount >= tx.operationCount, "\(name)")
+                    bytes += batch.byteCount
+                    try await writer.apply(batch)
+                    try await viaNFT.exec(checked: ["nft", "-f", "-"], input: tx.text)
+                    let got = try await listing(viaNetlink, .ip), want = try await listing(viaNFT, .ip)
+                    #expect(NFTablesListing.normalise(got) == NFTablesListing.normalise(want), "\(name)")
+                    if NFTablesListing.normalise(got) != NFTablesListing.normalise(want) {
+                        Issue.record("\(name)\n--- netlink ---\n\(got)\n--- nft -f ---\n\(want)")
+                    }
+                    let inventory = try await viaNetlink.run { try NFTablesInventory(table: "kube-proxy", family: .ip) }
+                    existing = NFTExistingObjects(chains: try await inventory.chainNames(), sets: try await inventory.setNames())
+                }
+                #expect(bytes > 10_000)
+                // A second writer (a restarted process) rewrites the table: its anonymous set
+                // names do not collide with the first writer's, still bound to rules.
+                let again = try await viaNetlink.run { try NFTNetlinkWriter(family: .ip) }
+                var state = makeState(Array(ports.values))
+                state.serviceCIDRs = cidrs
+                let ruleset = compiler.compile(state)
+                let tx = ruleset.fullTransaction(recreateBaseChains: true, existing: existing, recordingOperations: true)
+                try await again.apply(try #require(tx.operations))
+                try await viaNFT.exec(checked: ["nft", "-f", "-"], input: tx.text)
+                #expect(NFTablesListing.normalise(try await listing(viaNetlink, .ip)) == NFTablesListing.normalise(try await listing(viaNFT, .ip)))
+            }
+        }
+    }
+
+    /// The same for `table ip6 kube-proxy`.
+    @Test func ipv6() async throws {
+        try await TestNamespace.with(label: "nlfull6NL") { viaNetlink in
+            try await TestNamespace.with(label: "nlfull6NFT") { viaNFT in
+                let writer = try await viaNetlink.run { try NFTNetlinkWriter(family: .ip6) }
+                let a = spn("v6", "a"), b = spn("v6", "b")
+                for nodePorts in [NodePortAddresses?.none, .some(.all)] {
+                    let compiler = NFTablesCompiler(options: KubeProxyFake.options(.ipv6, nodePortAddresses: nodePorts))
+                    var state = makeState([
+                        (svc(a, "fd00:10:96::1", affinity: 300), [ep("fd00:10::2"), ep("fd00:10::3")]),
+                        (svc(b, "fd00:10:96::2", nodePort: 30002, lb: ["2001:db8:5::1"], sourceRanges: ["2001:db8::/32", "2001:db9::/66"],
+                             eTPLocal: true), [ep("fd00:10::5", local: true), ep("fd00:10::6")]),
+                    ], family: .ipv6)
+                    state.serviceCIDRs = [CIDR("fd00:20::/64")!]
+                    let tx = compiler.compile(state).fullTransaction()
+                    let encoded = compiler.compile(state).fullTransaction(encodingNetlink: true)
+                    try await writer.apply(try #require(encoded.netlinkBatch, "\(String(describing: encoded.encodingError))"))
+                    try await viaNFT.exec(checked: ["nft", "-f", "-"], input: tx.text)
+                    let got = try await listing(viaNetlink, .ip6), want = try await listing(viaNFT, .ip6)
+                    #expect(NFTablesListing.normalise(got) == NFTablesListing.normalise(want))
+                    if NFTablesListing.normalise(got) != NFTablesListing.normalise(want) {
+                        Issue.record("--- netlink ---\n\(got)\n--- nft -f ---\n\(want)")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A full batch the kernel rejects applies nothing, and the error names the failing message.
+@Suite("nftables netlink batch failure", .serialized,
+       .enabled(if: getuid() == 0 && ToolRunner.which("nft") != nil, "needs root and nft"))
+struct NetlinkBatchFailureTests {
+    @Test func failedFullBatchLeavesThePreviousTable() async throws {
+        try await TestNamespace.with(label: "nlfullfail") { ns in
+            let writer = try await ns.run { try NFTNetlinkWriter(family: .ip) }
+            let a = PartialEqualsFullTests.a
+            let ruleset = NFTablesCompiler(options: KubeProxyFake.options()).compile(makeState([(svc(a, "172.30.0.1"), [ep("10.0.0.2")])]))
+            try await writer.apply(try #require(ruleset.fullTransaction(encodingNetlink: true).netlinkBatch))
+            let before = try await ns.exec(checked: ["nft", "list", "table", "ip", "kube-proxy"]).stdout
+            var tx = ruleset.fullTransaction(encodingNetlink: true).netlinkBatch!
+            // A batch that flushes `services` and adds a rule jumping to a chain that does not exist.
+            var broken = NFTNetlinkBatch(family: .ip)
+            try broken.append(.flushChain("services"))
+            try broken.append(.addRule(chain: "services", NFTRule(.verdict(.jump("no-such-chain")))))
+            do {
+                try await writer.apply(broken)
+                Issue.record("the batch was accepted")
+            } catch let e as NFTNetlinkError {
+                #expect(e.errno == .noSuchFileOrDirectory)
+                #expect(e.operation == "NFT_MSG_NEWRULE ip kube-proxy services", "\(e)")
+            }
+            #expect(try await ns.exec(checked: ["nft", "list", "table", "ip", "kube-proxy"]).stdout == before)
+            tx.end()
+            try await writer.apply(tx)
+            #expect(try await ns.exec(checked: ["nft", "list", "table", "ip", "kube-proxy"]).stdout == before)
         }
     }
 }
