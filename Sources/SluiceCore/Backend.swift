@@ -30,12 +30,6 @@ public enum SyncKind: Sendable, Hashable {
     public func services(in state: ProxyState) -> Set<NamespacedName> {
         changed ?? Set(state.servicePorts.keys.map(\.service)).union(state.changedServices)
     }
-
-    /// Whether a sync of this kind writes `service`.
-    public func writes(_ service: NamespacedName) -> Bool { changed?.contains(service) ?? true }
-
-    /// `full` or `partial`, for logs.
-    public var label: String { isFull ? "full" : "partial" }
 }
 
 /// What one successful sync did.
@@ -186,7 +180,7 @@ extension ProxyBackend {
     /// A partial sync of the Services `state` reports changed (`state.changedServices`), as
     /// the runner asks between full syncs.
     public func syncChanges(_ state: ProxyState) async throws -> SyncReport {
-        try await sync(state, kind: .partial(changed: state.changedServices))
+        try await sync(state, kind: .partial(of: state))
     }
 }
 
