@@ -118,6 +118,17 @@ let package = Package(
             dependencies: ["IPVS", "SluiceCore"],
             path: "Sources/IPSetProbe"
         ),
+        // Benchmark helper: the pure half of a sync (snapshot, plan, payload) timed in-process
+        // for a manifest directory; benchmarks/sluicebench runs it beside the sluice binary.
+        .executableTarget(
+            name: "sluice-bench-compile",
+            dependencies: [
+                "SluiceCore", "KubeAPI", "KernelKit", "IPTables", "IPVS", "NFTables",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Sources/BenchCompile"
+        ),
         .executableTarget(
             name: "sluice",
             dependencies: [

@@ -17,15 +17,9 @@ public actor IPTablesBackend: ProxyBackend {
     private let logger: Logger
     /// The compiler options in force (random-fully and be_liberal resolved at start-up).
     public let options: IPTablesOptions
-    /// Chain names and every service port's top-level rules and chains from the last compile,
-    /// so that a partial compile works only through the changed Services. Invalidated when a
-    /// batch is not applied.
-    private var memory = IPTablesCompileMemory()
-    /// The top-level chains as the last successful restore left them (empty after a failure or
-    /// a cleanup): a partial sync leaves out those it would write unchanged.
-    private var appliedTopLevel = TopLevelRules()
-    /// A restore failed: the next sync is full whatever the caller asks.
-    private var fullSyncNeeded = false
+    /// The compile memory and the top-level chains as last applied (`IPTablesSyncMemory`):
+    /// dropped when a batch is not applied, so that the next sync is full.
+    private var remembered = IPTablesSyncMemory()
     /// The last batch applied (of a full sync cut into batches, the top-level one), for
     /// `sluice` debugging and tests.
     public private(set) var lastRestore: String = ""
@@ -79,81 +73,41 @@ public actor IPTablesBackend: ProxyBackend {
         return IPTablesBackend(options: options, tools: tools, runner: runner, logger: logger, batching: batching)
     }
 
-    /// Compiles and applies `state`.
+    /// The planner: compiler options and batching (the pure half of a sync).
+    public var planner: IPTablesPlanner { IPTablesPlanner(options: options, batching: batching) }
+
+    /// Plans (`IPTablesPlanner.plan`) and applies a sync of `state`.
     ///
-    /// A partial sync writes the chains of `state.changedServices`, deletes their stale chains,
-    /// and touches a top-level chain (KUBE-SERVICES, KUBE-NODEPORTS, ...) only as far as its
-    /// rules differ from what the last successful restore wrote to it: an unchanged chain is
-    /// left out (with `--noflush` a `:CHAIN` line flushes the chain), a chain that gains or
-    /// loses a few rules (a Service added or deleted) gets `-D`/`-I` edits, and only a chain
-    /// that changed more is rewritten (`CompiledRules.omittingUnchangedTopLevelChains`).
-    /// kube-proxy always rewrites them; see docs/iptables-sync.md. A full sync writes
-    /// everything and refreshes what is remembered; with `batching` on (the nft back end) it
-    /// is cut into batches of service chains followed by the top-level chains
-    /// (`FullSyncPlan`), because one large `--noflush` restore costs the square of its size.
-    /// When a restore fails, the memory is dropped and the next sync is full, even when asked
-    /// for a partial one.
-    public func sync(_ state: ProxyState, full requested: Bool) async throws -> SyncReport {
-        let full = requested || fullSyncNeeded || !memory.isValid
+    /// A partial sync touches a top-level chain only as far as its rules differ from what the
+    /// last successful restore wrote to it (kube-proxy always rewrites them; see
+    /// docs/iptables-sync.md). A full sync first installs the base chains and jump rules and
+    /// reads the per-service chains present, so that stale ones are deleted; with `batching`
+    /// on (the nft back end) it is cut into batches (`FullSyncPlan`), because one large
+    /// `--noflush` restore costs the square of its size. When a restore fails, the memory is
+    /// dropped and the next sync is full, even when asked for a partial one.
+    public func sync(_ state: ProxyState, kind requested: SyncKind) async throws -> SyncReport {
+        let kind = remembered.effectiveKind(requested)
         var existing: Set<String> = []
-        if full {
+        if kind.isFull {
             try await ensureBaseRules()
             existing = try await chainsIn(.nat)
         }
-        let compiler = IPTablesCompiler(options: options)
-        var state = state
-        if full && !requested { state.changedServices.formUnion(state.servicePorts.keys.map(\.service)) }
-        // A full sync cut into batches first compiles every service port without writing its
-        // chains (the memory forgotten, so that every port is walked), then each batch's chains.
-        let chunked = full && FullSyncPlan.compilesInPieces(state, batching: batching)
-        if chunked { memory.invalidate() }
-        let kind: SyncKind = chunked ? .partial(changed: []) : full ? .full : .partial(changed: state.changedServices)
-        let compiled = compiler.compile(state, kind: kind, existingChains: existing, memory: &memory)
+        let plan = planner.plan(state, kind: kind, existingChains: existing, memory: &remembered)
         existing = []
-        let report: SyncReport
-        let total = ruleCounts { compiled.totalRules[$0] ?? 0 }
-        if chunked {
-            let plan = FullSyncPlan(topLevel: compiled, state: state, compiler: compiler, memory: memory, batching: batching)
-            var bytes = 0
-            if plan.isSingleRestore {
-                let text = plan.wholeText()
-                bytes = text.utf8.count
-                try await restore(text, operation: "full restore")
-            } else {
-                for (i, step) in plan.steps.enumerated() {
-                    let text = plan.text(of: step)
-                    bytes += text.utf8.count
-                    try await restore(text, operation: "full restore, batch \(i + 1) of \(plan.steps.count)")
-                    if step == .topLevel { lastRestore = text }
-                }
-                logger.debug("full sync in \(plan.steps.count) batches")
-            }
-            appliedTopLevel = compiled.topLevelRules()
-            // Every rule is written.
-            report = SyncReport(full: true, written: total, total: total, bytes: bytes)
-        } else if full {
-            let text = compiled.restoreText
-            try await restore(text, operation: "full restore")
-            lastRestore = text
-            appliedTopLevel = compiled.topLevelRules()
-            report = SyncReport(
-                full: true,
-                written: ruleCounts(compiled.writtenRules), total: total, bytes: text.utf8.count)
-        } else {
-            let (batch, _, topLevel) = compiled.omittingUnchangedTopLevelChains(appliedTopLevel)
-            let text = batch.restoreText
-            if !text.isEmpty { try await restore(text, operation: "partial restore") }
-            appliedTopLevel = topLevel
-            lastRestore = text
-            report = SyncReport(
-                full: false,
-                written: ruleCounts(batch.writtenRules), total: total, bytes: text.utf8.count)
+        var bytes = 0
+        for i in 0..<plan.restoreCount {
+            let step = plan.restore(at: i)
+            bytes += step.text.utf8.count
+            if !step.text.isEmpty { try await restore(step.text, operation: step.operation) }
+            if step.isLastRestore { lastRestore = step.text }
         }
-        fullSyncNeeded = false
-        if !compiled.deletedChains.isEmpty {
-            logger.debug("deleted \(compiled.deletedChains.count) stale chains")
+        if plan.restoreCount > 1 { logger.debug("full sync in \(plan.restoreCount) batches") }
+        remembered.appliedTopLevel = plan.topLevelAfter
+        remembered.fullSyncNeeded = false
+        if !plan.compiled.deletedChains.isEmpty {
+            logger.debug("deleted \(plan.compiled.deletedChains.count) stale chains")
         }
-        return report
+        return plan.report(bytes: bytes)
     }
 
     /// Applies one batch with `--noflush`; on failure forgets what was applied, so the next
@@ -162,9 +116,9 @@ public actor IPTablesBackend: ProxyBackend {
         do {
             try await restorer.restore(text, counters: true, operation: operation)
         } catch {
-            memory.invalidate()
-            appliedTopLevel = TopLevelRules()
-            fullSyncNeeded = true
+            remembered.compile.invalidate()
+            remembered.appliedTopLevel = TopLevelRules()
+            remembered.fullSyncNeeded = true
             throw error
         }
     }
@@ -277,9 +231,8 @@ public actor IPTablesBackend: ProxyBackend {
         try await restorer.remove(IPTablesBackend.footprint) { table, n in
             logger.info("removed \(n) chains from the \(table.rawValue) table")
         }
-        memory = IPTablesCompileMemory()
-        appliedTopLevel = TopLevelRules()
-        fullSyncNeeded = true
+        remembered = IPTablesSyncMemory()
+        remembered.fullSyncNeeded = true
     }
 }
 

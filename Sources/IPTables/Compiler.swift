@@ -100,15 +100,6 @@ public struct CompiledRules: Sendable {
     }
 }
 
-/// What kind of sync to compile.
-public enum SyncKind: Sendable, Hashable {
-    /// Every chain is written.
-    case full
-    /// Only the chains of these Services are written, plus the top-level chains (which the
-    /// iptables backend then leaves out when they equal what the last restore wrote).
-    case partial(changed: Set<NamespacedName>)
-}
-
 /// Compiles a `ProxyState` into iptables-restore input.
 public struct IPTablesCompiler: Sendable {
     /// The options compiled with.

@@ -179,9 +179,10 @@ public struct IPTablesDriftChecker: DriftChecking {
     }
 
     public func check(_ state: ProxyState) async throws -> DriftReport {
-        var state = state
-        state.changedServices = Set(state.servicePorts.keys.map(\.service))
-        let compiled = IPTablesCompiler(options: options).compile(state)
+        // What a full sync would write: the backend's planner, as `sluice compile` prints it.
+        var memory = IPTablesSyncMemory()
+        let compiled = IPTablesPlanner(options: options, batching: .classic)
+            .plan(state, kind: .full, existingChains: [], memory: &memory).compiled
         let actual = try await readKernel()
         return DriftReport(mode: mode, family: options.family,
                            items: IPTablesDrift.compare(desired: IPTablesDrift.desired(compiled), actual: actual))

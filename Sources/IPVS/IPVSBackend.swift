@@ -193,13 +193,13 @@ public actor IPVSBackend: ProxyBackend {
 
     // MARK: Sync
 
-    public func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+    public func sync(_ state: ProxyState, kind: SyncKind) async throws -> SyncReport {
         await acquireTurn()
         defer { releaseTurn() }
-        return try await syncExclusively(state, full: full)
+        return try await syncExclusively(state, kind: kind)
     }
 
-    private func syncExclusively(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+    private func syncExclusively(_ state: ProxyState, kind: SyncKind) async throws -> SyncReport {
         let before = counters
         // Taken out: it is valid again only once this sync succeeds, and while it is out the
         // update below mutates the only copy (no copy of a 20 000-Service state).
@@ -207,12 +207,12 @@ public actor IPVSBackend: ProxyBackend {
         image = nil
         let link = try await ensureDummy()
         let index = UInt32(bitPattern: link.index)
-        if !full, var m = memory, m.dummyIndex == index, m.family == state.family, m.nodeLabels == state.nodeLabels {
+        if let changed = kind.changed, var m = memory, m.dummyIndex == index, m.family == state.family, m.nodeLabels == state.nodeLabels {
             memory = nil
-            return try await partialSync(state, from: &m, before: before)
+            return try await partialSync(state, changed: changed, from: &m, before: before)
         }
         memory = nil
-        return try await readingSync(state, full: full, link: link, before: before)
+        return try await readingSync(state, kind: kind, link: link, before: before)
     }
 
     /// A partial sync from memory: the compiled state is updated for the changed Services
@@ -220,11 +220,12 @@ public actor IPVSBackend: ProxyBackend {
     /// between what the kernel holds (the image) and the update. Nothing is read from the
     /// kernel but the destinations of a TCP virtual server losing some (their connection
     /// counts decide between deleting and draining).
-    private func partialSync(_ state: ProxyState, from memory: inout KernelImage, before: IPVSWriteCounters) async throws -> SyncReport {
+    private func partialSync(_ state: ProxyState, changed: Set<NamespacedName>, from memory: inout KernelImage,
+                             before: IPVSWriteCounters) async throws -> SyncReport {
         var failures: [SyncFailure.Item] = []
         let compiler = IPVSCompiler(options: memory.options)
         let started = ContinuousClock.now
-        let changes = compiler.update(&memory.desired, to: state, changed: state.changedServices)
+        let changes = compiler.update(&memory.desired, to: state, changed: changed)
         let compiled = ContinuousClock.now
         let desired = memory.desired
 
@@ -259,7 +260,7 @@ public actor IPVSBackend: ProxyBackend {
         failures += try await writeAddresses(bind: toBind, unbind: toUnbind, index: memory.dummyIndex)
 
         try await reapExclusively()
-        logger.debug("ipvs partial sync: update of \(state.changedServices.count) Services took \(GoDuration.format(started.duration(to: compiled))), kernel writes \(GoDuration.format(compiled.duration(to: .now)))")
+        logger.debug("ipvs partial sync: update of \(changed.count) Services took \(GoDuration.format(started.duration(to: compiled))), kernel writes \(GoDuration.format(compiled.duration(to: .now)))")
         let report = finishSync(desired, full: false, before: before, restoreBytes: restoreBytes)
         guard failures.isEmpty else { throw SyncFailure(failures) }
         image = memory
@@ -268,7 +269,8 @@ public actor IPVSBackend: ProxyBackend {
 
     /// A sync that reads the kernel (virtual and real servers, sets, addresses) and writes
     /// the difference: every full sync, and a partial one without a valid image.
-    private func readingSync(_ state: ProxyState, full: Bool, link: LinkInfo, before: IPVSWriteCounters) async throws -> SyncReport {
+    private func readingSync(_ state: ProxyState, kind: SyncKind, link: LinkInfo, before: IPVSWriteCounters) async throws -> SyncReport {
+        let full = kind.isFull
         var failures: [SyncFailure.Item] = []
         let family = config.options.family
 
@@ -289,7 +291,7 @@ public actor IPVSBackend: ProxyBackend {
         let restoreBytes = try await syncIPTables(desired, full: full)
 
         // IPVS services and destinations.
-        failures += try await syncIPVS(desired, changed: full ? nil : state.changedServices)
+        failures += try await syncIPVS(desired, changed: kind.changed)
 
         // Addresses on kube-ipvs0.
         let toBind = desired.boundAddresses.subtracting(bound).sorted()

@@ -185,7 +185,8 @@ public actor NFTablesBackend: ProxyBackend {
     /// `fullSyncPeriod` old; otherwise every Service is compiled again and only differences go
     /// to the kernel. A full sync at 10 000 Services costs the kernel tens of seconds
     /// (anonymous sets); the canary, a failure and a changed fixed part still force one.
-    public func sync(_ state: ProxyState, full requested: Bool) async throws -> SyncReport {
+    public func sync(_ state: ProxyState, kind: SyncKind) async throws -> SyncReport {
+        let requested = kind.isFull
         let start = now()
         let fullDue = lastFullSync.map { start - $0 >= fullSyncPeriod } ?? true
         var full = (requested && fullDue) || applied == nil
@@ -205,7 +206,7 @@ public actor NFTablesBackend: ProxyBackend {
         // it in place; until the transaction succeeds nothing is remembered.
         let previous = full ? nil : applied
         applied = nil
-        let result = compiler.compile(state, previous: consume previous, changed: full ? nil : state.changedServices)
+        let result = compiler.compile(state, previous: consume previous, changed: full ? nil : kind.services(in: state))
         let tx: NFTTransaction
         if let delta = result.delta {
             tx = result.ruleset.partialTransaction(delta)

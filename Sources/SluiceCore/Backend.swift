@@ -1,6 +1,37 @@
 // Sluice: a per-node Kubernetes service proxy.
 // The contract between the model and a mode's kernel backend.
 
+/// What a sync writes: the one encoding of full versus partial, from the sync runner through
+/// every backend's plan to its compiler (docs/architecture.md, "The sync contract").
+public enum SyncKind: Sendable, Hashable {
+    /// Everything is written, whatever was written before.
+    case full
+    /// Only the objects of these Services are written (the iptables mode's top-level chains
+    /// are rewritten as far as they differ from what the last restore wrote).
+    case partial(changed: Set<NamespacedName>)
+
+    /// The partial sync of what `state` reports changed.
+    public static func partial(of state: ProxyState) -> SyncKind { .partial(changed: state.changedServices) }
+
+    /// True for `.full`.
+    public var isFull: Bool { if case .full = self { true } else { false } }
+
+    /// The Services a partial sync writes; `nil` for a full sync (every Service).
+    public var changed: Set<NamespacedName>? {
+        switch self {
+        case .full: nil
+        case .partial(let c): c
+        }
+    }
+
+    /// The Services a sync of this kind writes in `state`: the changed ones, or for a full
+    /// sync every Service `state` holds and every changed one (a deleted Service is only in
+    /// `state.changedServices`).
+    public func services(in state: ProxyState) -> Set<NamespacedName> {
+        changed ?? Set(state.servicePorts.keys.map(\.service)).union(state.changedServices)
+    }
+}
+
 /// What one successful sync did.
 public struct SyncReport: Sendable, Hashable {
     /// Whether every chain / object was written.
@@ -136,11 +167,21 @@ public struct SyncFailure: Error, Sendable, CustomStringConvertible {
 public protocol ProxyBackend: Actor {
     /// A short name for logs (`iptables`, `ipvs`, ...).
     nonisolated var name: String { get }
-    /// Makes the kernel match `state`. A partial sync may write only `state.changedServices`.
-    func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport
+    /// Makes the kernel match `state`. A `.partial(changed:)` sync may write only the Services
+    /// in `changed`; a backend may make it full (after a failed restore, say) and says so in
+    /// the report. See docs/architecture.md, "The sync contract".
+    func sync(_ state: ProxyState, kind: SyncKind) async throws -> SyncReport
     /// True when something outside the proxy removed its state (the iptables canary), so the
     /// next sync must be full.
     func externalChangeDetected() async -> Bool
+}
+
+extension ProxyBackend {
+    /// A partial sync of the Services `state` reports changed (`state.changedServices`), as
+    /// the runner asks between full syncs.
+    public func syncChanges(_ state: ProxyState) async throws -> SyncReport {
+        try await sync(state, kind: .partial(of: state))
+    }
 }
 
 /// Work that follows every successful sync, in every mode (conntrack cleanup, health-check

@@ -240,14 +240,14 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
         let full = needFullSync || periodicDue
         let changes = tracker.pendingChanges(family)
         let snapshotStart = ContinuousClock.now
-        var state = tracker.snapshot(family)
+        let state = tracker.snapshot(family)
         logger.debug("snapshot of \(changes) changed Services took \(GoDuration.format(snapshotStart.duration(to: .now)))")
         unreportedTriggerTimes.merge(tracker.takeTriggerTimes(family)) {
             Array(($0 + $1).prefix(ChangeTracker.maximumTriggerTimesPerService))
         }
         pendingServiceKeys = []
         pendingEndpointChanges = 0
-        if full { state.changedServices = Set(state.servicePorts.keys.map(\.service)).union(state.changedServices) }
+        let kind: SyncKind = full ? .full : .partial(of: state)
         // Everything this sync consumes is taken before the await: the actor is reentrant, so a
         // full-sync request or a node-label change that arrives while the backend works sets
         // the flags again and is served by the next sync instead of being cleared afterwards.
@@ -258,7 +258,7 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
         let watchdog = slowSyncWatchdog(started: now, full: full)
         defer { watchdog.cancel() }
         do {
-            let report = try await backend.sync(state, full: full)
+            let report = try await backend.sync(state, kind: kind)
             let duration = now.duration(to: clock.now)
             // The periodic resync asked for is served, whatever the backend made of it. What was
             // written is the backend's to say: it may make a partial sync full (the nftables

@@ -92,12 +92,13 @@ public actor UserspaceBackend: ProxyBackend {
     /// listeners of removed service ports close, so no rule ever points at a closed port. A
     /// service port whose listener cannot be opened is left out of the rules and the sync
     /// fails after everything else has been applied (the runner retries).
-    public func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+    public func sync(_ state: ProxyState, kind: SyncKind) async throws -> SyncReport {
+        let full = kind.isFull
         var memory = image
         image = nil
-        if !full, synced, var m = memory, m.nodeLabels == state.nodeLabels {
+        if let changed = kind.changed, synced, var m = memory, m.nodeLabels == state.nodeLabels {
             memory = nil
-            return try await partialSync(state, from: &m)
+            return try await partialSync(state, changed: changed, from: &m)
         }
         memory = nil
         let plan = UserspacePlan(state: state, nodeName: nodeName)
@@ -143,9 +144,9 @@ public actor UserspaceBackend: ProxyBackend {
     /// A partial sync from memory: the changed Services' ports are re-derived, their relays
     /// prepared, and their rules replaced with `-D` and `-A` lines (no chain is flushed), so
     /// the cost is that of the change, not of the number of Services.
-    private func partialSync(_ state: ProxyState, from memory: inout Image) async throws -> SyncReport {
+    private func partialSync(_ state: ProxyState, changed: Set<NamespacedName>, from memory: inout Image) async throws -> SyncReport {
         var touched = Set<ServicePortName>()
-        for service in state.changedServices {
+        for service in changed {
             touched.formUnion(memory.portNames[service] ?? [])
             let now = state.portNames(of: service)
             touched.formUnion(now)

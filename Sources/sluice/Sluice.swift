@@ -21,7 +21,7 @@ struct Sluice: AsyncParsableCommand {
         commandName: "sluice",
         abstract: "A per-node Kubernetes service proxy: a drop-in replacement for kube-proxy.",
         version: sluiceVersion,
-        subcommands: [Compile.self, BenchCompile.self, NFTApply.self, Explain.self, Diff.self])
+        subcommands: [Compile.self, NFTApply.self, Explain.self, Diff.self])
 
     @OptionGroup var options: ProxyOptions
 
@@ -155,9 +155,11 @@ struct Compile: AsyncParsableCommand {
                                        localAddresses: LocalAddresses.current().filter { $0.family == family })
             // As the running proxy: the nfacct objects that exist are counted into.
             opts.nfacctCounters = await existingNFAcctCounters()
-            let compiled = IPTablesCompiler(options: opts).compile(state)
+            // What the backend's first sync writes into empty tables: its planner's full plan.
+            var memory = IPTablesSyncMemory()
+            let plan = IPTablesPlanner(options: opts, batching: .classic).plan(state, kind: .full, existingChains: [], memory: &memory)
             if family != node.families.first { FileHandle.standardOutput.write(Data("# \(IPTablesTools(variant: .auto, family: family).restore) input\n".utf8)) }
-            FileHandle.standardOutput.write(Data(compiled.restoreText.utf8))
+            FileHandle.standardOutput.write(Data(plan.restore(at: 0).text.utf8))
         }
     }
 }

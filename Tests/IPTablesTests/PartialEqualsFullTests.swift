@@ -37,9 +37,7 @@ private func newBackend(_ fake: FakeIPTables, batching: Int? = 0) -> IPTablesBac
 /// What a full sync of `state` leaves in an empty kernel.
 private func fullSyncKernel(_ state: ProxyState) async throws -> KernelRules {
     let fake = FakeIPTables()
-    var s = state
-    s.changedServices = Set(state.servicePorts.keys.map(\.service))
-    _ = try await newBackend(fake, batching: nil).sync(s, full: true)
+    _ = try await newBackend(fake, batching: nil).sync(state, kind: .full)
     return kernel(fake)
 }
 
@@ -162,9 +160,8 @@ private func recorded(_ fake: FakeIPTables) -> [KernelRules] { fake.statesAfterR
         var generation = 0, churnGeneration = 0
         try apply(probe(generation: 0))
         for i in 1..<s { try apply(coldService(i, e: 10, generation: 0)) }
-        var first = tracker.snapshot(.ipv4)
-        first.changedServices = Set(first.servicePorts.keys.map(\.service))
-        _ = try await backend.sync(first, full: true)
+        let first = tracker.snapshot(.ipv4)
+        _ = try await backend.sync(first, kind: .full)
         #expect(differences(kernel(fake), try await fullSyncKernel(first)).isEmpty)
         // 99 Services of 11 chains and the probe's 4, in batches of at least 25 chains (3 Services):
         // 34 batches of service chains and the top-level one. Otherwise one batch.
@@ -174,7 +171,7 @@ private func recorded(_ fake: FakeIPTables) -> [KernelRules] { fake.statesAfterR
         func partialSync(_ what: String) async throws {
             step += 1
             let state = tracker.snapshot(.ipv4)
-            let report = try await backend.sync(state, full: false)
+            let report = try await backend.syncChanges(state)
             #expect(!report.full, "\(what)")
             let diff = differences(kernel(fake), try await fullSyncKernel(state))
             #expect(diff.isEmpty, "step \(step) (\(what)), S=\(s):\n\(diff.joined(separator: "\n"))\npayload:\n\(fake.restores.last!)")
@@ -210,7 +207,7 @@ private func recorded(_ fake: FakeIPTables) -> [KernelRules] { fake.statesAfterR
             try await partialSync("change")
             if rep == 2 {
                 // A periodic full sync over the rules in place, then partial syncs go on from it.
-                _ = try await backend.sync(tracker.snapshot(.ipv4), full: true)
+                _ = try await backend.sync(tracker.snapshot(.ipv4), kind: .full)
                 #expect(differences(kernel(fake), try await fullSyncKernel(tracker.snapshot(.ipv4))).isEmpty)
             }
         }
@@ -243,22 +240,20 @@ private func recorded(_ fake: FakeIPTables) -> [KernelRules] { fake.statesAfterR
         var docs = probe(generation: 0)
         for i in range where i > 0 { docs += coldService(i, e: 10, generation: i % 2 == 1 ? generation : 0) }
         for e in try ManifestEvents.events(docs.joined(separator: "\n---\n")) { tracker.apply(e) }
-        var s = tracker.snapshot(.ipv4)
-        s.changedServices = Set(s.servicePorts.keys.map(\.service))
-        return s
+        return tracker.snapshot(.ipv4)
     }
 
     @Test(arguments: [7, 25, 1000])
     func restartOntoAnotherStateNeverExposesAHalfWrittenChain(batching: Int) async throws {
         let fake = FakeIPTables()
         let old = try state(0..<100, generation: 0)
-        _ = try await newBackend(fake).sync(old, full: true)
+        _ = try await newBackend(fake).sync(old, kind: .full)
         let before = kernel(fake)
         fake.recordStatesAfterRestores()
         // A new process: Services 0..<40 gone but the probe, 40..<140, the odd ones changed.
         let new = try state(40..<140, generation: 1)
         let restoresBefore = fake.restores.count
-        let report = try await newBackend(fake, batching: batching).sync(new, full: true)
+        let report = try await newBackend(fake, batching: batching).sync(new, kind: .full)
         #expect(report.full)
         let after = try await fullSyncKernel(new)
         #expect(differences(kernel(fake), after).isEmpty)
@@ -282,18 +277,18 @@ private func recorded(_ fake: FakeIPTables) -> [KernelRules] { fake.statesAfterR
     func failedMiddleBatchLeavesAConsistentKernelAndTheRetryIsFull(failAfter: Int) async throws {
         let fake = FakeIPTables()
         let old = try state(0..<60, generation: 0)
-        _ = try await newBackend(fake).sync(old, full: true)
+        _ = try await newBackend(fake).sync(old, kind: .full)
         let before = kernel(fake)
         let backend = newBackend(fake, batching: 30)
         let new = try state(0..<80, generation: 1)
         fake.failRestore(after: failAfter)
-        await #expect(throws: IPTablesError.self) { _ = try await backend.sync(new, full: true) }
+        await #expect(throws: IPTablesError.self) { _ = try await backend.sync(new, kind: .full) }
         let after = try await fullSyncKernel(new)
         let bad = halfWritten(kernel(fake), before: before, after: after)
         #expect(bad.isEmpty, "\(bad.prefix(3))")
         // The top-level chains are still the old ones: the failure came before their batch.
         #expect(kernel(fake)["nat"]?[Chain.services] == before["nat"]?[Chain.services])
-        let report = try await backend.sync(new, full: false)
+        let report = try await backend.syncChanges(new)
         #expect(report.full)
         #expect(differences(kernel(fake), after).isEmpty)
     }

@@ -38,7 +38,7 @@ private func svcChains(_ fake: FakeIPTables) -> Set<String> {
         for e in try ManifestEvents.events([svcA, sliceA].joined(separator: "\n---\n")) { tracker.apply(e) }
 
         // 1. First sync: full.
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        _ = try await b.sync(tracker.snapshot(.ipv4), kind: .full)
         let afterFirst = svcChains(fake)
         #expect(afterFirst.count == 2)  // SVC + one SEP
         #expect(fake.rules("nat", "PREROUTING").contains { $0.contains("-j KUBE-SERVICES") })
@@ -46,7 +46,7 @@ private func svcChains(_ fake: FakeIPTables) -> Set<String> {
 
         // 2. Add service b: the partial batch writes b's chains, not a's.
         for e in try ManifestEvents.events([svcB, sliceB].joined(separator: "\n---\n")) { tracker.apply(e) }
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        _ = try await b.syncChanges(tracker.snapshot(.ipv4))
         var last = try RestoreDump.parse(fake.restores.last!)
         let aChains = afterFirst
         #expect(Set(last.chains("nat")).isDisjoint(with: aChains))
@@ -56,7 +56,7 @@ private func svcChains(_ fake: FakeIPTables) -> Set<String> {
 
         // 3. No-op sync: every top-level chain is unchanged, so there is nothing to restore.
         let restoresBefore = fake.restores.count
-        let noop = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        let noop = try await b.syncChanges(tracker.snapshot(.ipv4))
         #expect(fake.restores.count == restoresBefore)
         #expect(noop.bytes == 0 && noop.written == [.iptablesRules(.filter): 0, .iptablesRules(.nat): 0])
         #expect(noop.total[.iptablesRules(.nat)]! > 0)
@@ -64,7 +64,7 @@ private func svcChains(_ fake: FakeIPTables) -> Set<String> {
 
         // 4. Endpoint change on b: only b's chains; the removed endpoint's chain is deleted.
         tracker.apply(try ManifestEvents.events(sliceYAML("ns2", "b", endpoints: "[{addresses: [10.180.0.2]}]"))[0])
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        _ = try await b.syncChanges(tracker.snapshot(.ipv4))
         last = try RestoreDump.parse(fake.restores.last!)
         #expect(Set(last.chains("nat")).isDisjoint(with: aChains))
         #expect(last.tables.first { $0.name == "nat" }!.chains.filter(\.deleted).count == 1)
@@ -72,7 +72,7 @@ private func svcChains(_ fake: FakeIPTables) -> Set<String> {
 
         // 5. Delete b: its chains are flushed and deleted; a untouched.
         tracker.apply(.serviceDeleted(NamespacedName(namespace: "ns2", name: "b")))
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        _ = try await b.syncChanges(tracker.snapshot(.ipv4))
         #expect(svcChains(fake) == aChains)
         #expect(!fake.rules("nat", "KUBE-SERVICES").contains { $0.contains("ns2/b") })
     }
@@ -128,7 +128,7 @@ private func svcChains(_ fake: FakeIPTables) -> Set<String> {
         let b = backend(fake)
         var tracker = ChangeTracker(nodeName: "test-node")
         for e in try ManifestEvents.events([svcA, sliceA, svcB, sliceB].joined(separator: "\n---\n")) { tracker.apply(e) }
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        _ = try await b.sync(tracker.snapshot(.ipv4), kind: .full)
         try await b.cleanup()
         for t in ["nat", "filter", "mangle"] {
             #expect(fake.chains(t).filter { $0.hasPrefix("KUBE-") }.isEmpty, "table \(t)")

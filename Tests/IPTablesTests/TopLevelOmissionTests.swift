@@ -65,7 +65,7 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         let b = backend(fake)
         var tracker = ChangeTracker(nodeName: "test-node")
         for e in try events([svcA, sliceA, svcB, sliceB]) { tracker.apply(e) }
-        let report = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        let report = try await b.sync(tracker.snapshot(.ipv4), kind: .full)
         #expect(report.full)
         return (fake, b, tracker)
     }
@@ -78,7 +78,7 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         #expect(nodePortsBefore.count == 2)
 
         for e in try events([sliceYAML("ns2", "b", endpoints: "[{addresses: [10.180.0.2]}, {addresses: [10.180.0.4]}]")]) { tracker.apply(e) }
-        let report = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        let report = try await b.syncChanges(tracker.snapshot(.ipv4))
         let text = fake.restores.last!
         #expect(!report.full)
         for chain in Chain.natTopLevel {
@@ -108,7 +108,7 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         #expect(before.count == 3)  // a, b and the NodePort dispatch
         let svcC = serviceYAML("ns3", "c", ip: "172.30.0.3")
         for e in try events([svcC, sliceYAML("ns3", "c", endpoints: "[{addresses: [10.180.0.9]}]")]) { tracker.apply(e) }
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        _ = try await b.syncChanges(tracker.snapshot(.ipv4))
         var text = fake.restores.last!
         let lines = text.split(separator: "\n")
         #expect(!lines.contains { $0.hasPrefix(":KUBE-SERVICES ") || $0.hasPrefix(":KUBE-NODEPORTS ") }, "\(text)")
@@ -124,7 +124,7 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         #expect(cChains.count == 2)
 
         tracker.apply(.serviceDeleted(NamespacedName(namespace: "ns3", name: "c")))
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        _ = try await b.syncChanges(tracker.snapshot(.ipv4))
         text = fake.restores.last!
         #expect(!text.contains(":KUBE-SERVICES "), "\(text)")
         let deletes = text.split(separator: "\n").filter { $0.hasPrefix("-D KUBE-SERVICES ") }.map(String.init)
@@ -194,7 +194,7 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         let (fake, b, started0) = try await started()
         var tracker = started0
         for e in try events([sliceYAML("ns2", "b", endpoints: "[]")]) { tracker.apply(e) }
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        _ = try await b.syncChanges(tracker.snapshot(.ipv4))
         var text = fake.restores.last!
         var dump = try RestoreDump.parse(text)
         #expect(dump.rules("filter", "KUBE-SERVICES").count == 1)
@@ -207,7 +207,7 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
 
         // Endpoints back: the filter chains are written again, now empty.
         for e in try events([sliceB]) { tracker.apply(e) }
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        _ = try await b.syncChanges(tracker.snapshot(.ipv4))
         text = fake.restores.last!
         dump = try RestoreDump.parse(text)
         #expect(try declared(text, "filter") == ["KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES"])
@@ -221,8 +221,8 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         var tracker = started0
         for e in try events([sliceYAML("ns2", "b", endpoints: "[{addresses: [10.180.0.7]}]")]) { tracker.apply(e) }
         fake.failRestores(1)
-        await #expect(throws: IPTablesError.self) { try await b.sync(tracker.snapshot(.ipv4), full: false) }
-        let report = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        await #expect(throws: IPTablesError.self) { try await b.syncChanges(tracker.snapshot(.ipv4)) }
+        let report = try await b.syncChanges(tracker.snapshot(.ipv4))
         #expect(report.full)
         let text = fake.restores.last!
         for chain in Chain.natTopLevel { #expect(try declared(text, "nat")?.contains(chain) == true, "\(chain)") }
@@ -231,7 +231,7 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
 
         // Then partial again, leaving the top-level chains out.
         for e in try events([sliceYAML("ns2", "b", endpoints: "[{addresses: [10.180.0.8]}]")]) { tracker.apply(e) }
-        let next = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        let next = try await b.syncChanges(tracker.snapshot(.ipv4))
         #expect(!next.full)
         #expect(!fake.restores.last!.contains("KUBE-SERVICES"))
     }
@@ -254,7 +254,7 @@ private func mixedSlice(_ i: Int, round r: Int) -> String {
         let (fake, b, tracker) = try await started()
         try await b.cleanup()
         var t = tracker
-        let report = try await b.sync(t.snapshot(.ipv4), full: false)  // asked partial, made full
+        let report = try await b.syncChanges(t.snapshot(.ipv4))  // asked partial, made full
         #expect(report.full)
         #expect(fake.rules("nat", "KUBE-SERVICES").count == 3)
     }

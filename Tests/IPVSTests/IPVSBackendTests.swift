@@ -106,7 +106,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         let bed = Bed()
         let b = bed.backend()
         let s = try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"]))
-        let report = try await b.sync(s, full: true)
+        let report = try await b.sync(s, kind: .full)
 
         #expect(await bed.ipvs.save() == """
             -A -t 10.96.0.10:80 -s rr
@@ -129,7 +129,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
 
         // Unchanged state, full sync: no IPVS, ipset or address write; the restore runs, without jumps.
         await bed.ipvs.clearLog()
-        _ = try await b.sync(s, full: true)
+        _ = try await b.sync(s, kind: .full)
         let w = await b.lastSyncWrites
         #expect(w.ipvsMessages == 0)
         #expect(w.ipsetAdds + w.ipsetDeletes + w.ipsetCreates == 0)
@@ -139,7 +139,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         #expect(!bed.iptables.restores[1].contains("-I "))
 
         // Partial sync of an unchanged state: not even a restore.
-        _ = try await b.sync(s, full: false)
+        _ = try await b.syncChanges(s)
         #expect(bed.iptables.restores.count == 2)
         #expect(await b.lastSyncWrites.ipvsMessages == 0)
     }
@@ -147,11 +147,11 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func aRestartChangesNothingThatIsRight() async throws {
         let bed = Bed()
         let s = try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"]))
-        _ = try await bed.backend().sync(s, full: true)
+        _ = try await bed.backend().sync(s, kind: .full)
         await bed.ipvs.clearLog()
 
         let restarted = bed.backend()
-        _ = try await restarted.sync(s, full: true)
+        _ = try await restarted.sync(s, kind: .full)
         #expect(await restarted.lastSyncWrites.ipvsMessages == 0)
         #expect(await bed.ipvs.flushes == 0)
         #expect(await bed.ipvs.log.isEmpty)
@@ -160,14 +160,14 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func aRestartPutsADrainedButDesiredRealServerBackToWeightOne() async throws {
         let bed = Bed()
         let s = try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"]))
-        _ = try await bed.backend().sync(s, full: true)
+        _ = try await bed.backend().sync(s, kind: .full)
         // A previous run was killed while ep1 drained, and ep1 is desired again.
         var zero = RealServer(address: ep1.address, port: ep1.port, weight: 0)
         _ = try await bed.ipvs.apply([.updateDestination(vipKey, zero)])
         await bed.ipvs.clearLog()
 
         let restarted = bed.backend()
-        _ = try await restarted.sync(s, full: true)
+        _ = try await restarted.sync(s, kind: .full)
         zero.weight = 1
         #expect(await bed.ipvs.log == [.updateDestination(vipKey, zero)])
         #expect(await bed.ipvs.save().contains("-a -t 10.96.0.10:80 -r 10.244.1.2:8080 -m -w 1\n"))
@@ -176,13 +176,13 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func aRemovedTCPEndpointDrainsUntilItsConnectionsEnd() async throws {
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
         await bed.ipvs.setConnections(vipKey, ep1, active: 3)
         await bed.ipvs.clearLog()
 
         var s = try state(manifest(endpoints: ["10.244.2.2"]))
         s.changedServices = [NamespacedName(namespace: "demo", name: "web")]
-        _ = try await b.sync(s, full: false)
+        _ = try await b.syncChanges(s)
         // ClusterIP real server with connections: weight 0 and draining. The NodePort one has
         // none: deleted at once.
         let log = await bed.ipvs.log
@@ -203,9 +203,9 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func aDrainingRealServerIsDeletedAfterTheGracefulPeriod() async throws {
         let bed = Bed()
         let b = bed.backend(graceful: .seconds(5))
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
         await bed.ipvs.setConnections(vipKey, ep1, active: 1)
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.2.2"])), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.2.2"])), kind: .full)
         bed.clock.advance(.seconds(4))
         #expect(try await b.reapDraining() == 0)
         bed.clock.advance(.seconds(1))
@@ -216,12 +216,12 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func aDrainingEndpointThatComesBackIsRestored() async throws {
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
         await bed.ipvs.setConnections(vipKey, ep1, active: 1)
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.2.2"])), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.2.2"])), kind: .full)
         #expect(await b.drainingServers.count == 1)
         await bed.ipvs.clearLog()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
         #expect(await b.drainingServers.isEmpty)
         // The ClusterIP real server goes back to weight 1; the NodePort one, deleted at once
         // for lack of connections, is added again.
@@ -233,11 +233,11 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func udpRealServersAreDeletedAtOnce() async throws {
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"], proto: "UDP")), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"], proto: "UDP")), kind: .full)
         let udpKey = VirtualServerKey(address: vipKey.address, proto: .udp, port: 80)
         await bed.ipvs.setConnections(udpKey, ep1, active: 0, inactive: 4)
         await bed.ipvs.clearLog()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.2.2"], proto: "UDP")), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.2.2"], proto: "UDP")), kind: .full)
         #expect(await bed.ipvs.log.contains(.deleteDestination(udpKey, RealServer(address: ep1.address, port: ep1.port, weight: 1, inactiveConnections: 4))))
         #expect(await b.drainingServers.isEmpty)
     }
@@ -245,9 +245,9 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func aDeletedServiceLosesItsVirtualServersAddressAndSetMembers() async throws {
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full)
         await bed.ipvs.clearLog()
-        _ = try await b.sync(try state(""), full: true)
+        _ = try await b.sync(try state(""), kind: .full)
         #expect(Set(await bed.ipvs.log) == [.deleteService(vipKey),
                                            .deleteService(VirtualServerKey(address: IPAddress("192.168.0.2")!, proto: .tcp, port: 30080))])
         #expect(await bed.ipvs.save().isEmpty)
@@ -266,7 +266,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         await bed.ipvs.preload(foreignV6)
         await bed.ipvs.preload(stale)
         let b = bed.backend(exclude: [CIDR("172.16.0.0/12")!])
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full)
         let keys = Set(await bed.ipvs.table.keys)
         #expect(keys.contains(foreignKept.key))
         #expect(keys.contains(foreignV6.key))
@@ -275,10 +275,10 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
 
     @Test func configurationChangesEditTheService() async throws {
         let bed = Bed()
-        _ = try await bed.backend().sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true)
+        _ = try await bed.backend().sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full)
         await bed.ipvs.clearLog()
         let b = bed.backend(scheduler: "wrr")
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2"], sticky: true)), full: true)
+        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2"], sticky: true)), kind: .full)
         let log = await bed.ipvs.log
         #expect(log.count == 2)
         #expect(log.allSatisfy { if case .updateService(let vs) = $0 { return vs.scheduler == "wrr" && vs.flags == .persistent && vs.timeout == 10800 }; return false })
@@ -290,9 +290,9 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         let b = bed.backend()
         let rs = RealServer(address: ep1.address, port: ep1.port, weight: 1)
         await bed.ipvs.fail(.addDestination(vipKey, rs), with: .invalidArgument)
-        await #expect(throws: SyncFailure.self) { try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true) }
+        await #expect(throws: SyncFailure.self) { try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full) }
         bed.iptables.failRestores = true
-        await #expect(throws: IPTablesError.self) { try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true) }
+        await #expect(throws: IPTablesError.self) { try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full) }
     }
 
     @Test func startupNamesWhatTheKernelLacks() async throws {
@@ -329,7 +329,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
 
     @Test func cleanupRemovesEverything() async throws {
         let bed = Bed()
-        _ = try await bed.backend().sync(try state(manifest(endpoints: ["10.244.1.2"])), full: true)
+        _ = try await bed.backend().sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full)
         let failures = await IPVSBackend.cleanup(ipvs: bed.ipvs, links: bed.links, ipsets: bed.ipsets,
                                                  tools: [IPTablesTools(variant: .legacy, family: .ipv4)], runner: bed.iptables,
                                                  logger: quietLogger)
@@ -410,7 +410,7 @@ private func reads(_ bed: Bed) async -> (dumps: Int, destinations: Int, listings
         #expect(rejections.isEmpty)
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        _ = try await b.sync(tracker.snapshot(.ipv4), kind: .full)
         #expect(await b.holdsKernelImage)
         let start = await reads(bed)
 
@@ -419,11 +419,11 @@ private func reads(_ bed: Bed) async -> (dumps: Int, destinations: Int, listings
             for e in events { tracker.apply(e) }
             let s = tracker.snapshot(.ipv4)
             #expect(!s.changedServices.isEmpty, "\(step)")
-            _ = try await b.sync(s, full: false)
+            _ = try await b.syncChanges(s)
 
             let fresh = Bed()
             let f = fresh.backend()
-            _ = try await f.sync(s, full: true)
+            _ = try await f.sync(s, kind: .full)
             #expect(await kernelText(bed) == kernelText(fresh), "\(step)")
             // The image is what a compile of the whole state gives.
             #expect(await b.lastDesired?.dryRunText == f.lastDesired?.dryRunText, "\(step)")
@@ -442,7 +442,7 @@ private func reads(_ bed: Bed) async -> (dumps: Int, destinations: Int, listings
         var (tracker, _) = try Fixtures.tracker(Self.base, nodeName: "node-a")
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        _ = try await b.sync(tracker.snapshot(.ipv4), kind: .full)
         await bed.ipvs.clearLog()
         await bed.ipsets.clearLog()
         await bed.links.clearLog()
@@ -450,7 +450,7 @@ private func reads(_ bed: Bed) async -> (dumps: Int, destinations: Int, listings
         for e in try ModelEvents.upserts(service("web", ip: "10.96.0.10", nodePort: 30080, endpoints: ["10.244.1.2", "10.244.2.7"])) {
             tracker.apply(e)
         }
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: false)
+        _ = try await b.syncChanges(tracker.snapshot(.ipv4))
         let old = RealServer(address: IPAddress("10.244.2.2")!, port: 8080)
         let new = RealServer(address: IPAddress("10.244.2.7")!, port: 8080)
         let nodePortKey = VirtualServerKey(address: IPAddress("192.168.0.2")!, proto: .tcp, port: 30080)
@@ -466,20 +466,20 @@ private func reads(_ bed: Bed) async -> (dumps: Int, destinations: Int, listings
         var (tracker, _) = try Fixtures.tracker(Self.base, nodeName: "node-a")
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        _ = try await b.sync(tracker.snapshot(.ipv4), kind: .full)
         let added = RealServer(address: IPAddress("10.244.3.2")!, port: 8080)
         await bed.ipvs.fail(.addDestination(vipKey, added), with: .invalidArgument)
         for e in try ModelEvents.upserts(service("web", ip: "10.96.0.10", nodePort: 30080, endpoints: ["10.244.1.2", "10.244.2.2", "10.244.3.2"])) {
             tracker.apply(e)
         }
         let s = tracker.snapshot(.ipv4)
-        await #expect(throws: SyncFailure.self) { try await b.sync(s, full: false) }
+        await #expect(throws: SyncFailure.self) { try await b.syncChanges(s) }
         #expect(await !b.holdsKernelImage)
         #expect(await b.lastDesired == nil)
 
         // Even a partial sync now reads the kernel (the runner makes it full anyway).
         let dumps = await bed.ipvs.serviceDumps
-        _ = try? await b.sync(s, full: false)
+        _ = try? await b.syncChanges(s)
         #expect(await bed.ipvs.serviceDumps == dumps + 1)
     }
 
@@ -487,13 +487,13 @@ private func reads(_ bed: Bed) async -> (dumps: Int, destinations: Int, listings
         var (tracker, _) = try Fixtures.tracker(Self.base, nodeName: "node-a")
         let bed = Bed()
         let s = tracker.snapshot(.ipv4)
-        _ = try await bed.backend().sync(s, full: true)
+        _ = try await bed.backend().sync(s, kind: .full)
         await bed.ipvs.clearLog()
         await bed.ipsets.clearLog()
         await bed.links.clearLog()
 
         let restarted = bed.backend()
-        _ = try await restarted.sync(s, full: true)
+        _ = try await restarted.sync(s, kind: .full)
         #expect(await restarted.lastSyncWrites.ipvsMessages == 0)
         #expect(await bed.ipvs.log.isEmpty)
         #expect(await bed.ipsets.log.isEmpty)
@@ -503,7 +503,7 @@ private func reads(_ bed: Bed) async -> (dumps: Int, destinations: Int, listings
             tracker.apply(e)
         }
         let dumps = await bed.ipvs.serviceDumps
-        _ = try await restarted.sync(tracker.snapshot(.ipv4), full: false)
+        _ = try await restarted.syncChanges(tracker.snapshot(.ipv4))
         #expect(await bed.ipvs.serviceDumps == dumps)
         // ext-b's ClusterIP and external-IP virtual servers go; the shared external IP stays bound for ext-a.
         #expect(await bed.ipvs.log.count == 2)

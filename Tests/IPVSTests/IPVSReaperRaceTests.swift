@@ -75,9 +75,9 @@ private func webManifest(_ endpoints: [String]) -> String {
         let vip = VirtualServerKey(address: IPAddress("10.96.0.10")!, proto: .tcp, port: 80)
         let ep1 = RealServerEndpoint(address: IPAddress("10.244.1.2")!, port: 8080)
         let both = try Fixtures.state(webManifest(["10.244.1.2", "10.244.2.2"]), nodeName: "node-a")
-        _ = try await b.sync(both, full: true)
+        _ = try await b.sync(both, kind: .full)
         await table.setConnections(vip, ep1, active: 2)
-        _ = try await b.sync(try Fixtures.state(webManifest(["10.244.2.2"]), nodeName: "node-a"), full: true)
+        _ = try await b.sync(try Fixtures.state(webManifest(["10.244.2.2"]), nodeName: "node-a"), kind: .full)
         #expect(await b.drainingServers == ["10.96.0.10:80/TCP -> 10.244.1.2:8080"])
         await table.setConnections(vip, ep1, active: 0)
 
@@ -87,7 +87,7 @@ private func webManifest(_ endpoints: [String]) -> String {
         for _ in 0..<20_000 where await ipvs.held == 0 { await Task.yield() }
         #expect(await ipvs.held == 1)
         // ... while ep1 is desired again and a sync runs.
-        let sync = Task { try await b.sync(both, full: true) }
+        let sync = Task { try await b.sync(both, kind: .full) }
         for _ in 0..<2_000 { await Task.yield() }
         await ipvs.open()
         _ = try await reap.value

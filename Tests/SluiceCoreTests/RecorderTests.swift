@@ -100,7 +100,8 @@ actor TimedBackend: ProxyBackend {
 
     func failNext(_ n: Int) { failuresLeft = n }
 
-    func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+    func sync(_ state: ProxyState, kind: SyncKind) async throws -> SyncReport {
+        let full = kind.isFull
         clock.advance(by: cost)
         if failuresLeft > 0 {
             failuresLeft -= 1

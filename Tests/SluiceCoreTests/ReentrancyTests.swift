@@ -24,7 +24,8 @@ actor GatedBackend: ProxyBackend {
         gate = nil
     }
 
-    func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+    func sync(_ state: ProxyState, kind: SyncKind) async throws -> SyncReport {
+        let full = kind.isFull
         if holding {
             inside += 1
             await withCheckedContinuation { gate = $0 }

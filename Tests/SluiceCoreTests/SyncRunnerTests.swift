@@ -14,13 +14,14 @@ actor RecordingBackend: ProxyBackend {
 
     func failNext(_ n: Int) { failuresLeft = n }
 
-    func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+    func sync(_ state: ProxyState, kind: SyncKind) async throws -> SyncReport {
+        let full = kind.isFull
         if failuresLeft > 0 {
             failuresLeft -= 1
             struct Injected: Error {}
             throw Injected()
         }
-        syncs.append((full, state.changedServices, state.servicePorts.count))
+        syncs.append((full, kind.services(in: state), state.servicePorts.count))
         return SyncReport(full: full)
     }
 

@@ -15,7 +15,8 @@ private actor FixedBackend: ProxyBackend {
     let writesFull: Bool
     private(set) var asked: [Bool] = []
     init(writesFull: Bool) { self.writesFull = writesFull }
-    func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+    func sync(_ state: ProxyState, kind: SyncKind) async throws -> SyncReport {
+        let full = kind.isFull
         asked.append(full)
         return SyncReport(full: writesFull)
     }

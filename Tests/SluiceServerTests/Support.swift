@@ -215,7 +215,8 @@ actor ScriptedBackend: ProxyBackend {
     func whileSyncing(_ body: @escaping @Sendable () -> Void) { work = body }
     func setReport(_ r: SyncReport) { report = r }
 
-    func sync(_ state: ProxyState, full: Bool) async throws -> SyncReport {
+    func sync(_ state: ProxyState, kind: SyncKind) async throws -> SyncReport {
+        let full = kind.isFull
         work?()
         if failuresLeft > 0 {
             failuresLeft -= 1

@@ -39,7 +39,7 @@ struct BackendTests {
     @Test func firstSyncWritesChainsRulesAndJumps() async throws {
         let fake = FakeIPTables()
         let b = backend(fake)
-        let report = try await b.sync(try state(sshService1), full: true)
+        let report = try await b.sync(try state(sshService1), kind: .full)
         let port = try #require(await b.relays.relayPort(sshName))
         #expect(fake.rules("nat", "KUBE-PORTALS-CONTAINER") == [
             "-d 10.254.132.107/32 -p tcp -m comment --comment \"default/ssh-service1:\" -m tcp --dport 2222 -j REDIRECT --to-ports \(port)",
@@ -65,18 +65,18 @@ struct BackendTests {
     @Test func relayPortsAreStableAndUnchangedRulesAreNotRewritten() async throws {
         let fake = FakeIPTables()
         let b = backend(fake)
-        _ = try await b.sync(try state(web), full: true)
+        _ = try await b.sync(try state(web), kind: .full)
         let port = try #require(await b.relays.relayPort(webName))
         #expect(b.relayPort(of: webName) == UInt16(port))
         let restores = fake.restores.count
         // An endpoint change: same relay port, same rules, no restore.
         let moved = web.replacingOccurrences(of: "[{addresses: [10.244.1.10]}]", with: "[{addresses: [10.244.1.10]}, {addresses: [10.244.2.10]}]")
-        let report = try await b.sync(try state(moved), full: false)
+        let report = try await b.syncChanges(try state(moved))
         #expect(await b.relays.relayPort(webName) == port)
         #expect(fake.restores.count == restores)
         #expect(report.written[.iptablesRules(.nat)] == 0)
         // A full resync writes again, with the same port.
-        _ = try await b.sync(try state(moved), full: true)
+        _ = try await b.sync(try state(moved), kind: .full)
         #expect(fake.restores.count == restores + 1)
         #expect(fake.rules("nat", "KUBE-PORTALS-CONTAINER").first?.hasSuffix("--to-ports \(port)") == true)
         // Jumps are not duplicated by a second full sync.
@@ -87,12 +87,12 @@ struct BackendTests {
     @Test func removedServicePortLosesRulesThenListener() async throws {
         let fake = FakeIPTables()
         let b = backend(fake)
-        _ = try await b.sync(try state(web + "\n---\n" + sshService1), full: true)
+        _ = try await b.sync(try state(web + "\n---\n" + sshService1), kind: .full)
         #expect(await b.relays.serviceCount == 2)
         // A partial sync names the Services that changed: the removed one among them.
         var s = try state(web)
         s.changedServices.insert(sshName.service)
-        _ = try await b.sync(s, full: false)
+        _ = try await b.syncChanges(s)
         #expect(await b.relays.serviceCount == 1)
         #expect(await b.relays.relayPort(sshName) == nil)
         #expect(b.relayPort(of: sshName) == nil)
@@ -108,7 +108,7 @@ struct BackendTests {
                                  tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake,
                                  relays: RelayManager(config: testConfig(maxListeners: 1), logger: testLogger), logger: testLogger)
         // Sorted, default/ssh-service1 takes the one listener; ns/web gets none.
-        let error = await #expect(throws: SyncFailure.self) { try await b.sync(try state(web + "\n---\n" + sshService1), full: true) }
+        let error = await #expect(throws: SyncFailure.self) { try await b.sync(try state(web + "\n---\n" + sshService1), kind: .full) }
         #expect(error?.failures.count == 1)
         #expect(error?.failures.first?.hasPrefix("ns/web:http:") == true, "\(String(describing: error))")
         let port = try #require(await b.relays.relayPort(sshName))
@@ -121,18 +121,18 @@ struct BackendTests {
     @Test func failedRestoreKeepsOldListenersAndThrows() async throws {
         let fake = FakeIPTables()
         let b = backend(fake)
-        _ = try await b.sync(try state(web + "\n---\n" + sshService1), full: true)
+        _ = try await b.sync(try state(web + "\n---\n" + sshService1), kind: .full)
         let sshPort = try #require(await b.relays.relayPort(sshName))
         fake.failRestores(1)
         var s = try state(web)
         s.changedServices.insert(sshName.service)
         let partial = s
-        await #expect(throws: IPTablesError.self) { try await b.sync(partial, full: false) }
+        await #expect(throws: IPTablesError.self) { try await b.syncChanges(partial) }
         // The rules still point at ssh-service1's relay, so its listener must still be open.
         #expect(await b.relays.relayPort(sshName) == sshPort)
         #expect(fake.rules("nat", "KUBE-NODEPORT-CONTAINER").count == 1)
         // The retry (full) succeeds and then closes it.
-        _ = try await b.sync(try state(web), full: true)
+        _ = try await b.sync(try state(web), kind: .full)
         #expect(await b.relays.relayPort(sshName) == nil)
         await b.shutdown()
     }
@@ -144,11 +144,11 @@ struct BackendTests {
                                  relays: RelayManager(config: testConfig(), logger: testLogger), logger: testLogger,
                                  jumpCheckValidity: .zero)
         #expect(await b.externalChangeDetected() == false)
-        _ = try await b.sync(try state(web), full: true)
+        _ = try await b.sync(try state(web), kind: .full)
         #expect(await b.externalChangeDetected() == false)
         fake.externalFlush("nat")
         #expect(await b.externalChangeDetected() == true)
-        _ = try await b.sync(try state(web), full: true)
+        _ = try await b.sync(try state(web), kind: .full)
         #expect(await b.externalChangeDetected() == false)
         #expect(fake.rules("nat", "KUBE-PORTALS-CONTAINER").count == 1)
         await b.shutdown()
@@ -158,7 +158,7 @@ struct BackendTests {
         let fake = FakeIPTables()
         let b = backend(fake)
         var (tracker, _) = try Fixtures.tracker(web, nodeName: "node-a")
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        _ = try await b.sync(tracker.snapshot(.ipv4), kind: .full)
         let commands = fake.commands.count
         fake.externalFlush("nat")
         // Within the validity of the full sync's own check: no iptables -C is run.
@@ -167,9 +167,9 @@ struct BackendTests {
         // The next partial sync deletes the old rule, which the flush removed: the batch fails,
         // the memory is gone, and the runner's retry is full.
         for e in try ModelEvents.upserts(web.replacingOccurrences(of: "port: 80,", with: "port: 81,")) { tracker.apply(e) }
-        await #expect(throws: IPTablesError.self) { try await b.sync(tracker.snapshot(.ipv4), full: false) }
+        await #expect(throws: IPTablesError.self) { try await b.syncChanges(tracker.snapshot(.ipv4)) }
         #expect(await !b.holdsImage)
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        _ = try await b.sync(tracker.snapshot(.ipv4), kind: .full)
         #expect(fake.rules("nat", "PREROUTING").count == 2)
         await b.shutdown()
     }
@@ -177,7 +177,7 @@ struct BackendTests {
     @Test func cleanupRemovesTheUserspaceChainsAndJumps() async throws {
         let fake = FakeIPTables()
         let b = backend(fake)
-        _ = try await b.sync(try state(sshService1), full: true)
+        _ = try await b.sync(try state(sshService1), kind: .full)
         await b.shutdown()
         let ipt = IPTablesBackend(options: IPTablesOptions(node: NodeConfig(nodeName: "node-a")),
                                   tools: IPTablesTools(variant: .auto, family: .ipv4), runner: fake, logger: testLogger)
@@ -214,7 +214,7 @@ struct UserspacePartialSyncTests {
         let b = backend(fake)
         var (tracker, _) = try Fixtures.tracker(svc("a", ip: "10.96.0.1", endpoints: ["10.244.1.1"]) + "---\n"
             + svc("b", ip: "10.96.0.2", nodePort: 30002, endpoints: ["10.244.1.2"]), nodeName: "node-a")
-        _ = try await b.sync(tracker.snapshot(.ipv4), full: true)
+        _ = try await b.sync(tracker.snapshot(.ipv4), kind: .full)
         #expect(await b.holdsImage)
         let steps: [(String, [ObjectEvent], Bool)] = [
             ("endpoint changed", try ModelEvents.upserts(svc("a", ip: "10.96.0.1", endpoints: ["10.244.1.9"])), false),
@@ -226,7 +226,7 @@ struct UserspacePartialSyncTests {
             for e in events { tracker.apply(e) }
             let s = tracker.snapshot(.ipv4)
             let restores = fake.restores.count
-            _ = try await b.sync(s, full: false)
+            _ = try await b.syncChanges(s)
             #expect(fake.restores.count == restores + (writes ? 1 : 0), "\(step)")
             if writes, let text = fake.restores.last {
                 // No chain declared (so none flushed), and only the changed Service's rules.

@@ -51,7 +51,7 @@ class Mode:
     label = ""
     proxy_mode = ""
     in_uml = False
-    compile_supported = False       # `sluice bench-compile` knows the mode
+    compile_supported = False       # `sluice-bench-compile` knows the mode
     restore_baselines = False       # iptables-restore payload baselines apply
     # What "rules" means for this mode in the report.
     unit = "rules"

@@ -7,6 +7,7 @@ the log line every sync prints ("partial sync: N service ports, C changed, B byt
 """
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -134,13 +135,28 @@ class Proxy:
         return netns.stop(self.process, timeout=20)
 
 
+def bench_compile_binary(sluice):
+    """`sluice-bench-compile`, built beside the `sluice` binary (the same build directory:
+    `swift build` builds both; `make release` builds both products)."""
+    return os.path.join(os.path.dirname(os.path.abspath(sluice)), "sluice-bench-compile")
+
+
+def compile_args(mode_args, manifests):
+    """The proxy flags that bear on compilation, as `proxy_args` gives them to sluice."""
+    return ["--manifests", manifests, "--hostname-override", fx.NODE_NAME, "--node-ip", fx.NODE_IP,
+            "--cluster-cidr", fx.CLUSTER_CIDR] + list(mode_args)
+
+
 class Compiler:
-    """`sluice bench-compile` in the node namespace: in-process compile timings and the
-    payload of every step, written to `outdir`."""
+    """`sluice-bench-compile` in the node namespace: in-process compile timings and the
+    payload of every step, written to `outdir`. `binary` is the sluice binary; the helper
+    is found beside it."""
 
     def __init__(self, binary, ns, mode_args, manifests, outdir, repeat):
-        args = [binary, "bench-compile", "--out", outdir, "--repeat-count", str(repeat)] + proxy_args(mode_args, manifests)
-        # bench-compile takes the proxy's flags; the servers' addresses are irrelevant to it.
+        helper = bench_compile_binary(binary)
+        if not os.access(helper, os.X_OK):
+            raise RuntimeError(f"{helper} is missing: build it with sluice (swift build, or make release)")
+        args = [helper, "--out", outdir, "--repeat-count", str(repeat)] + compile_args(mode_args, manifests)
         self.p = netns.start(ns.cmd(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.first = self._read()
 
@@ -148,7 +164,7 @@ class Compiler:
         line = self.p.stdout.readline()
         if not line:
             err = self.p.stderr.read()
-            raise RuntimeError(f"sluice bench-compile failed: {err.strip()[-2000:]}")
+            raise RuntimeError(f"sluice-bench-compile failed: {err.strip()[-2000:]}")
         return json.loads(line)
 
     def step(self, name, full=False):

@@ -256,7 +256,7 @@ def cold_table(v, w, out):
     w("")
     w("From process start (fresh network namespace, empty tables) to the first sync. *parse* is reading the manifest "
       "directory (YAML) into the model and *compile* the pure Swift part (snapshot + compile + render), both measured "
-      "in-process by `sluice bench-compile`; *Sluice sync* is the proxy's first sync (base chains, `iptables-save` of "
+      "in-process by `sluice-bench-compile`; *Sluice sync* is the proxy's first sync (base chains, `iptables-save` of "
       "the nat table, compile, `iptables-restore --noflush`); *restore* is the kernel tool alone on Sluice's exact "
       "payload in an empty namespace, with Sluice's flags (`--noflush --counters`) and without `--noflush` (the "
       "tables are flushed first); *end to end* runs from `exec` to the first packet DNATed to the probe Service's "

@@ -2,7 +2,7 @@
 
 Order of work in a case (each step's numbers are recorded as samples):
 
-1. compile   `sluice bench-compile` reads the fixture and walks the same steps the proxy
+1. compile   `sluice-bench-compile` reads the fixture and walks the same steps the proxy
              will see; it times snapshot + compile + render in-process and writes every
              payload (iptables modes).
 2. kernel    the kernel tool alone on the same state, in a namespace of its own:
