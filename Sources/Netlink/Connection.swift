@@ -145,44 +145,12 @@ public actor NetlinkConnection: NetlinkExecutor {
             if r.flags.contains(.ack) { lastSequence = seq }
         }
         let operation = requests.count == 1 ? requests[0].operation : "\(requests.count) requests in one batch"
-        ensureSendBuffer(datagram.count)
-        try send(datagram, operation: operation)
         requestsSent += requests.count
-        sendCalls += 1
-        var errors: [(index: Int, error: NetlinkError)] = []
-        var finished = false
-        var wait = lastSequence != nil
-        while true {
-            let bytes: [UInt8]
-            if wait && !finished {
-                bytes = try receive(operation: operation)
-            } else {
-                guard let b = try receiveIfQueued(operation: operation) else { break }
-                bytes = b
+        return try exchange(datagram, ackSequence: lastSequence, operation: operation).compactMap { reported in
+            indexBySequence[reported.sequence].map { i in
+                (i, NetlinkError(errno: reported.error.errno, message: reported.error.message, operation: requests[i].operation))
             }
-            let messages: [NetlinkMessage]
-            do {
-                messages = try NetlinkMessage.decodeAll(bytes)
-            } catch {
-                throw NetlinkError(errno: .badMessage, message: error.description, operation: operation)
-            }
-            for m in messages where m.type == NetlinkMessageType.error {
-                let ack: NetlinkAcknowledgement
-                do {
-                    ack = try NetlinkAcknowledgement(parsing: m)
-                } catch {
-                    throw NetlinkError(errno: .badMessage, message: error.description, operation: operation)
-                }
-                guard let i = indexBySequence[m.sequence] else { continue }
-                if ack.error != 0 {
-                    errors.append((i, NetlinkError(errno: Errno(rawValue: ack.error), message: ack.message, operation: requests[i].operation)))
-                    finished = true
-                }
-                if m.sequence == lastSequence { finished = true }
-            }
-            if finished { wait = false }
         }
-        return errors
     }
 
     /// Sends a datagram the caller encoded whole (an nfnetlink batch built in place, too large
@@ -192,11 +160,19 @@ public actor NetlinkConnection: NetlinkExecutor {
     /// until the acknowledgement or the first error, then whatever else is queued.
     public func executeEncodedBatch(_ datagram: [UInt8], ackSequence: UInt32, operation: String) throws -> [(sequence: UInt32, error: NetlinkError)] {
         guard !datagram.isEmpty else { return [] }
+        return try exchange(datagram, ackSequence: ackSequence, operation: operation)
+    }
+
+    /// Sends one datagram (raising the send buffer when it does not fit) and reads the
+    /// kernel's answers: until the acknowledgement of `ackSequence` or the first error, then
+    /// whatever else is already queued (with no `ackSequence`, only what is queued). Returns
+    /// the errors by sequence number.
+    private func exchange(_ datagram: [UInt8], ackSequence: UInt32?, operation: String) throws -> [(sequence: UInt32, error: NetlinkError)] {
         ensureSendBuffer(datagram.count)
         try send(datagram, operation: operation)
         sendCalls += 1
         var errors: [(sequence: UInt32, error: NetlinkError)] = []
-        var finished = false
+        var finished = ackSequence == nil
         while true {
             let bytes: [UInt8]
             if !finished {
