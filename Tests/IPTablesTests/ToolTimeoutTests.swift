@@ -3,6 +3,7 @@
 // that answers again is used by the retry.
 
 import Foundation
+import Glibc
 import IPTables
 import KernelKit
 import Logging
@@ -23,10 +24,18 @@ private struct FakeTools {
         try write("iptables-restore", "#!/bin/sh\nif [ -e \"\(dir)/hang\" ]; then exec sleep 600; fi\ncat > \"\(dir)/restored\"\n")
     }
 
+    /// Writes an executable script through a descriptor opened with O_CLOEXEC: tests running
+    /// beside this one start processes all the time, and a child that inherited a descriptor
+    /// open for writing would make executing the script fail with ETXTBSY while it lives.
     private func write(_ name: String, _ text: String) throws {
         let path = dir + "/" + name
-        try text.write(toFile: path, atomically: true, encoding: .utf8)
-        chmod(path, 0o755)
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o755)
+        guard fd >= 0 else { throw TestBedError("open \(path): errno \(errno)") }
+        defer { close(fd) }
+        let bytes = Array(text.utf8)
+        guard bytes.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
+            throw TestBedError("write \(path): errno \(errno)")
+        }
     }
 
     func hang(_ on: Bool) {
