@@ -133,8 +133,10 @@ struct ConntrackKernelTests {
             // at most one datagram may go unanswered at the switch.
             #expect(lines.filter { $0 == "TIMEOUT" }.count <= 1 && !lines.contains("REFUSED"), "\(lines)")
             let after = try await bed.conntrackEntries(["-p", "udp", "-d", svc.clusterIP])
+            // A flow's reply tuple is fixed when it is created: one flow answered by backend-2 is
+            // a new flow that replaced the old one. (Its id may equal the old one's: the kernel
+            // hashes the entry's address, which the new entry can reuse.)
             #expect(after.count == 1 && after.first?.replySrc == TestNet.backendIP(2), "\(after)")
-            #expect(after.first?.id != before.first?.id, "a new flow replaced the old one")
         }
     }
 

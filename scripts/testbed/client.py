@@ -16,7 +16,8 @@ saw (`NAME <client-ip>`), to check masquerading.
 
 TCP: a new connection per request, sends `GET / HTTP/1.0\\r\\n\\r\\n`, half-closes,
 reads until the server closes. UDP: one datagram per request, each from a fresh
-socket (so each is a new conntrack flow) unless --same-socket. --interval waits
+socket, held open until the end so no two share a source port (so each is a new
+conntrack flow), unless --same-socket. --interval waits
 that long between requests (a long-running client, e.g. a resolver on one socket).
 
 Exits 0 whatever the answers were; 2 for bad arguments.
@@ -149,6 +150,7 @@ def main():
     target = (ip, port)
 
     shared = None
+    held = []
     try:
         for i in range(args.count):
             if i and args.interval:
@@ -169,16 +171,18 @@ def main():
                 except OSError as e:
                     print(error_line(e), flush=True)
                     continue
-                try:
-                    line = udp_request(s, target, args.show_source)
-                finally:
-                    s.close()
+                # Kept open until the end: a closed socket's port could be handed out again,
+                # and the next "new" flow would then be the old one (same 5-tuple).
+                held.append(s)
+                line = udp_request(s, target, args.show_source)
             print(line, flush=True)
     except KeyboardInterrupt:
         pass
     finally:
         if shared is not None:
             shared.close()
+        for s in held:
+            s.close()
     return 0
 
 
