@@ -58,6 +58,15 @@ let package = Package(
             name: "KernelKit",
             dependencies: ["SluiceCore"]
         ),
+        // The node and compile flags `sluice` and `sluice-bench-compile` share (one
+        // ParsableArguments) and the node configuration derived from them.
+        .target(
+            name: "ProxyFlags",
+            dependencies: [
+                "SluiceCore", "KernelKit",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
         // iptables-restore compiler (pure) and the backend that applies it.
         .target(
             name: "IPTables",
@@ -123,7 +132,7 @@ let package = Package(
         .executableTarget(
             name: "sluice-bench-compile",
             dependencies: [
-                "SluiceCore", "KubeAPI", "KernelKit", "IPTables", "IPVS", "NFTables",
+                "SluiceCore", "KubeAPI", "KernelKit", "ProxyFlags", "IPTables", "IPVS", "NFTables",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -132,7 +141,7 @@ let package = Package(
         .executableTarget(
             name: "sluice",
             dependencies: [
-                "SluiceCore", "KubeAPI", "KernelKit", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace", "NFTables", "Netlink",
+                "SluiceCore", "KubeAPI", "KernelKit", "ProxyFlags", "IPTables", "IPVS", "SluiceServer", "Conntrack", "Userspace", "NFTables", "Netlink",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Logging", package: "swift-log"),

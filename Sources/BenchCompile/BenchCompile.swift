@@ -17,14 +17,13 @@ import KernelKit
 import KubeAPI
 import Logging
 import NFTables
+import ProxyFlags
 import SluiceCore
 
 /// The modes whose compilation the benchmark times.
 enum BenchMode: String, ExpressibleByArgument, CaseIterable {
     case iptables, ipvs, nftables
 }
-
-extension IPTablesVariant: ExpressibleByArgument {}
 
 /// A failure to report on standard error (exit status 1).
 struct BenchExit: Error, CustomStringConvertible {
@@ -58,29 +57,9 @@ struct BenchCompile: AsyncParsableCommand {
     @Option(help: ArgumentHelp("The manifest directory (Services, EndpointSlices, Endpoints, Nodes).", valueName: "dir"))
     var manifests: String
 
-    @Option(help: ArgumentHelp("The name of this node. Defaults to the host name.", valueName: "name"))
-    var hostnameOverride: String?
-
-    @Option(help: ArgumentHelp("This node's IP address(es), comma-separated. Defaults to the first non-loopback address.", valueName: "ip"))
-    var nodeIP: String?
-
-    @Option(help: ArgumentHelp("The pod CIDR(s) of the cluster, comma-separated.", valueName: "cidr"))
-    var clusterCIDR: String?
-
-    @Flag(help: "SNAT all traffic sent to Service cluster IPs.")
-    var masqueradeAll = false
-
-    @Option(help: ArgumentHelp("Node addresses NodePorts answer on: comma-separated CIDRs or 'primary'.", valueName: "cidrs"))
-    var nodeportAddresses: String?
-
-    @Option(help: "The fwmark bit (0-31) marking packets for SNAT.")
-    var iptablesMasqueradeBit: Int = 14
-
-    @Option(help: ArgumentHelp("Answer NodePorts on 127.0.0.1. true or false.", valueName: "bool"))
-    var iptablesLocalhostNodeports: Bool = true
-
-    @Option(help: "Which iptables binaries to probe: auto, nft or legacy.")
-    var iptablesBackend: IPTablesVariant = .auto
+    /// The proxy's node flags (`--hostname-override`, `--node-ip`, `--cluster-cidr`,
+    /// `--masquerade-all`, `--nodeport-addresses`, `--iptables-*`), as `sluice` has them.
+    @OptionGroup var node: NodeOptions
 
     @Option(help: ArgumentHelp("IPVS scheduler.", valueName: "name"))
     var ipvsScheduler: String = "rr"
@@ -104,39 +83,6 @@ struct BenchCompile: AsyncParsableCommand {
             help: ArgumentHelp("probe (as the backend does: iptables version, conntrack, local addresses) or fixed (random-fully, no probing).", valueName: "how"))
     var compilerOptionsMode: String = "probe"
 
-    private func cidrs(_ text: String?, flag: String) throws -> [CIDR] {
-        guard let text, !text.isEmpty else { return [] }
-        return try text.split(separator: ",").map { part in
-            guard let c = CIDR(String(part)) else { throw ValidationError("\(flag) \"\(Validation.printable(String(part)))\" is not a CIDR") }
-            return c
-        }
-    }
-
-    /// The node configuration as the proxy derives it from the same flags (local pods by
-    /// `--cluster-cidr`, the proxy's default).
-    private func nodeConfig() throws -> NodeConfig {
-        var ips: [IPAddress] = try (nodeIP ?? "").split(separator: ",").map { part in
-            guard let ip = IPAddress(String(part).trimmingASCIIWhitespace()) else {
-                throw ValidationError("--node-ip \"\(Validation.printable(String(part)))\" is not an IP address")
-            }
-            return ip
-        }
-        if ips.isEmpty {
-            let local = LocalAddresses.current().filter { !$0.isLoopback && !$0.isLinkLocalUnicast }
-            ips = [local.first { $0.family == .ipv4 }, local.first { $0.family == .ipv6 }].compactMap { $0 }
-        }
-        let npa: NodePortAddresses
-        do {
-            npa = try NodePortAddresses.parse(nodeportAddresses ?? "", nodeIPs: ips)
-        } catch {
-            throw ValidationError(error.description)
-        }
-        let name = (hostnameOverride ?? ProcessInfo.processInfo.hostName).lowercased()
-        return NodeConfig(nodeName: name, nodeIPs: ips, clusterCIDRs: try cidrs(clusterCIDR, flag: "--cluster-cidr"),
-                          masqueradeAll: masqueradeAll, masqueradeBit: iptablesMasqueradeBit, nodePortAddresses: npa,
-                          localhostNodePorts: iptablesLocalhostNodeports)
-    }
-
     func run() async throws {
         LoggingSystem.bootstrap { label in
             var h = EscapingLogHandler(StreamLogHandler.standardError(label: label))
@@ -145,14 +91,16 @@ struct BenchCompile: AsyncParsableCommand {
         }
         let logger = Logger(label: "sluice-bench-compile")
         guard repeatCount >= 1 else { throw BenchExit("--repeat-count must be at least 1") }
-        let node = try nodeConfig()
+        // The node configuration as the proxy derives it from the same flags (local pods by
+        // --cluster-cidr, the proxy's default; no --bind-address).
+        let node = try self.node.nodeConfig()
         let dir = manifests
         let compilerOptions: IPTablesOptions
         if compilerOptionsMode == "fixed" || proxyMode == .ipvs || proxyMode == .nftables {
             compilerOptions = IPTablesOptions(node: node, family: .ipv4, randomFully: true)
         } else {
             do {
-                let backend = try await IPTablesBackend.create(node: node, family: .ipv4, variant: iptablesBackend,
+                let backend = try await IPTablesBackend.create(node: node, family: .ipv4, variant: self.node.iptablesBackend,
                                                                runner: ProcessRunner(), logger: logger)
                 compilerOptions = await backend.options
             } catch {
@@ -163,7 +111,7 @@ struct BenchCompile: AsyncParsableCommand {
         // nft back end's batched full sync writes the same rules in several restores).
         let planner = IPTablesPlanner(options: compilerOptions, batching: .classic)
         var ipvsOptions = IPVSOptions(node: node, family: .ipv4, scheduler: ipvsScheduler,
-                                      excludeCIDRs: try cidrs(ipvsExcludeCidrs, flag: "--ipvs-exclude-cidrs"),
+                                      excludeCIDRs: try parseCIDRList(ipvsExcludeCidrs, flag: "--ipvs-exclude-cidrs"),
                                       randomFully: compilerOptions.randomFully)
         ipvsOptions.nodePortAddresses = IPVSOptions.nodePortAddresses(from: node.nodeIPs, node: node, family: .ipv4)
         ipvsOptions.localAddresses = Set(node.nodeIPs)
@@ -172,7 +120,7 @@ struct BenchCompile: AsyncParsableCommand {
         // computed against it); NodePorts on the node's primary IPs unless given, as the
         // nftables mode defaults to.
         var nftNode = node
-        if proxyMode == .nftables && nodeportAddresses == nil {
+        if proxyMode == .nftables && self.node.nodeportAddresses == nil {
             nftNode.nodePortAddresses = NFTablesOptions.defaultNodePortAddresses(nodeIPs: node.nodeIPs)
         }
         let nftCompiler = NFTablesCompiler(options: NFTablesOptions(

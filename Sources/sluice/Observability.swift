@@ -5,6 +5,7 @@
 import Conntrack
 import Foundation
 import IPTables
+import KernelKit
 import KubeAPI
 import Logging
 import Netlink

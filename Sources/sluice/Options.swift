@@ -8,6 +8,7 @@ import IPVS
 import KernelKit
 import KubeAPI
 import Logging
+import ProxyFlags
 import SluiceCore
 import SluiceServer
 
@@ -16,10 +17,10 @@ enum ProxyMode: String, ExpressibleByArgument, CaseIterable {
     case iptables, ipvs, userspace, nftables
 }
 
-extension IPTablesVariant: ExpressibleByArgument {}
 extension RandomFullyMode: ExpressibleByArgument {}
 
 /// Flags that describe the node and the proxy's behaviour (kube-proxy's names).
+@dynamicMemberLookup
 struct ProxyOptions: ParsableArguments {
     @Option(help: "Which proxy mode to use: iptables, ipvs, userspace or nftables.")
     var proxyMode: ProxyMode = .iptables
@@ -54,29 +55,10 @@ struct ProxyOptions: ParsableArguments {
     @Option(help: ArgumentHelp("The oom_score_adj written for the process, in [-1000, 1000].", valueName: "n"))
     var oomScoreAdj: Int = -999
 
-    @Option(help: ArgumentHelp("The name of this node (endpoints with this nodeName are local). Defaults to the host name.", valueName: "name"))
-    var hostnameOverride: String?
-
-    @Option(help: ArgumentHelp("This node's IP address(es), comma-separated. Defaults to the first non-loopback address.", valueName: "ip"))
-    var nodeIP: String?
-
-    @Option(help: ArgumentHelp("The pod CIDR(s) of the cluster, comma-separated: traffic from outside it to a ClusterIP is masqueraded.", valueName: "cidr"))
-    var clusterCIDR: String?
-
-    @Flag(help: "SNAT all traffic sent to Service cluster IPs.")
-    var masqueradeAll = false
-
-    @Option(help: ArgumentHelp("Node addresses NodePorts answer on: comma-separated CIDRs or 'primary'. Default: every local address.", valueName: "cidrs"))
-    var nodeportAddresses: String?
-
-    @Option(help: "The fwmark bit (0-31) marking packets for SNAT.")
-    var iptablesMasqueradeBit: Int = 14
-
-    @Option(help: ArgumentHelp("Answer NodePorts on 127.0.0.1 (IPv4; sets route_localnet). true or false.", valueName: "bool"))
-    var iptablesLocalhostNodeports: Bool = true
-
-    @Option(help: "Which iptables binaries to use: auto (the host's default), nft or legacy.")
-    var iptablesBackend: IPTablesVariant = .auto
+    /// `--hostname-override`, `--node-ip`, `--cluster-cidr`, `--masquerade-all`,
+    /// `--nodeport-addresses`, `--iptables-masquerade-bit`, `--iptables-localhost-nodeports`,
+    /// `--iptables-backend` (ProxyFlags, shared with `sluice-bench-compile`).
+    @OptionGroup var node: NodeOptions
 
     @Option(name: [.customLong("min-sync-period"), .customLong("iptables-min-sync-period")],
             help: ArgumentHelp("Minimum time between syncs (Go duration, e.g. 1s).", valueName: "duration"))
@@ -137,16 +119,11 @@ struct ProxyOptions: ParsableArguments {
     var udpTimeout = FlagDuration(default: "250ms")
 
     mutating func validate() throws {
-        guard (0...31).contains(iptablesMasqueradeBit) else {
-            throw ValidationError("--iptables-masquerade-bit \(iptablesMasqueradeBit) is not in 0-31")
-        }
+        try node.validate()
         guard syncPeriod.value > .zero else {
             throw ValidationError("--sync-period \"\(syncPeriod)\" is not a positive duration such as 30s")
         }
         guard minSyncPeriod.value <= syncPeriod.value else { throw ValidationError("--min-sync-period \(minSyncPeriod) is longer than --sync-period \(syncPeriod)") }
-        if let h = hostnameOverride, !Validation.isNodeName(h.lowercased()) {
-            throw ValidationError("--hostname-override \"\(Validation.printable(h))\" is not a valid node name")
-        }
         guard udpTimeout.value > .zero else {
             throw ValidationError("--udp-timeout \"\(udpTimeout)\" is not a positive duration such as 250ms")
         }
@@ -184,68 +161,34 @@ struct ProxyOptions: ParsableArguments {
     }
 
     /// The node name: the override, else the host name, lower-cased (as kube-proxy does).
-    func nodeName() -> String {
-        if let h = hostnameOverride { return h.lowercased() }
-        return ProcessInfo.processInfo.hostName.lowercased()
-    }
+    func nodeName() -> String { node.nodeName() }
 
     /// `--node-ip`, else `--bind-address` when it names one address (kube-proxy's use of it).
-    func nodeIPs() throws -> [IPAddress] {
-        guard let text = nodeIP, !text.isEmpty else {
-            if let ip = IPAddress(bindAddress), ip != IPAddress("0.0.0.0"), ip != IPAddress("::") { return [ip] }
-            return []
-        }
-        return try text.split(separator: ",").map { part in
-            guard let ip = IPAddress(String(part).trimmingASCIIWhitespace()) else {
-                throw ValidationError("--node-ip \"\(Validation.printable(String(part)))\" is not an IP address")
-            }
-            return ip
-        }
+    func nodeIPs() throws -> [IPAddress] { try node.nodeIPs(fallback: bindAddressNodeIP) }
+
+    /// `--bind-address` when it names one address (not 0.0.0.0 or ::): the node IP when
+    /// --node-ip is not given.
+    var bindAddressNodeIP: IPAddress? {
+        guard let ip = IPAddress(bindAddress), ip != IPAddress("0.0.0.0"), ip != IPAddress("::") else { return nil }
+        return ip
     }
 
-    func clusterCIDRs() throws -> [CIDR] {
-        guard let text = clusterCIDR, !text.isEmpty else { return [] }
-        return try text.split(separator: ",").map { part in
-            guard let c = CIDR(String(part)) else {
-                throw ValidationError("--cluster-cidr \"\(Validation.printable(String(part)))\" is not a CIDR")
-            }
-            return c
-        }
-    }
+    func clusterCIDRs() throws -> [CIDR] { try node.clusterCIDRs() }
 
-    /// The node configuration. Node IPs come from --node-ip, else from the Node object, else
-    /// the first non-loopback local addresses; with --detect-local-mode NodeCIDR the local-pod
-    /// CIDRs are the Node's podCIDRs.
+    /// The node configuration (``NodeOptions/nodeConfig(fallbackNodeIP:nodeHostIPs:nodePodCIDRs:localPods:)``):
+    /// node IPs from --node-ip, else --bind-address, else the Node object, else the first
+    /// non-loopback local addresses; with --detect-local-mode NodeCIDR the local-pod CIDRs are
+    /// the Node's podCIDRs.
     func nodeConfig(from nodeObject: Node? = nil) throws -> NodeConfig {
-        var ips = try nodeIPs()
-        if ips.isEmpty, let fromNode = nodeObject?.hostIPs, !fromNode.isEmpty { ips = fromNode }
-        if ips.isEmpty {
-            let local = LocalAddresses.current().filter { !$0.isLoopback && !$0.isLinkLocalUnicast }
-            ips = [local.first { $0.family == .ipv4 }, local.first { $0.family == .ipv6 }].compactMap { $0 }
-        }
-        let npa: NodePortAddresses
-        do {
-            npa = try NodePortAddresses.parse(nodeportAddresses ?? "", nodeIPs: ips)
-        } catch {
-            throw ValidationError(error.description)
-        }
-        let localCIDRs: [CIDR]
-        var localInterface: LocalInterfaceMatch?
+        let localPods: NodeOptions.LocalPods
         switch detectLocalMode {
-        case .nodeCIDR: localCIDRs = nodeObject?.podCIDRValues ?? []
-        case .clusterCIDR: localCIDRs = try clusterCIDRs()
-        case .bridgeInterface:
-            localCIDRs = []
-            localInterface = podBridgeInterface.map(LocalInterfaceMatch.bridge)
-        case .interfaceNamePrefix:
-            localCIDRs = []
-            localInterface = podInterfaceNamePrefix.map(LocalInterfaceMatch.namePrefix)
+        case .clusterCIDR: localPods = .clusterCIDR
+        case .nodeCIDR: localPods = .nodeCIDR
+        case .bridgeInterface: localPods = .interface(podBridgeInterface.map(LocalInterfaceMatch.bridge))
+        case .interfaceNamePrefix: localPods = .interface(podInterfaceNamePrefix.map(LocalInterfaceMatch.namePrefix))
         }
-        var config = NodeConfig(nodeName: nodeName(), nodeIPs: ips, clusterCIDRs: localCIDRs, masqueradeAll: masqueradeAll,
-                                masqueradeBit: iptablesMasqueradeBit, nodePortAddresses: npa,
-                                localhostNodePorts: iptablesLocalhostNodeports)
-        config.localInterface = localInterface
-        return config
+        return try node.nodeConfig(fallbackNodeIP: bindAddressNodeIP, nodeHostIPs: nodeObject?.hostIPs ?? [],
+                                   nodePodCIDRs: nodeObject?.podCIDRValues ?? [], localPods: localPods)
     }
 
     var timing: SyncTiming {
@@ -255,6 +198,16 @@ struct ProxyOptions: ParsableArguments {
             if let p = ipvsMinSyncPeriod { t.minSyncPeriod = p.value }
         }
         return t
+    }
+}
+
+// The node flags by their own names (`options.nodeIP`, `options.iptablesBackend`), as the
+// configuration file's bindings and the modes read and set them: they live in `node`, the
+// group `sluice-bench-compile` shares.
+extension ProxyOptions {
+    subscript<T>(dynamicMember keyPath: WritableKeyPath<NodeOptions, T>) -> T {
+        get { node[keyPath: keyPath] }
+        set { node[keyPath: keyPath] = newValue }
     }
 }
 
@@ -280,13 +233,7 @@ extension ProxyOptions {
     }
 
     func ipvsExcludeCIDRList() throws -> [CIDR] {
-        guard let text = ipvsExcludeCidrs, !text.isEmpty else { return [] }
-        return try text.split(separator: ",").map { part in
-            guard let c = CIDR(String(part)) else {
-                throw ValidationError("--ipvs-exclude-cidrs \"\(Validation.printable(String(part)))\" is not a CIDR")
-            }
-            return c
-        }
+        try parseCIDRList(ipvsExcludeCidrs, flag: "--ipvs-exclude-cidrs")
     }
 
     /// The three `ipvsadm --set` timeouts in whole seconds.
