@@ -15,14 +15,14 @@ public enum ChangeKind: String, Sendable, Hashable {
 public struct SyncAttempt: Sendable {
     /// The family the runner syncs.
     public var family: IPFamily
-    /// Whether every chain / object was written.
-    public var full: Bool
+    /// The kind of sync the runner asked for (a backend may make a partial one full: see ``full``).
+    public var kind: SyncKind
     /// How long the attempt took, on the runner's clock.
     public var duration: Duration
     /// The backend's report; nil when the sync failed.
     public var report: SyncReport?
-    /// The failure, with context, when the sync failed.
-    public var error: String?
+    /// The error the backend threw (typed, with its text as logged) when the sync failed.
+    public var error: SyncErrorRecord?
     /// On success: the `last-change-trigger-time` of every EndpointSlice change this sync put in
     /// the kernel, by Service, in seconds since the Unix epoch (those of failed attempts are
     /// carried over to the next success). Empty on failure.
@@ -33,10 +33,10 @@ public struct SyncAttempt: Sendable {
     public var pendingEndpointChanges: Int
 
     /// Creates an attempt record.
-    public init(family: IPFamily, full: Bool, duration: Duration, report: SyncReport?, error: String? = nil,
+    public init(family: IPFamily, kind: SyncKind, duration: Duration, report: SyncReport?, error: SyncErrorRecord? = nil,
                 triggerTimes: [NamespacedName: [Double]] = [:], pendingServiceChanges: Int = 0, pendingEndpointChanges: Int = 0) {
         self.family = family
-        self.full = full
+        self.kind = kind
         self.duration = duration
         self.report = report
         self.error = error
@@ -47,6 +47,10 @@ public struct SyncAttempt: Sendable {
 
     /// Whether the kernel now holds the snapshot.
     public var succeeded: Bool { report != nil }
+
+    /// Whether every chain / object was written: the report's word after a successful sync
+    /// (the backend may have made a partial sync full), the requested kind after a failed one.
+    public var full: Bool { report?.full ?? kind.isFull }
 }
 
 /// Something the sync loop reports as it happens.

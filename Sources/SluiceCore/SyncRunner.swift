@@ -38,8 +38,9 @@ public struct SyncCounters: Sendable, Hashable {
     public var lastError: SyncErrorRecord?
 }
 
-/// The error a failed sync threw, as the runner keeps it for metrics, signals and tests
-/// (compared and hashed by its text).
+/// The error a failed sync threw, as the runner keeps it (`SyncCounters.lastError`) and
+/// reports it (`SyncAttempt.error`) for metrics, signals and tests: the error itself, typed,
+/// and its text as logged (compared and hashed by the text).
 public struct SyncErrorRecord: Sendable, Hashable, CustomStringConvertible {
     /// The backend's error (an ``SyncFailure``, a tool's error, ...).
     public let error: any Error
@@ -277,17 +278,18 @@ public actor SyncRunner<C: Clock> where C.Duration == Duration {
             logger.info("\(full ? "full" : "partial") sync: \(state.servicePorts.count) service ports, \(changes) changed, \(report.bytes) bytes")
             let triggerTimes = unreportedTriggerTimes
             unreportedTriggerTimes = [:]
-            record(.synced(SyncAttempt(family: family, full: full, duration: duration, report: report, triggerTimes: triggerTimes,
+            record(.synced(SyncAttempt(family: family, kind: kind, duration: duration, report: report, triggerTimes: triggerTimes,
                                        pendingServiceChanges: pendingServiceKeys.count, pendingEndpointChanges: pendingEndpointChanges)))
             // No copy of the applied state is kept for the next sync's observers: while one
             // is held, the change tracker's next snapshot must copy the whole model (its
             // storage is shared) instead of updating the changed Services in place.
             for o in observers { await o.didSync(state: state, previous: nil, report: report) }
         } catch {
-            record(.synced(SyncAttempt(family: family, full: full, duration: now.duration(to: clock.now), report: nil, error: "\(error)",
+            let failure = SyncErrorRecord(error)
+            record(.synced(SyncAttempt(family: family, kind: kind, duration: now.duration(to: clock.now), report: nil, error: failure,
                                        pendingServiceChanges: pendingServiceKeys.count, pendingEndpointChanges: pendingEndpointChanges)))
             counters.failures += 1
-            counters.lastError = SyncErrorRecord(error)
+            counters.lastError = failure
             consecutiveFailures += 1
             needFullSync = true
             pendingChange = true

@@ -105,13 +105,17 @@ actor TimedBackend: ProxyBackend {
         clock.advance(by: cost)
         if failuresLeft > 0 {
             failuresLeft -= 1
-            struct Broken: Error {}
             throw Broken()
         }
         return SyncReport(full: full, written: [.iptablesRules(.nat): state.servicePorts.count])
     }
 
     func externalChangeDetected() async -> Bool { false }
+}
+
+/// `TimedBackend`'s failure.
+struct Broken: Error, CustomStringConvertible {
+    var description: String { "broken on purpose" }
 }
 
 @Suite struct SyncRecorderEventTests {
@@ -129,6 +133,8 @@ actor TimedBackend: ProxyBackend {
         var attempt = log.attempts.last
         #expect(attempt?.succeeded == true)
         #expect(attempt?.full == true)
+        #expect(attempt?.kind == .full)
+        #expect(attempt?.error == nil)
         #expect(attempt?.duration == .milliseconds(40))
         #expect(attempt?.report?.written == [.iptablesRules(.nat): 1])
 
@@ -143,6 +149,10 @@ actor TimedBackend: ProxyBackend {
         attempt = log.attempts.last
         #expect(attempt?.succeeded == false)
         #expect(attempt?.full == false)
+        #expect(attempt?.kind == .partial(changed: [NamespacedName(namespace: "ns", name: "web")]))
+        // The backend's error itself, typed, and its text.
+        #expect(attempt?.error?.error is Broken)
+        #expect(attempt?.error?.description == "broken on purpose")
         #expect(attempt?.triggerTimes.isEmpty == true)
         await runner.syncOnce()
         attempt = log.attempts.last

@@ -29,7 +29,7 @@ import Testing
     @Test func theMetricsTableMatchesWhatTheCodeRegisters() async throws {
         // Every family the code can export: a sync, a failure, and one probe of each kind.
         let metrics = ProxyMetrics(nodeName: "n", tables: ["filter", "nat"])
-        metrics.record(.synced(SyncAttempt(family: .ipv4, full: true, duration: .milliseconds(1), report: SyncReport(full: true))))
+        metrics.record(.synced(SyncAttempt(family: .ipv4, kind: .full, duration: .milliseconds(1), report: SyncReport(full: true))))
         await metrics.didSync(state: ProxyState(), previous: nil, report: SyncReport(full: true))
         metrics.countHealthz(code: 200)
         metrics.countLivez(code: 200)

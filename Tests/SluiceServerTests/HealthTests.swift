@@ -32,7 +32,7 @@ private func makeHealth(syncPeriod: Duration = .seconds(30)) -> (ProxyHealth, Ma
         #expect(!health.isHealthy)
         #expect(health.livez().status == 503)
         #expect(health.healthz().status == 503)
-        health.record(.synced(SyncAttempt(family: .ipv4, full: false, duration: .zero, report: SyncReport(full: false))))
+        health.record(.synced(SyncAttempt(family: .ipv4, kind: .partial(changed: []), duration: .zero, report: SyncReport(full: false))))
         #expect(health.isHealthy)
         #expect(health.healthz().status == 200)
     }
@@ -52,7 +52,7 @@ private func makeHealth(syncPeriod: Duration = .seconds(30)) -> (ProxyHealth, Ma
         health.record(.started(.ipv4))
         health.record(.queued(.ipv4))
         clock.advance(by: .seconds(30))
-        health.record(.synced(SyncAttempt(family: .ipv4, full: true, duration: .zero, report: nil, error: "restore failed")))
+        health.record(.synced(SyncAttempt(family: .ipv4, kind: .full, duration: .zero, report: nil, error: SyncErrorRecord(StubSyncError()))))
         clock.advance(by: .seconds(30))
         #expect(!health.isHealthy)
     }

@@ -258,9 +258,9 @@ private struct Rig {
 
     @Test func eachFamilyHasItsOwnSeries() async {
         let metrics = ProxyMetrics(nodeName: "n", tables: ["nat"], families: [.ipv4, .ipv6])
-        metrics.record(.synced(SyncAttempt(family: .ipv6, full: true, duration: .milliseconds(2),
+        metrics.record(.synced(SyncAttempt(family: .ipv6, kind: .full, duration: .milliseconds(2),
                                            report: SyncReport(full: true, written: [.iptablesRules(.nat): 3], total: [.iptablesRules(.nat): 7]))))
-        metrics.record(.synced(SyncAttempt(family: .ipv4, full: false, duration: .milliseconds(1), report: nil)))
+        metrics.record(.synced(SyncAttempt(family: .ipv4, kind: .partial(changed: []), duration: .milliseconds(1), report: nil)))
         let s = Scrape(metrics.render())
         #expect(s.value("kubeproxy_sync_full_proxy_rules_duration_seconds_count", ["ip_family": "IPv6"]) == 1)
         #expect(s.value("kubeproxy_sync_full_proxy_rules_duration_seconds_count", ["ip_family": "IPv4"]) == 0)

@@ -9,7 +9,8 @@ import Testing
 
 @Suite struct NFTablesMetricsTests {
     private func attempt(_ report: SyncReport?, full: Bool = false) -> SyncEvent {
-        .synced(SyncAttempt(family: .ipv4, full: full, duration: .milliseconds(3), report: report, error: report == nil ? "failed" : nil))
+        .synced(SyncAttempt(family: .ipv4, kind: full ? .full : .partial(changed: []), duration: .milliseconds(3), report: report,
+                            error: report == nil ? SyncErrorRecord(StubSyncError()) : nil))
     }
 
     @Test func failuresCountInTheNFTablesCounters() {
@@ -40,4 +41,9 @@ import Testing
         #expect(s.types["kubeproxy_sync_proxy_rules_nftables_sync_failures_total"] == nil)
         #expect(s.value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", ["ip_family": "IPv4"]) == 1)
     }
+}
+
+/// A backend's error in a recorded failed attempt.
+struct StubSyncError: Error, CustomStringConvertible {
+    var description: String { "failed" }
 }
