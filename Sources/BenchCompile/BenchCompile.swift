@@ -110,12 +110,11 @@ struct BenchCompile: AsyncParsableCommand {
         // The iptables payloads are single restores, as the legacy back end's full sync (the
         // nft back end's batched full sync writes the same rules in several restores).
         let planner = IPTablesPlanner(options: compilerOptions, batching: .classic)
-        var ipvsOptions = IPVSOptions(node: node, family: .ipv4, scheduler: ipvsScheduler,
-                                      excludeCIDRs: try parseCIDRList(ipvsExcludeCidrs, flag: "--ipvs-exclude-cidrs"),
-                                      randomFully: compilerOptions.randomFully)
-        ipvsOptions.nodePortAddresses = IPVSOptions.nodePortAddresses(from: node.nodeIPs, node: node, family: .ipv4)
-        ipvsOptions.localAddresses = Set(node.nodeIPs)
-        let ipvsCompiler = IPVSCompiler(options: ipvsOptions)
+        // The IPVS backend's planner, with the node IPs as the node's addresses (as `sluice
+        // compile --proxy-mode ipvs`).
+        let ipvsPlanner = IPVSPlanner(options: IPVSOptions(node: node, family: .ipv4, scheduler: ipvsScheduler,
+                                                           excludeCIDRs: try parseCIDRList(ipvsExcludeCidrs, flag: "--ipvs-exclude-cidrs"),
+                                                           randomFully: compilerOptions.randomFully))
         // nftables: the ruleset the backend keeps between syncs (partial transactions are
         // computed against it); NodePorts on the node's primary IPs unless given, as the
         // nftables mode defaults to.
@@ -207,7 +206,7 @@ struct BenchCompile: AsyncParsableCommand {
                 var text = ""
                 for _ in 0..<repeatCount {
                     let c0 = clock.now
-                    let d = ipvsCompiler.compile(state)
+                    let d = ipvsPlanner.desired(state, nodeAddresses: node.nodeIPs).desired
                     let c1 = clock.now
                     text = d.dryRunText
                     let c2 = clock.now

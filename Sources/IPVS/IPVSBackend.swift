@@ -1,7 +1,8 @@
 // Sluice: a per-node Kubernetes service proxy.
 // The IPVS backend: reads what the kernel holds (virtual and real servers, ipsets, the
-// addresses of kube-ipvs0, the iptables jump rules), diffs it against the compiled desired
-// state, and writes only the difference. Removed TCP real servers drain at weight 0.
+// addresses of kube-ipvs0, the iptables jump rules) or remembers it, has `IPVSPlanner` (the
+// pure plan, SyncPlan.swift) say what to write, and applies that plan. Removed TCP real
+// servers drain at weight 0.
 
 import IPTables
 import KernelKit
@@ -100,17 +101,12 @@ public actor IPVSBackend: ProxyBackend {
     private let config: IPVSBackendConfig
     private let now: @Sendable () -> Duration
 
-    private struct DrainKey: Hashable {
-        var service: VirtualServerKey
-        var endpoint: RealServerEndpoint
-    }
-
     private struct Drain {
         var server: RealServer
         var deadline: Duration
     }
 
-    private var draining: [DrainKey: Drain] = [:]
+    private var draining: [IPVSDrainKey: Drain] = [:]
     /// A sync or a reap is running (from start to end, across its awaits).
     private var turnHeld = false
     /// Syncs and reaps waiting for the turn, first come first served.
@@ -166,7 +162,7 @@ public actor IPVSBackend: ProxyBackend {
 
     /// Real servers draining at weight 0, as `vs -> rs` strings.
     public var drainingServers: [String] {
-        draining.keys.map { "\($0.service) -> \($0.endpoint)" }.sorted()
+        draining.keys.map(\.description).sorted()
     }
 
     public func externalChangeDetected() async -> Bool { false }
@@ -212,8 +208,10 @@ public actor IPVSBackend: ProxyBackend {
             return try await partialSync(state, changed: changed, from: &m, before: before)
         }
         memory = nil
-        return try await readingSync(state, kind: kind, link: link, before: before)
+        return try await readingSync(state, kind: kind, index: index, before: before)
     }
+
+    private var planner: IPVSPlanner { IPVSPlanner(options: config.options) }
 
     /// A partial sync from memory: the compiled state is updated for the changed Services
     /// only, and the IPVS messages, set members and addresses written are the difference
@@ -222,90 +220,98 @@ public actor IPVSBackend: ProxyBackend {
     /// counts decide between deleting and draining).
     private func partialSync(_ state: ProxyState, changed: Set<NamespacedName>, from memory: inout KernelImage,
                              before: IPVSWriteCounters) async throws -> SyncReport {
-        var failures: [SyncFailure.Item] = []
-        let compiler = IPVSCompiler(options: memory.options)
         let started = ContinuousClock.now
-        let changes = compiler.update(&memory.desired, to: state, changed: changed)
-        let compiled = ContinuousClock.now
-        let desired = memory.desired
-
-        // ipsets first: the iptables rules reference them.
-        var setChanges: [(set: String, add: [IPSetEntry], delete: [IPSetEntry])] = []
-        for d in desired.sets {
-            guard let touched = changes.entries[d.name] else { continue }
-            let now = desired.entries[d.name] ?? []
-            var add: [IPSetEntry] = []
-            var del: [IPSetEntry] = []
-            for (entry, was) in touched {
-                let isMember = now.contains(entry)
-                if isMember && !was { add.append(entry) } else if was && !isMember { del.append(entry) }
-            }
-            if !add.isEmpty || !del.isEmpty { setChanges.append((d.name, add.sorted(), del.sorted())) }
+        let changes = IPVSCompiler(options: memory.options).update(&memory.desired, to: state, changed: changed)
+        let updated = ContinuousClock.now
+        var inKernel: [VirtualServerKey: [RealServer]] = [:]
+        for key in IPVSPlanner.destinationsToRead(update: memory.desired, changes: changes) {
+            inKernel[key] = try await ipvs.destinations(of: key)
         }
-        if !setChanges.isEmpty {
-            try await ipsets.update(setChanges)
-            counters.ipsetAdds += setChanges.reduce(0) { $0 + $1.add.count }
-            counters.ipsetDeletes += setChanges.reduce(0) { $0 + $1.delete.count }
-        }
-
-        // iptables: the constant-size rule set, rewritten when it changed.
-        let restoreBytes = try await syncIPTables(desired, full: false)
-
-        // IPVS services and destinations of the touched virtual servers.
-        failures += try await syncIPVS(desired, touched: changes.virtualServers)
-
-        // Addresses on kube-ipvs0.
-        let toBind = changes.addresses.filter { !$0.value && desired.boundAddresses.contains($0.key) }.map(\.key).sorted()
-        let toUnbind = changes.addresses.filter { $0.value && !desired.boundAddresses.contains($0.key) }.map(\.key).sorted()
-        failures += try await writeAddresses(bind: toBind, unbind: toUnbind, index: memory.dummyIndex)
-
-        try await reapExclusively()
-        logger.debug("ipvs partial sync: update of \(changed.count) Services took \(GoDuration.format(started.duration(to: compiled))), kernel writes \(GoDuration.format(compiled.duration(to: .now)))")
-        let report = finishSync(desired, full: false, before: before, restoreBytes: restoreBytes)
-        guard failures.isEmpty else { throw SyncFailure(failures) }
+        let plan = planner.plan(update: memory.desired, changes: changes, options: memory.options, dummyIndex: memory.dummyIndex,
+                                inKernel: inKernel, lastRestore: lastRestore, draining: Set(draining.keys))
+        let outcome = try await apply(plan)
+        logger.debug("ipvs partial sync: update of \(changed.count) Services took \(GoDuration.format(started.duration(to: updated))), plan and kernel writes \(GoDuration.format(updated.duration(to: .now)))")
+        let report = finishSync(plan.desired, full: false, before: before, restoreBytes: outcome.restoreBytes)
+        guard outcome.failures.isEmpty else { throw SyncFailure(outcome.failures) }
         image = memory
         return report
     }
 
     /// A sync that reads the kernel (virtual and real servers, sets, addresses) and writes
     /// the difference: every full sync, and a partial one without a valid image.
-    private func readingSync(_ state: ProxyState, kind: SyncKind, link: LinkInfo, before: IPVSWriteCounters) async throws -> SyncReport {
-        let full = kind.isFull
-        var failures: [SyncFailure.Item] = []
-        let family = config.options.family
+    private func readingSync(_ state: ProxyState, kind: SyncKind, index: UInt32, before: IPVSWriteCounters) async throws -> SyncReport {
+        var view = IPVSKernelView(dummyIndex: index, addresses: try await links.addresses())
+        let (desired, options) = planner.desired(state, nodeAddresses: view.nodeAddresses)
+        view.sets = try await ipsets.list(Set(desired.sets.map(\.name)))
+        if kind.isFull {
+            let restorer = IPTablesRestorer(tools: config.tools, runner: runner)
+            for table in [Table.nat, .filter] { view.saves[table] = try await restorer.save(table) }
+        }
+        view.virtualServers = try await ipvs.services()
+        for key in IPVSPlanner.destinationsToRead(desired: desired, kernel: view.virtualServers.filter { $0.key.address.family == options.family },
+                                                  kind: kind) {
+            view.destinations[key] = try await ipvs.destinations(of: key)
+        }
+        let plan = planner.plan(desired, options: options, kind: kind, kernel: view, lastRestore: lastRestore, draining: Set(draining.keys))
+        let outcome = try await apply(plan)
+        let report = finishSync(desired, full: kind.isFull, before: before, restoreBytes: outcome.restoreBytes)
+        guard outcome.failures.isEmpty else { throw SyncFailure(outcome.failures) }
+        // Only a full sync has checked every virtual server's destinations against the kernel.
+        if kind.isFull {
+            image = KernelImage(desired: desired, family: state.family, nodeLabels: state.nodeLabels, options: options, dummyIndex: index)
+        }
+        return report
+    }
 
-        // The node's addresses.
-        let index = UInt32(bitPattern: link.index)
-        var options = config.options
-        let addresses = try await links.addresses()
-        let bound = Set(addresses.filter { $0.index == index && $0.address.family == family }.map(\.address))
-        let elsewhere = addresses.filter { $0.index != index }.map(\.address)
-        options.localAddresses = Set(elsewhere)
-        options.nodePortAddresses = IPVSOptions.nodePortAddresses(from: elsewhere, node: options.node, family: family)
-        let desired = IPVSCompiler(options: options).compile(state)
+    /// Writes a plan: the sets, the iptables batch, the IPVS messages (with the drain
+    /// bookkeeping), the kube-ipvs0 addresses; then deletes drained real servers whose
+    /// connections are gone. A refused write of one piece (an IPVS message, an address) is
+    /// returned and the rest goes on; a failed set, restore or socket throws.
+    private func apply(_ plan: IPVSSyncPlan) async throws -> (failures: [SyncFailure.Item], restoreBytes: Int) {
+        var failures: [SyncFailure.Item] = []
 
         // ipsets first: the iptables rules reference them.
-        try await syncIPSets(desired)
+        if !plan.createSets.isEmpty {
+            try await ipsets.create(plan.createSets)
+            counters.ipsetCreates += plan.createSets.count
+        }
+        if !plan.setChanges.isEmpty {
+            try await ipsets.update(plan.setChanges.map { ($0.set, $0.add, $0.delete) })
+            counters.ipsetAdds += plan.setChanges.reduce(0) { $0 + $1.add.count }
+            counters.ipsetDeletes += plan.setChanges.reduce(0) { $0 + $1.delete.count }
+        }
 
-        // iptables: the constant-size rule set, rewritten when it changed (always on full syncs).
-        let restoreBytes = try await syncIPTables(desired, full: full)
+        // iptables: the constant-size rule set.
+        var restoreBytes = 0
+        if let restore = plan.restore {
+            try await IPTablesRestorer(tools: config.tools, runner: runner)
+                .restore(restore.batch, counters: true, operation: "ipvs-mode iptables restore")
+            lastRestore = restore.rules
+            counters.restores += 1
+            restoreBytes = restore.batch.utf8.count
+        }
 
-        // IPVS services and destinations.
-        failures += try await syncIPVS(desired, changed: kind.changed)
+        // IPVS services and destinations, and the real servers that start or stop draining.
+        let t = now()
+        for change in plan.drains {
+            switch change {
+            case .start(let key, let h):
+                draining[IPVSDrainKey(service: key, endpoint: h.endpoint)] = Drain(server: h, deadline: t + config.gracefulPeriod)
+                logger.info("draining \(key) -> \(h.endpoint): \(h.activeConnections) active connections, deleted when they end or in \(config.gracefulPeriod)")
+            case .stop(let dk):
+                draining[dk] = nil
+            case .stopAll(let key):
+                draining = draining.filter { $0.key.service != key }
+            }
+        }
+        failures += try await apply(plan.operations)
 
         // Addresses on kube-ipvs0.
-        let toBind = desired.boundAddresses.subtracting(bound).sorted()
-        let toUnbind = bound.subtracting(desired.boundAddresses).sorted()
-        failures += try await writeAddresses(bind: toBind, unbind: toUnbind, index: index)
+        failures += try await writeAddresses(bind: plan.bind, unbind: plan.unbind, index: plan.dummyIndex)
 
         // Drained real servers whose connections are gone.
-        try await reapExclusively()
-
-        let report = finishSync(desired, full: full, before: before, restoreBytes: restoreBytes)
-        guard failures.isEmpty else { throw SyncFailure(failures) }
-        // Only a full sync has checked every virtual server's destinations against the kernel.
-        if full { image = KernelImage(desired: desired, family: state.family, nodeLabels: state.nodeLabels, options: options, dummyIndex: index) }
-        return report
+        _ = try await reapExclusively()
+        return (failures, restoreBytes)
     }
 
     private func writeAddresses(bind toBind: [IPAddress], unbind toUnbind: [IPAddress], index: UInt32) async throws -> [SyncFailure.Item] {
@@ -348,183 +354,6 @@ public actor IPVSBackend: ProxyBackend {
         counters.linkCreates += 1
         logger.info("created dummy device \(config.dummyDevice) (NOARP, down)")
         return link
-    }
-
-    private func syncIPSets(_ desired: IPVSDesiredState) async throws {
-        let names = Set(desired.sets.map(\.name))
-        let current = try await ipsets.list(names)
-        let byName = Dictionary(current.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
-        let missing = desired.sets.filter { byName[$0.name] == nil }
-        if !missing.isEmpty {
-            try await ipsets.create(missing)
-            counters.ipsetCreates += missing.count
-        }
-        var changes: [(set: String, add: [IPSetEntry], delete: [IPSetEntry])] = []
-        for d in desired.sets {
-            let want = desired.entries[d.name] ?? []
-            let have = Set(byName[d.name]?.entries ?? [])
-            let add = want.subtracting(have).sorted()
-            let del = have.subtracting(want).sorted()
-            if !add.isEmpty || !del.isEmpty { changes.append((d.name, add, del)) }
-        }
-        if !changes.isEmpty {
-            try await ipsets.update(changes)
-            counters.ipsetAdds += changes.reduce(0) { $0 + $1.add.count }
-            counters.ipsetDeletes += changes.reduce(0) { $0 + $1.delete.count }
-        }
-    }
-
-    /// Writes the rule set (and any missing jump rule) when it changed or on a full sync.
-    private func syncIPTables(_ desired: IPVSDesiredState, full: Bool) async throws -> Int {
-        let text = desired.restoreText
-        guard full || text != lastRestore else { return 0 }
-        var batch = text
-        let restorer = IPTablesRestorer(tools: config.tools, runner: runner)
-        if full {
-            // Jump rules from the built-in chains, checked against iptables-save and inserted
-            // in the same batch (no fork per rule).
-            var missing: [Table: [JumpRule]] = [:]
-            for table in [Table.nat, .filter] {
-                let absent = JumpInstaller.missing(ipvsJumpRules, in: table, save: try await restorer.save(table))
-                if !absent.isEmpty { missing[table] = absent }
-            }
-            if !missing.isEmpty { batch = JumpInstaller.inserting(missing, into: text) }
-        }
-        try await restorer.restore(batch, counters: true, operation: "ipvs-mode iptables restore")
-        lastRestore = text
-        counters.restores += 1
-        return batch.utf8.count
-    }
-
-    private func inExcludedRange(_ ip: IPAddress) -> Bool {
-        config.options.excludeCIDRs.contains { $0.contains(ip) }
-    }
-
-    /// Diffs services and destinations; `changed` limits the destination diff of existing
-    /// services to those Services (nil: all).
-    private func syncIPVS(_ desired: IPVSDesiredState, changed: Set<NamespacedName>?) async throws -> [SyncFailure.Item] {
-        let family = config.options.family
-        let current = try await ipvs.services().filter { $0.key.address.family == family }
-        let currentByKey = Dictionary(current.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
-        var ops: [IPVSOperation] = []
-        var deletes: [IPVSOperation] = []
-        var failures: [SyncFailure.Item] = []
-        let t = now()
-
-        for d in desired.sortedVirtualServers {
-            // Written as they accumulate (a cold start at 20 000 Services × 10 has 220 000),
-            // in the same order; the deletions still go last.
-            if ops.count >= IPVSBackend.applyChunk {
-                failures += try await apply(ops)
-                ops.removeAll(keepingCapacity: true)
-            }
-            let key = d.server.key
-            guard let existing = currentByKey[key] else {
-                ops.append(.addService(d.server))
-                for rs in d.destinations { ops.append(.addDestination(key, rs)) }
-                if !draining.isEmpty { draining = draining.filter { $0.key.service != key } }
-                continue
-            }
-            if !d.server.sameConfiguration(as: existing) { ops.append(.updateService(d.server)) }
-            if let changed, !changed.contains(d.servicePort.service) { continue }
-            let have = try await ipvs.destinations(of: key)
-            let haveByEndpoint = Dictionary(have.map { ($0.endpoint, $0) }, uniquingKeysWith: { a, _ in a })
-            let want = Set(d.destinations.map(\.endpoint))
-            for rs in d.destinations {
-                if let h = haveByEndpoint[rs.endpoint] {
-                    // A desired real server not at weight 1: a restart left it drained, or it
-                    // was drained and came back. Put it back in service.
-                    if h.weight != rs.weight || h.forwarding != rs.forwarding { ops.append(.updateDestination(key, rs)) }
-                } else {
-                    ops.append(.addDestination(key, rs))
-                }
-                draining[DrainKey(service: key, endpoint: rs.endpoint)] = nil
-            }
-            for h in have.sorted() where !want.contains(h.endpoint) {
-                let dk = DrainKey(service: key, endpoint: h.endpoint)
-                if draining[dk] != nil { continue }
-                // Graceful termination, TCP only (as kube-proxy): UDP and SCTP real servers,
-                // and TCP ones without established connections, go at once.
-                if key.proto != .tcp || h.activeConnections == 0 {
-                    ops.append(.deleteDestination(key, h))
-                } else {
-                    if h.weight != 0 {
-                        var zero = h
-                        zero.weight = 0
-                        ops.append(.updateDestination(key, zero))
-                    }
-                    draining[dk] = Drain(server: h, deadline: t + config.gracefulPeriod)
-                    logger.info("draining \(key) -> \(h.endpoint): \(h.activeConnections) active connections, deleted when they end or in \(config.gracefulPeriod)")
-                }
-            }
-        }
-        for vs in current.sorted(by: { $0.key < $1.key }) where desired.virtualServers[vs.key] == nil {
-            if inExcludedRange(vs.key.address) { continue }
-            deletes.append(.deleteService(vs.key))
-            draining = draining.filter { $0.key.service != vs.key }
-        }
-        ops += deletes
-        return try await failures + apply(ops)
-    }
-
-    /// Writes the difference between the image and the desired state for the virtual servers
-    /// an update touched (`touched`: the desired value before).
-    private func syncIPVS(_ desired: IPVSDesiredState, touched: [VirtualServerKey: DesiredVirtualServer?]) async throws -> [SyncFailure.Item] {
-        var ops: [IPVSOperation] = []
-        var deletes: [IPVSOperation] = []
-        let t = now()
-        for (key, was) in touched.sorted(by: { $0.key < $1.key }) {
-            switch (was, desired.virtualServers[key]) {
-            case (nil, nil):
-                continue
-            case (nil, let d?):
-                ops.append(.addService(d.server))
-                for rs in d.destinations { ops.append(.addDestination(key, rs)) }
-                draining = draining.filter { $0.key.service != key }
-            case (_?, nil):
-                draining = draining.filter { $0.key.service != key }
-                if inExcludedRange(key.address) { continue }
-                deletes.append(.deleteService(key))
-            case (let o?, let d?):
-                if !d.server.sameConfiguration(as: o.server) { ops.append(.updateService(d.server)) }
-                let had = Dictionary(o.destinations.map { ($0.endpoint, $0) }, uniquingKeysWith: { a, _ in a })
-                let want = Set(d.destinations.map(\.endpoint))
-                for rs in d.destinations {
-                    let dk = DrainKey(service: key, endpoint: rs.endpoint)
-                    if let h = had[rs.endpoint] {
-                        if h.weight != rs.weight || h.forwarding != rs.forwarding { ops.append(.updateDestination(key, rs)) }
-                    } else if draining[dk] != nil {
-                        // Draining at weight 0 and desired again: back in service.
-                        ops.append(.updateDestination(key, rs))
-                    } else {
-                        ops.append(.addDestination(key, rs))
-                    }
-                    draining[dk] = nil
-                }
-                let gone = o.destinations.filter { !want.contains($0.endpoint) }
-                guard !gone.isEmpty else { continue }
-                // TCP real servers with established connections drain (as kube-proxy): their
-                // counts are read for this one virtual server.
-                var inKernel: [RealServerEndpoint: RealServer] = [:]
-                if key.proto == .tcp {
-                    inKernel = Dictionary(try await ipvs.destinations(of: key).map { ($0.endpoint, $0) }, uniquingKeysWith: { a, _ in a })
-                }
-                for rs in gone {
-                    let h = inKernel[rs.endpoint] ?? rs
-                    if key.proto != .tcp || h.activeConnections == 0 {
-                        ops.append(.deleteDestination(key, h))
-                    } else {
-                        var zero = h
-                        zero.weight = 0
-                        ops.append(.updateDestination(key, zero))
-                        draining[DrainKey(service: key, endpoint: h.endpoint)] = Drain(server: h, deadline: t + config.gracefulPeriod)
-                        logger.info("draining \(key) -> \(h.endpoint): \(h.activeConnections) active connections, deleted when they end or in \(config.gracefulPeriod)")
-                    }
-                }
-            }
-        }
-        ops += deletes
-        return try await apply(ops)
     }
 
     /// Operations handed to the IPVS client at once: a cold sync at 20 000 Services × 10 has

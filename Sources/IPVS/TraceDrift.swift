@@ -131,14 +131,7 @@ public struct IPVSDriftChecker: DriftChecking {
 
     public func check(_ state: ProxyState) async throws -> DriftReport {
         let family = config.options.family
-        var options = config.options
-        let index = try await links.link(named: config.dummyDevice).map { UInt32(bitPattern: $0.index) }
-        let addresses = try await links.addresses()
-        let bound = Set(addresses.filter { $0.index == index && $0.address.family == family }.map(\.address))
-        let elsewhere = addresses.filter { $0.index != index }.map(\.address)
-        options.localAddresses = Set(elsewhere)
-        options.nodePortAddresses = IPVSOptions.nodePortAddresses(from: elsewhere, node: options.node, family: family)
-        let desired = IPVSCompiler(options: options).compile(state)
+        let (desired, options, bound) = try await compile(state)
         var actual = try await readKernel(setNames: Set(desired.sets.map(\.name)))
         actual.boundAddresses = bound
         return DriftReport(mode: mode, family: family,
@@ -147,12 +140,18 @@ public struct IPVSDriftChecker: DriftChecking {
 
     /// The compiled state of `state` with the node addresses read from the kernel, as a sync computes it.
     public func desired(_ state: ProxyState) async throws -> IPVSDesiredState {
-        var options = config.options
+        try await compile(state).desired
+    }
+
+    /// The backend's planner's desired state (node addresses: every address not on
+    /// kube-ipvs0), and the addresses of the family bound to kube-ipvs0.
+    private func compile(_ state: ProxyState) async throws -> (desired: IPVSDesiredState, options: IPVSOptions, bound: Set<IPAddress>) {
         let index = try await links.link(named: config.dummyDevice).map { UInt32(bitPattern: $0.index) }
-        let elsewhere = try await links.addresses().filter { $0.index != index }.map(\.address)
-        options.localAddresses = Set(elsewhere)
-        options.nodePortAddresses = IPVSOptions.nodePortAddresses(from: elsewhere, node: options.node, family: config.options.family)
-        return IPVSCompiler(options: options).compile(state)
+        let addresses = try await links.addresses()
+        let bound = Set(addresses.filter { $0.index == index && $0.address.family == config.options.family }.map(\.address))
+        let elsewhere = addresses.filter { $0.index != index }.map(\.address)
+        let (desired, options) = IPVSPlanner(options: config.options).desired(state, nodeAddresses: elsewhere)
+        return (desired, options, bound)
     }
 
     /// Reads IPVS, the named sets, kube-ipvs0's addresses and the nat and filter tables.

@@ -109,12 +109,9 @@ struct Explain: AsyncParsableCommand {
             }
             return IPTablesTracer(compiled: IPTablesCompiler(options: opts).compile(state), localAddresses: local)
         case .ipvs:
-            var o = IPVSOptions(node: node, family: family, scheduler: options.ipvsScheduler,
+            let o = IPVSOptions(node: node, family: family, scheduler: options.ipvsScheduler,
                                 excludeCIDRs: (try? options.ipvsExcludeCIDRList()) ?? [])
-            let candidates = Array(local.filter { $0.family == family })
-            o.nodePortAddresses = IPVSOptions.nodePortAddresses(from: candidates, node: node, family: family)
-            o.localAddresses = Set(candidates)
-            let desired = IPVSCompiler(options: o).compile(state)
+            let desired = IPVSPlanner(options: o).desired(state, nodeAddresses: Array(local.filter { $0.family == family })).desired
             guard kernel else { return IPVSTracer.compiled(desired, localAddresses: local) }
             guard let checker = await makeIPVSDriftChecker(options: options, node: node, family: family) else {
                 throw SluiceExit("--kernel: cannot open the IPVS, ipset or rtnetlink sockets (a kernel with IPVS and root are needed)")

@@ -70,15 +70,14 @@ struct IPVSDrainReaper: ServiceLifecycle.Service {
     }
 }
 
-/// `sluice compile --proxy-mode ipvs`: the IPVS services and destinations (`ipvsadm -Sn`),
-/// the ipset members (`ipset save`), then the iptables-restore input. NodePorts open on the
-/// `--node-ip` addresses, which also count as the node's own addresses.
+/// `sluice compile --proxy-mode ipvs`: what the backend's planner writes into a node that
+/// holds nothing of the mode's: the IPVS services and destinations (`ipvsadm -Sn`), the ipset
+/// members (`ipset save`), then the iptables-restore input. NodePorts open on the `--node-ip`
+/// addresses, which also count as the node's own addresses.
 func ipvsDryRun(options: ProxyOptions, node: NodeConfig, family: IPFamily, state: ProxyState, randomFully: Bool) throws -> String {
-    var o = IPVSOptions(node: node, family: family, scheduler: options.ipvsScheduler, excludeCIDRs: try options.ipvsExcludeCIDRList(),
+    let o = IPVSOptions(node: node, family: family, scheduler: options.ipvsScheduler, excludeCIDRs: try options.ipvsExcludeCIDRList(),
                         randomFully: randomFully)
-    o.nodePortAddresses = IPVSOptions.nodePortAddresses(from: node.nodeIPs, node: node, family: family)
-    o.localAddresses = Set(node.nodeIPs)
-    return IPVSCompiler(options: o).compile(state).dryRunText
+    return IPVSPlanner(options: o).planFromScratch(state, nodeAddresses: node.nodeIPs).desired.dryRunText
 }
 
 /// The IPVS part of `--cleanup`: IPVS services, IPVS-mode chains and jumps, ipsets, kube-ipvs0.
