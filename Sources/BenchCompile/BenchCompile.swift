@@ -84,9 +84,10 @@ struct BenchCompile: AsyncParsableCommand {
     var compilerOptionsMode: String = "probe"
 
     func run() async throws {
+        let verbosity = v
         LoggingSystem.bootstrap { label in
             var h = EscapingLogHandler(StreamLogHandler.standardError(label: label))
-            h.logLevel = v >= 4 ? .debug : .info
+            h.logLevel = verbosity >= 4 ? .debug : .info
             return h
         }
         let logger = Logger(label: "sluice-bench-compile")
