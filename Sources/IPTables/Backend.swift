@@ -97,9 +97,16 @@ public actor IPTablesBackend: ProxyBackend {
         var bytes = 0
         for i in 0..<plan.restoreCount {
             let step = plan.restore(at: i)
-            bytes += step.text.utf8.count
-            if !step.text.isEmpty { try await restore(step.text, operation: step.operation) }
-            if step.isLastRestore { lastRestore = step.text }
+            if let text = step.input.wholeText {
+                bytes += text.utf8.count
+                if !text.isEmpty { try await restore(step.input, operation: step.operation) }
+                if step.isLastRestore { lastRestore = text }
+            } else {
+                // Made as it is written: counted on the way.
+                let written = ByteCount()
+                try await restore(step.input.counted(into: written), operation: step.operation)
+                bytes += written.value
+            }
         }
         if plan.restoreCount > 1 { logger.debug("full sync in \(plan.restoreCount) batches") }
         remembered.appliedTopLevel = plan.topLevelAfter
@@ -112,9 +119,9 @@ public actor IPTablesBackend: ProxyBackend {
 
     /// Applies one batch with `--noflush`; on failure forgets what was applied, so the next
     /// sync is full.
-    private func restore(_ text: String, operation: String) async throws {
+    private func restore(_ input: CommandInput, operation: String) async throws {
         do {
-            try await restorer.restore(text, counters: true, operation: operation)
+            try await restorer.restore(input, counters: true, operation: operation)
         } catch {
             remembered.compile.invalidate()
             remembered.appliedTopLevel = TopLevelRules()

@@ -144,27 +144,35 @@ public struct FullSyncPlan: Sendable {
         }
     }
 
-    /// The whole sync as one restore input, rendered a batch at a time: the filter table, then
-    /// in one nat section every service batch's chains and the top-level nat chains. A chain is
-    /// declared before any rule jumps to it; KUBE-MARK-MASQ and KUBE-POSTROUTING, written with
-    /// the first service batch, are declared (emptied) and written again with the top-level
-    /// chains, in the same commit.
-    public func wholeText() -> String {
-        var out = ""
-        if !(topLevel.filter.chains.isEmpty && topLevel.filter.rules.isEmpty) {
-            out += "*filter\n"
-            for line in topLevel.filter.chains { out += line; out += "\n" }
-            for line in topLevel.filter.rules { out += line; out += "\n" }
+    /// The whole sync as one restore input, rendered a batch at a time as it is written (so
+    /// never whole in memory): the filter table, then in one nat section every service batch's
+    /// chains and the top-level nat chains. A chain is declared before any rule jumps to it;
+    /// KUBE-MARK-MASQ and KUBE-POSTROUTING, written with the first service batch, are declared
+    /// (emptied) and written again with the top-level chains, in the same commit.
+    public func wholeInput() -> CommandInput {
+        let plan = self
+        return .pieces { write in
+            if !(plan.topLevel.filter.chains.isEmpty && plan.topLevel.filter.rules.isEmpty) {
+                var out = "*filter\n"
+                for line in plan.topLevel.filter.chains { out += line; out += "\n" }
+                for line in plan.topLevel.filter.rules { out += line; out += "\n" }
+                out += "COMMIT\n"
+                try write(out)
+            }
+            try write("*nat\n")
+            for step in plan.steps {
+                if case .services(let range) = step { try write(plan.serviceBody(range)) }
+            }
+            var out = ""
+            for line in plan.topLevel.nat.chains { out += line; out += "\n" }
+            for line in plan.topLevel.nat.rules { out += line; out += "\n" }
             out += "COMMIT\n"
+            try write(out)
         }
-        out += "*nat\n"
-        for step in steps {
-            if case .services(let range) = step { out += serviceBody(range) }
-        }
-        for line in topLevel.nat.chains { out += line; out += "\n" }
-        for line in topLevel.nat.rules { out += line; out += "\n" }
-        return out + "COMMIT\n"
     }
+
+    /// ``wholeInput()`` as one string.
+    public func wholeText() -> String { wholeInput().joined() }
 
     private func serviceBody(_ range: Range<Int>) -> String {
         compiler.serviceChainsBatch(state, ports: memory.sortedNames[range], memory: memory,

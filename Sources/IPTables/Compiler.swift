@@ -277,13 +277,13 @@ public struct IPTablesCompiler: Sendable {
         let proto = svc.proto.lowercased
         let spn = svc.name.description
         let hash = names.service
-        var usedSEPs: [String: String] = [:]
+        var usedSEPs: [EndpointKey: HashSuffix] = [:]
         func sepName(_ ep: EndpointInfo) -> String {
-            let key = ep.description
-            if let n = usedSEPs[key] { return n }
-            let n = names.endpoints[key] ?? "KUBE-SEP-" + ChainHash.endpoint(svc.name, key)
+            let key = EndpointKey(ep)
+            if let n = usedSEPs[key] { return "KUBE-SEP-" + n.text }
+            let n = names.endpoints[key] ?? HashSuffix(ChainHash.endpoint(svc.name, key.text))
             usedSEPs[key] = n
-            return n
+            return "KUBE-SEP-" + n.text
         }
         defer { names.endpoints = usedSEPs }
         let clusterPolicyChain = "KUBE-SVC-" + hash

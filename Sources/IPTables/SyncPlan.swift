@@ -40,12 +40,17 @@ public struct IPTablesSyncMemory: Sendable {
 public struct IPTablesSyncPlan: Sendable {
     /// One restore batch.
     public struct Restore: Sendable {
-        /// The `iptables-restore --noflush` input (empty: nothing to write, skip the restore).
-        public var text: String
+        /// The `iptables-restore --noflush` input (an empty text: nothing to write, skip the
+        /// restore). The whole-table batch of a large full sync is made as it is written.
+        public var input: CommandInput
         /// What it is, for errors and logs ("partial restore", "full restore, batch 2 of 9").
         public var operation: String
-        /// Whether the backend keeps it as its `lastRestore` (the top-level batch).
+        /// Whether the backend keeps it as its `lastRestore` (the top-level batch; always a
+        /// whole text).
         public var isLastRestore: Bool
+
+        /// The input as one string (for printing, and tests).
+        public var text: String { input.joined() }
     }
 
     fileprivate enum Payload: Sendable {
@@ -82,12 +87,12 @@ public struct IPTablesSyncPlan: Sendable {
     public func restore(at i: Int) -> Restore {
         switch payload {
         case .single(let operation):
-            return Restore(text: compiled.restoreText, operation: operation, isLastRestore: true)
+            return Restore(input: .text(compiled.restoreText), operation: operation, isLastRestore: true)
         case .pieces(let p) where p.isSingleRestore:
-            return Restore(text: p.wholeText(), operation: "full restore", isLastRestore: false)
+            return Restore(input: p.wholeInput(), operation: "full restore", isLastRestore: false)
         case .pieces(let p):
             let step = p.steps[i]
-            return Restore(text: p.text(of: step), operation: "full restore, batch \(i + 1) of \(p.steps.count)",
+            return Restore(input: .text(p.text(of: step)), operation: "full restore, batch \(i + 1) of \(p.steps.count)",
                            isLastRestore: step == .topLevel)
         }
     }

@@ -41,8 +41,15 @@ public struct IPTablesRestorer: Sendable {
     ///   - operation: what the batch is for, for the error message.
     /// - Throws: ``IPTablesError`` with the tool's message when the batch is refused.
     public func restore(_ text: String, counters: Bool = false, operation: String) async throws {
+        try await restore(.text(text), counters: counters, operation: operation)
+    }
+
+    /// Applies a batch made as it is written (``CommandInput/pieces(_:)``): a full sync's
+    /// payload is never whole in memory.
+    /// - Throws: ``IPTablesError`` with the tool's message when the batch is refused.
+    public func restore(_ input: CommandInput, counters: Bool = false, operation: String) async throws {
         do {
-            _ = try await runner.check(tools.restore, Self.arguments(counters: counters), input: text)
+            _ = try await runner.check(tools.restore, Self.arguments(counters: counters), streaming: input)
         } catch {
             throw IPTablesError(operation: operation, underlying: error)
         }

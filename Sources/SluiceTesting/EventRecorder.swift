@@ -71,8 +71,8 @@ public final class EventRecorder: Sendable {
     public var finished: String? { state.withLock { $0.finished } }
 
     /// Waits until `condition` holds, polling; fails with `what` after `timeout` (a bound against
-    /// hangs, not a performance assertion).
-    public func wait(_ what: String, timeout: Duration = .seconds(30), until condition: @Sendable (EventRecorder) -> Bool) async throws {
+    /// hangs, not a performance assertion; see ``Eventually/hangBound``).
+    public func wait(_ what: String, timeout: Duration = Eventually.hangBound, until condition: @Sendable (EventRecorder) -> Bool) async throws {
         try await Eventually.wait(what, timeout: timeout) { condition(self) }
     }
 }
@@ -84,8 +84,14 @@ public enum Eventually {
         public var description: String
     }
 
+    /// The default bound: long, because it only catches hangs. The host suites run hundreds of
+    /// tests at once on as few as two cores, and the cooperative thread pool runs a CPU-bound
+    /// test to its end before a waiting one gets its turn again: in CI a healthy API-source
+    /// test once needed 35 s of wall-clock time to see its first list.
+    public static let hangBound: Duration = .seconds(120)
+
     /// Polls `condition` every `interval` until it holds; throws after `timeout`.
-    public static func wait(_ what: String, timeout: Duration = .seconds(30), interval: Duration = .milliseconds(10),
+    public static func wait(_ what: String, timeout: Duration = hangBound, interval: Duration = .milliseconds(10),
                             _ condition: @Sendable () async throws -> Bool) async throws {
         let clock = ContinuousClock()
         let deadline = clock.now.advanced(by: timeout)

@@ -55,3 +55,56 @@ private func eventually(_ condition: () -> Bool) async -> Bool {
         #expect(await eventually { flag.isSet })
     }
 }
+
+/// An input made a piece at a time reaches the child whole and in order, and is counted.
+@Suite struct StreamedInputTests {
+    @Test func piecesReachTheChildInOrderAndAreCounted() async throws {
+        let pieces = (0..<300).map { "piece \($0) " + String(repeating: "x", count: $0 * 37) + "\n" }
+        let made = ByteCount()
+        let input = CommandInput.pieces { write in
+            for p in pieces { try write(p) }
+        }.counted(into: made)
+        let result = try await ProcessRunner().check("cat", [], streaming: input)
+        #expect(result.stdout == pieces.joined())
+        #expect(made.value == pieces.joined().utf8.count)
+        #expect(input.wholeText == nil)
+        #expect(CommandInput.text("abc").wholeText == "abc")
+    }
+
+    @Test func aPieceThatCannotBeMadeFailsTheCommandBeforeItRuns() async throws {
+        struct Refused: Error {}
+        let marker = FileManager.default.temporaryDirectory.appendingPathComponent("sluice-streamed-\(getpid())").path
+        let input = CommandInput.pieces { write in
+            try write("first\n")
+            throw Refused()
+        }
+        let result = await ProcessRunner().run("sh", ["-c", "touch \(marker)"], streaming: input)
+        guard case .failure(let error) = result else {
+            Issue.record("the command ran although its input could not be made")
+            return
+        }
+        #expect(error.message.contains("cannot stage input"))
+        #expect(!FileManager.default.fileExists(atPath: marker))
+    }
+
+    @Test func theDefaultRunnerJoinsTheInput() async throws {
+        struct Recording: CommandRunner {
+            let seen = ByteCountText()
+            func run(_ executable: String, _ arguments: [String], input: String?) async -> Result<CommandResult, CommandError> {
+                seen.set(input ?? "")
+                return .success(CommandResult(status: 0, stdout: "", stderr: ""))
+            }
+        }
+        let runner = Recording()
+        _ = try await runner.check("x", [], streaming: .pieces { write in try write("a"); try write("b") })
+        #expect(runner.seen.get() == "ab")
+    }
+}
+
+/// A string set from a fake runner.
+private final class ByteCountText: @unchecked Sendable {
+    private let lock = NSLock()
+    private var text = ""
+    func set(_ t: String) { lock.withLock { text = t } }
+    func get() -> String { lock.withLock { text } }
+}
