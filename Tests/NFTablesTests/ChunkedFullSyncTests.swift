@@ -5,6 +5,7 @@
 
 import Foundation
 import Logging
+import Netlink
 import NFTables
 import SluiceCore
 import SluiceTesting
@@ -312,5 +313,25 @@ struct ChunkedFullSyncKernelTests {
                 #expect(try await listing(a) == ref)
             }
         }
+    }
+}
+
+@Suite("netlink batch buffer growth")
+struct NetlinkBufferGrowthTests {
+    @Test("Appending 20 000 messages to one buffer reallocates it a logarithmic number of times, not once per message")
+    func appendIsAmortised() {
+        var out: [UInt8] = []
+        var reallocations = 0
+        var capacity = out.capacity
+        let message = NetlinkMessage(type: 0x0a06, flags: [.request], payload: Array(repeating: 7, count: 100))
+        for _ in 0..<20_000 {
+            message.encode(into: &out)
+            if out.capacity != capacity {
+                reallocations += 1
+                capacity = out.capacity
+            }
+        }
+        #expect(out.count == 20_000 * 116)
+        #expect(reallocations < 40, "\(reallocations) reallocations")
     }
 }
