@@ -166,7 +166,12 @@ extension NFTRuleset {
     ///   - recordingOperations: keep the commands as values too (``NFTTransaction/operations``).
     ///   - encodingNetlink: encode the commands as one netlink batch
     ///     (``NFTTransaction/netlinkBatch``) instead of writing the text.
-    /// - Returns: the transaction; its text is what `sluice compile --proxy-mode nftables` prints.
+    /// The same builders write the transactions of a chunked full sync (``NFTFullSyncPlan``:
+    /// this head, then whole Services with their elements); the backend and `sluice compile`
+    /// go through that plan, which is this one transaction when it does not chunk.
+    ///
+    /// - Returns: the transaction; its text is what `sluice compile --proxy-mode nftables` prints
+    ///   when the plan is one transaction.
     public func fullTransaction(recreateBaseChains: Bool = false, existing: NFTExistingObjects = NFTExistingObjects(),
                                 recordingOperations: Bool = false, encodingNetlink: Bool = false) -> NFTTransaction {
         var tx = NFTTransaction(family: family, recordingOperations: recordingOperations, encodingNetlink: encodingNetlink)
