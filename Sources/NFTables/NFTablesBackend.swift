@@ -22,6 +22,9 @@ public protocol NFTablesKernel: Sendable {
     /// Whether full transactions should be encoded as netlink batches
     /// (``NFTTransaction/netlinkBatch``) instead of text.
     var sendsFullTransactionsAsNetlink: Bool { get }
+    /// Whether the transactions of a chunked full sync (``NFTFullSyncPlan``) should be encoded
+    /// as netlink batches instead of text.
+    var sendsChunkedTransactionsAsNetlink: Bool { get }
 }
 
 extension NFTablesKernel {
@@ -32,6 +35,9 @@ extension NFTablesKernel {
 
     /// Text only.
     public var sendsFullTransactionsAsNetlink: Bool { false }
+
+    /// Text only.
+    public var sendsChunkedTransactionsAsNetlink: Bool { false }
 }
 
 /// Applies one transaction in a child process (the same libnftables call there).
@@ -83,6 +89,10 @@ public struct LibNFTablesKernel: NFTablesKernel {
     }
 
     public var sendsFullTransactionsAsNetlink: Bool { netlinkFull }
+
+    /// The chunks of a chunked full sync go as netlink batches whenever partial syncs do:
+    /// through libnftables each chunk would first read the whole table into its cache.
+    public var sendsChunkedTransactionsAsNetlink: Bool { writer != nil }
 
     public func apply(_ transaction: NFTTransaction, operation: String) async throws {
         if let writer, let batch = transaction.netlinkBatch {
@@ -141,6 +151,9 @@ public actor NFTablesBackend: ProxyBackend {
     /// How often a full sync the caller asks for is really sent (kube-proxy's
     /// `FullSyncPeriod`, one hour); other requests are partial syncs of every Service.
     public nonisolated let fullSyncPeriod: Duration
+    /// How a full sync into a table without service chains is cut into transactions
+    /// (``NFTFullSyncPlan``).
+    public nonisolated let chunking: NFTFullSyncChunking
     /// The last transaction applied, for debugging and tests.
     public private(set) var lastTransaction = ""
     /// Failed main transactions (`…_nftables_sync_failures_total`).
@@ -155,11 +168,14 @@ public actor NFTablesBackend: ProxyBackend {
     ///   - compiler: the pure compiler of this family.
     ///   - kernel: libnftables and the netlink reader (`LibNFTablesKernel`), or a fake.
     ///   - fullSyncPeriod: see ``fullSyncPeriod``; `.zero` makes every requested full sync full.
+    ///   - chunking: see ``chunking``.
     ///   - now: the time (`ContinuousClock.now` unless a test passes its own).
     public init(compiler: NFTablesCompiler, kernel: any NFTablesKernel, logger: Logger, fullSyncPeriod: Duration = .seconds(3600),
+                chunking: NFTFullSyncChunking = .default,
                 now: @escaping @Sendable () -> ContinuousClock.Instant = { ContinuousClock.now }) {
         self.family = NFTFamily(compiler.options.family)
         self.fullSyncPeriod = fullSyncPeriod
+        self.chunking = chunking
         self.compiler = compiler
         self.kernel = kernel
         self.logger = logger
@@ -169,7 +185,8 @@ public actor NFTablesBackend: ProxyBackend {
     /// Chains flushed and waiting for deletion (tests).
     public var pendingStaleChains: Set<String> { Set(stale.flushedAt.keys) }
 
-    /// Applies `state` in one transaction.
+    /// Applies `state` in one transaction (a full sync into a table without service chains: in
+    /// several, ``NFTFullSyncPlan``).
     ///
     /// A partial sync compiles only the changed Services into the ruleset the last transaction
     /// left and sends the difference (their chains, the changed set and map elements). A full
@@ -207,9 +224,13 @@ public actor NFTablesBackend: ProxyBackend {
         let previous = full ? nil : applied
         applied = nil
         let result = compiler.compile(state, previous: consume previous, changed: full ? nil : kind.services(in: state))
-        let tx: NFTTransaction
+        var bytes = 0
         if let delta = result.delta {
-            tx = result.ruleset.partialTransaction(delta)
+            let tx = result.ruleset.partialTransaction(delta)
+            if !tx.isEmpty { try await applyMain(tx, operation: "partial transaction") }
+            stale.record(tx, at: start)
+            lastTransaction = tx.text
+            bytes = tx.textBytes
         } else {
             full = true
             let existing: (chains: Set<String>, sets: Set<String>)
@@ -221,38 +242,46 @@ public actor NFTablesBackend: ProxyBackend {
                 throw NFTablesError(operation: "reading table \(family.rawValue) \(Self.tableName)", message: "\(error)")
             }
             let objects = NFTExistingObjects(chains: existing.chains, sets: existing.sets)
-            var built = result.ruleset.fullTransaction(recreateBaseChains: firstSync, existing: objects,
-                                                       encodingNetlink: kernel.sendsFullTransactionsAsNetlink)
-            if let e = built.encodingError {
-                logger.warning("full transaction not encodable as netlink messages (\(e)); sending it as text")
-                built = result.ruleset.fullTransaction(recreateBaseChains: firstSync, existing: objects)
+            let plan = NFTFullSyncPlan(ruleset: result.ruleset, recreateBaseChains: firstSync, existing: objects, chunking: chunking)
+            let netlink = plan.isChunked ? kernel.sendsChunkedTransactionsAsNetlink : kernel.sendsFullTransactionsAsNetlink
+            // One transaction at a time: built, applied, dropped (a full sync of 10 000 Services
+            // is about 15 MB of text). A failed chunk leaves the chunks before it (whole Services).
+            for i in plan.steps.indices {
+                var tx = plan.transaction(i, encodingNetlink: netlink)
+                if let e = tx.encodingError {
+                    logger.warning("full transaction not encodable as netlink messages (\(e)); sending it as text")
+                    tx = plan.transaction(i)
+                }
+                let operation = plan.isChunked ? "full transaction \(i + 1) of \(plan.steps.count)" : "full transaction"
+                if !tx.isEmpty { try await applyMain(tx, operation: operation) }
+                stale.record(tx, at: start)
+                lastTransaction = tx.netlinkBatch.map { "(\($0.messageCount) nf_tables messages, \($0.byteCount) bytes)" } ?? tx.text
+                bytes += tx.textBytes
             }
-            tx = built
-        }
-
-        if !tx.isEmpty {
-            do {
-                try await kernel.apply(tx, operation: full ? "full transaction" : "partial transaction")
-            } catch {
-                syncFailures += 1
-                // Nothing was flushed: forget the stale chains too (kube-proxy clears its list);
-                // the full sync that follows reads the table and finds them again.
-                stale.reset()
-                throw error
+            if plan.isChunked {
+                logger.info("full sync sent as \(plan.steps.count) transactions of about \(chunking.servicesPerChunk) service ports (the table held no service chain)")
             }
-        }
-        if full {
             firstSync = false
             lastFullSync = start
         }
-        stale.record(tx, at: start)
-        lastTransaction = tx.netlinkBatch.map { "(\($0.messageCount) nf_tables messages, \($0.byteCount) bytes)" } ?? tx.text
-        let bytes = tx.textBytes
         applied = result.ruleset
         var report = SyncReport(full: full, bytes: bytes)
         report.cleanupFailures = unreportedCleanupFailures
         unreportedCleanupFailures = 0
         return report
+    }
+
+    /// Applies one main transaction; on failure counts it and forgets the stale chains (a
+    /// failed transaction flushed nothing; kube-proxy clears its list too: the full sync that
+    /// follows reads the table and finds them again).
+    private func applyMain(_ tx: NFTTransaction, operation: String) async throws {
+        do {
+            try await kernel.apply(tx, operation: operation)
+        } catch {
+            syncFailures += 1
+            stale.reset()
+            throw error
+        }
     }
 
     /// True when the table is gone or its `services` chain lost its rules (someone ran

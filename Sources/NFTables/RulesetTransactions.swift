@@ -166,77 +166,19 @@ extension NFTRuleset {
     ///   - recordingOperations: keep the commands as values too (``NFTTransaction/operations``).
     ///   - encodingNetlink: encode the commands as one netlink batch
     ///     (``NFTTransaction/netlinkBatch``) instead of writing the text.
-    /// - Returns: the transaction; its text is what `sluice compile --proxy-mode nftables` prints.
+    /// The same builders write the transactions of a chunked full sync (``NFTFullSyncPlan``:
+    /// this head, then whole Services with their elements); the backend and `sluice compile`
+    /// go through that plan, which is this one transaction when it does not chunk.
+    ///
+    /// - Returns: the transaction; its text is what `sluice compile --proxy-mode nftables` prints
+    ///   when the plan is one transaction.
     public func fullTransaction(recreateBaseChains: Bool = false, existing: NFTExistingObjects = NFTExistingObjects(),
                                 recordingOperations: Bool = false, encodingNetlink: Bool = false) -> NFTTransaction {
         var tx = NFTTransaction(family: family, recordingOperations: recordingOperations, encodingNetlink: encodingNetlink)
-        tx.addTable(comment: "rules for kube-proxy")
-        if recreateBaseChains {
-            for c in fixed.chains where c.hook != nil {
-                tx.addChain(NFTChain(name: c.name))
-                tx.deleteChain(c.name)
-            }
-        }
-        // Every chain and set exists before any rule or element refers to it.
-        for c in fixed.chains {
-            tx.addChain(c)
-            tx.flushChain(c.name)
-        }
-        for c in fixed.containers {
-            tx.addContainer(c)
-            if c.name == NFTablesCompiler.Names.nodePortIPs {
-                if let ips = fixed.nodePortIPs {
-                    tx.flushContainer(c)
-                    for ip in ips { tx.addElement(NFTElement(c.name, key: ip)) }
-                } else {
-                    tx.deleteSet(c.name)
-                }
-            } else {
-                tx.flushContainer(c)
-            }
-        }
-        for c in fixed.chains {
-            if let values = c.ruleValues {
-                for r in values { tx.addRule(c.name, r) }
-            } else {
-                for r in c.rules { tx.addRule(c.name, r) }
-            }
-        }
-        let names = services.keys.sorted()
-        var active = Set<String>()
-        var activeSets = Set<String>()
-        for name in names {
-            let f = services[name]!
-            for s in f.affinitySets {
-                tx.addContainer(s)
-                activeSets.insert(s.name)
-            }
-            for name in f.chainNames {
-                tx.addChain(NFTChain(name: name))
-                tx.flushChain(name)
-                active.insert(name)
-                tx.writtenChains.append(name)
-            }
-        }
-        for name in names {
-            for c in services[name]!.ruleChains {
-                for r in c.rules { tx.addRule(c.name, r) }
-            }
-        }
+        addFixedPart(to: &tx, recreateBaseChains: recreateBaseChains)
+        let (active, activeSets) = addServices(services.keys.sorted(), to: &tx)
         for key in claims.keys.sorted() { tx.addElement(claims[key]!.element) }
-        // Fixed chains of other kube-proxy versions (v1.31-v1.33's `filter-prerouting` and
-        // `filter-output-post-dnat`): flushed, then deleted, so no old hook stays in the path.
-        let known = Set(fixed.chains.map(\.name))
-        let unknown = existing.chains.filter { !NFTChainNames.isServiceChain($0) && !known.contains($0) }.sorted()
-        for chain in unknown { tx.flushChain(chain) }
-        for chain in unknown { tx.deleteChain(chain) }
-        for chain in existing.chains.sorted() where NFTChainNames.isServiceChain(chain) && !active.contains(chain) {
-            tx.flushChain(chain)
-            tx.flushedStaleChains.append(chain)
-        }
-        for set in existing.sets.sorted() where NFTChainNames.isAffinitySet(set) && !activeSets.contains(set) {
-            tx.deleteSet(set)
-        }
+        removeOtherObjects(from: &tx, existing: existing, activeChains: active, activeSets: activeSets)
         tx.endNetlinkBatch()
         return tx
     }

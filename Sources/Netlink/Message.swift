@@ -117,7 +117,12 @@ public struct NetlinkMessage: Hashable, Sendable {
 
     /// Appends the wire form to `out`.
     public func encode(into out: inout [UInt8]) {
-        out.reserveCapacity(out.count + netlinkAlign(netlinkHeaderSize + payload.count))
+        // Array.reserveCapacity grows to exactly what is asked (no doubling): reserving the
+        // exact size for every appended message copied the whole batch each time, quadratic
+        // in a batch of thousands of messages (70 % of a 10 000-Service full sync's CPU in
+        // memmove). Reserve only when it does not fit, at least doubling.
+        let needed = out.count + netlinkAlign(netlinkHeaderSize + payload.count)
+        if needed > out.capacity { out.reserveCapacity(Swift.max(needed, out.capacity * 2)) }
         out.appendHost(UInt32(netlinkHeaderSize + payload.count))
         out.appendHost(type)
         out.appendHost(flags.rawValue)

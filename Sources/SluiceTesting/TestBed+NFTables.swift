@@ -9,8 +9,9 @@ extension TestBed {
     /// Starts sluice with `--proxy-mode nftables` (the later flag wins over the default
     /// arguments' `--proxy-mode iptables`).
     @discardableResult
-    public func startNFTablesSluice(syncPeriod: String = "10m", extra: [String] = []) throws -> BackgroundProcess {
-        try startSluice(syncPeriod: syncPeriod, extra: ["--proxy-mode", "nftables"] + extra)
+    public func startNFTablesSluice(syncPeriod: String = "10m", extra: [String] = [],
+                                    environment: [String: String] = [:]) throws -> BackgroundProcess {
+        try startSluice(syncPeriod: syncPeriod, extra: ["--proxy-mode", "nftables"] + extra, environment: environment)
     }
 
     /// `nft list table FAMILY kube-proxy` in `ns` (the node by default); nil when the table

@@ -499,8 +499,9 @@ public final class TestBed: @unchecked Sendable {
     /// Starts sluice in the node namespace. The default sync period is long so that no
     /// periodic resync hides a missing reaction (tests that need one pass their own).
     @discardableResult
+    /// `environment` is added to sluice's environment (through `env`).
     public func startSluice(variant: IPTablesVariant = .auto, syncPeriod: String = "10m",
-                            extra: [String] = []) throws -> BackgroundProcess {
+                            extra: [String] = [], environment: [String: String] = [:]) throws -> BackgroundProcess {
         guard FileManager.default.isExecutableFile(atPath: sluiceBinary) else {
             throw TestBedError("sluice binary \(sluiceBinary) not found: run `swift build` or set SLUICE_BIN")
         }
@@ -508,7 +509,9 @@ public final class TestBed: @unchecked Sendable {
         let n = lock.withLock { processes.filter { $0.name == "sluice" }.count }
         let p = try BackgroundProcess(
             name: "sluice",
-            arguments: ["ip", "netns", "exec", nodeNS, sluiceBinary] + sluiceArguments(variant: variant, syncPeriod: syncPeriod, extra: extra),
+            arguments: ["ip", "netns", "exec", nodeNS]
+                + (environment.isEmpty ? [] : ["env"] + environment.keys.sorted().map { "\($0)=\(environment[$0]!)" })
+                + [sluiceBinary] + sluiceArguments(variant: variant, syncPeriod: syncPeriod, extra: extra),
             logPath: "\(tempDir)/sluice-\(n).log")
         track(p)
         lock.withLock {

@@ -34,7 +34,8 @@ func makeNFTablesMode(options: ProxyOptions, node: NodeConfig, family: IPFamily,
     } catch {
         throw SluiceExit("cannot use --proxy-mode nftables: \(error)")
     }
-    let backend = NFTablesBackend(compiler: makeNFTablesCompiler(node: node, family: family), kernel: kernel, logger: logger)
+    let backend = NFTablesBackend(compiler: makeNFTablesCompiler(node: node, family: family), kernel: kernel, logger: logger,
+                                  chunking: NFTFullSyncChunking.from(environment: ProcessInfo.processInfo.environment))
     return ModeRuntime(backend: backend, observers: [makeConntrackReconciler(node: node, logger: logger)]) { runner in
         [CanaryMonitor(backend: backend, runner: runner, interval: .seconds(5))]
     }
@@ -142,7 +143,11 @@ func makeNFTablesCompiler(node: NodeConfig, family: IPFamily) -> NFTablesCompile
                                               localAddresses: LocalAddresses.current().filter { $0.family == family }))
 }
 
-/// `sluice compile --proxy-mode nftables`: the transaction of a full sync (`nft -f` input).
+/// `sluice compile --proxy-mode nftables`: the transactions of the full sync the backend
+/// sends into an empty table (`nft -f` input; when it is chunked, each transaction after a
+/// `# transaction N of M` comment: one `nft -f` of the whole output gives the same table).
+/// The plan is the backend's (``NFTFullSyncPlan``), with the same `SLUICE_NFT_CHUNK_SERVICES`.
 func nftablesDryRun(node: NodeConfig, family: IPFamily, state: ProxyState) -> String {
-    makeNFTablesCompiler(node: node, family: family).compile(state).fullTransaction().text
+    let ruleset = makeNFTablesCompiler(node: node, family: family).compile(state)
+    return NFTFullSyncPlan(ruleset: ruleset, chunking: NFTFullSyncChunking.from(environment: ProcessInfo.processInfo.environment)).text()
 }
