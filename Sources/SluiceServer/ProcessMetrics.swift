@@ -64,9 +64,15 @@ final class ProcessMetrics: Sendable {
         }
         if let dir = opendir("/proc/self/fd") {
             var n = 0
+            // Only the name is read, through a pointer: a record readdir returns is as long as
+            // its name, not `MemoryLayout<dirent>.size`, so copying `e.pointee` read past the
+            // end of the last record and crashed once that ended at an unmapped page (20 000
+            // Services in the userspace mode: tens of thousands of descriptors).
+            let nameOffset = MemoryLayout<dirent>.offset(of: \dirent.d_name)!
             while let e = readdir(dir) {
-                let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-                if name != "." && name != ".." { n += 1 }
+                let name = (UnsafeRawPointer(e) + nameOffset).assumingMemoryBound(to: UInt8.self)
+                let dotOrDotDot = name[0] == UInt8(ascii: ".") && (name[1] == 0 || (name[1] == UInt8(ascii: ".") && name[2] == 0))
+                if !dotOrDotDot { n += 1 }
             }
             closedir(dir)
             openFDs.set(to: Double(max(0, n - 1)))  // less the directory being read

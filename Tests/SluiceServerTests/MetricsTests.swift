@@ -297,6 +297,31 @@ private struct Rig {
         #expect(s.value("process_cpu_seconds_total") != nil)
     }
 
+    /// The descriptor count walks /proc/self/fd record by record; a long directory (the
+    /// userspace mode at 20 000 Services holds tens of thousands of sockets) once crashed it,
+    /// reading each record as a whole `dirent` past the end of the last one.
+    @Test func openDescriptorsAreCountedInALongDirectory() throws {
+        let extra = 3_000
+        var limit = rlimit()
+        #expect(getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0)
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+        }
+        let metrics = ProxyMetrics(nodeName: "n")
+        let before = try #require(Scrape(metrics.render()).value("process_open_fds"))
+        var opened: [Int32] = []
+        defer { for fd in opened { close(fd) } }
+        for _ in 0..<extra {
+            let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+            try #require(fd >= 0, "open: errno \(errno) (limit \(limit.rlim_cur))")
+            opened.append(fd)
+        }
+        let after = try #require(Scrape(metrics.render()).value("process_open_fds"))
+        // Other suites open and close descriptors meanwhile: the count moves by about `extra`.
+        #expect(after - before > Double(extra) - 200 && after - before < Double(extra) + 200, "before \(before), after \(after)")
+    }
+
     @Test func configzServesTheConfiguration() async throws {
         let metrics = ProxyMetrics(nodeName: "n")
         let body = MetricsServer.configzBody(configurationJSON: #"{"mode":"iptables"}"#)
