@@ -204,8 +204,11 @@ struct DriftMonitor: ServiceLifecycle.Service {
                 guard let state else { continue }
                 let report: DriftReport
                 do {
-                    report = try await checker.check(state)
+                    // A check at 10 000 Services reads the whole table for tens of seconds and
+                    // cannot stop half way: a shutdown does not wait for it.
+                    report = try await abandoningOnCancellation { try await checker.check(state) }
                 } catch {
+                    if Task.isCancelled { return }
                     logger.warning("drift check failed: \(error)")
                     continue
                 }

@@ -108,3 +108,58 @@ private final class ByteCountText: @unchecked Sendable {
     func set(_ t: String) { lock.withLock { text = t } }
     func get() -> String { lock.withLock { text } }
 }
+
+/// Work that cannot be interrupted does not hold up a cancelled caller.
+@Suite struct AbandonOnCancellationTests {
+    /// Set once, waited for by polling (the operation below never suspends cooperatively).
+    final class Gate: @unchecked Sendable {
+        private let lock = NSLock()
+        private var open = false
+        private var entered = false
+        func enter() { lock.withLock { entered = true } }
+        var hasEntered: Bool { lock.withLock { entered } }
+        func release() { lock.withLock { open = true } }
+        var isOpen: Bool { lock.withLock { open } }
+    }
+
+    @Test func aResultIsReturned() async throws {
+        let v = try await abandoningOnCancellation { 41 + 1 }
+        #expect(v == 42)
+        struct Broken: Error {}
+        await #expect(throws: Broken.self) { try await abandoningOnCancellation { () async throws -> Int in throw Broken() } }
+    }
+
+    @Test func aCancelledCallerReturnsWhileTheWorkGoesOn() async throws {
+        let gate = Gate()
+        let finished = Gate()
+        let caller = Task {
+            try await abandoningOnCancellation { () async -> Int in
+                gate.enter()
+                // Blocks its thread, as a libnftables table read does, until released.
+                while !gate.isOpen { usleep(1_000) }
+                finished.release()
+                return 1
+            }
+        }
+        try #require(await eventually { gate.hasEntered }, "the work started")
+        caller.cancel()
+        // Were the caller to wait for the work, this releases it later so that the test fails
+        // below instead of hanging.
+        Task.detached { try? await Task.sleep(for: .seconds(5)); gate.release() }
+        let outcome = await caller.result
+        #expect(throws: CancellationError.self) { try outcome.get() }
+        #expect(!finished.isOpen, "the caller waited for the work to end")
+        gate.release()
+        #expect(await eventually { finished.isOpen }, "the abandoned work ended on its own")
+    }
+
+    @Test func anAlreadyCancelledCallerReturnsAtOnce() async throws {
+        let caller = Task {
+            withUnsafeCurrentTask { $0?.cancel() }
+            return try await abandoningOnCancellation { () async -> Int in 7 }
+        }
+        let outcome = await caller.result
+        // Either the cancellation or the work came first; neither hangs.
+        if case .success(let v) = outcome { #expect(v == 7) } else { #expect(throws: CancellationError.self) { try outcome.get() } }
+    }
+}
