@@ -59,26 +59,6 @@ final class TestClock: Sendable {
 
 private let node = NodeConfig(nodeName: "node-a", nodeIPs: [IPAddress("192.168.0.2")!], clusterCIDRs: [CIDR("10.244.0.0/16")!])
 
-private func manifest(endpoints: [String], proto: String = "TCP", sticky: Bool = false, extra: String = "") -> String {
-    """
-    apiVersion: v1
-    kind: Service
-    metadata: {name: web, namespace: demo}
-    spec:
-      type: NodePort
-      clusterIP: 10.96.0.10
-    \(sticky ? "  sessionAffinity: ClientIP\n" : "")  ports: [{name: p, port: 80, protocol: \(proto), nodePort: 30080}]
-    ---
-    apiVersion: discovery.k8s.io/v1
-    kind: EndpointSlice
-    metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
-    addressType: IPv4
-    ports: [{name: p, port: 8080, protocol: \(proto)}]
-    endpoints: [\(endpoints.map { "{addresses: [\($0)], nodeName: node-b}" }.joined(separator: ", "))]
-    \(extra)
-    """
-}
-
 private struct Bed {
     let ipvs = FakeIPVS()
     let links = FakeLinks(nodeAddresses: [IPAddress("192.168.0.2")!])
@@ -105,7 +85,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func firstSyncProgramsEverythingAndTheSecondWritesNothing() async throws {
         let bed = Bed()
         let b = bed.backend()
-        let s = try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"]))
+        let s = try state(ipvsWebManifest(endpoints: ["10.244.1.2", "10.244.2.2"]))
         let report = try await b.sync(s, kind: .full)
 
         #expect(await bed.ipvs.save() == """
@@ -146,7 +126,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
 
     @Test func aRestartChangesNothingThatIsRight() async throws {
         let bed = Bed()
-        let s = try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"]))
+        let s = try state(ipvsWebManifest(endpoints: ["10.244.1.2", "10.244.2.2"]))
         _ = try await bed.backend().sync(s, kind: .full)
         await bed.ipvs.clearLog()
 
@@ -159,7 +139,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
 
     @Test func aRestartPutsADrainedButDesiredRealServerBackToWeightOne() async throws {
         let bed = Bed()
-        let s = try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"]))
+        let s = try state(ipvsWebManifest(endpoints: ["10.244.1.2", "10.244.2.2"]))
         _ = try await bed.backend().sync(s, kind: .full)
         // A previous run was killed while ep1 drained, and ep1 is desired again.
         var zero = RealServer(address: ep1.address, port: ep1.port, weight: 0)
@@ -176,11 +156,11 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func aRemovedTCPEndpointDrainsUntilItsConnectionsEnd() async throws {
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
         await bed.ipvs.setConnections(vipKey, ep1, active: 3)
         await bed.ipvs.clearLog()
 
-        var s = try state(manifest(endpoints: ["10.244.2.2"]))
+        var s = try state(ipvsWebManifest(endpoints: ["10.244.2.2"]))
         s.changedServices = [NamespacedName(namespace: "demo", name: "web")]
         _ = try await b.syncChanges(s)
         // ClusterIP real server with connections: weight 0 and draining. The NodePort one has
@@ -203,9 +183,9 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func aDrainingRealServerIsDeletedAfterTheGracefulPeriod() async throws {
         let bed = Bed()
         let b = bed.backend(graceful: .seconds(5))
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
         await bed.ipvs.setConnections(vipKey, ep1, active: 1)
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.2.2"])), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.2.2"])), kind: .full)
         bed.clock.advance(.seconds(4))
         #expect(try await b.reapDraining() == 0)
         bed.clock.advance(.seconds(1))
@@ -216,12 +196,12 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func aDrainingEndpointThatComesBackIsRestored() async throws {
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
         await bed.ipvs.setConnections(vipKey, ep1, active: 1)
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.2.2"])), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.2.2"])), kind: .full)
         #expect(await b.drainingServers.count == 1)
         await bed.ipvs.clearLog()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2", "10.244.2.2"])), kind: .full)
         #expect(await b.drainingServers.isEmpty)
         // The ClusterIP real server goes back to weight 1; the NodePort one, deleted at once
         // for lack of connections, is added again.
@@ -233,11 +213,11 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func udpRealServersAreDeletedAtOnce() async throws {
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2", "10.244.2.2"], proto: "UDP")), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2", "10.244.2.2"], proto: "UDP")), kind: .full)
         let udpKey = VirtualServerKey(address: vipKey.address, proto: .udp, port: 80)
         await bed.ipvs.setConnections(udpKey, ep1, active: 0, inactive: 4)
         await bed.ipvs.clearLog()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.2.2"], proto: "UDP")), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.2.2"], proto: "UDP")), kind: .full)
         #expect(await bed.ipvs.log.contains(.deleteDestination(udpKey, RealServer(address: ep1.address, port: ep1.port, weight: 1, inactiveConnections: 4))))
         #expect(await b.drainingServers.isEmpty)
     }
@@ -245,7 +225,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
     @Test func aDeletedServiceLosesItsVirtualServersAddressAndSetMembers() async throws {
         let bed = Bed()
         let b = bed.backend()
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2"])), kind: .full)
         await bed.ipvs.clearLog()
         _ = try await b.sync(try state(""), kind: .full)
         #expect(Set(await bed.ipvs.log) == [.deleteService(vipKey),
@@ -266,7 +246,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         await bed.ipvs.preload(foreignV6)
         await bed.ipvs.preload(stale)
         let b = bed.backend(exclude: [CIDR("172.16.0.0/12")!])
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2"])), kind: .full)
         let keys = Set(await bed.ipvs.table.keys)
         #expect(keys.contains(foreignKept.key))
         #expect(keys.contains(foreignV6.key))
@@ -275,10 +255,10 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
 
     @Test func configurationChangesEditTheService() async throws {
         let bed = Bed()
-        _ = try await bed.backend().sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full)
+        _ = try await bed.backend().sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2"])), kind: .full)
         await bed.ipvs.clearLog()
         let b = bed.backend(scheduler: "wrr")
-        _ = try await b.sync(try state(manifest(endpoints: ["10.244.1.2"], sticky: true)), kind: .full)
+        _ = try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2"], sticky: true)), kind: .full)
         let log = await bed.ipvs.log
         #expect(log.count == 2)
         #expect(log.allSatisfy { if case .updateService(let vs) = $0 { return vs.scheduler == "wrr" && vs.flags == .persistent && vs.timeout == 10800 }; return false })
@@ -290,9 +270,9 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
         let b = bed.backend()
         let rs = RealServer(address: ep1.address, port: ep1.port, weight: 1)
         await bed.ipvs.fail(.addDestination(vipKey, rs), with: .invalidArgument)
-        await #expect(throws: SyncFailure.self) { try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full) }
+        await #expect(throws: SyncFailure.self) { try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2"])), kind: .full) }
         bed.iptables.failRestores = true
-        await #expect(throws: IPTablesError.self) { try await b.sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full) }
+        await #expect(throws: IPTablesError.self) { try await b.sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2"])), kind: .full) }
     }
 
     @Test func startupNamesWhatTheKernelLacks() async throws {
@@ -329,7 +309,7 @@ private func state(_ yaml: String) throws -> ProxyState { try Fixtures.state(yam
 
     @Test func cleanupRemovesEverything() async throws {
         let bed = Bed()
-        _ = try await bed.backend().sync(try state(manifest(endpoints: ["10.244.1.2"])), kind: .full)
+        _ = try await bed.backend().sync(try state(ipvsWebManifest(endpoints: ["10.244.1.2"])), kind: .full)
         let failures = await IPVSBackend.cleanup(ipvs: bed.ipvs, links: bed.links, ipsets: bed.ipsets,
                                                  tools: [IPTablesTools(variant: .legacy, family: .ipv4)], runner: bed.iptables,
                                                  logger: quietLogger)

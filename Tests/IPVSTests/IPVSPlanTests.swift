@@ -13,37 +13,9 @@ private let planNode = NodeConfig(nodeName: "node-a", nodeIPs: [IPAddress("192.1
 private let nodeAddress = InterfaceAddress(index: 1, address: IPAddress("192.168.0.2")!, prefixLength: 24)
 private let dummyIndex: UInt32 = 7
 
+/// demo/web (a NodePort) with `webEndpoints`, and demo/dns.
 private func services(webEndpoints: [String]) -> String {
-    """
-    apiVersion: v1
-    kind: Service
-    metadata: {name: web, namespace: demo}
-    spec:
-      type: NodePort
-      clusterIP: 10.96.0.10
-      ports: [{name: p, port: 80, protocol: TCP, nodePort: 30080}]
-    ---
-    apiVersion: discovery.k8s.io/v1
-    kind: EndpointSlice
-    metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
-    addressType: IPv4
-    ports: [{name: p, port: 8080, protocol: TCP}]
-    endpoints: [\(webEndpoints.map { "{addresses: [\($0)], nodeName: node-b}" }.joined(separator: ", "))]
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata: {name: dns, namespace: demo}
-    spec:
-      clusterIP: 10.96.0.53
-      ports: [{name: d, port: 53, protocol: UDP}]
-    ---
-    apiVersion: discovery.k8s.io/v1
-    kind: EndpointSlice
-    metadata: {name: dns-1, namespace: demo, labels: {kubernetes.io/service-name: dns}}
-    addressType: IPv4
-    ports: [{name: d, port: 53, protocol: UDP}]
-    endpoints: [{addresses: [10.244.1.3], nodeName: node-b}]
-    """
+    ipvsWebManifest(endpoints: webEndpoints, extra: ipvsDNSManifest)
 }
 
 private let web = NamespacedName(namespace: "demo", name: "web")

@@ -45,22 +45,9 @@ actor GatedIPVS: IPVSClient {
     func timeouts() async throws -> IPVSTimeouts { try await inner.timeouts() }
 }
 
+/// demo/web as a ClusterIP Service with `endpoints`.
 private func webManifest(_ endpoints: [String]) -> String {
-    """
-    apiVersion: v1
-    kind: Service
-    metadata: {name: web, namespace: demo}
-    spec:
-      clusterIP: 10.96.0.10
-      ports: [{name: p, port: 80, protocol: TCP}]
-    ---
-    apiVersion: discovery.k8s.io/v1
-    kind: EndpointSlice
-    metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
-    addressType: IPv4
-    ports: [{name: p, port: 8080, protocol: TCP}]
-    endpoints: [\(endpoints.map { "{addresses: [\($0)], nodeName: node-b}" }.joined(separator: ", "))]
-    """
+    ipvsWebManifest(endpoints: endpoints, nodePort: false)
 }
 
 @Suite struct IPVSReaperRaceTests {
