@@ -15,6 +15,7 @@
 import IPVS
 import Netlink
 import SluiceCore
+import SluiceTesting
 import Testing
 
 private let ipvsFamily: UInt16 = 0x1c

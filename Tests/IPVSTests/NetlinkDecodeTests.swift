@@ -5,6 +5,7 @@ import CNetlink
 import IPVS
 import Netlink
 import SluiceCore
+import SluiceTesting
 import Testing
 
 private let familyID: UInt16 = 0x1c

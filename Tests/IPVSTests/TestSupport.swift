@@ -3,20 +3,6 @@
 import Foundation
 import Netlink
 
-/// Bytes from hex text; spaces, newlines and `|` separators are ignored.
-func hex(_ text: String) -> [UInt8] {
-    let digits = text.filter { $0.isHexDigit }
-    precondition(digits.count % 2 == 0, "odd number of hex digits in \(text)")
-    var out: [UInt8] = []
-    var i = digits.startIndex
-    while i < digits.endIndex {
-        let j = digits.index(i, offsetBy: 2)
-        out.append(UInt8(digits[i..<j], radix: 16)!)
-        i = j
-    }
-    return out
-}
-
 /// Hex of `bytes` in groups of 4 bytes, for readable failure messages.
 func grouped(_ bytes: [UInt8]) -> String {
     stride(from: 0, to: bytes.count, by: 4).map { hexString(Array(bytes[$0..<min($0 + 4, bytes.count)])) }.joined(separator: " ")

@@ -17,17 +17,6 @@ private func rule(_ chain: String, _ r: NFTRule, family: NFTFamily = .ip) throws
     return try enc.encode([.addRule(chain: chain, r)])
 }
 
-private func bytes(hex: String) -> [UInt8] {
-    var out: [UInt8] = []
-    var i = hex.startIndex
-    while i < hex.endIndex {
-        let j = hex.index(i, offsetBy: 2)
-        out.append(UInt8(hex[i..<j], radix: 16)!)
-        i = j
-    }
-    return out
-}
-
 /// nft's message `hex` with every string attribute `from` (nft's `__set%d`, nested anywhere)
 /// renamed `to`, the lengths of the nests around it adjusted.
 private func renaming(_ hex: String, _ from: String, to: String) throws -> String {
@@ -40,7 +29,7 @@ private func renaming(_ hex: String, _ from: String, to: String) throws -> Strin
         }
         return out
     }
-    let b = bytes(hex: hex)
+    let b = SluiceTesting.hex(hex)
     return hexString(Array(b.prefix(4)) + (try rename(Array(b.dropFirst(4)))))
 }
 
